@@ -1,0 +1,34 @@
+"""Packaging for the GA360 -> WALS recommendation pipeline.
+
+`pip install -e .` for local work; `--setup_file ./setup.py` ships the same packages to
+Dataflow and Flink workers.
+"""
+
+import setuptools
+
+REQUIRED = [
+    # The three pins below are tested together on Python 3.11.
+    "apache-beam[gcp]>=2.77,<2.78",
+    "tensorflow-transform>=1.21,<1.22",
+    "tensorflow>=2.21,<2.22",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    # Peers for benchmarks/ only: never imported by the product.
+    "bench": ["implicit>=0.7", "pyspark>=3.5", "psutil>=5.9"],
+    "lint": ["ruff>=0.6"],
+}
+
+setuptools.setup(
+    name="ga-wals-recommender",
+    version="0.1.0",
+    description="GA360 session logs -> TF Transform -> WALS recommendations, on Apache Beam.",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "transforms",
+                                               "transforms.*", "trainer", "trainer.*"]),
+    install_requires=REQUIRED,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,55 @@
+"""The contract between preprocessing and training: feature keys, vocabulary names, file layout.
+
+Both `pipeline/` and `trainer/` import these names; nothing else spells them out.
+
+Raw features (one row per (visitor, content) pair, after event aggregation):
+    visitorId: str     the visitor's own ID (GA360 `fullVisitorId`, or the CSV/MovieLens user)
+    contentId: str     the content's own ID (a hit custom dimension, `page.pagePath`, or an item)
+    value: float       interaction strength: summed time on page in ms, or an explicit rating
+
+Transformed features:
+    userId: int64      row index in the rating matrix, from the `vocab_users` vocabulary
+    itemId: int64      column index, from the `vocab_items` vocabulary
+    rating: float32    the scaled rating r_ui
+"""
+
+# Raw feature keys.
+VISITOR_ID = "visitorId"
+CONTENT_ID = "contentId"
+VALUE = "value"
+
+# Transformed feature keys.
+USER_ID = "userId"
+ITEM_ID = "itemId"
+RATING = "rating"
+# The statistic the rating was scaled by (median duration, or max rating), one copy per row.
+SCALE_STAT = "scale_stat"
+
+# Vocabulary names (files under transform_fn/assets/).
+USER_VOCAB = "vocab_users"
+ITEM_VOCAB = "vocab_items"
+
+# Sparse row / column TFRecords: tf.train.Example with
+#   key: int64[1]        the row (userId) or column (itemId) index
+#   indices: int64[n]    the column (itemId) or row (userId) indices of the observed cells
+#   values: float[n]     the ratings of those cells, aligned with `indices`
+KEY = "key"
+INDICES = "indices"
+VALUES = "values"
+ITEMS_FOR_USER = "items_for_user"
+USERS_FOR_ITEM = "users_for_item"
+
+# Layout under the preprocessing --output_dir.
+TRAIN_DIR = "train"
+EVAL_DIR = "eval"
+REJECTED_DIR = "rejected"
+SUMMARY_FILE = "summary.json"
+TFRECORD_SUFFIX = ".tfrecord.gz"
+
+# Rating scalings (the --scaling flag).
+SCALING_MEDIAN = "median"  # r = min(0.3 * value / median(value), 1.0)
+SCALING_LOG1P = "log1p"  # r = log1p(value / median(value))
+SCALING_UNIT = "unit"  # r = (value - min) / (max - min), for explicit ratings
+SCALING_RAW = "raw"  # r = value
+SCALINGS = (SCALING_MEDIAN, SCALING_LOG1P, SCALING_UNIT, SCALING_RAW)
+MEDIAN_RATING = 0.3  # the rating of a median-length view under SCALING_MEDIAN
