@@ -22,8 +22,11 @@ VALUE = "value"
 USER_ID = "userId"
 ITEM_ID = "itemId"
 RATING = "rating"
-# The statistic the rating was scaled by (median duration, or max rating), one copy per row.
-SCALE_STAT = "scale_stat"
+# The analyzer statistics the rating was scaled by, one copy per row (read back into summary.json
+# and into the exported model, which scales a new visitor's durations the same way).
+SCALE_MEDIAN = "scale_median"
+SCALE_MIN = "scale_min"
+SCALE_MAX = "scale_max"
 
 # Vocabulary names (files under transform_fn/assets/).
 USER_VOCAB = "vocab_users"

@@ -1,0 +1,161 @@
+"""Flags of the preprocessing pipeline, as a `PipelineOptions` view."""
+
+from __future__ import annotations
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import records
+from pipeline.cli import UsageError
+from pipeline.events import FORMAT_GA360, FORMAT_MOVIELENS, INPUT_FORMATS
+from transforms import features
+
+
+class PreprocessOptions(PipelineOptions):
+    """`python -m pipeline.preprocess` flags; every other flag goes to the Beam runner."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("preprocessing")
+        group.add_argument(
+            "--input",
+            help="Input file pattern (local or any Beam filesystem, e.g. gs://b/ga/*.json.gz); "
+            "plain or gzip.",
+        )
+        group.add_argument(
+            "--bigquery_table",
+            help="Read GA360 sessions from this BigQuery table (project:dataset.ga_sessions_*) "
+            "instead of --input.",
+        )
+        group.add_argument(
+            "--bigquery_query",
+            help="Read GA360 sessions from this standard-SQL query instead of --input.",
+        )
+        group.add_argument("--output_dir", help="Where the preprocessed dataset goes.")
+        group.add_argument(
+            "--input_format",
+            default=FORMAT_GA360,
+            help=f"One of {', '.join(INPUT_FORMATS)} (default ga360).",
+        )
+        group.add_argument(
+            "--content_id_source",
+            default=records.DEFAULT_CONTENT_ID_SOURCE,
+            help="Where a PAGE hit's contentId comes from: customDimension:N (hit-level custom "
+            "dimension index N) or pagePath (default customDimension:10).",
+        )
+        group.add_argument(
+            "--eval_fraction",
+            type=float,
+            default=0.1,
+            help="Fraction of (visitor, content) pairs held out for evaluation, in [0, 1) "
+            "(default 0.1).",
+        )
+        group.add_argument(
+            "--scaling",
+            default=None,
+            help="Rating scaling: median (0.3 * duration / median, capped at 1), log1p "
+            "(log1p(duration / median)), unit (min-max to [0, 1]) or raw. Default: median, or "
+            "unit for movielens.",
+        )
+        for side, what in (("user", "visitors"), ("item", "content")):
+            group.add_argument(
+                f"--{side}_top_k",
+                type=int,
+                default=None,
+                help=f"Keep only the most frequent {what} in the vocabulary (default: all).",
+            )
+            group.add_argument(
+                f"--{side}_min_count",
+                type=int,
+                default=0,
+                help=f"Keep only {what} with at least this many train pairs (default: all).",
+            )
+        group.add_argument(
+            "--max_time_gap_s",
+            type=float,
+            default=records.DEFAULT_MAX_TIME_GAP_MS / 1000,
+            help="A session with a gap between page views longer than this many seconds is "
+            "rejected as corrupt (default 14400, GA's longest session timeout).",
+        )
+        group.add_argument(
+            "--max_id_length",
+            type=int,
+            default=records.DEFAULT_MAX_ID_LENGTH,
+            help="Visitor or content IDs longer than this many characters are rejected "
+            "(default 256).",
+        )
+        group.add_argument(
+            "--quantile_epsilon",
+            type=float,
+            default=1e-3,
+            help="Rank error bound of the approximate median (default 0.001).",
+        )
+        group.add_argument(
+            "--num_shards",
+            type=int,
+            default=0,
+            help="Shards per TFRecord output (default 0: the runner decides).",
+        )
+        group.add_argument(
+            "--overwrite",
+            action="store_true",
+            default=False,
+            help="Replace a non-empty --output_dir.",
+        )
+
+
+def effective_scaling(options: PreprocessOptions) -> str:
+    if options.scaling:
+        return options.scaling
+    return features.SCALING_UNIT if options.input_format == FORMAT_MOVIELENS else (
+        features.SCALING_MEDIAN
+    )
+
+
+def validate(options: PreprocessOptions) -> None:
+    """Checks the flags and the input location before the pipeline starts.
+
+    Raises:
+        UsageError: naming the first problem found.
+    """
+    sources = [s for s in (options.input, options.bigquery_table, options.bigquery_query) if s]
+    if len(sources) != 1:
+        raise UsageError("give exactly one of --input, --bigquery_table, --bigquery_query")
+    if not options.output_dir:
+        raise UsageError("--output_dir is required")
+    if options.input_format not in INPUT_FORMATS:
+        raise UsageError(
+            f"--input_format {options.input_format!r} is not one of {', '.join(INPUT_FORMATS)}"
+        )
+    if (options.bigquery_table or options.bigquery_query) and options.input_format != FORMAT_GA360:
+        raise UsageError("--bigquery_table/--bigquery_query read GA360 sessions only")
+    try:
+        records.parse_content_id_source(options.content_id_source)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if not 0 <= options.eval_fraction < 1:
+        raise UsageError(f"--eval_fraction must be in [0, 1), got {options.eval_fraction}")
+    if effective_scaling(options) not in features.SCALINGS:
+        raise UsageError(
+            f"--scaling {options.scaling!r} is not one of {', '.join(features.SCALINGS)}"
+        )
+    for flag in ("user_top_k", "item_top_k"):
+        value = getattr(options, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {value}")
+    for flag in ("user_min_count", "item_min_count", "num_shards"):
+        if getattr(options, flag) < 0:
+            raise UsageError(f"--{flag} must be >= 0, got {getattr(options, flag)}")
+    if not options.max_time_gap_s > 0:
+        raise UsageError(f"--max_time_gap_s must be > 0, got {options.max_time_gap_s}")
+    if options.max_id_length < 1:
+        raise UsageError(f"--max_id_length must be >= 1, got {options.max_id_length}")
+    if not 0 < options.quantile_epsilon < 0.5:
+        raise UsageError(f"--quantile_epsilon must be in (0, 0.5), got {options.quantile_epsilon}")
+    if options.input:
+        try:
+            matched = FileSystems.match([options.input])[0].metadata_list
+        except Exception as error:  # Beam raises BeamIOError and others for bad patterns.
+            raise UsageError(f"cannot read --input {options.input}: {error}") from None
+        if not matched:
+            raise UsageError(f"--input {options.input} matches no files")

@@ -1,0 +1,225 @@
+"""The preprocessing pipeline: GA360 sessions -> TF Transform -> sparse rating-matrix TFRecords.
+
+    python -m pipeline.preprocess --input 'data/sessions-*.json.gz' --output_dir out/ \
+        [--input_format ga360|csv|movielens] [--content_id_source customDimension:10|pagePath] \
+        [--eval_fraction 0.1] [--scaling median|log1p|unit|raw] [any Beam pipeline option]
+
+Graph:
+    ReadLines | ParseEvents -> events, rejected
+    events | SumPerPair | SplitTrainEval -> train pairs, eval pairs
+    train | AnalyzeAndTransform (vocabularies, median) -> transformed train, transform_fn
+    eval | TransformEval (with the train transform_fn) -> transformed eval
+    each split | DropOutOfVocabulary | WriteSparseMatrix -> items_for_user-*, users_for_item-*
+
+Output under --output_dir: transform_fn/, transformed_metadata/, train/, eval/, rejected/,
+summary.json (written last; its presence means the output is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import apache_beam as beam
+import tensorflow_transform as tft
+import tensorflow_transform.beam as tft_beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import cli, events, options as preprocess_options, records, staging
+from pipeline.matrix_io import DropOutOfVocabulary, WriteSparseMatrix
+from transforms import features, preprocessing
+
+logger = logging.getLogger(__name__)
+
+_STAT_NAMES = {
+    features.SCALE_MEDIAN: "median",
+    features.SCALE_MIN: "min",
+    features.SCALE_MAX: "max",
+}
+SCALE_STATS_FILE = "scale_stats.json"
+
+
+def _first(values):
+    return next((value for value in values if value is not None), None)
+
+
+def _scale_stats(row: dict) -> dict:
+    return {name: float(row[key]) for key, name in _STAT_NAMES.items() if key in row}
+
+
+def build_pipeline(
+    p: beam.Pipeline,
+    opts: preprocess_options.PreprocessOptions,
+    output_dir: str,
+) -> None:
+    """Adds the whole preprocessing graph to `p`, writing under `output_dir`."""
+    session_config = records.SessionConfig(
+        content_id_source=opts.content_id_source,
+        max_time_gap_ms=opts.max_time_gap_s * 1000.0,
+        max_id_length=opts.max_id_length,
+    )
+    transform_config = preprocessing.TransformConfig(
+        scaling=preprocess_options.effective_scaling(opts),
+        user_top_k=opts.user_top_k,
+        item_top_k=opts.item_top_k,
+        user_min_count=opts.user_min_count,
+        item_min_count=opts.item_min_count,
+        quantile_epsilon=opts.quantile_epsilon,
+    )
+    if opts.input:
+        lines = p | "ReadLines" >> beam.io.ReadFromText(opts.input, coder=beam.coders.BytesCoder())
+    else:
+        lines = p | "ReadSessionsFromBigQuery" >> beam.io.ReadFromBigQuery(
+            table=opts.bigquery_table, query=opts.bigquery_query, use_standard_sql=True
+        )
+
+    parsed = lines | "ParseEvents" >> events.ParseEvents(opts.input_format, session_config)
+    _ = parsed[events.REJECTED_TAG] | "WriteRejected" >> beam.io.WriteToText(
+        f"{output_dir}/{features.REJECTED_DIR}/rejected", file_name_suffix=".jsonl"
+    )
+    pairs = parsed[events.EVENTS_TAG] | "SumPerPair" >> events.SumPerPair(opts.input_format)
+    train_pairs, eval_pairs = pairs | "SplitTrainEval" >> events.SplitTrainEval(opts.eval_fraction)
+    train_rows = train_pairs | "TrainToRawRows" >> beam.Map(events.to_raw_row)
+    eval_rows = eval_pairs | "EvalToRawRows" >> beam.Map(events.to_raw_row)
+
+    metadata = preprocessing.raw_metadata()
+    with tft_beam.Context(temp_dir=f"{output_dir}/tmp", force_tf_compat_v1=False):
+        transformed_train, transform_fn = (
+            train_rows,
+            metadata,
+        ) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
+            preprocessing.make_preprocessing_fn(transform_config)
+        )
+        transformed_eval = (
+            (eval_rows, metadata),
+            transform_fn,
+        ) | "TransformEval" >> tft_beam.TransformDataset()
+        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
+
+    train_data, _ = transformed_train
+    eval_data, _ = transformed_eval
+    for split, data in ((features.TRAIN_DIR, train_data), (features.EVAL_DIR, eval_data)):
+        label = split.capitalize()
+        cells = data | f"DropOutOfVocabulary{label}" >> DropOutOfVocabulary(split)
+        _ = cells | f"Write{label}Matrix" >> WriteSparseMatrix(
+            f"{output_dir}/{split}", opts.num_shards
+        )
+    _ = (
+        train_data
+        | "ExtractScaleStats" >> beam.Map(_scale_stats)
+        | "TakeOneScaleStats" >> beam.CombineGlobally(_first)
+        | "EncodeScaleStats" >> beam.Map(json.dumps)
+        | "WriteScaleStats" >> beam.io.WriteToText(
+            f"{output_dir}/tmp/{SCALE_STATS_FILE}", shard_name_template=""
+        )
+    )
+
+
+def query_counters(result) -> dict[str, int]:
+    """The 'preprocess' namespace counters of a finished run, summed over steps."""
+    counters: dict[str, int] = {}
+    query = result.metrics().query(MetricsFilter().with_namespace(events.METRICS_NAMESPACE))
+    for counter in query["counters"]:
+        try:
+            value = counter.committed
+        except Exception:  # Some runners only report attempted values.
+            value = None
+        if value is None:
+            value = counter.attempted
+        name = counter.key.metric.name
+        counters[name] = counters.get(name, 0) + int(value or 0)
+    return counters
+
+
+def _read_text(path: str) -> str:
+    with FileSystems.open(path) as handle:
+        return handle.read().decode("utf-8")
+
+
+def make_summary(opts, output_dir: str, counters: dict[str, int], seconds: float) -> dict:
+    """summary.json: sizes, scaling statistics and counters of a finished run."""
+    transform_output = tft.TFTransformOutput(output_dir)
+    stats_text = _read_text(f"{output_dir}/tmp/{SCALE_STATS_FILE}").strip()
+    stats = json.loads(stats_text) if stats_text and stats_text != "null" else None
+    rejected = {
+        name.split(":", 1)[1]: value
+        for name, value in sorted(counters.items())
+        if name.startswith("rejected:")
+    }
+    plain = {name: value for name, value in sorted(counters.items()) if ":" not in name}
+    return {
+        "input": opts.input or opts.bigquery_table or opts.bigquery_query,
+        "input_format": opts.input_format,
+        "content_id_source": opts.content_id_source,
+        "eval_fraction": opts.eval_fraction,
+        "scaling": preprocess_options.effective_scaling(opts),
+        "scale_stats": stats,
+        "median": stats.get("median") if stats else None,
+        "nusers": transform_output.vocabulary_size_by_name(features.USER_VOCAB),
+        "nitems": transform_output.vocabulary_size_by_name(features.ITEM_VOCAB),
+        "train_interactions": counters.get("train_interactions", 0),
+        "eval_interactions": counters.get("eval_interactions", 0),
+        "eval_dropped_unknown": counters.get("eval_dropped_out_of_vocabulary", 0),
+        "counters": {**plain, "rejected_by_reason": rejected},
+        "seconds": round(seconds, 3),
+    }
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Runs the preprocessing pipeline to completion and returns its summary.
+
+    Raises:
+        cli.UsageError: bad flags or input, before anything runs.
+        RuntimeError: the input produced no train interactions.
+    """
+    if argv == ["--help"]:
+        PipelineOptions(["--help"]).view_as(preprocess_options.PreprocessOptions)
+    options = cli.parse_options(argv, preprocess_options.PreprocessOptions)
+    opts = options.view_as(preprocess_options.PreprocessOptions)
+    preprocess_options.validate(opts)
+    try:
+        staging.check_writable(opts.output_dir, opts.overwrite)
+    except FileExistsError as error:
+        raise cli.UsageError(str(error)) from None
+
+    start = time.monotonic()
+    with staging.staged_output(opts.output_dir, opts.overwrite, features.SUMMARY_FILE) as out:
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, opts, out)
+        result = pipeline.run()
+        result.wait_until_finish()
+        counters = query_counters(result)
+        summary = make_summary(opts, out, counters, time.monotonic() - start)
+        if summary["train_interactions"] == 0:
+            raise RuntimeError(
+                "the input produced no train interactions: check --input_format and "
+                f"--content_id_source (counters: {summary['counters']})"
+            )
+        FileSystems.delete([f"{out}/tmp"])
+        with FileSystems.create(f"{out}/{features.SUMMARY_FILE}") as handle:
+            handle.write(json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
+    logger.info(
+        "preprocessed %d lines into %d users x %d items, %d train and %d eval interactions "
+        "in %.1f s",
+        counters.get("lines_read", 0),
+        summary["nusers"],
+        summary["nitems"],
+        summary["train_interactions"],
+        summary["eval_interactions"],
+        summary["seconds"],
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main_with_usage_errors(run, argv)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
