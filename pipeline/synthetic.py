@@ -8,7 +8,7 @@ preprocessing pipeline can be demonstrated and tested without real analytics dat
 The world behind the data:
 
 - `topics` topics and `items` content items; each item has one topic and a Zipf popularity
-  (weight 1 / rank, ranks in random order), so a few items take most of the views.
+  (weight 1 / rank**1.1, ranks in random order), so a few items take most of the views.
 - `visitors` visitors; each likes 1 to 3 topics with Dirichlet weights (its taste). Visitors get
   1 + Multinomial(sessions - visitors, lognormal activity) visits, numbered in time order.
 - Each visit reads 1..15 articles. An article is picked from the visitor's taste (topic with
@@ -56,8 +56,9 @@ START_TIME = 1501545600  # 2017-08-01T00:00:00Z, the first day of the export
 WINDOW_DAYS = 31
 MIN_VISIT_GAP_S = 1800  # GA starts a new session after 30 minutes of inactivity
 
+ZIPF_EXPONENT = 1.1  # item popularity ∝ 1 / rank**ZIPF_EXPONENT
 NOISE_PROBABILITY = 0.15  # an article picked by global popularity, ignoring taste
-CANDIDATES_PER_PAGE = 4  # draws tried per page before a visitor re-reads an article
+CANDIDATES_PER_PAGE = 16  # draws tried per page before a visitor re-reads an article
 MAX_CONTENT_PAGES = 15
 SINGLE_PAGE_PROBABILITY = 0.05
 HOME_LANDING_PROBABILITY = 0.3
@@ -111,8 +112,8 @@ EVENTS = (  # (eventCategory, eventAction, weight); the label is the page path
     ("newsletter", "signup view", 0.15),
 )
 EVENTS_AFTER_PAGE = ((0, 0.72), (1, 0.2), (2, 0.08))  # (EVENT hits after a page, probability)
-# Content articles per visit: 1 + NegativeBinomial(2, 0.18), truncated to MAX_CONTENT_PAGES.
-_NB_R, _NB_P = 2, 0.18
+# Content articles per visit: 1 + NegativeBinomial(3, 0.18), truncated to MAX_CONTENT_PAGES.
+_NB_R, _NB_P = 3, 0.18
 
 BAD_LINE_KINDS = (  # the damage done to each malformed line, in the order they are interleaved
     "malformed_json",  # the line is not JSON (truncated)
@@ -133,7 +134,7 @@ class SyntheticWorld:
         topic_names: str[topics], the section name of each topic.
         content_ids: str[items], e.g. "299913880" or "article-0042".
         item_topics: int64[items], the topic of each item.
-        popularity: float64[items], Zipf weights 1 / rank, summing to 1.
+        popularity: float64[items], Zipf weights 1 / rank**ZIPF_EXPONENT, summing to 1.
         slugs: str[items], the last part of each article's pagePath.
         visitor_ids: str[visitors], digit strings (GA360 fullVisitorId).
         favourite_topics: per visitor, the 1 to 3 topics it likes.
@@ -189,7 +190,7 @@ def make_world(
 
     item_topics = rng.integers(0, num_topics, size=num_items)
     ranks = rng.permutation(num_items)
-    popularity = 1.0 / (ranks + 1.0)  # Zipf, exponent 1
+    popularity = 1.0 / (ranks + 1.0) ** ZIPF_EXPONENT
     popularity /= popularity.sum()
     # About a quarter of the articles use a CMS slug ID, the rest a 9-digit numeric ID.
     numeric_ids = 100_000_000 + rng.choice(900_000_000, size=num_items, replace=False)
@@ -335,6 +336,8 @@ class _SessionMaker:
         self.favourite_cdfs = [_cdf(w) for w in world.favourite_weights]
         self.pages_cdf = _content_pages_cdf()
         self.traffic_cdf = _cdf([s[3] for s in TRAFFIC_SOURCES])
+        self.device_cdf = _cdf([x[2] for x in DEVICES])
+        self.membership_cdf = _cdf([m[1] for m in MEMBERSHIPS])
         self.event_cdf = _cdf([e[2] for e in EVENTS])
         self.events_after_cdf = _cdf([e[1] for e in EVENTS_AFTER_PAGE])
         self.home_page = {
@@ -359,15 +362,15 @@ class _SessionMaker:
         profile = self._visitor_profiles.get(visitor)
         if profile is None:
             d = self.draws
-            category, mobile, _, browsers, systems = DEVICES[d.pick(_cdf([x[2] for x in DEVICES]))]
+            category, mobile, _, browsers, systems = DEVICES[d.pick(self.device_cdf)]
             device = {
-                "browser": browsers[d.pick(_cdf([1.0] * len(browsers)))],
-                "operatingSystem": systems[d.pick(_cdf([1.0] * len(systems)))],
+                "browser": browsers[min(int(d.uniform() * len(browsers)), len(browsers) - 1)],
+                "operatingSystem": systems[min(int(d.uniform() * len(systems)), len(systems) - 1)],
                 "isMobile": mobile,
                 "deviceCategory": category,
             }
-            country, city = PLACES[d.pick(_cdf([1.0] * len(PLACES)))]
-            membership = MEMBERSHIPS[d.pick(_cdf([m[1] for m in MEMBERSHIPS]))][0]
+            country, city = PLACES[min(int(d.uniform() * len(PLACES)), len(PLACES) - 1)]
+            membership = MEMBERSHIPS[d.pick(self.membership_cdf)][0]
             profile = (device, {"country": country, "city": city}, membership)
             self._visitor_profiles[visitor] = profile
         return profile
@@ -631,7 +634,7 @@ def write_sessions(
         out: Any = raw
         if path.endswith(".gz"):
             # mtime=0 and no file name in the header keep the bytes a function of the arguments.
-            out = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
+            out = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0)
         try:
             buffer: list[str] = []
             for line_number in range(total_lines):
