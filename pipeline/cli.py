@@ -40,6 +40,9 @@ def main_with_usage_errors(run, argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # TensorFlow and Beam's own INFO chatter drowns the pipeline's; their warnings stay.
+    for noisy in ("tensorflow", "apache_beam", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if argv is None:
         argv = sys.argv[1:]
     if "-h" in argv or "--help" in argv:

@@ -112,11 +112,6 @@ class ParseEvents(beam.PTransform):
         )
 
 
-def _latest_rating(values):
-    """Of (timestamp, rating) pairs, the rating with the latest timestamp (ties: the highest)."""
-    return max(values)[1]
-
-
 class SumPerPair(beam.PTransform):
     """Events -> one value per (visitor, content) pair.
 
@@ -132,8 +127,9 @@ class SumPerPair(beam.PTransform):
     def expand(self, events):
         keyed = events | "KeyByPair" >> beam.Map(lambda event: ((event[0], event[1]), event[2]))
         if self._format == FORMAT_MOVIELENS:
-            combined = keyed | "LatestRating" >> beam.CombinePerKey(_latest_rating)
-            return combined | "Flatten" >> beam.Map(lambda kv: (kv[0][0], kv[0][1], kv[1]))
+            # max of (timestamp, rating): the latest rating; ties go to the highest.
+            latest = keyed | "LatestRating" >> beam.CombinePerKey(max)
+            return latest | "Flatten" >> beam.Map(lambda kv: (kv[0][0], kv[0][1], kv[1][1]))
         summed = keyed | "SumDurations" >> beam.CombinePerKey(sum)
         return summed | "DropNonPositive" >> beam.FlatMap(_positive_pair)
 

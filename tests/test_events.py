@@ -1,0 +1,117 @@
+"""Beam composites: ParseEvents, SumPerPair, SplitTrainEval, DropOutOfVocabulary, matrix I/O."""
+
+import glob
+import json
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline import events, matrix_io, records
+
+CONFIG = records.SessionConfig()
+
+
+def session(visitor, visit, pages):
+    hits = [
+        {"type": "PAGE", "time": t, "hitNumber": n,
+         "customDimensions": [] if c is None else [{"index": 10, "value": c}]}
+        for n, (t, c) in enumerate(pages, 1)
+    ]
+    return json.dumps({"fullVisitorId": visitor, "visitId": visit, "hits": hits}).encode()
+
+
+LINES = [
+    session("v1", 1, [(0, "a"), (1000, "b"), (1500, None)]),
+    session("v1", 2, [(0, "a"), (250, "c")]),
+    session("v2", 1, [(0, "b"), (40, "b"), (100, "a")]),
+    b"garbage",
+    session("v3", 1, []),
+]
+
+
+def test_parse_events_and_rejected():
+    with TestPipeline() as p:
+        parsed = p | beam.Create(LINES) | events.ParseEvents("ga360", CONFIG)
+        assert_that(
+            parsed[events.EVENTS_TAG],
+            equal_to([("v1", "a", 1000.0), ("v1", "b", 500.0), ("v1", "a", 250.0),
+                      ("v2", "b", 100.0)]),
+            label="Events",
+        )
+        reasons = parsed[events.REJECTED_TAG] | beam.Map(lambda r: json.loads(r)["reason"])
+        assert_that(reasons, equal_to(["malformed_json", "empty_hits"]), label="Reasons")
+
+
+def test_rejected_record_keeps_the_line_losslessly():
+    record = json.loads(events.rejected_record(b"\xffab\n", "bad_encoding"))
+    assert record == {"reason": "bad_encoding", "line": "\\xffab\n"}
+
+
+def test_sum_per_pair_over_visits_drops_nonpositive():
+    evts = [("v1", "a", 1000.0), ("v1", "a", 250.0), ("v1", "b", 0.0), ("v2", "b", 3.0)]
+    with TestPipeline() as p:
+        pairs = p | beam.Create(evts) | events.SumPerPair("ga360")
+        assert_that(pairs, equal_to([("v1", "a", 1250.0), ("v2", "b", 3.0)]))
+
+
+def test_movielens_keeps_latest_rating():
+    evts = [("u", "m", (10.0, 2.0)), ("u", "m", (20.0, 4.5)), ("u", "n", (5.0, 1.0))]
+    with TestPipeline() as p:
+        pairs = p | beam.Create(evts) | events.SumPerPair("movielens")
+        assert_that(pairs, equal_to([("u", "m", 4.5), ("u", "n", 1.0)]))
+
+
+def test_split_is_deterministic_and_near_fraction():
+    keys = [(f"v{i}", f"c{i % 97}") for i in range(20000)]
+    flags = [events.is_eval(v, c, 0.1) for v, c in keys]
+    assert flags == [events.is_eval(v, c, 0.1) for v, c in keys]
+    assert 0.09 < sum(flags) / len(flags) < 0.11
+    assert not any(events.is_eval(v, c, 0.0) for v, c in keys)
+
+
+def test_split_train_eval_partitions_every_pair_once():
+    pairs = [(f"v{i}", "c", 1.0) for i in range(200)]
+    expected_eval = [pair for pair in pairs if events.is_eval(pair[0], pair[1], 0.25)]
+    with TestPipeline() as p:
+        train, evaluation = p | beam.Create(pairs) | events.SplitTrainEval(0.25)
+        assert_that(evaluation, equal_to(expected_eval), label="Eval")
+        assert_that(
+            train, equal_to([pair for pair in pairs if pair not in expected_eval]), label="Train"
+        )
+
+
+def test_parse_events_rejects_unknown_format():
+    with pytest.raises(ValueError, match="unknown input format"):
+        events.ParseEvents("parquet", CONFIG)
+
+
+def test_write_sparse_matrix_rows_and_columns(tmp_path):
+    rows = [
+        {"userId": 0, "itemId": 1, "rating": 0.5},
+        {"userId": 0, "itemId": 0, "rating": 0.25},
+        {"userId": 1, "itemId": 1, "rating": 1.0},
+        {"userId": -1, "itemId": 1, "rating": 1.0},
+        {"userId": 1, "itemId": -1, "rating": 1.0},
+    ]
+    with TestPipeline() as p:
+        cells = p | beam.Create(rows) | matrix_io.DropOutOfVocabulary("train")
+        _ = cells | matrix_io.WriteSparseMatrix(str(tmp_path))
+
+    def read(name):
+        out = {}
+        for path in glob.glob(str(tmp_path / f"{name}-*.tfrecord.gz")):
+            for record in _tfrecords(path):
+                key, indices, values = matrix_io.parse_sparse_example(record)
+                out[key] = (indices.tolist(), values.tolist())
+        return out
+
+    assert read("items_for_user") == {0: ([0, 1], [0.25, 0.5]), 1: ([1], [1.0])}
+    assert read("users_for_item") == {0: ([0], [0.25]), 1: ([0, 1], [0.5, 1.0])}
+
+
+def _tfrecords(path):
+    import tensorflow as tf
+
+    return [r.numpy() for r in tf.data.TFRecordDataset(path, compression_type="GZIP")]
