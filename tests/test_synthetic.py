@@ -17,10 +17,7 @@ import pytest
 
 from pipeline import synthetic
 
-try:  # `python -m pytest` from the repo root, or tests/ as a package
-    from tests import reference
-except ImportError:  # `pytest` with tests/ itself on sys.path
-    import reference
+import reference  # tests/ is on sys.path (pytest's rootdir-less "prepend" import mode)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,47 @@
+"""Shared fixtures: small synthetic GA360 inputs and a reader for the sparse-matrix TFRecords."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import matrix_io
+from transforms import features
+
+
+def read_sparse_records(directory: str, name: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{key: (indices, values)} of every `name-*` TFRecord under directory."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(directory, f"{name}-*{features.TFRECORD_SUFFIX}"))):
+        for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+            key, indices, values = matrix_io.parse_sparse_example(record.numpy())
+            assert key not in out, f"key {key} written twice in {name}"
+            out[key] = (indices, values)
+    return out
+
+
+def read_vocabulary(preprocessed_dir: str, name: str) -> list[str]:
+    path = os.path.join(preprocessed_dir, "transform_fn", "assets", name)
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().splitlines()
+
+
+def read_cells(preprocessed_dir: str, split: str) -> dict[tuple[str, str], float]:
+    """{(visitorId, contentId): rating} of a split, mapped back through the vocabularies."""
+    users = read_vocabulary(preprocessed_dir, features.USER_VOCAB)
+    items = read_vocabulary(preprocessed_dir, features.ITEM_VOCAB)
+    rows = read_sparse_records(os.path.join(preprocessed_dir, split), features.ITEMS_FOR_USER)
+    return {
+        (users[user], items[item]): float(value)
+        for user, (indices, values) in rows.items()
+        for item, value in zip(indices, values)
+    }
+
+
+@pytest.fixture(scope="session")
+def tmp_session_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("session")

@@ -1,0 +1,194 @@
+"""End to end: synthetic GA360 sessions -> pipeline.preprocess -> TFRecords, against the oracle."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import reference
+from conftest import read_cells, read_sparse_records, read_vocabulary
+
+from pipeline import cli, preprocess, synthetic
+from transforms import features
+
+EVAL_FRACTION = 0.2
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("input") / "sessions.json.gz"
+    synthetic.write_sessions(
+        str(path), num_sessions=600, seed=5, num_items=150, num_topics=6, bad_lines=14
+    )
+    return str(path)
+
+
+def _lines(path: str) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return handle.read().splitlines()
+
+
+def _run(sample: str, output_dir: str, *extra: str) -> dict:
+    return preprocess.run(
+        ["--input", sample, "--output_dir", output_dir, "--eval_fraction", str(EVAL_FRACTION),
+         *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def preprocessed(sample, tmp_path_factory) -> tuple[str, dict]:
+    out = str(tmp_path_factory.mktemp("out") / "preprocessed")
+    return out, _run(sample, out)
+
+
+def test_matrix_equals_plain_python_reference(sample, preprocessed):
+    out, summary = preprocessed
+    events, _ = reference.reference_events(_lines(sample))
+    train, evaluation, exact_median = reference.reference_matrix(
+        events, EVAL_FRACTION, median=summary["median"]
+    )
+    got_train = read_cells(out, features.TRAIN_DIR)
+    got_eval = read_cells(out, features.EVAL_DIR)
+    assert got_train.keys() == train.keys()
+    assert got_eval.keys() == evaluation.keys()
+    for got, want in ((got_train, train), (got_eval, evaluation)):
+        keys = sorted(want)
+        np.testing.assert_allclose([got[k] for k in keys], [want[k] for k in keys], rtol=1e-6)
+    # The approximate median is a train value within 1% rank error of the exact one.
+    values = sorted(value for pair, value in events.items() if pair in train)
+    rank = np.searchsorted(values, summary["median"])
+    assert abs(rank - len(values) / 2) <= 0.01 * len(values) + 1
+    assert summary["median"] == pytest.approx(exact_median, rel=0.05)
+
+
+def test_rows_and_columns_hold_the_same_cells(preprocessed):
+    out, summary = preprocessed
+    for split, count in ((features.TRAIN_DIR, "train_interactions"),
+                         (features.EVAL_DIR, "eval_interactions")):
+        rows = read_sparse_records(os.path.join(out, split), features.ITEMS_FOR_USER)
+        columns = read_sparse_records(os.path.join(out, split), features.USERS_FOR_ITEM)
+        by_row = {(u, int(i), float(v)) for u, (ii, vv) in rows.items() for i, v in zip(ii, vv)}
+        by_col = {(int(u), i, float(v)) for i, (uu, vv) in columns.items() for u, v in zip(uu, vv)}
+        assert by_row == by_col
+        assert len(by_row) == summary[count]
+        for indices, _ in rows.values():
+            assert np.all(np.diff(indices) > 0), "indices are sorted and unique"
+
+
+def test_vocabularies_cover_train_sorted_by_frequency(preprocessed):
+    out, summary = preprocessed
+    users = read_vocabulary(out, features.USER_VOCAB)
+    items = read_vocabulary(out, features.ITEM_VOCAB)
+    assert (len(users), len(items)) == (summary["nusers"], summary["nitems"])
+    train = read_cells(out, features.TRAIN_DIR)
+    user_counts = collections.Counter(visitor for visitor, _ in train)
+    item_counts = collections.Counter(content for _, content in train)
+    assert set(users) == set(user_counts) and set(items) == set(item_counts)
+    assert [user_counts[u] for u in users] == sorted(user_counts.values(), reverse=True)
+    assert [item_counts[i] for i in items] == sorted(item_counts.values(), reverse=True)
+
+
+def test_counts_add_up_and_rejects_match_the_reference(sample, preprocessed):
+    out, summary = preprocessed
+    lines = _lines(sample)
+    counters = summary["counters"]
+    assert counters["lines_read"] == len(lines)
+    assert counters["lines_read"] == counters["records_parsed"] + counters["lines_rejected"]
+    _, reasons = reference.reference_events(lines)
+    assert counters["rejected_by_reason"] == dict(reasons)
+    assert counters["lines_rejected"] == 14
+    rejected = []
+    for name in os.listdir(os.path.join(out, features.REJECTED_DIR)):
+        with open(os.path.join(out, features.REJECTED_DIR, name), encoding="utf-8") as handle:
+            rejected += [json.loads(line) for line in handle]
+    assert collections.Counter(r["reason"] for r in rejected) == reasons
+    assert {r["line"] for r in rejected} <= set(lines), "rejected lines are kept verbatim"
+    assert not [d for d in os.listdir(os.path.dirname(out)) if ".incomplete-" in d]
+
+
+def test_multiprocessing_runner_gives_identical_output(sample, preprocessed, tmp_path):
+    out, summary = preprocessed
+    out2 = str(tmp_path / "mp")
+    summary2 = _run(
+        sample, out2, "--direct_num_workers", "2", "--direct_running_mode", "multi_processing"
+    )
+    for key in ("nusers", "nitems", "train_interactions", "eval_interactions", "median"):
+        assert summary2[key] == summary[key]
+    assert summary2["counters"] == summary["counters"]
+    for split in (features.TRAIN_DIR, features.EVAL_DIR):
+        assert read_cells(out2, split) == read_cells(out, split)
+
+
+def test_csv_input_with_page_path_free_format(tmp_path):
+    path = tmp_path / "events.csv"
+    rows = ["visitorId,contentId,session_duration"]
+    rows += [f"v{v},c{(v * 7 + k) % 23},{1000 * (k + 1)}" for v in range(40) for k in range(5)]
+    rows += ["v1,c1", "v2,c2,abc"]
+    path.write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "out")
+    summary = preprocess.run(["--input", str(path), "--output_dir", out, "--input_format", "csv",
+                              "--eval_fraction", "0.0"])
+    assert summary["counters"]["lines_rejected"] == 2
+    assert summary["counters"]["header_lines"] == 1
+    events = {}
+    for row in rows[1:-2]:
+        visitor, content, value = row.split(",")
+        events[(visitor, content)] = events.get((visitor, content), 0.0) + float(value)
+    train, _, _ = reference.reference_matrix(events, 0.0, median=summary["median"])
+    assert read_cells(out, features.TRAIN_DIR) == pytest.approx(train)
+
+
+def test_movielens_unit_scaling(tmp_path):
+    path = tmp_path / "ratings.dat"
+    lines = [f"{u}::{m}::{(u + m) % 5 + 1}::{1000 + u}" for u in range(1, 30) for m in range(1, 9)]
+    path.write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "out")
+    summary = preprocess.run(["--input", str(path), "--output_dir", out, "--input_format",
+                              "movielens", "--eval_fraction", "0"])
+    assert summary["scale_stats"] == {"min": 1.0, "max": 5.0}
+    cells = read_cells(out, features.TRAIN_DIR)
+    assert cells[("3", "4")] == pytest.approx(((3 + 4) % 5 + 1 - 1) / 4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--output_dir", "/tmp/x"], "exactly one of --input"),
+        (["--input", "/nonexistent/*.json", "--output_dir", "/tmp/x"], "matches no files"),
+        (["--input", "{sample}", "--output_dir", "/tmp/x", "--input_format", "xml"],
+         "--input_format 'xml'"),
+        (["--input", "{sample}", "--output_dir", "/tmp/x", "--eval_fraction", "1.5"],
+         "--eval_fraction"),
+        (["--input", "{sample}", "--output_dir", "/tmp/x", "--content_id_source", "dim:3"],
+         "--content_id_source"),
+        (["--input", "{sample}", "--output_dir", "/tmp/x", "--evalfraction", "0.5"],
+         "unknown flag"),
+    ],
+)
+def test_bad_flags_stop_before_the_pipeline(sample, flags, message):
+    flags = [flag.replace("{sample}", sample) for flag in flags]
+    with pytest.raises(cli.UsageError, match=message):
+        preprocess.run(flags)
+
+
+def test_existing_output_needs_overwrite(sample, preprocessed):
+    out, _ = preprocessed
+    with pytest.raises(cli.UsageError, match="--overwrite"):
+        _run(sample, out)
+
+
+def test_cli_exit_status_and_message(sample, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.preprocess", "--input", sample, "--output_dir",
+         str(tmp_path / "o"), "--input_format", "xml"],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert result.returncode == 2
+    assert "error: --input_format 'xml' is not one of ga360, csv, movielens" in result.stderr
+    assert not (tmp_path / "o").exists()
