@@ -1,0 +1,355 @@
+"""Offline ranking metrics: exact values against a plain-Python oracle, top-k invariants and the
+popularity baseline."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+
+from trainer import metrics
+from trainer.sparse import CsrMatrix
+
+KS = (1, 3, 5, 12)
+
+
+def csr_from_sets(item_sets: list[set[int]], n_items: int) -> CsrMatrix:
+    rows = [u for u, items in enumerate(item_sets) for _ in items]
+    cols = [i for items in item_sets for i in sorted(items)]
+    return CsrMatrix.from_triples(rows, cols, np.ones(len(rows)), (len(item_sets), n_items))
+
+
+def row_sets(matrix: CsrMatrix) -> list[set[int]]:
+    return [
+        {int(i) for i in matrix.indices[matrix.indptr[u] : matrix.indptr[u + 1]]}
+        for u in range(matrix.shape[0])
+    ]
+
+
+def oracle_top_k(scores: list[float], excluded: set[int], k: int) -> tuple[list[int], list[float]]:
+    """Sort every eligible item by (score descending, id ascending); pad with (-1, -inf)."""
+    eligible = sorted(
+        (i for i in range(len(scores)) if i not in excluded), key=lambda i: (-scores[i], i)
+    )
+    ids = eligible[:k] + [-1] * max(0, k - len(eligible))
+    return ids, [scores[i] if i >= 0 else -math.inf for i in ids]
+
+
+def oracle_metrics(
+    recommended: list[list[int]], relevant: list[set[int]], n_items: int, ks: tuple[int, ...]
+) -> dict[str, float]:
+    """The module's formulas, one user and one rank at a time."""
+    out: dict[str, float] = {}
+    evaluated = [u for u in range(len(relevant)) if relevant[u]]
+    for k in sorted(ks):
+        totals = {"recall": 0.0, "ndcg": 0.0, "map": 0.0, "precision": 0.0}
+        covered = set()
+        for u in evaluated:
+            hits = 0
+            dcg = 0.0
+            ap = 0.0
+            for rank in range(1, k + 1):
+                item = recommended[u][rank - 1]
+                if item >= 0:
+                    covered.add(item)
+                if item in relevant[u]:
+                    hits += 1
+                    dcg += 1.0 / math.log2(rank + 1)
+                    ap += hits / rank
+            denominator = min(k, len(relevant[u]))
+            idcg = sum(1.0 / math.log2(rank + 1) for rank in range(1, denominator + 1))
+            totals["recall"] += hits / denominator
+            totals["ndcg"] += dcg / idcg
+            totals["map"] += ap / denominator
+            totals["precision"] += hits / k
+        for name, total in totals.items():
+            out[f"{name}@{k}"] = total / len(evaluated)
+        out[f"coverage@{k}"] = len(covered) / n_items
+    out["users_evaluated"] = len(evaluated)
+    return out
+
+
+def random_split(
+    rng: np.random.Generator, n_users: int, n_items: int, density: float, heldout_fraction: float
+) -> tuple[CsrMatrix, CsrMatrix]:
+    """Disjoint train and held-out matrices; some users have no held-out items."""
+    observed = rng.random((n_users, n_items)) < density
+    is_heldout = rng.random((n_users, n_items)) < heldout_fraction
+    train = [set(np.flatnonzero(observed[u] & ~is_heldout[u]).tolist()) for u in range(n_users)]
+    heldout = [set(np.flatnonzero(observed[u] & is_heldout[u]).tolist()) for u in range(n_users)]
+    return csr_from_sets(train, n_items), csr_from_sets(heldout, n_items)
+
+
+def assert_metrics_equal(actual: dict, expected: dict) -> None:
+    assert list(actual) == list(expected)
+    assert actual["users_evaluated"] == expected["users_evaluated"]
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+# ranking_metrics
+
+
+def test_ranking_metrics_match_the_oracle_on_a_random_fixture():
+    rng = np.random.default_rng(7)
+    n_users, n_items, k_max = 60, 30, 12
+    relevant = [
+        set(rng.choice(n_items, size=rng.integers(0, 9), replace=False).tolist())
+        for _ in range(n_users)
+    ]
+    recommended = []
+    for _ in range(n_users):
+        length = int(rng.integers(0, k_max + 1))
+        recommended.append(rng.permutation(n_items)[:length].tolist() + [-1] * (k_max - length))
+    actual = metrics.ranking_metrics(np.array(recommended), csr_from_sets(relevant, n_items), KS)
+    expected = oracle_metrics(recommended, relevant, n_items, KS)
+    assert 0 < expected["users_evaluated"] < n_users
+    assert_metrics_equal(actual, expected)
+
+
+def test_ranking_metrics_hand_computed_case():
+    # Relevant {2, 5}; list [5, 1, 2]: hits at ranks 1 and 3.
+    result = metrics.ranking_metrics(np.array([[5, 1, 2]]), csr_from_sets([{2, 5}], 10), ks=(3, 1))
+    assert list(result) == [
+        "recall@1", "ndcg@1", "map@1", "precision@1", "coverage@1",
+        "recall@3", "ndcg@3", "map@3", "precision@3", "coverage@3",
+        "users_evaluated",
+    ]  # fmt: skip
+    assert result["recall@3"] == pytest.approx(1.0)
+    assert result["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3)))
+    assert result["map@3"] == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert result["precision@3"] == pytest.approx(2 / 3)
+    assert result["coverage@3"] == pytest.approx(3 / 10)
+    # At k = 1 the single hit is all min(1, 2) = 1 relevant items there is room for.
+    assert result["recall@1"] == result["ndcg@1"] == result["map@1"] == result["precision@1"] == 1
+    assert result["coverage@1"] == pytest.approx(1 / 10)
+    assert result["users_evaluated"] == 1
+
+
+def test_ranking_metrics_miss_first_then_hit():
+    # Relevant {4}; list [0, 4, 1]: one hit at rank 2.
+    result = metrics.ranking_metrics(np.array([[0, 4, 1]]), csr_from_sets([{4}], 5), ks=(1, 3))
+    assert result["recall@1"] == result["ndcg@1"] == result["map@1"] == 0
+    assert result["recall@3"] == pytest.approx(1.0)
+    assert result["ndcg@3"] == pytest.approx(1 / math.log2(3))
+    assert result["map@3"] == pytest.approx(1 / 2)
+    assert result["precision@3"] == pytest.approx(1 / 3)
+
+
+def test_users_without_heldout_items_are_skipped():
+    relevant = csr_from_sets([{1}, set(), {2}], 6)
+    first = metrics.ranking_metrics(np.array([[1, 0], [3, 4], [0, 2]]), relevant, ks=(2,))
+    second = metrics.ranking_metrics(np.array([[1, 0], [5, -1], [0, 2]]), relevant, ks=(2,))
+    assert first == second
+    assert first["users_evaluated"] == 2
+    assert first["recall@2"] == pytest.approx(1.0)
+    assert first["coverage@2"] == pytest.approx(3 / 6)  # Items 0, 1 and 2; not user 1's.
+
+
+def test_coverage_counts_distinct_items_and_ignores_padding():
+    relevant = csr_from_sets([{0}, {9}, {5}], 10)
+    recommended = np.array([[0, 1, 2], [2, 3, 4], [2, -1, -1]])
+    result = metrics.ranking_metrics(recommended, relevant, ks=(1, 2, 3))
+    assert result["coverage@1"] == pytest.approx(2 / 10)  # {0, 2}
+    assert result["coverage@2"] == pytest.approx(4 / 10)  # {0, 1, 2, 3}
+    assert result["coverage@3"] == pytest.approx(5 / 10)  # {0, 1, 2, 3, 4}
+    # Padding is a miss: user 2 has 0 hits out of k.
+    assert result["precision@3"] == pytest.approx((1 / 3 + 0 + 0) / 3)
+
+
+def test_ranking_metrics_without_evaluated_users_are_nan():
+    result = metrics.ranking_metrics(np.array([[0, 1]]), csr_from_sets([set()], 3), ks=(2,))
+    assert result["users_evaluated"] == 0
+    assert math.isnan(result["recall@2"])
+    assert result["coverage@2"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "recommended, ks, message",
+    [
+        (np.array([[0, 1]]), (), "at least one"),
+        (np.array([[0, 1]]), (0,), "positive"),
+        (np.array([[0, 1]]), (-3, 1), "positive"),
+        (np.array([[0, 1]]), (3,), "fewer than max"),
+        (np.array([[0, 1], [1, 2]]), (1,), "n_users"),
+        (np.array([[0, 0]]), (2,), "repeats"),
+        (np.array([[0, 7]]), (2,), "lie in"),
+        (np.array([[0.0, 1.0]]), (2,), "integer"),
+    ],
+)
+def test_ranking_metrics_validation(recommended, ks, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.ranking_metrics(recommended, csr_from_sets([{1}], 4), ks)
+
+
+# top_k_excluding
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_top_k_matches_a_full_sort_and_never_returns_excluded_items(dtype):
+    rng = np.random.default_rng(3)
+    n_rows, n_items = 40, 25
+    # Few distinct values: many ties, which must go to the lower item id.
+    scores = rng.integers(0, 5, size=(n_rows, n_items)).astype(dtype)
+    scores[rng.random(scores.shape) < 0.05] = np.inf
+    exclude_dense = rng.random((n_rows, n_items)) < rng.random((n_rows, 1))
+    exclude_dense[0] = True  # Nothing eligible.
+    exclude_dense[1] = False  # Everything eligible.
+    exclude = csr_from_sets([set(np.flatnonzero(row).tolist()) for row in exclude_dense], n_items)
+    excluded_sets = row_sets(exclude)
+    for k in (1, 4, 10, 25, 30):
+        ids, top = metrics.top_k_excluding(scores, exclude, k)
+        assert ids.dtype == np.int64 and top.dtype == np.float32
+        assert ids.shape == top.shape == (n_rows, k)
+        # A full stable argsort of the masked scores puts ties in ascending id order.
+        masked = np.where(exclude_dense, -np.inf, scores)
+        full = np.argsort(-masked, axis=1, kind="stable")
+        for u in range(n_rows):
+            assert not set(ids[u].tolist()) & excluded_sets[u]
+            expected_ids, expected_scores = oracle_top_k(scores[u].tolist(), excluded_sets[u], k)
+            assert ids[u].tolist() == expected_ids
+            np.testing.assert_array_equal(top[u], np.array(expected_scores, np.float32))
+            n_eligible = n_items - len(excluded_sets[u])
+            assert ids[u, : min(k, n_eligible)].tolist() == full[u, : min(k, n_eligible)].tolist()
+
+
+def test_top_k_breaks_ties_by_lower_item_id():
+    scores = np.array([[1.0, 3.0, 3.0, 3.0, 0.0, 3.0]], dtype=np.float32)
+    ids, top = metrics.top_k_excluding(scores, None, 3)
+    assert ids.tolist() == [[1, 2, 3]]
+    ids, _ = metrics.top_k_excluding(scores, ([0, 1], [2]), 3)
+    assert ids.tolist() == [[1, 3, 5]]
+
+
+def test_top_k_pads_when_fewer_than_k_items_are_eligible():
+    scores = np.array([[0.5, 0.1, 0.9, 0.3], [0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    exclude = csr_from_sets([{0, 2}, {0, 1, 2, 3}], 4)
+    ids, top = metrics.top_k_excluding(scores, exclude, 5)
+    assert ids.tolist() == [[3, 1, -1, -1, -1], [-1, -1, -1, -1, -1]]
+    np.testing.assert_array_equal(
+        top, np.array([[0.3, 0.1] + [-np.inf] * 3, [-np.inf] * 5], dtype=np.float32)
+    )
+
+
+def test_top_k_returns_eligible_minus_infinity_items_before_padding():
+    scores = np.array([[-np.inf, 2.0, -np.inf, 1.0]])
+    ids, top = metrics.top_k_excluding(scores, ([0, 1], [1]), 4)
+    assert ids.tolist() == [[3, 0, 2, -1]]
+    assert top.tolist() == [[1.0, -np.inf, -np.inf, -np.inf]]
+
+
+def test_top_k_accepts_indptr_slices_of_a_larger_matrix():
+    rng = np.random.default_rng(5)
+    train, _ = random_split(rng, 10, 15, 0.5, 0.0)
+    scores = rng.random((4, 15))
+    from_slices = metrics.top_k_excluding(scores, (train.indptr[3:8], train.indices), 6)
+    from_rows = metrics.top_k_excluding(scores, train.row_slice(3, 7), 6)
+    np.testing.assert_array_equal(from_slices[0], from_rows[0])
+    np.testing.assert_array_equal(from_slices[1], from_rows[1])
+
+
+def test_top_k_validation():
+    scores = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="positive"):
+        metrics.top_k_excluding(scores, None, 0)
+    with pytest.raises(ValueError, match="2-D"):
+        metrics.top_k_excluding(np.zeros(3), None, 1)
+    with pytest.raises(ValueError, match="shape"):
+        metrics.top_k_excluding(scores, csr_from_sets([{0}], 3), 1)
+    with pytest.raises(ValueError, match="lie in"):
+        metrics.top_k_excluding(scores, ([0, 1, 1], [3]), 1)
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.top_k_excluding(np.array([[0.0, np.nan, 1.0]]), None, 1)
+    # NaN at an excluded item is never looked at.
+    ids, _ = metrics.top_k_excluding(np.array([[0.0, np.nan, 1.0]]), ([0, 1], [1]), 1)
+    assert ids.tolist() == [[2]]
+
+
+# evaluate, the popularity baseline and rmse
+
+
+def test_evaluate_matches_the_oracle_end_to_end_for_any_batch_size():
+    rng = np.random.default_rng(11)
+    n_users, n_items = 45, 20
+    train, heldout = random_split(rng, n_users, n_items, 0.4, 0.3)
+    user_scores = rng.integers(0, 6, size=(n_users, n_items)).astype(np.float32)
+    train_sets, heldout_sets = row_sets(train), row_sets(heldout)
+    recommended = [
+        oracle_top_k(user_scores[u].tolist(), train_sets[u], max(KS))[0] for u in range(n_users)
+    ]
+    expected = oracle_metrics(recommended, heldout_sets, n_items, KS)
+    for batch_size in (1, 7, 1024):
+        actual = metrics.evaluate(lambda users: user_scores[users], train, heldout, KS, batch_size)
+        assert_metrics_equal(actual, expected)
+
+
+def test_perfect_score_fn_gives_recall_ndcg_and_map_of_one():
+    rng = np.random.default_rng(2)
+    train, heldout = random_split(rng, 30, 40, 0.5, 0.3)
+    dense = heldout.to_dense()
+    result = metrics.evaluate(lambda users: dense[users], train, heldout, ks=(1, 5, 50))
+    n_relevant = heldout.row_counts()[heldout.row_counts() > 0]
+    assert result["users_evaluated"] == n_relevant.size
+    for k in (1, 5, 50):
+        assert result[f"recall@{k}"] == pytest.approx(1.0)
+        assert result[f"ndcg@{k}"] == pytest.approx(1.0)
+        assert result[f"map@{k}"] == pytest.approx(1.0)
+        assert result[f"precision@{k}"] == pytest.approx(np.mean(np.minimum(k, n_relevant) / k))
+
+
+def test_evaluate_reports_progress_and_checks_its_inputs():
+    train = csr_from_sets([{0}, {1}, {2}, {0}, {1}], 4)
+    heldout = csr_from_sets([{3}, set(), {3}, {2}, {2}], 4)
+    calls = []
+    metrics.evaluate(
+        lambda u: np.zeros((u.size, 4)), train, heldout, (1,), 3, lambda *c: calls.append(c)
+    )
+    assert calls == [(3, 4), (4, 4)]
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.evaluate(lambda u: np.zeros((u.size, 4)), train, csr_from_sets([{3}], 4), (1,))
+    with pytest.raises(ValueError, match="at least one"):
+        metrics.evaluate(lambda u: np.zeros((u.size, 4)), train, heldout, ())
+    with pytest.raises(ValueError, match="score_fn returned"):
+        metrics.evaluate(lambda u: np.zeros((u.size, 3)), train, heldout, (1,))
+
+
+def test_evaluate_warns_about_heldout_items_also_in_train(caplog):
+    train = csr_from_sets([{0, 1}, {1}], 3)
+    heldout = csr_from_sets([{1}, {2}], 3)
+    with caplog.at_level(logging.WARNING, logger="trainer.metrics"):
+        result = metrics.evaluate(
+            lambda u: np.tile([0.0, 0.0, 1.0], (u.size, 1)), train, heldout, (1,)
+        )
+    assert "1 held-out (user, item) pairs are also in train" in caplog.text
+    assert result["recall@1"] == pytest.approx(0.5)  # User 0's item 1 can never be hit.
+
+
+def test_popularity_baseline_recommends_the_most_popular_unseen_items():
+    # Item 0 is in 6 of 8 training rows, item 1 in 4, item 2 in 2, item 3 in 1, item 4 in none.
+    train = csr_from_sets([{0, 1}, {0, 1}, {0, 1, 2}, {0}, {0, 2}, {0, 3}, {1}, set()], n_items=5)
+    np.testing.assert_array_equal(metrics.popularity_scores(train), [6, 4, 2, 1, 0])
+    assert metrics.popularity_scores(train).dtype == np.float32
+    # Users 6 and 7 have not seen item 0 and hold it out: the baseline's first pick.
+    # Users 0 and 1 have seen items 0 and 1, so their first pick is item 2: a hit for user 0.
+    heldout = csr_from_sets([{2}, {4}, set(), set(), set(), set(), {0}, {0}], n_items=5)
+    result = metrics.evaluate_popularity(train, heldout, ks=(1, 3))
+    assert result["users_evaluated"] == 4
+    assert result["recall@1"] == pytest.approx(3 / 4)
+    assert result["coverage@1"] == pytest.approx(2 / 5)  # Items 2 (users 0, 1) and 0 (6, 7).
+    # User 1's top 3 is [2, 3, 4]: its held-out item 4 is at rank 3.
+    assert result["recall@3"] == pytest.approx(1.0)
+    assert result["ndcg@3"] == pytest.approx((3 + 1 / math.log2(4)) / 4)
+    assert result["map@3"] == pytest.approx((3 + 1 / 3) / 4)
+
+
+def test_rmse():
+    assert metrics.rmse(np.array([1.0, 2.0, 4.0]), np.array([1.0, 0.0, 1.0])) == pytest.approx(
+        math.sqrt((0 + 4 + 9) / 3)
+    )
+    assert metrics.rmse(np.ones(4, np.float32), np.ones(4, np.float32)) == 0.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.rmse(np.ones(3), np.ones(2))
+    with pytest.raises(ValueError, match="zero cells"):
+        metrics.rmse(np.ones(0), np.ones(0))

@@ -1,0 +1,393 @@
+"""Offline evaluation of a recommender on a held-out split, in pure NumPy.
+
+For every user u with at least one held-out item, the recommender scores all n_items items, the
+items u saw in training are removed (they are never recommended, so they can never count as
+hits or misses), and the K best remaining items form u's list rec_u = (rec_u[1], ..., rec_u[K]).
+With R_u the set of u's held-out items, n_u = |R_u| >= 1 and hit_r = [rec_u[r] ∈ R_u]:
+
+    precision@k = Σ_{r≤k} hit_r / k
+    recall@k    = Σ_{r≤k} hit_r / min(k, n_u)
+    ndcg@k      = DCG@k / IDCG@k,   DCG@k = Σ_{r≤k} hit_r / log2(r + 1),
+                                    IDCG@k = Σ_{r=1..min(k, n_u)} 1 / log2(r + 1)
+    map@k       = mean over users of AP@k,   AP@k = Σ_{r≤k} hit_r · P@r / min(k, n_u),
+                                             P@r = Σ_{j≤r} hit_j / r
+    coverage@k  = |∪_u {rec_u[1..k]}| / n_items
+
+precision, recall, ndcg and map are means over the evaluated users; coverage is one number for
+all of them. Dividing by min(k, n_u) rather than n_u makes recall@k and map@k reach 1 for a
+perfect ranking even when a user has more than k held-out items.
+
+`evaluate` runs this in batches of users, so memory is O(batch_size · n_items) whatever the
+number of users; `evaluate_popularity` is the most-popular-items baseline every model must beat.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from trainer.sparse import CsrMatrix
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KS = (10, 20, 50)
+DEFAULT_BATCH_SIZE = 1024
+# The per-k metrics, in the order their keys appear in the result.
+METRIC_NAMES = ("recall", "ndcg", "map", "precision", "coverage")
+
+# Excluded items: a CsrMatrix with one row per batch row, a pair (indptr [b + 1], indices) whose
+# row j is indices[indptr[j]:indptr[j + 1]] (indptr may be a slice of a larger matrix's indptr,
+# used with that matrix's full indices), or None for no exclusions.
+Exclusions = CsrMatrix | tuple[np.ndarray, np.ndarray] | None
+ScoreFn = Callable[[np.ndarray], np.ndarray]
+ProgressFn = Callable[[int, int], None]
+
+
+def _check_k(k: int, name: str = "k") -> int:
+    if isinstance(k, bool) or int(k) != k or k <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """The distinct cut-offs in ascending order; ValueError if empty or not all positive."""
+    ks = tuple(ks)
+    if not ks:
+        raise ValueError("ks must hold at least one cut-off")
+    return tuple(sorted({_check_k(k, "every k in ks") for k in ks}))
+
+
+def _exclusion_rows(exclude: Exclusions, n_rows: int, n_items: int) -> tuple[np.ndarray, ...]:
+    """(row, item) int64 arrays of the excluded cells of a [n_rows, n_items] batch."""
+    if exclude is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if isinstance(exclude, CsrMatrix):
+        if exclude.shape != (n_rows, n_items):
+            raise ValueError(
+                f"exclude has shape {exclude.shape}, expected the scores' shape {(n_rows, n_items)}"
+            )
+        return exclude.row_ids(), exclude.indices.astype(np.int64)
+    indptr, indices = (np.asarray(a) for a in exclude)
+    indptr = indptr.astype(np.int64)
+    if indptr.shape != (n_rows + 1,):
+        raise ValueError(f"exclude indptr must have {n_rows + 1} entries, got {indptr.shape}")
+    counts = np.diff(indptr)
+    if np.any(counts < 0) or indptr[0] < 0 or indptr[-1] > indices.size:
+        raise ValueError("exclude indptr must be non-decreasing and lie within the indices")
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), counts)
+    items = indices[indptr[0] : indptr[-1]].astype(np.int64)
+    if items.size and (items.min() < 0 or items.max() >= n_items):
+        raise ValueError(f"excluded item ids must lie in [0, {n_items})")
+    return rows, items
+
+
+def top_k_excluding(
+    scores: np.ndarray, exclude: Exclusions, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best-scored items of each row, never returning an excluded item.
+
+    Rows are ranked by descending score, ties broken by the lower item id. Selection is
+    O(n_items) per row (np.argpartition); only the k chosen items are sorted. Rows whose k-th
+    place is shared by tied items outside the partition's pick are re-selected exactly.
+
+    Args:
+        scores: float [b, n_items], the score of every item for each row; integer scores are
+            taken as float64. Must not be NaN (except at excluded cells). An eligible item with
+            score -inf is still returned, after every finite-scored one.
+        exclude: the items each row must never return (typically its training items): a
+            CsrMatrix of shape (b, n_items), a pair (indptr int [b + 1], indices int) whose row j
+            is indices[indptr[j]:indptr[j + 1]], or None.
+        k: the list length, > 0.
+
+    Returns:
+        (ids, top_scores): ids int64 [b, k] and top_scores float32 [b, k], best first. A row with
+        fewer than k eligible (non-excluded) items is padded with id -1 and score -inf.
+    """
+    k = _check_k(k)
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D [b, n_items], got shape {scores.shape}")
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    b, n_items = scores.shape
+    ids = np.full((b, k), -1, dtype=np.int64)
+    top_scores = np.full((b, k), -np.inf, dtype=np.float32)
+    if b == 0 or n_items == 0:
+        return ids, top_scores
+
+    rows, items = _exclusion_rows(exclude, b, n_items)
+    masked = np.array(scores, copy=True)  # Also materialises broadcast views.
+    masked[rows, items] = -np.inf
+    if np.isnan(masked).any():
+        raise ValueError("scores contain NaN at non-excluded items")
+
+    # The partition puts each row's k_eff largest masked scores last; threshold is the k_eff-th
+    # largest, which is -inf when fewer than k_eff items are eligible.
+    k_eff = min(k, n_items)
+    chosen = np.argpartition(masked, n_items - k_eff, axis=1)[:, n_items - k_eff :]
+    threshold = np.take_along_axis(masked, chosen, axis=1).min(axis=1)
+    # With threshold > -inf every picked item is eligible (excluded cells are -inf); the pick is
+    # then exact unless an item outside it ties with the threshold, where lower ids must win.
+    n_at_least = (masked >= threshold[:, None]).sum(axis=1)
+    redo = np.flatnonzero((n_at_least != k_eff) | (threshold == -np.inf))
+    if redo.size:
+        # Only the rows to redo need the excluded cells as a mask: [r, n_items].
+        in_redo = np.isin(rows, redo)
+        excluded = np.zeros((redo.size, n_items), dtype=bool)
+        excluded[np.searchsorted(redo, rows[in_redo]), items[in_redo]] = True
+        chosen[redo] = _select_with_ties(masked[redo], excluded, threshold[redo], k_eff)
+
+    padding = chosen < 0
+    chosen_scores = np.take_along_axis(masked, np.maximum(chosen, 0), axis=1)
+    chosen_scores[padding] = -np.inf
+    # Sort by (padding last, score descending, id ascending); lexsort's last key is primary.
+    order = np.lexsort((chosen, -chosen_scores, padding), axis=1)
+    ids[:, :k_eff] = np.take_along_axis(chosen, order, axis=1)
+    top_scores[:, :k_eff] = np.take_along_axis(chosen_scores, order, axis=1)
+    return ids, top_scores
+
+
+def _select_with_ties(
+    masked: np.ndarray,
+    excluded: np.ndarray,
+    threshold: np.ndarray,
+    k: int,
+) -> np.ndarray:
+    """Exact top-k sets for rows with ties at the threshold: int64 [r, k], -1 padded, unsorted.
+
+    Each row takes every eligible item scoring above its threshold, then the lowest-id eligible
+    items scoring exactly the threshold until it holds min(k, n_eligible) items.
+    """
+    above = masked > threshold[:, None]  # Excluded cells are -inf, never above.
+    tied = (masked == threshold[:, None]) & ~excluded
+    n_eligible = masked.shape[1] - np.count_nonzero(excluded, axis=1)
+    need = np.minimum(k, n_eligible) - np.count_nonzero(above, axis=1)
+    take = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= need[:, None]))
+    rows, items = np.nonzero(take)
+    counts = np.count_nonzero(take, axis=1)
+    slots = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    out = np.full((masked.shape[0], k), -1, dtype=np.int64)
+    out[rows, slots] = items
+    return out
+
+
+class _RankingSums:
+    """Running sums of the per-user metrics and the covered items, over batches of users."""
+
+    def __init__(self, ks: tuple[int, ...], n_items: int) -> None:
+        self.ks = ks
+        self.n_items = n_items
+        self.users = 0
+        self.sums = {(name, k): 0.0 for k in ks for name in METRIC_NAMES if name != "coverage"}
+        self.covered = {k: np.zeros(n_items, dtype=bool) for k in ks}
+
+    def add(self, recommended: np.ndarray, relevant: CsrMatrix) -> None:
+        """Adds a batch: recommended int64 [b, K >= max(ks)], relevant with shape (b, n_items)."""
+        n_items = self.n_items
+        evaluated = np.flatnonzero(relevant.row_counts() > 0)
+        if evaluated.size == 0:
+            return
+        rec = recommended[evaluated, : max(self.ks)]
+        # Relevant cells as sorted unique keys row * n_items + item; a recommended cell is a hit
+        # iff its key is among them.
+        keys = np.unique(relevant.row_ids() * n_items + relevant.indices.astype(np.int64))
+        n_relevant = np.bincount(keys // n_items, minlength=relevant.shape[0])[evaluated]
+        rec_keys = evaluated[:, None] * n_items + rec
+        found = np.minimum(np.searchsorted(keys, rec_keys), keys.size - 1)
+        hits = (rec >= 0) & (keys[found] == rec_keys)
+
+        ranks = np.arange(1, rec.shape[1] + 1, dtype=np.float64)
+        discounts = 1.0 / np.log2(ranks + 1.0)
+        ideal_dcg = np.cumsum(discounts)  # ideal_dcg[m - 1] = Σ_{r=1..m} 1 / log2(r + 1)
+        hit_counts = np.cumsum(hits, axis=1)
+        precision_at_r = hit_counts / ranks
+        for k in self.ks:
+            n_hits = hit_counts[:, k - 1]
+            denominator = np.minimum(k, n_relevant)
+            dcg = hits[:, :k] @ discounts[:k]
+            average_precision = (hits[:, :k] * precision_at_r[:, :k]).sum(axis=1) / denominator
+            self.sums["recall", k] += float(np.sum(n_hits / denominator))
+            self.sums["ndcg", k] += float(np.sum(dcg / ideal_dcg[denominator - 1]))
+            self.sums["map", k] += float(np.sum(average_precision))
+            self.sums["precision", k] += float(np.sum(n_hits / k))
+            top = rec[:, :k]
+            self.covered[k][top[top >= 0]] = True
+        self.users += int(evaluated.size)
+
+    def result(self) -> dict[str, float | int]:
+        """{"recall@k", "ndcg@k", "map@k", "precision@k", "coverage@k" for each k, then
+        "users_evaluated"}; the means are NaN when no user was evaluated."""
+        out: dict[str, float | int] = {}
+        for k in self.ks:
+            for name in METRIC_NAMES:
+                if name == "coverage":
+                    n_covered = np.count_nonzero(self.covered[k])
+                    value = n_covered / self.n_items if self.n_items else float("nan")
+                else:
+                    value = self.sums[name, k] / self.users if self.users else float("nan")
+                out[f"{name}@{k}"] = float(value)
+        out["users_evaluated"] = self.users
+        return out
+
+
+def ranking_metrics(
+    recommended: np.ndarray,
+    relevant: CsrMatrix,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, float | int]:
+    """Recall, NDCG, MAP, precision and coverage at each cut-off k (formulas in the module doc).
+
+    Args:
+        recommended: int [n_users, K_max], each user's ranked item ids, best first; -1 marks
+            padding (a miss that covers no item). Real ids lie in [0, n_items) and do not repeat
+            within a row. K_max >= max(ks).
+        relevant: the held-out items, shape (n_users, n_items); every stored entry is a relevant
+            item (values are ignored). Users with no held-out item are skipped.
+        ks: the cut-offs, each > 0; evaluated in ascending order without duplicates.
+
+    Returns:
+        A flat dict: for each k ascending, "recall@k", "ndcg@k", "map@k", "precision@k",
+        "coverage@k" (floats), then "users_evaluated" (int, the users with >= 1 held-out item).
+        Means over zero users are NaN.
+    """
+    ks = _check_ks(ks)
+    recommended = np.asarray(recommended)
+    n_users, n_items = relevant.shape
+    if recommended.ndim != 2 or recommended.shape[0] != n_users:
+        raise ValueError(
+            f"recommended must be [n_users = {n_users}, K_max], got shape {recommended.shape}"
+        )
+    if recommended.shape[1] < ks[-1]:
+        raise ValueError(
+            f"recommended holds {recommended.shape[1]} items per user, fewer than max(ks) = "
+            f"{ks[-1]}"
+        )
+    if not np.issubdtype(recommended.dtype, np.integer):
+        raise ValueError(f"recommended must hold integer item ids, got {recommended.dtype}")
+    recommended = recommended.astype(np.int64, copy=False)
+    if recommended.size and (recommended.min() < -1 or recommended.max() >= n_items):
+        raise ValueError(f"recommended ids must be -1 (padding) or lie in [0, {n_items})")
+    ordered = np.sort(recommended[:, : ks[-1]], axis=1)
+    if np.any((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)):
+        raise ValueError("recommended repeats an item within a user's list")
+    sums = _RankingSums(ks, n_items)
+    sums.add(recommended, relevant)
+    return sums.result()
+
+
+def rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
+    """Root-mean-square error sqrt(Σ_j (predicted_j − actual_j)² / nnz), in float64.
+
+    Args:
+        predicted: float [nnz], the model's value of each held-out cell (e.g. x_u·y_i).
+        actual: float [nnz], the observed rating r_ui of the same cells, in the same order.
+    """
+    predicted = np.asarray(predicted, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if predicted.shape != actual.shape:
+        raise ValueError(f"predicted {predicted.shape} and actual {actual.shape} differ in shape")
+    if predicted.size == 0:
+        raise ValueError("rmse of zero cells is undefined")
+    return float(np.sqrt(np.mean(np.square(predicted - actual))))
+
+
+def popularity_scores(train: CsrMatrix) -> np.ndarray:
+    """The popularity baseline's score of each item: float32 [n_items], c_i = |{u : r_ui stored}|.
+
+    Every user gets the same scores; with training items excluded, this recommends the most
+    popular items the user has not seen. Counts stored entries, so `train` must not repeat a
+    (user, item) pair (as `CsrMatrix.from_triples` guarantees).
+    """
+    return train.col_counts().astype(np.float32)
+
+
+def _take_rows(matrix: CsrMatrix, rows: np.ndarray) -> CsrMatrix:
+    """The given rows of `matrix`, in the given order: shape (len(rows), n_cols)."""
+    counts = matrix.row_counts()[rows]
+    indptr = np.zeros(rows.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    entries = np.arange(indptr[-1], dtype=np.int64) + np.repeat(
+        matrix.indptr[rows] - indptr[:-1], counts
+    )
+    return CsrMatrix(
+        indptr, matrix.indices[entries], matrix.values[entries], (rows.size, matrix.shape[1])
+    )
+
+
+def evaluate(
+    score_fn: ScoreFn,
+    train: CsrMatrix,
+    heldout: CsrMatrix,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: ProgressFn | None = None,
+) -> dict[str, float | int]:
+    """Ranking metrics of a recommender on the held-out split, with training items excluded.
+
+    For each batch of users with at least one held-out item, `score_fn` scores every item,
+    `top_k_excluding` drops the user's training items and keeps the max(ks) best, and the lists
+    are scored against the held-out items (formulas in the module doc). Held-out items that also
+    appear in the user's training row can never be hit; they are counted and logged as a
+    warning, since the split should keep them disjoint.
+
+    Args:
+        score_fn: maps user ids int64 [b] to scores float [b, n_items] (e.g. X[u] @ Yᵀ).
+        train: the training matrix, shape (n_users, n_items); its entries are excluded.
+        heldout: the held-out matrix, same shape; its entries are the relevant items.
+        ks: the cut-offs, each > 0.
+        batch_size: users scored at once; memory is O(batch_size · n_items).
+        progress: called after each batch as progress(users_done, users_total).
+
+    Returns:
+        The flat dict of `ranking_metrics` over all evaluated users.
+    """
+    ks = _check_ks(ks)
+    batch_size = _check_k(batch_size, "batch_size")
+    if train.shape != heldout.shape:
+        raise ValueError(f"train {train.shape} and heldout {heldout.shape} differ in shape")
+    n_items = train.shape[1]
+    users = np.flatnonzero(heldout.row_counts() > 0).astype(np.int64)
+    sums = _RankingSums(ks, n_items)
+    overlap = 0
+    for start in range(0, users.size, batch_size):
+        batch = users[start : start + batch_size]
+        scores = np.asarray(score_fn(batch))
+        if scores.shape != (batch.size, n_items):
+            raise ValueError(
+                f"score_fn returned shape {scores.shape} for {batch.size} users, expected "
+                f"{(batch.size, n_items)}"
+            )
+        seen = _take_rows(train, batch)
+        relevant = _take_rows(heldout, batch)
+        ids, _ = top_k_excluding(scores, seen, ks[-1])
+        sums.add(ids, relevant)
+        seen_keys = seen.row_ids() * n_items + seen.indices
+        overlap += int(np.isin(relevant.row_ids() * n_items + relevant.indices, seen_keys).sum())
+        done = min(start + batch_size, users.size)
+        logger.debug("evaluated %d of %d users", done, users.size)
+        if progress is not None:
+            progress(done, int(users.size))
+    if overlap:
+        logger.warning(
+            "%d held-out (user, item) pairs are also in train and can never be hit", overlap
+        )
+    return sums.result()
+
+
+def evaluate_popularity(
+    train: CsrMatrix,
+    heldout: CsrMatrix,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: ProgressFn | None = None,
+) -> dict[str, float | int]:
+    """`evaluate` of the popularity baseline: every user scores item i as c_i (see
+    `popularity_scores`), so each gets the most popular items not in its training row."""
+    scores = popularity_scores(train)
+
+    def score_fn(user_ids: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(scores, (user_ids.size, scores.size))
+
+    return evaluate(score_fn, train, heldout, ks, batch_size, progress)
