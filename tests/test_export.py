@@ -1,0 +1,288 @@
+"""The exported SavedModel against a dense NumPy oracle on a hand-built 6 x 9 model.
+
+The fixture's user factors are the exact WALS row solves of each train row against random item
+factors, so folding in a training visitor's own history must give back their served scores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import export
+from trainer.model import WALSModel
+
+MEDIAN_MS = 1000.0
+LATENT = 3
+# Train rows: visitor u has seen items SEEN[u]. Visitor 2 has seen 7 of the 9 items, so fewer
+# than k candidates remain. Item counts: 1 and 2 are seen 3 times (a tie), 7 once, the rest twice.
+SEEN = [[0, 1, 2], [1, 3], [0, 2, 4, 5, 6, 7, 8], [4], [1, 5, 8], [2, 3, 6]]
+N_USERS, N_ITEMS = len(SEEN), 9
+USERS = [f"v{u}" for u in range(N_USERS)]
+ITEMS = [f"c{i}" for i in range(N_ITEMS)]
+COUNTS = np.bincount(np.concatenate(SEEN), minlength=N_ITEMS)
+POPULAR = sorted(range(N_ITEMS), key=lambda i: (-COUNTS[i], i))
+# Each scheme's weighting parameters and the k it is exported with (k > N_ITEMS for one).
+SCHEMES = {
+    "uniform": ({}, 4),
+    "column_frequency": ({"feature_wt_factor": 2.0, "feature_wt_exp": -1.0}, 4),
+    "log": ({"feature_wt_exp": 0.5}, 4),
+    "confidence": ({"confidence_alpha": 4.0}, N_ITEMS + 3),
+}
+
+_rng = np.random.default_rng(20240611)
+ITEM_FACTORS = (0.5 * _rng.standard_normal((N_ITEMS, LATENT))).astype(np.float32)
+# Raw durations (ms) of the train cells, row by row.
+DURATIONS = [_rng.uniform(200.0, 3000.0, len(row)) for row in SEEN]
+
+
+def config_for(weighting: str) -> dict:
+    params, _ = SCHEMES[weighting]
+    return {
+        "scaling": "median",
+        "scale_stats": {"median": MEDIAN_MS},
+        "unobserved_weight": 0.1,
+        "regularization": 0.05,
+        "regularization_exp": 1.0,
+        "weighting": weighting,
+        "latent_factors": LATENT,
+        **params,
+    }
+
+
+# ---- The oracle: dense float64 NumPy, written from the formulas. ----
+
+
+def ref_ratings(durations: np.ndarray) -> np.ndarray:
+    """median scaling: r = min(0.3 · d / median, 1)."""
+    return np.minimum(0.3 * np.asarray(durations, np.float64) / MEDIAN_MS, 1.0)
+
+
+def ref_weights(items: np.ndarray, ratings: np.ndarray, config: dict) -> np.ndarray:
+    """f_i of each given cell, from the train counts."""
+    counts = COUNTS[items].astype(np.float64)
+    scheme = config["weighting"]
+    if scheme == "uniform":
+        return np.ones(len(items))
+    if scheme == "column_frequency":
+        return config["feature_wt_factor"] * counts ** config["feature_wt_exp"]
+    if scheme == "log":
+        return (1.0 / counts) ** config["feature_wt_exp"]
+    return config["confidence_alpha"] * ratings
+
+
+def ref_solve(items: list[int], ratings: np.ndarray, config: dict) -> np.ndarray:
+    """x = A⁻¹ b with A = w0·YᵀY + Σ f_i y_i y_iᵀ + λ_u I and b = Σ (w0 + f_i) r_i y_i."""
+    y_all = ITEM_FACTORS.astype(np.float64)
+    w0, items = config["unobserved_weight"], np.asarray(items)
+    f = ref_weights(items, ratings, config)
+    lam = config["regularization"] * (len(items) + w0 * N_ITEMS) ** config["regularization_exp"]
+    a = w0 * y_all.T @ y_all + lam * np.eye(LATENT)
+    b = np.zeros(LATENT)
+    for item, f_i, r_i in zip(items, f, ratings, strict=True):
+        a += f_i * np.outer(y_all[item], y_all[item])
+        b += (w0 + f_i) * r_i * y_all[item]
+    return np.linalg.solve(a, b)
+
+
+def ref_top_k(scores: np.ndarray, exclude: list[int], k: int) -> tuple[list[str], list[float]]:
+    """Best k item names and scores, excluded items left out, padded with "" and -inf."""
+    order = sorted((i for i in range(N_ITEMS) if i not in exclude), key=lambda i: (-scores[i], i))
+    order = order[:k]
+    pad = k - len(order)
+    return [ITEMS[i] for i in order] + [""] * pad, [scores[i] for i in order] + [-np.inf] * pad
+
+
+def make_model(weighting: str) -> WALSModel:
+    """The fixture model: each user's factors are the exact solve of their train row."""
+    config = config_for(weighting)
+    user_factors = np.stack(
+        [ref_solve(row, ref_ratings(d), config) for row, d in zip(SEEN, DURATIONS, strict=True)]
+    )
+    return WALSModel(
+        user_factors=user_factors.astype(np.float32),
+        item_factors=ITEM_FACTORS,
+        seen_indptr=np.concatenate([[0], np.cumsum([len(row) for row in SEEN])]).astype(np.int64),
+        seen_indices=np.concatenate(SEEN).astype(np.int32),
+        item_counts=COUNTS.astype(np.int64),
+        users=list(USERS),
+        items=list(ITEMS),
+        config=config,
+    )
+
+
+# ---- Fixtures and helpers. ----
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """weighting -> (model, export dir, loaded SavedModel), exported once per scheme."""
+    base = tmp_path_factory.mktemp("exports")
+    cache = {}
+
+    def get(weighting: str):
+        if weighting not in cache:
+            model = make_model(weighting)
+            path = export.export_saved_model(
+                model, str(base / weighting / "1"), SCHEMES[weighting][1]
+            )
+            cache[weighting] = (model, path, tf.saved_model.load(path))
+        return cache[weighting]
+
+    return get
+
+
+def serve(loaded, visitors: list[str]) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
+    out = loaded.signatures["serving_default"](visitorId=tf.constant(visitors, tf.string))
+    names = [[name.decode() for name in row] for row in out["contentIds"].numpy()]
+    return names, out["scores"].numpy(), out["known"].numpy()
+
+
+def fold_in(loaded, content_ids: list[str], durations: list[float]) -> tuple[list[str], np.ndarray]:
+    out = loaded.signatures["fold_in"](
+        contentIds=tf.constant(content_ids, tf.string),
+        durations=tf.constant(durations, tf.float32),
+    )
+    return [name.decode() for name in out["contentIds"].numpy()], out["scores"].numpy()
+
+
+# ---- Tests. ----
+
+
+def test_export_writes_a_complete_savedmodel_and_no_temp_dir(exported):
+    _, path, _ = exported("uniform")
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+    assert os.path.isdir(os.path.join(path, "variables"))
+    assert sorted(os.listdir(os.path.join(path, "assets"))) == [
+        "vocab_items.txt",
+        "vocab_users.txt",
+    ]
+    assert os.listdir(os.path.dirname(path)) == ["1"]
+    with pytest.raises(FileExistsError):
+        export.export_saved_model(make_model("uniform"), path)
+
+
+def specs(structure: dict[str, tf.TensorSpec]) -> dict[str, tuple[tf.DType, list]]:
+    """{signature key: (dtype, shape)}, as `saved_model_cli show` lists them."""
+    return {key: (spec.dtype, spec.shape.as_list()) for key, spec in structure.items()}
+
+
+def test_signature_names_and_dtypes(exported):
+    _, _, loaded = exported("uniform")
+    k = SCHEMES["uniform"][1]
+    assert set(loaded.signatures) == {"serving_default", "fold_in"}
+    serving = loaded.signatures["serving_default"]
+    assert specs(serving.structured_input_signature[1]) == {"visitorId": (tf.string, [None])}
+    assert specs(serving.structured_outputs) == {
+        "contentIds": (tf.string, [None, k]),
+        "scores": (tf.float32, [None, k]),
+        "known": (tf.bool, [None]),
+    }
+    folding = loaded.signatures["fold_in"]
+    assert specs(folding.structured_input_signature[1]) == {
+        "contentIds": (tf.string, [None]),
+        "durations": (tf.float32, [None]),
+    }
+    assert specs(folding.structured_outputs) == {
+        "contentIds": (tf.string, [k]),
+        "scores": (tf.float32, [k]),
+    }
+
+
+def test_known_visitors_match_numpy_and_never_get_seen_items(exported):
+    model, _, loaded = exported("uniform")
+    k = SCHEMES["uniform"][1]
+    names, scores, known = serve(loaded, USERS)
+    assert known.tolist() == [True] * N_USERS
+    for u, row in enumerate(SEEN):
+        expected_names, expected_scores = ref_top_k(
+            model.user_factors[u].astype(np.float64) @ ITEM_FACTORS.T.astype(np.float64), row, k
+        )
+        assert names[u] == expected_names, f"visitor {u}"
+        np.testing.assert_allclose(scores[u], expected_scores, rtol=1e-5, atol=1e-6)
+        assert not {ITEMS[i] for i in row} & set(names[u])
+    # Visitor 2 has only two unseen items: the rest is padding.
+    assert names[2][2:] == ["", ""] and np.all(np.isneginf(scores[2][2:]))
+
+
+def test_unknown_visitors_get_popular_items_in_a_mixed_batch(exported):
+    _, _, loaded = exported("uniform")
+    k = SCHEMES["uniform"][1]
+    names, scores, known = serve(loaded, ["nobody", "v3", "", "v0"])
+    assert known.tolist() == [False, True, False, True]
+    popular = [ITEMS[i] for i in POPULAR[:k]]
+    assert popular[:2] == ["c1", "c2"]  # the tie at count 3 goes to the lower itemId
+    for row in (0, 2):
+        assert names[row] == popular
+        np.testing.assert_array_equal(scores[row], COUNTS[POPULAR[:k]].astype(np.float32))
+    alone_names, alone_scores, _ = serve(loaded, ["v3", "v0"])
+    assert [names[1], names[3]] == alone_names
+    np.testing.assert_array_equal(scores[[1, 3]], alone_scores)
+
+
+@pytest.mark.parametrize("weighting", list(SCHEMES))
+def test_fold_in_matches_the_dense_solve(exported, weighting):
+    model, _, loaded = exported(weighting)
+    k = SCHEMES[weighting][1]
+    # c1 twice (summed to 1000 ms), c6, an unknown contentId, and c4 with a zero duration (no
+    # rating, as preprocessing drops sums <= 0, but still never recommended).
+    names, scores = fold_in(
+        loaded, ["c1", "c6", "unknown", "c1", "c4"], [400.0, 2500.0, 9000.0, 600.0, 0.0]
+    )
+    x = ref_solve([1, 6], ref_ratings([1000.0, 2500.0]), model.config)
+    expected_names, expected_scores = ref_top_k(ITEM_FACTORS.astype(np.float64) @ x, [1, 4, 6], k)
+    assert names == expected_names
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-5)
+    assert not {"c1", "c4", "c6"} & set(names)
+
+
+@pytest.mark.parametrize("weighting", list(SCHEMES))
+def test_fold_in_of_a_training_history_reproduces_the_served_row(exported, weighting):
+    _, _, loaded = exported(weighting)
+    served_names, served_scores, _ = serve(loaded, USERS)
+    for u, (row, durations) in enumerate(zip(SEEN, DURATIONS, strict=True)):
+        names, scores = fold_in(loaded, [ITEMS[i] for i in row], durations.tolist())
+        assert names == served_names[u], f"visitor {u}"
+        np.testing.assert_allclose(scores, served_scores[u], rtol=1e-4, atol=1e-5)
+
+
+def test_fold_in_without_known_items_returns_popular_items(exported):
+    _, _, loaded = exported("uniform")
+    k = SCHEMES["uniform"][1]
+    for content_ids, durations in ((["nope", "nada"], [5000.0, 100.0]), ([], [])):
+        names, scores = fold_in(loaded, content_ids, durations)
+        assert names == [ITEMS[i] for i in POPULAR[:k]]
+        np.testing.assert_array_equal(scores, COUNTS[POPULAR[:k]].astype(np.float32))
+    # A known item with no positive duration is excluded from the popular items.
+    names, _ = fold_in(loaded, ["c1"], [0.0])
+    assert names == [ITEMS[i] for i in POPULAR if i != 1][:k]
+
+
+def test_load_and_recommend_strips_padding(exported):
+    model, path, _ = exported("uniform")
+    result = export.load_and_recommend(path, ["v2", "nobody"])
+    expected, _ = ref_top_k(model.user_factors[2] @ ITEM_FACTORS.T, SEEN[2], 2)
+    assert result["v2"]["contentIds"] == expected and result["v2"]["known"]
+    assert len(result["v2"]["scores"]) == 2
+    assert result["nobody"] == {
+        "contentIds": ["c1", "c2", "c0", "c3"],
+        "scores": [3.0, 3.0, 2.0, 2.0],
+        "known": False,
+    }
+
+
+def test_export_rejects_bad_arguments(tmp_path):
+    model = make_model("uniform")
+    with pytest.raises(ValueError, match="k must be > 0"):
+        export.export_saved_model(model, str(tmp_path / "a"), k=0)
+    del model.config["regularization_exp"]
+    with pytest.raises(KeyError, match="regularization_exp"):
+        export.export_saved_model(model, str(tmp_path / "b"))
+    model = make_model("log")
+    del model.config["feature_wt_exp"]
+    with pytest.raises(KeyError, match="feature_wt_exp"):
+        export.export_saved_model(model, str(tmp_path / "c"))
+    assert os.listdir(tmp_path) == []

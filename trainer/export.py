@@ -1,0 +1,422 @@
+"""Exports a trained `WALSModel` as a TensorFlow SavedModel for TensorFlow Serving.
+
+    path = trainer.export.export_saved_model(model, "exports/wals/1", k=10)
+    tf.saved_model.load(path).signatures["serving_default"](visitorId=tf.constant(["7291..."]))
+
+Everything the signatures need lives inside the SavedModel: the factors, the seen items and the
+per-item observed weights as variables (`variables/`), the two vocabularies as assets
+(`assets/vocab_users.txt`, `assets/vocab_items.txt`, read into static hash tables at load time),
+and the hyperparameters as constants of the graphs.
+
+Signatures (k is fixed at export time; N_items is the number of items):
+
+    serving_default
+        in:  visitorId   tf.string  [batch]
+        out: contentIds  tf.string  [batch, k]   best first, never content the visitor has seen
+             scores      float32    [batch, k]   x_u · y_i; the train count for unknown visitors
+             known       bool       [batch]      False: not in training, got the popular items
+        A known visitor's row is x_u · Yᵀ with the items of their train row set to -inf, then
+        `tf.math.top_k`. Unknown visitors get the k most popular items (train counts descending,
+        ties by lower itemId). Rows with fewer than k candidates are padded with "" and -inf.
+
+    fold_in
+        in:  contentIds  tf.string  [n]   one new visitor's history
+             durations   float32    [n]   the raw interaction values (time on page in ms)
+        out: contentIds  tf.string  [k]
+             scores      float32    [k]
+        Durations of repeated contentIds are summed, pairs with sums <= 0 are dropped (as
+        preprocessing does), the sums are scaled into ratings r_i by `transforms.scaling.scale`
+        with the training statistics, unknown contentIds are dropped, and the visitor's factors
+        are the exact WALS row solve against the fixed item factors Y:
+
+            A = w0·G + Σ_i f_i y_i y_iᵀ + λ_u I,   b = Σ_i (w0 + f_i) r_i y_i,   x = A⁻¹ b,
+            G = YᵀY,   λ_u = λ · (n + w0 · N_items)^ν,
+
+        n the number of distinct known items with a positive sum and f_i the observed weight of
+        `trainer.weights` (per item from its train count, or α·r_i under `confidence`). Scores
+        are Y x with every known given item excluded; with n = 0 they are the popular items.
+
+REST (TensorFlow Serving, `POST /v1/models/<name>:predict`):
+
+    {"signature_name": "serving_default", "instances": ["7291783718742811253", "new-visitor"]}
+    -> {"predictions": [{"contentIds": [...k], "scores": [...k], "known": true},
+                        {"contentIds": [...k], "scores": [...k], "known": false}]}
+
+    {"signature_name": "fold_in",
+     "inputs": {"contentIds": ["article-0042", "article-0007"], "durations": [52000.0, 8000.0]}}
+    -> {"outputs": {"contentIds": [...k], "scores": [...k]}}
+
+`fold_in` takes one visitor per request and needs the columnar "inputs" form: its outputs are
+[k], not one row per input element.
+
+Model config keys read here (`WALSModel.config`, written by the trainer):
+    scaling (str), scale_stats (dict, e.g. {"median": 41000.0}), unobserved_weight (w0),
+    regularization (λ), regularization_exp (ν), weighting (a `trainer.weights.WEIGHTINGS` name),
+    and the weighting's parameters: feature_wt_factor and feature_wt_exp (column_frequency),
+    feature_wt_exp (log), confidence_alpha (confidence).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import uuid
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import solver, weights
+from transforms import features, scaling
+
+if TYPE_CHECKING:
+    from trainer.model import WALSModel
+
+logger = logging.getLogger(__name__)
+
+SERVING_SIGNATURE = "serving_default"
+FOLD_IN_SIGNATURE = "fold_in"
+VISITOR_ID = "visitorId"
+CONTENT_IDS = "contentIds"
+DURATIONS = "durations"
+SCORES = "scores"
+KNOWN = "known"
+
+_BASE_CONFIG_KEYS = (
+    "scaling",
+    "scale_stats",
+    "unobserved_weight",
+    "regularization",
+    "regularization_exp",
+    "weighting",
+)
+_WEIGHTING_CONFIG_KEYS = {
+    weights.UNIFORM: (),
+    weights.COLUMN_FREQUENCY: ("feature_wt_factor", "feature_wt_exp"),
+    weights.LOG: ("feature_wt_exp",),
+    weights.CONFIDENCE: ("confidence_alpha",),
+}
+_NEG_INF = float("-inf")
+
+
+def _check_model(model: WALSModel) -> None:
+    """Raises ValueError (or KeyError for config keys) unless the model can be exported."""
+    n_users, n_items = len(model.users), len(model.items)
+    if n_users == 0 or n_items == 0:
+        raise ValueError(f"cannot export a model with {n_users} users and {n_items} items")
+    k = model.item_factors.shape[1] if model.item_factors.ndim == 2 else -1
+    if model.item_factors.shape != (n_items, k) or model.user_factors.shape != (n_users, k):
+        raise ValueError(
+            f"factors {model.user_factors.shape} and {model.item_factors.shape} do not match "
+            f"{n_users} users and {n_items} items"
+        )
+    if model.seen_indptr.shape != (n_users + 1,) or model.item_counts.shape != (n_items,):
+        raise ValueError(
+            f"seen_indptr {model.seen_indptr.shape} or item_counts {model.item_counts.shape} do "
+            f"not match {n_users} users and {n_items} items"
+        )
+    if model.seen_indptr[-1] != model.seen_indices.size:
+        raise ValueError("seen_indptr[-1] must equal the number of seen_indices")
+    config = model.config
+    missing = [key for key in _BASE_CONFIG_KEYS if key not in config]
+    if not missing:
+        if config["weighting"] not in _WEIGHTING_CONFIG_KEYS:
+            raise ValueError(f"unknown weighting {config['weighting']!r}")
+        missing = [key for key in _WEIGHTING_CONFIG_KEYS[config["weighting"]] if key not in config]
+    if missing:
+        raise KeyError(f"model config lacks {missing}; export needs the keys listed in {__name__}")
+    if config["scaling"] not in scaling.STATS_BY_SCALING:
+        raise ValueError(f"unknown scaling {config['scaling']!r}; expected {features.SCALINGS}")
+    stats = config["scale_stats"]
+    missing = [name for name in scaling.STATS_BY_SCALING[config["scaling"]] if name not in stats]
+    if missing:
+        raise KeyError(f"scale_stats lacks {missing} for scaling {config['scaling']!r}")
+
+
+def item_observed_weights(model: WALSModel) -> np.ndarray:
+    """f_i of each item under an item-only weighting scheme, from the train counts.
+
+    Args:
+        model: the model; config["weighting"] is uniform, column_frequency or log.
+
+    Returns:
+        float32 [n_items], f_i as `trainer.weights.cell_weights` computes it with c_i =
+        model.item_counts. Items with c_i = 0 (no train cell, so y_i = 0) get f_i = 0.
+    """
+    config = model.config
+    counts = np.asarray(model.item_counts, dtype=np.int64)
+    f = np.zeros(counts.size, dtype=np.float32)
+    observed = np.flatnonzero(counts > 0)
+    f[observed] = weights.cell_weights(
+        observed,
+        np.zeros(observed.size, dtype=np.float32),
+        counts,
+        config["weighting"],
+        feature_wt_factor=float(config.get("feature_wt_factor", 1.0)),
+        feature_wt_exp=float(config.get("feature_wt_exp", 1.0)),
+    )
+    return f
+
+
+class _Recommender(tf.Module):
+    """The serving graph: state as variables and tables, the two signatures as tf.functions."""
+
+    def __init__(self, model: WALSModel, k: int, vocab_dir: str):
+        """Builds the state.
+
+        Args:
+            model: the trained model (checked by `_check_model`).
+            k: recommendations per visitor, > 0.
+            vocab_dir: a scratch directory for the vocabulary files that become assets.
+        """
+        super().__init__(name="wals_recommender")
+        config = model.config
+        n_items = len(model.items)
+        self._k = k
+        self._k_top = min(k, n_items)
+        self._w0 = float(config["unobserved_weight"])
+        self._scaling = str(config["scaling"])
+        self._scale_stats = {
+            name: float(config["scale_stats"][name])
+            for name in scaling.STATS_BY_SCALING[self._scaling]
+        }
+        self._confidence = config["weighting"] == weights.CONFIDENCE
+        self._alpha = float(config.get("confidence_alpha", 1.0))
+
+        users_file = os.path.join(vocab_dir, f"{features.USER_VOCAB}.txt")
+        items_file = os.path.join(vocab_dir, f"{features.ITEM_VOCAB}.txt")
+        for path, vocabulary in ((users_file, model.users), (items_file, model.items)):
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write("\n".join(vocabulary) + "\n")
+        whole_line = tf.lookup.TextFileIndex.WHOLE_LINE
+        line_number = tf.lookup.TextFileIndex.LINE_NUMBER
+        self.user_ids = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(users_file, tf.string, whole_line, tf.int64, line_number),
+            default_value=-1,
+        )
+        self.item_ids = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(items_file, tf.string, whole_line, tf.int64, line_number),
+            default_value=-1,
+        )
+        self.item_names = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(items_file, tf.int64, line_number, tf.string, whole_line),
+            default_value="",
+        )
+
+        item_factors = np.asarray(model.item_factors, dtype=np.float32)
+        self.user_factors = tf.Variable(
+            np.asarray(model.user_factors, dtype=np.float32), trainable=False, name="user_factors"
+        )
+        self.item_factors = tf.Variable(item_factors, trainable=False, name="item_factors")
+        self.seen_indptr = tf.Variable(
+            np.asarray(model.seen_indptr, dtype=np.int64), trainable=False, name="seen_indptr"
+        )
+        self.seen_indices = tf.Variable(
+            np.asarray(model.seen_indices, dtype=np.int64), trainable=False, name="seen_indices"
+        )
+        self.popularity = tf.Variable(
+            np.asarray(model.item_counts, dtype=np.float32), trainable=False, name="popularity"
+        )
+        # w0·G, in float64 like the rest of the fold-in solve.
+        self.w0_gramian = tf.Variable(
+            self._w0 * solver.gramian(item_factors, tf.float64),
+            trainable=False,
+            name="w0_gramian",
+        )
+        # λ_u for every possible number of given items n = 0..N_items.
+        self.regularization = tf.Variable(
+            weights.regularization(
+                np.arange(n_items + 1),
+                float(config["regularization"]),
+                self._w0,
+                n_items,
+                float(config["regularization_exp"]),
+            ),
+            trainable=False,
+            name="regularization",
+        )
+        item_f = np.zeros(n_items, np.float32) if self._confidence else item_observed_weights(model)
+        self.item_f = tf.Variable(item_f.astype(np.float64), trainable=False, name="item_f")
+
+        popular, counts = model.popular(k)
+        pad = k - popular.size
+        self.popular_names = tf.constant([model.items[i] for i in popular] + [""] * pad)
+        self.popular_scores = tf.constant(
+            np.concatenate([counts, np.full(pad, _NEG_INF)]).astype(np.float32)
+        )
+
+    def _top_k(self, scores: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Best k per row, excluded (-inf) items and missing places as "" and -inf.
+
+        Args:
+            scores: float32 [b, N_items], excluded items at -inf.
+
+        Returns:
+            (contentIds tf.string [b, k], scores float32 [b, k]), best first; ties go to the
+            lower itemId.
+        """
+        values, indices = tf.math.top_k(scores, k=self._k_top, sorted=True)
+        valid = values > _NEG_INF
+        ids = tf.where(valid, tf.cast(indices, tf.int64), tf.constant(-1, tf.int64))
+        values = tf.where(valid, values, _NEG_INF)
+        pad = [[0, 0], [0, self._k - self._k_top]]
+        ids = tf.pad(ids, pad, constant_values=-1)
+        values = tf.pad(values, pad, constant_values=_NEG_INF)
+        return self.item_names.lookup(ids), values
+
+    # The camelCase argument names are the signatures' input keys.
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=VISITOR_ID)])
+    def serve(self, visitorId: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Top-k unseen content per visitor; see the module docstring."""
+        users = self.user_ids.lookup(visitorId)  # int64 [b], -1 when unknown
+        known = users >= 0
+        safe = tf.where(known, users, tf.zeros_like(users))
+        scores = tf.matmul(tf.gather(self.user_factors, safe), self.item_factors, transpose_b=True)
+        # The seen items of every known row, as a ragged [b, (n_u)] gathered from the CSR.
+        starts = tf.where(known, tf.gather(self.seen_indptr, safe), tf.zeros_like(safe))
+        limits = tf.where(known, tf.gather(self.seen_indptr, safe + 1), tf.zeros_like(safe))
+        positions = tf.ragged.range(starts, limits)
+        cells = tf.stack(
+            [positions.value_rowids(), tf.gather(self.seen_indices, positions.flat_values)], 1
+        )
+        scores = tf.tensor_scatter_nd_update(scores, cells, tf.fill(tf.shape(cells)[:1], _NEG_INF))
+        names, values = self._top_k(scores)
+        column = known[:, None]
+        return {
+            CONTENT_IDS: tf.where(column, names, self.popular_names[None, :]),
+            SCORES: tf.where(column, values, self.popular_scores[None, :]),
+            KNOWN: known,
+        }
+
+    def _solve(self, items: tf.Tensor, ratings: tf.Tensor) -> tf.Tensor:
+        """The exact WALS row solve for one new visitor.
+
+        Same formula as the exact kernel of `trainer.solver` (a single unpadded row):
+            A = w0·G + Σ_i f_i y_i y_iᵀ + λ_u I,   b = Σ_i (w0 + f_i) r_i y_i,   x = A⁻¹ b.
+
+        Args:
+            items: int64 [n], distinct itemIds, n >= 1.
+            ratings: float32 [n], r_i.
+
+        Returns:
+            float32 [k], x.
+        """
+        y = tf.cast(tf.gather(self.item_factors, items), tf.float64)  # [n, k]
+        r = tf.cast(ratings, tf.float64)
+        if self._confidence:
+            # f = α·r; a negative rating (below the train minimum under `unit`) weighs nothing.
+            f = tf.maximum(self._alpha * r, 0.0)
+        else:
+            f = tf.gather(self.item_f, items)
+        reg = tf.gather(self.regularization, tf.size(items))
+        a = self.w0_gramian + tf.matmul(y * f[:, None], y, transpose_a=True)
+        a = tf.linalg.set_diag(a, tf.linalg.diag_part(a) + reg)
+        b = tf.linalg.matvec(y, (self._w0 + f) * r, transpose_a=True)
+        x = tf.linalg.cholesky_solve(tf.linalg.cholesky(a), b[:, None])[:, 0]
+        return tf.cast(x, tf.float32)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.string, name=CONTENT_IDS),
+            tf.TensorSpec([None], tf.float32, name=DURATIONS),
+        ]
+    )
+    def fold_in(self, contentIds: tf.Tensor, durations: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Top-k for a new visitor from their history; see the module docstring."""
+        unique, position = tf.unique(contentIds)
+        sums = tf.math.unsorted_segment_sum(durations, position, tf.size(unique))
+        items = self.item_ids.lookup(unique)  # int64 [m], -1 when unknown
+        given = tf.boolean_mask(items, items >= 0)
+        usable = (items >= 0) & (sums > 0)
+        cols = tf.boolean_mask(items, usable)
+        ratings = scaling.scale(tf.boolean_mask(sums, usable), self._scaling, self._scale_stats)
+        scores = tf.cond(
+            tf.size(cols) > 0,
+            lambda: tf.linalg.matvec(self.item_factors, self._solve(cols, ratings)),
+            lambda: tf.identity(self.popularity),
+        )
+        scores = tf.tensor_scatter_nd_update(
+            scores, given[:, None], tf.fill(tf.shape(given), _NEG_INF)
+        )
+        names, values = self._top_k(scores[None, :])
+        return {CONTENT_IDS: names[0], SCORES: values[0]}
+
+
+def export_saved_model(model: WALSModel, export_dir: str, k: int = 10) -> str:
+    """Writes the model as a SavedModel with the `serving_default` and `fold_in` signatures.
+
+    The SavedModel is written to a temporary sibling `<export_dir>.tmp-<random>` and renamed
+    into place at the end, so a directory named export_dir is always complete. For TensorFlow
+    Serving, pass a numbered version directory such as `<base>/1`.
+
+    Args:
+        model: the trained model; its config must hold the keys listed in the module docstring.
+        export_dir: the SavedModel directory to create (local, or any tf.io.gfile filesystem).
+        k: recommendations per visitor, > 0.
+
+    Returns:
+        export_dir.
+
+    Raises:
+        FileExistsError: export_dir exists.
+        ValueError: k <= 0, or the model is empty, inconsistent or has an unknown setting.
+        KeyError: the model config lacks a key the export needs.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be > 0, got {k}")
+    _check_model(model)
+    export_dir = export_dir.rstrip("/")
+    if tf.io.gfile.exists(export_dir):
+        raise FileExistsError(f"{export_dir} exists; export to a new (version) directory")
+    parent = os.path.dirname(export_dir)
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    staging = f"{export_dir}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with tempfile.TemporaryDirectory() as vocab_dir:
+            module = _Recommender(model, k, vocab_dir)
+            signatures = {
+                SERVING_SIGNATURE: module.serve.get_concrete_function(),
+                FOLD_IN_SIGNATURE: module.fold_in.get_concrete_function(),
+            }
+            tf.saved_model.save(module, staging, signatures=signatures)
+        tf.io.gfile.rename(staging, export_dir)
+    finally:
+        if tf.io.gfile.exists(staging):
+            tf.io.gfile.rmtree(staging)
+    logger.info(
+        "Exported %d users x %d items (k=%d factors, %d recommendations) to %s",
+        len(model.users),
+        len(model.items),
+        model.item_factors.shape[1],
+        k,
+        export_dir,
+    )
+    return export_dir
+
+
+def load_and_recommend(export_dir: str, visitor_ids: list[str]) -> dict[str, dict]:
+    """Loads an exported model and runs `serving_default`; for docs, tests and quick checks.
+
+    Args:
+        export_dir: a directory written by `export_saved_model`.
+        visitor_ids: visitorIds to recommend for.
+
+    Returns:
+        {visitorId: {"contentIds": list[str], "scores": list[float], "known": bool}}, padding
+        ("" and -inf) removed.
+    """
+    serve = tf.saved_model.load(export_dir).signatures[SERVING_SIGNATURE]
+    out = serve(**{VISITOR_ID: tf.constant(visitor_ids, dtype=tf.string)})
+    result = {}
+    for row, visitor in enumerate(visitor_ids):
+        names = [name.decode() for name in out[CONTENT_IDS][row].numpy()]
+        scores = out[SCORES][row].numpy().tolist()
+        places = [j for j, name in enumerate(names) if name]
+        result[visitor] = {
+            CONTENT_IDS: [names[j] for j in places],
+            SCORES: [scores[j] for j in places],
+            KNOWN: bool(out[KNOWN][row].numpy()),
+        }
+    return result
