@@ -1,0 +1,214 @@
+"""Trains WALS on a preprocessed dataset, evaluates it, and writes the model and its export.
+
+    python -m trainer.task --input_dir runs/local/preprocessed --output_dir runs/local/model \
+        [--latent_factors 32] [--num_iters 15] [--regularization 0.1] [--unobserved_weight 0.05]
+        [--weighting column_frequency] [...]
+
+Output under --output_dir (written to a temporary directory, then moved into place):
+    model/          factors, vocabularies, seen items, config (`trainer.model.load`)
+    export/         TensorFlow SavedModel: serving_default (visitorId -> contentIds, scores,
+                    known) and fold_in (contentIds, durations -> contentIds, scores)
+    metrics.json    final metrics for WALS and the popularity baseline, per-iteration history
+    tensorboard/    loss and metric curves (`tensorboard --logdir <output_dir>/tensorboard`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import cli, staging
+from trainer import data, export, metrics, model as model_lib, wals, weights
+
+logger = logging.getLogger(__name__)
+METRICS_FILE = "metrics.json"
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text}") from None
+    if not ks or min(ks) <= 0:
+        raise argparse.ArgumentTypeError(f"every k must be > 0: {text}")
+    return ks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = wals.WALSConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.task", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--input_dir", required=True, help="a pipeline.preprocess --output_dir")
+    parser.add_argument("--output_dir", required=True, help="where the model goes")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    hp = parser.add_argument_group("model")
+    hp.add_argument("--latent_factors", type=int, default=defaults.latent_factors,
+                    help=f"k, the factor dimension (default {defaults.latent_factors})")
+    hp.add_argument("--num_iters", type=int, default=defaults.num_iters,
+                    help=f"alternating sweeps (default {defaults.num_iters})")
+    hp.add_argument("--regularization", type=float, default=defaults.regularization,
+                    help=f"λ (default {defaults.regularization})")
+    hp.add_argument("--regularization_exp", type=float, default=defaults.regularization_exp,
+                    help="ν: λ_u = λ (n_u + w0 N_items)^ν (default "
+                    f"{defaults.regularization_exp}; 0 = plain λ)")
+    hp.add_argument("--unobserved_weight", type=float, default=defaults.unobserved_weight,
+                    help=f"w0, the weight of every unobserved cell (default "
+                    f"{defaults.unobserved_weight})")
+    hp.add_argument("--weighting", default=defaults.weighting, choices=weights.WEIGHTINGS,
+                    help=f"observed extra weight f (default {defaults.weighting})")
+    hp.add_argument("--feature_wt_factor", type=float, default=defaults.feature_wt_factor,
+                    help=f"ω in column_frequency f = ω c_i^p (default {defaults.feature_wt_factor})")
+    hp.add_argument("--feature_wt_exp", type=float, default=defaults.feature_wt_exp,
+                    help=f"p in column_frequency, e in log (default {defaults.feature_wt_exp})")
+    hp.add_argument("--confidence_alpha", type=float, default=defaults.confidence_alpha,
+                    help=f"α in confidence f = α r (default {defaults.confidence_alpha})")
+    hp.add_argument("--solver", default=defaults.solver, choices=("cholesky", "cg"),
+                    help=f"exact Cholesky or warm-started conjugate gradient (default "
+                    f"{defaults.solver})")
+    hp.add_argument("--cg_steps", type=int, default=defaults.cg_steps,
+                    help=f"CG steps per solve (default {defaults.cg_steps})")
+    hp.add_argument("--init_stddev", type=float, default=defaults.init_stddev,
+                    help=f"σ: factors start N(0, σ/√k) (default {defaults.init_stddev})")
+    hp.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
+    ev = parser.add_argument_group("evaluation and export")
+    ev.add_argument("--eval_ks", type=_ks, default=(10, 20, 50),
+                    help="cut-offs for Recall/NDCG/MAP@K (default 10,20,50)")
+    ev.add_argument("--eval_every", type=int, default=1,
+                    help="evaluate on the eval split every N iterations for the history "
+                    "(default 1; 0 = only at the end)")
+    ev.add_argument("--export_k", type=int, default=10,
+                    help="how many items the SavedModel returns (default 10)")
+    ev.add_argument("--no_progress", action="store_true", help="log instead of a progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> wals.WALSConfig:
+    fields = {f.name for f in dataclasses.fields(wals.WALSConfig)}
+    return wals.WALSConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+
+
+def _summaries(writer, step: int, values: dict, prefix: str) -> None:
+    with writer.as_default(step=step):
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and np.isfinite(value):
+                tf.summary.scalar(f"{prefix}/{name}", value)
+    writer.flush()
+
+
+def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
+    """Loads, trains, evaluates and writes everything under `out`; returns metrics.json."""
+    config = config_from_args(args)
+    dataset = data.load_dataset(args.input_dir)
+    train, heldout = dataset.train, dataset.heldout
+    writer = tf.summary.create_file_writer(f"{out}/tensorboard")
+    history = []
+
+    def on_iteration(iteration: int, factors, loss: dict) -> None:
+        record = {"iteration": iteration, **{f"loss/{k}": float(v) for k, v in loss.items()}}
+        if args.eval_every and iteration % args.eval_every == 0 and heldout.nnz:
+            scores_fn = lambda users: factors.user_factors[users] @ factors.item_factors.T  # noqa: E731
+            evaluated = metrics.evaluate(scores_fn, train, heldout, ks=args.eval_ks)
+            record.update({f"eval/{k}": v for k, v in evaluated.items()})
+        history.append(record)
+        _summaries(writer, iteration, {k: v for k, v in record.items() if k != "iteration"},
+                   "wals")
+
+    start = time.monotonic()
+    factors = wals.fit(train, config, callback=on_iteration, show_progress=not args.no_progress)
+    train_seconds = time.monotonic() - start
+
+    def wals_scores(users):
+        return factors.user_factors[users] @ factors.item_factors.T
+
+    result = {"train_seconds": round(train_seconds, 3),
+              "seconds_per_iteration": round(train_seconds / max(config.num_iters, 1), 4),
+              "nusers": train.shape[0], "nitems": train.shape[1],
+              "train_interactions": train.nnz, "eval_interactions": heldout.nnz}
+    if heldout.nnz:
+        rows = heldout.row_ids()
+        predicted = np.einsum("ij,ij->i", factors.user_factors[rows],
+                              factors.item_factors[heldout.indices])
+        result["wals"] = {"rmse": metrics.rmse(predicted, heldout.values),
+                          **metrics.evaluate(wals_scores, train, heldout, ks=args.eval_ks)}
+        result["popularity"] = metrics.evaluate_popularity(train, heldout, ks=args.eval_ks)
+        _summaries(writer, config.num_iters, result["popularity"], "popularity")
+    result["history"] = history
+    result["config"] = dataclasses.asdict(config)
+
+    trained = model_lib.WALSModel(
+        user_factors=factors.user_factors.astype(np.float32),
+        item_factors=factors.item_factors.astype(np.float32),
+        seen_indptr=train.indptr,
+        seen_indices=train.indices.astype(np.int32),
+        item_counts=train.col_counts().astype(np.int64),
+        users=dataset.users,
+        items=dataset.items,
+        config={**dataclasses.asdict(config),
+                "scaling": dataset.summary["scaling"],
+                "scale_stats": dataset.summary.get("scale_stats") or {},
+                "input_dir": args.input_dir},
+    )
+    model_lib.save(trained, out)
+    export.export_saved_model(trained, f"{out}/export", k=args.export_k)
+    with FileSystems.create(f"{out}/{METRICS_FILE}") as handle:
+        handle.write(json.dumps(result, indent=2).encode("utf-8"))
+    return result
+
+
+def format_metrics(result: dict) -> str:
+    """A table of the final WALS and popularity metrics."""
+    if "wals" not in result:
+        return "no held-out interactions: nothing to evaluate"
+    names = [name for name in result["wals"] if name in result["popularity"]]
+    lines = [f"{'metric':<16} {'WALS':>10} {'popularity':>12} {'ratio':>8}"]
+    for name in names:
+        ours, base = result["wals"][name], result["popularity"][name]
+        ratio = f"{ours / base:8.2f}" if isinstance(base, float) and base > 0 else f"{'':>8}"
+        lines.append(f"{name:<16} {ours:>10.4f} {base:>12.4f} {ratio}")
+    lines.append(f"{'rmse (eval)':<16} {result['wals']['rmse']:>10.4f}")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parses flags, trains, and returns metrics.json's content.
+
+    Raises:
+        cli.UsageError: bad flags or an unusable input dir, before anything is written.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        config_from_args(args).validate()
+    except ValueError as error:
+        raise cli.UsageError(str(error)) from None
+    if args.eval_every < 0:
+        raise cli.UsageError(f"--eval_every must be >= 0, got {args.eval_every}")
+    if args.export_k <= 0:
+        raise cli.UsageError(f"--export_k must be > 0, got {args.export_k}")
+    try:
+        staging.check_writable(args.output_dir, args.overwrite)
+    except FileExistsError as error:
+        raise cli.UsageError(str(error)) from None
+    try:
+        with staging.staged_output(args.output_dir, args.overwrite, METRICS_FILE) as out:
+            result = train_and_evaluate(args, out)
+    except data.DatasetError as error:
+        raise cli.UsageError(f"--input_dir {args.input_dir}: {error}") from None
+    logger.info("wrote %s\n%s", args.output_dir, format_metrics(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main_with_usage_errors(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
