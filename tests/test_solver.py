@@ -1,0 +1,385 @@
+"""The WALS math (`trainer.solver`, `trainer.weights`, `trainer.sparse`) and the local trainer
+(`trainer.wals`) against the dense NumPy oracle in `dense_wals.py`.
+
+Fixtures are tiny: a 7 x 5 matrix with an empty row and an empty column, and a random 30 x 20
+matrix. Exact checks run in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import dense_wals  # tests/ is on sys.path (pytest's rootdir-less "prepend" import mode)
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import solver, wals, weights
+from trainer.sparse import CsrMatrix
+
+F64 = tf.float64
+# XLA compiles each tile shape once (about 0.5 s); float64 checks mostly run the same kernels
+# without it, and `test_tiling_does_not_change_the_solution` compares the two.
+NO_XLA = {"jit_compile": False}
+SCHEMES = {
+    "uniform": {},
+    "column_frequency": {"feature_wt_factor": 2.0, "feature_wt_exp": -1.0},
+    "log": {"feature_wt_exp": 0.5},
+    "confidence": {"confidence_alpha": 3.0},
+}
+
+# Row 2 and column 3 are empty.
+SMALL = np.array(
+    [
+        [1.0, 0.0, 0.5, 0.0, 0.0],
+        [0.0, 2.0, 0.0, 0.0, 1.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.3, 0.7, 0.2, 0.0, 0.9],
+        [0.0, 0.0, 1.5, 0.0, 0.0],
+        [0.4, 0.0, 0.0, 0.0, 0.6],
+        [0.0, 0.8, 0.1, 0.0, 0.0],
+    ]
+)
+
+
+def from_dense(dense: np.ndarray) -> CsrMatrix:
+    rows, cols = np.nonzero(dense)
+    return CsrMatrix.from_triples(rows, cols, dense[rows, cols], dense.shape)
+
+
+def random_matrix(n: int = 30, m: int = 20, density: float = 0.3, seed: int = 0) -> CsrMatrix:
+    rng = np.random.default_rng(seed)
+    dense = np.where(rng.random((n, m)) < density, rng.uniform(0.1, 1.0, (n, m)), 0.0)
+    dense[n // 2] = 0.0  # one user without observations
+    return from_dense(dense)
+
+
+def weight_matrix(matrix: CsrMatrix, f: np.ndarray, w0: float) -> np.ndarray:
+    """Dense W with the solver's own (float32) f, so the oracle checks the solve, not rounding."""
+    dense = np.full(matrix.shape, w0)
+    dense[matrix.row_ids(), matrix.indices] += f.astype(np.float64)
+    return dense
+
+
+@pytest.fixture(scope="module")
+def matrix() -> CsrMatrix:
+    return random_matrix()
+
+
+# --- sparse -------------------------------------------------------------------------------------
+
+
+def test_from_triples_sorts_and_sums_duplicates():
+    m = CsrMatrix.from_triples([2, 0, 0, 2], [1, 3, 1, 1], [1.0, 2.0, 3.0, 4.0], (3, 4))
+    np.testing.assert_array_equal(m.indptr, [0, 2, 2, 3])
+    np.testing.assert_array_equal(m.indices, [1, 3, 1])
+    np.testing.assert_array_equal(m.values, [3.0, 2.0, 5.0])
+    np.testing.assert_array_equal(m.row_counts(), [2, 0, 1])
+    np.testing.assert_array_equal(m.col_counts(), [0, 2, 0, 1])
+
+
+def test_transpose_round_trips_and_carries_per_entry_arrays():
+    m = from_dense(SMALL)
+    t, perm = m.transpose_with_perm()
+    np.testing.assert_array_equal(t.to_dense(), m.to_dense().T)
+    np.testing.assert_array_equal(t.values, m.values[perm])
+    np.testing.assert_array_equal(t.row_counts(), m.col_counts())
+    back = t.transpose()
+    for name in ("indptr", "indices", "values"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(m, name))
+    assert back.shape == m.shape
+    tagged = np.arange(m.nnz)  # any per-entry array: its entry's position in m
+    np.testing.assert_array_equal(tagged[perm][np.argsort(perm)], tagged)
+
+
+def test_row_slice():
+    m = from_dense(SMALL)
+    part = m.row_slice(1, 4)
+    np.testing.assert_array_equal(part.to_dense(), SMALL[1:4].astype(np.float32))
+    assert m.row_slice(2, 2).nnz == 0
+    with pytest.raises(ValueError, match="outside"):
+        m.row_slice(3, 9)
+
+
+def test_csr_validation():
+    with pytest.raises(ValueError, match="indptr"):
+        CsrMatrix(np.array([0, 2]), np.array([0]), np.array([1.0]), (1, 3))
+    with pytest.raises(ValueError, match="column indices"):
+        CsrMatrix(np.array([0, 1]), np.array([3]), np.array([1.0]), (1, 3))
+
+
+# --- weights ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_observed_weights_follow_the_formulas(scheme):
+    m = from_dense(SMALL)
+    f = weights.observed_weights(m, scheme, **SCHEMES[scheme])
+    assert f.dtype == np.float32 and f.shape == (m.nnz,)
+    dense = dense_wals.dense_weights(SMALL, SMALL != 0, 0.25, scheme, **SCHEMES[scheme])
+    np.testing.assert_allclose(f, dense[m.row_ids(), m.indices] - 0.25, rtol=1e-6)
+
+
+def test_regularization_scaling():
+    counts = np.array([0, 3, 10])
+    np.testing.assert_allclose(weights.regularization(counts, 0.5, 0.1, 20, 0.0), 0.5)
+    np.testing.assert_allclose(
+        weights.regularization(counts, 0.5, 0.1, 20, 1.0), 0.5 * (counts + 2.0)
+    )
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m: weights.observed_weights(m, "popularity"), "unknown weighting"),
+        (lambda m: weights.observed_weights(m, "confidence", confidence_alpha=-1), "alpha"),
+        (lambda m: weights.regularization(m.row_counts(), 0.1, -1.0, 5, 1.0), "w0"),
+        (lambda m: weights.regularization(m.row_counts(), -0.1, 1.0, 5, 1.0), "regularization"),
+        (
+            lambda m: weights.cell_weights([3], [1.0], m.col_counts(), "log"),
+            "c_i > 0",
+        ),
+    ],
+)
+def test_weight_validation(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(from_dense(SMALL))
+
+
+def test_confidence_rejects_negative_ratings():
+    negative = from_dense(np.array([[1.0, -2.0]]))
+    with pytest.raises(ValueError, match="non-negative|>= 0"):
+        weights.observed_weights(negative, "confidence")
+
+
+# --- solver -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exponent", [0.0, 1.0])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_row_and_column_sweeps_match_the_dense_solve(matrix, scheme, exponent):
+    rng = np.random.default_rng(1)
+    k, w0, lam = 4, 0.3, 0.05
+    f = weights.observed_weights(matrix, scheme, **SCHEMES[scheme])
+    dense, w = matrix.to_dense(), weight_matrix(matrix, f, w0)
+    reg_u = weights.regularization(matrix.row_counts(), lam, w0, matrix.shape[1], exponent)
+    reg_i = weights.regularization(matrix.col_counts(), lam, w0, matrix.shape[0], exponent)
+    oracle_reg = dense_wals.dense_regularization(dense != 0, lam, w0, exponent)
+    np.testing.assert_allclose(reg_u, oracle_reg[0], rtol=1e-12)
+    np.testing.assert_allclose(reg_i, oracle_reg[1], rtol=1e-12)
+
+    y = rng.normal(size=(matrix.shape[1], k))
+    x = solver.solve_rows(y, solver.gramian(y, F64), matrix, f, reg_u, w0, dtype=F64)
+    np.testing.assert_allclose(x, dense_wals.solve_rows(dense, w, y, reg_u), rtol=1e-8, atol=1e-12)
+
+    transposed, perm = matrix.transpose_with_perm()
+    y_new = solver.solve_rows(x, solver.gramian(x, F64), transposed, f[perm], reg_i, w0, dtype=F64)
+    expected = dense_wals.solve_rows(dense.T, w.T, x, reg_i)
+    np.testing.assert_allclose(y_new, expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [8, 40])  # unrolled, and a loop
+def test_cg_with_enough_steps_reaches_the_exact_solution(matrix, steps):
+    rng = np.random.default_rng(2)
+    k, w0 = 4, 0.2
+    f = weights.observed_weights(matrix, "confidence", confidence_alpha=5.0)
+    reg = weights.regularization(matrix.row_counts(), 0.1, w0, matrix.shape[1], 1.0)
+    y = rng.normal(size=(matrix.shape[1], k))
+    g = solver.gramian(y, F64)
+    exact = solver.solve_rows(y, g, matrix, f, reg, w0, dtype=F64)
+    x0 = rng.normal(size=(matrix.shape[0], k))
+    cg = solver.solve_rows(y, g, matrix, f, reg, w0, "cg", x0, steps, F64, **NO_XLA)
+    np.testing.assert_allclose(cg, exact, rtol=1e-8, atol=1e-10)
+    # A few steps already move a warm start towards the solution, and the solution is a fixed
+    # point.
+    few = solver.solve_rows(y, g, matrix, f, reg, w0, "cg", x0, 3, F64, **NO_XLA)
+    assert np.linalg.norm(few - exact) < 0.5 * np.linalg.norm(x0 - exact)
+    again = solver.solve_rows(y, g, matrix, f, reg, w0, "cg", exact, 3, F64, **NO_XLA)
+    np.testing.assert_allclose(again, exact, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", solver.SOLVERS)
+def test_rows_without_observations_get_zero_factors(name):
+    m = from_dense(SMALL)
+    y = np.random.default_rng(3).normal(size=(5, 3))
+    f = np.ones(m.nnz, np.float32)
+    reg = np.full(7, 0.1)
+    x0 = np.ones((7, 3))
+    x = solver.solve_rows(y, solver.gramian(y, F64), m, f, reg, 0.5, name, x0, dtype=F64, **NO_XLA)
+    np.testing.assert_array_equal(x[2], 0.0)
+    assert np.all(np.abs(x[[0, 1, 3, 4, 5, 6]]).sum(axis=1) > 0)
+    nothing = CsrMatrix(np.zeros(4, np.int64), np.zeros(0, np.int64), np.zeros(0), (3, 5))
+    x = solver.solve_rows(
+        y, solver.gramian(y, F64), nothing, np.zeros(0), reg[:3], 0.5, name, **NO_XLA
+    )
+    np.testing.assert_array_equal(x, 0.0)
+
+
+@pytest.mark.parametrize("name", solver.SOLVERS)
+def test_tiling_does_not_change_the_solution(matrix, name):
+    """Small tiles split rows into many lines and tiles; chunks re-sort the rows."""
+    rng = np.random.default_rng(4)
+    f = weights.observed_weights(matrix, "confidence", confidence_alpha=2.0)
+    reg = np.full(matrix.shape[0], 0.1)
+    y = rng.normal(size=(matrix.shape[1], 3))
+    x0 = rng.normal(size=(matrix.shape[0], 3))
+    g = solver.gramian(y, F64)
+
+    def solve(jit_compile=False, **layout):
+        plan = solver.plan_rows(matrix, f, reg, 0.3, solver=name, dtype=F64, **layout)
+        return solver.solve_planned(plan, y, g, name, x0, 3, jit_compile).numpy()
+
+    tiny = solver.TileShape(max_width=4, tile_slots=16, max_rows=4)
+    plan = solver.plan_rows(matrix, f, reg, 0.3, solver=name, dtype=F64, tile_shape=tiny)
+    assert any(tile.multi_line for tile in plan.tiles)
+    reference = solve()
+    np.testing.assert_allclose(solve(tile_shape=tiny), reference, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(solve(chunk_rows=7), reference, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        solve(jit_compile=True, tile_shape=tiny), reference, rtol=1e-10, atol=1e-12
+    )
+
+
+def test_loss_via_the_gramian_equals_the_dense_loss(matrix):
+    rng = np.random.default_rng(5)
+    w0 = 0.4
+    f = weights.observed_weights(matrix, "confidence", confidence_alpha=2.0)
+    x = rng.normal(size=(matrix.shape[0], 3))
+    y = rng.normal(size=(matrix.shape[1], 3))
+    reg_u = rng.uniform(0.1, 1.0, matrix.shape[0])
+    reg_i = rng.uniform(0.1, 1.0, matrix.shape[1])
+    parts = solver.loss(matrix, f, x, y, w0, reg_u, reg_i, dtype=F64)
+    dense, w = matrix.to_dense(), weight_matrix(matrix, f, w0)
+    expected = dense_wals.loss(dense, w, x, y, reg_u, reg_i)
+    assert parts["total"] == pytest.approx(expected, rel=1e-10)
+    observed = dense != 0
+    residual = dense - x @ y.T
+    assert parts["observed"] == pytest.approx(np.sum((w * residual**2)[observed]), rel=1e-10)
+    assert parts["unobserved"] == pytest.approx(np.sum((w * residual**2)[~observed]), rel=1e-10)
+    assert parts["regularization"] == pytest.approx(
+        np.sum(reg_u * np.sum(x**2, 1)) + np.sum(reg_i * np.sum(y**2, 1)), rel=1e-10
+    )
+    assert parts["rmse"] == pytest.approx(np.sqrt(np.mean(residual[observed] ** 2)), rel=1e-10)
+
+
+# --- trainer ------------------------------------------------------------------------------------
+
+CONFIG = wals.WALSConfig(
+    latent_factors=3,
+    num_iters=4,
+    regularization=0.05,
+    regularization_exp=1.0,
+    unobserved_weight=0.2,
+    weighting="confidence",
+    confidence_alpha=4.0,
+    solver="cholesky",
+    init_stddev=1.0,
+    seed=7,
+)
+
+
+@pytest.mark.parametrize("scheme", ["column_frequency", "confidence"])
+def test_fit_matches_the_dense_oracle_and_the_loss_never_increases(matrix, scheme):
+    config = dataclasses.replace(CONFIG, weighting=scheme, **SCHEMES[scheme], num_iters=6)
+    factors = wals.fit(matrix, config, show_progress=False, dtype=F64)
+
+    n, m = matrix.shape
+    x0 = wals.initial_factors(n, 3, config.init_stddev, config.seed, wals.USERS)
+    y0 = wals.initial_factors(m, 3, config.init_stddev, config.seed, wals.ITEMS)
+    w = weight_matrix(matrix, config.observed_weights(matrix), config.unobserved_weight)
+    reg_u, reg_i = dense_wals.dense_regularization(
+        matrix.to_dense() != 0, 0.05, config.unobserved_weight, 1.0
+    )
+    x, y = dense_wals.fit(matrix.to_dense(), w, x0, y0.astype(np.float64), reg_u, reg_i, 6)
+    np.testing.assert_allclose(factors.user_factors, x, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(factors.item_factors, y, rtol=1e-7, atol=1e-10)
+
+    totals = [loss["total"] for loss in factors.history]
+    assert len(totals) == 6
+    assert totals[-1] == pytest.approx(dense_wals.loss(matrix.to_dense(), w, x, y, reg_u, reg_i))
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(totals, totals[1:], strict=False))
+
+
+def test_fit_recovers_an_exact_low_rank_matrix():
+    rng = np.random.default_rng(6)
+    dense = rng.uniform(0.5, 1.0, (12, 2)) @ rng.uniform(0.5, 1.0, (2, 9))  # rank 2, all > 0
+    config = wals.WALSConfig(
+        latent_factors=2,
+        num_iters=25,
+        regularization=1e-9,
+        unobserved_weight=1.0,
+        weighting="uniform",
+        solver="cholesky",
+        init_stddev=1.0,
+    )
+    low_rank = from_dense(dense)
+    factors = wals.fit(low_rank, config, show_progress=False, dtype=F64)
+    reconstruction = factors.user_factors @ factors.item_factors.T
+    np.testing.assert_allclose(reconstruction, low_rank.to_dense(), atol=1e-6)
+
+
+def test_fit_is_deterministic_and_independent_of_chunking(matrix):
+    config = dataclasses.replace(CONFIG, solver="cg", num_iters=3)
+    first = wals.fit(matrix, config, show_progress=False, dtype=F64, **NO_XLA)
+    again = wals.fit(matrix, config, show_progress=False, dtype=F64, chunk_rows=4, **NO_XLA)
+    np.testing.assert_allclose(again.user_factors, first.user_factors, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(again.item_factors, first.item_factors, rtol=1e-10, atol=1e-12)
+    other = wals.fit(
+        matrix, dataclasses.replace(config, seed=8), show_progress=False, dtype=F64, **NO_XLA
+    )
+    assert not np.allclose(other.user_factors, first.user_factors)
+
+
+def test_fit_in_float32_with_cg_tracks_the_exact_float64_fit(matrix):
+    calls = []
+    config = dataclasses.replace(CONFIG, solver="cg", cg_steps=3, num_iters=5)
+    factors = wals.fit(
+        matrix, config, callback=lambda i, fac, loss: calls.append((i, loss["total"]))
+    )
+    assert factors.user_factors.dtype == np.float32
+    assert [i for i, _ in calls] == [1, 2, 3, 4, 5]
+    assert [total for _, total in calls] == [loss["total"] for loss in factors.history]
+    exact = wals.fit(
+        matrix, dataclasses.replace(config, solver="cholesky"), show_progress=False, dtype=F64
+    )
+    assert factors.history[-1]["total"] == pytest.approx(exact.history[-1]["total"], rel=1e-2)
+
+
+def test_fold_in_equals_a_row_of_the_row_sweep(matrix):
+    config = dataclasses.replace(
+        CONFIG, weighting="column_frequency", **SCHEMES["column_frequency"]
+    )
+    rng = np.random.default_rng(8)
+    y = rng.normal(size=(matrix.shape[1], 3))
+    f = config.observed_weights(matrix)
+    reg = config.row_regularization(matrix.row_counts(), matrix.shape[1])
+    g = solver.gramian(y, F64)
+    x = solver.solve_rows(y, g, matrix, f, reg, config.unobserved_weight, dtype=F64)
+    for u in (0, 3, matrix.shape[0] // 2):
+        lo, hi = matrix.indptr[u], matrix.indptr[u + 1]
+        items, ratings = matrix.indices[lo:hi], matrix.values[lo:hi]
+        f_new = config.cell_weights(items, ratings, matrix.col_counts())
+        np.testing.assert_array_equal(f_new, f[lo:hi])
+        folded = wals.fold_in(y, g, items, ratings, f_new, config, dtype=F64)
+        np.testing.assert_allclose(folded, x[u], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="distinct"):
+        wals.fold_in(y, None, [1, 1], [1.0, 1.0], [1.0, 1.0], config)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("latent_factors", 0),
+        ("num_iters", -1),
+        ("regularization", -0.1),
+        ("unobserved_weight", float("nan")),
+        ("weighting", "popularity"),
+        ("solver", "lu"),
+        ("cg_steps", 0),
+        ("init_stddev", 0.0),
+        ("confidence_alpha", -2.0),
+    ],
+)
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        dataclasses.replace(wals.WALSConfig(), **{field: value}).validate()

@@ -1,0 +1,659 @@
+"""The WALS math: per-row least-squares solves, the Gramian and the loss, as TensorFlow kernels.
+
+Both the local trainer (`trainer.wals`) and the distributed trainer call these functions. Apart
+from a `RowPlan` (the padded layout of a block of rows, built once per matrix) they hold no
+state.
+
+The model minimises, over the full n_users x n_items matrix,
+
+    L = Σ_(u,i) w_ui (r_ui − x_u·y_i)² + Σ_u λ_u ‖x_u‖² + Σ_i λ_i ‖y_i‖²,
+
+with w_ui = w0 and r_ui = 0 for unobserved cells and w_ui = w0 + f_ui for observed ones (see
+`trainer.weights`). With the item factors Y (n_items x k) fixed, row u's optimum solves
+
+    A_u x_u = b_u,    A_u = w0·G + Σ_(i∈obs(u)) f_ui y_i y_iᵀ + λ_u I,
+                      b_u = Σ_(i∈obs(u)) (w0 + f_ui) r_ui y_i,      G = YᵀY,
+
+so each solve touches only the row's observed items (the "Gramian trick"). The column sweep is
+the same call on the transposed matrix with X fixed.
+
+Two solvers, chosen once per fit:
+    "cholesky"  forms A_u ([k, k]) with batched matmuls and solves it exactly.
+    "cg"        runs a few conjugate-gradient steps warm-started from the current factors, as in
+                implicit's CG. It never forms A_u; it only needs
+                A_u·p = w0·G·p + Σ_i f_ui y_i (y_i·p) + λ_u p.
+Rows without observations have b_u = 0 and A_u positive definite, so x_u = 0; they skip both.
+
+Layout. A block of rows is sorted by length and cut into tiles of "lines": a line holds up to W
+entries of one row, padded with the zero row appended to the fixed factors (f = 0, r = 0, so
+padding adds exactly nothing). A row with at most `max_width` entries takes one line of width
+W = the next power of two; a longer row takes ceil(n_u / max_width) lines of width max_width,
+and a per-line row index folds the lines back into rows. For max_width = 4:
+
+    row 0: items 3 7              tile W=2: lines [[3 7]]             line rows [0]
+    row 1: items 4 5 6 8 9 2      tile W=4: lines [[4 5 6 8], [9 2 P P],
+    row 2: items 1                                 [0 1 2 3], [5 P P P]]  line rows [0 0 1 1]
+    row 3: items 0 1 2 3 5        tile W=1: lines [[1]]               line rows [0]
+
+The kernels gather the factors of a tile into [B, W, k] and use batched matmuls. Tile shapes
+come from a small set (W a power of two, B fixed per W), so the CG kernel is XLA-compiled
+once per shape and reused for every tile and iteration.
+
+All kernels are plain TensorFlow ops without device placement: they run on a GPU when one is
+visible and on the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.sparse import CsrMatrix
+
+logger = logging.getLogger(__name__)
+
+CHOLESKY = "cholesky"
+CG = "cg"
+SOLVERS = (CHOLESKY, CG)
+
+# Rows sorted and tiled together; bounds the memory of building a plan.
+DEFAULT_CHUNK_ROWS = 1 << 18
+# Entries per step when computing the loss.
+_LOSS_CHUNK = 1 << 18
+# CG kernels with at most this many steps are unrolled; longer ones loop.
+_MAX_UNROLLED_CG_STEPS = 8
+
+FloatArray = np.ndarray | tf.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class TileShape:
+    """Sizes of the tiles a plan is cut into.
+
+    Attributes:
+        max_width: W of the lines of rows longer than this; shorter rows get one line of width
+            next_power_of_two(n_u). A power of two.
+        tile_slots: about B · W padded entries per tile.
+        max_rows: at most this many rows per tile (bounds the [rows, k, k] normal equations).
+    """
+
+    max_width: int
+    tile_slots: int
+    max_rows: int
+
+    def __post_init__(self) -> None:
+        if self.max_width < 1 or self.max_width & (self.max_width - 1):
+            raise ValueError(f"max_width must be a power of two, got {self.max_width}")
+        if self.tile_slots < 2 * self.max_width or self.max_rows < 1:
+            raise ValueError("tile_slots must be >= 2 * max_width and max_rows >= 1")
+
+
+# Measured on a 2-core AVX-512 CPU at k = 64 (benchmarks/solver_speed.py). CG streams the
+# gathered [B, W, k] factors 8 times per tile, so its tiles are 8 MiB and stay in the L3 cache;
+# the exact solver is bound by forming A, a [k, W] x [W, k] matmul per line, so it uses wider
+# lines, and few rows per tile to bound the [rows, k, k] equations.
+DEFAULT_TILES = {
+    CG: TileShape(max_width=64, tile_slots=1 << 15, max_rows=4096),
+    CHOLESKY: TileShape(max_width=256, tile_slots=1 << 16, max_rows=1024),
+}
+
+
+def validate_solver(solver: str, cg_steps: int = 3) -> None:
+    """Raises ValueError unless `solver` is one of `SOLVERS` and `cg_steps` >= 1."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+    if int(cg_steps) != cg_steps or cg_steps < 1:
+        raise ValueError(f"cg_steps must be a positive integer, got {cg_steps}")
+
+
+def _as_tensor(value: FloatArray, dtype: tf.DType) -> tf.Tensor:
+    """`value` as a tensor of `dtype`, casting NumPy arrays and tensors of other float types."""
+    return tf.cast(tf.convert_to_tensor(value), dtype)
+
+
+def gramian(factors: FloatArray, dtype: tf.DType = tf.float32) -> tf.Tensor:
+    """G = FᵀF.
+
+    Args:
+        factors: [n, k] factor matrix F.
+        dtype: computation dtype.
+
+    Returns:
+        [k, k] tensor of `dtype`, G_ab = Σ_n F_na F_nb.
+    """
+    factors = _as_tensor(factors, dtype)
+    return tf.matmul(factors, factors, transpose_a=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """B lines of width W holding the entries of R rows of the block.
+
+    Attributes:
+        rows: int32 [R], the block row of each tile row; n_rows for padding rows.
+        cols: int32 [B, W], the column of each entry; n_other (the zero row) on padding.
+        f: [B, W], f_ui of each entry, 0 on padding.
+        c: [B, W], (w0 + f_ui) · r_ui of each entry, 0 on padding.
+        line_rows: int32 [B], the tile row (in [0, R)) each line belongs to.
+        reg: [R], λ_u of each tile row; 1 on padding rows so that their A stays invertible.
+        multi_line: whether some row spans several lines (else line j is tile row j).
+    """
+
+    rows: tf.Tensor
+    cols: tf.Tensor
+    f: tf.Tensor
+    c: tf.Tensor
+    line_rows: tf.Tensor
+    reg: tf.Tensor
+    multi_line: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+    """A block of rows laid out for `solve_planned`; build it with `plan_rows`.
+
+    The layout depends only on the matrix, f, λ and w0, so a trainer builds one plan per side
+    and reuses it in every iteration.
+
+    Attributes:
+        shape: (n_rows, n_other) of the block; its columns index the fixed factors.
+        w0: the unobserved weight folded into the tiles' `c`.
+        dtype: the float dtype of the kernels.
+        tiles: every non-empty row is in exactly one tile.
+        gather_index: int32 [n_rows]; row u's solution is row gather_index[u] of the tiles'
+            outputs concatenated in order, followed by one zero row (for empty rows).
+        nnz: the block's number of entries.
+    """
+
+    shape: tuple[int, int]
+    w0: float
+    dtype: tf.DType
+    tiles: tuple[Tile, ...]
+    gather_index: tf.Tensor
+    nnz: int
+
+    @property
+    def padded_slots(self) -> int:
+        """Σ over tiles of B · W: gathered entries, padding included."""
+        return int(sum(int(np.prod(tile.cols.shape)) for tile in self.tiles))
+
+    @property
+    def tile_shapes(self) -> set[tuple[int, int, int]]:
+        """The distinct (B, W, R) of the tiles; the CG kernel compiles once per shape."""
+        return {(*tile.cols.shape, int(tile.reg.shape[0])) for tile in self.tiles}
+
+
+def _next_power_of_two(n: np.ndarray | int) -> np.ndarray:
+    """The smallest power of two >= n, elementwise, for n >= 1."""
+    n = np.asarray(n, dtype=np.int64)
+    return np.left_shift(1, np.ceil(np.log2(n)).astype(np.int64))
+
+
+def _group_rows(
+    rows: np.ndarray, lengths: np.ndarray, shape: TileShape
+) -> list[tuple[np.ndarray, np.ndarray, int, int, int]]:
+    """Cuts rows sorted by descending length into tiles.
+
+    Args:
+        rows: int [m], block rows sorted by descending length, all non-empty.
+        lengths: int [m], their lengths.
+        shape: the tile sizes.
+
+    Returns:
+        A list of (rows, lines per row, W, B, R) per tile. Groups with at least one full tile
+        pad their last tile to the full size (so large blocks use few shapes); groups smaller
+        than one tile round B and R up to powers of two.
+    """
+    wide = shape.max_width
+    tiles = []
+    short = lengths <= wide
+    widths = _next_power_of_two(lengths[short])
+    for width in np.unique(widths)[::-1]:
+        members = rows[short][widths == width]
+        capacity = max(1, min(shape.tile_slots // int(width), shape.max_rows))
+        for start in range(0, members.size, capacity):
+            part = members[start : start + capacity]
+            size = capacity if members.size >= capacity else int(_next_power_of_two(part.size))
+            tiles.append((part, np.ones(part.size, np.int64), int(width), size, size))
+    long_rows = rows[~short]
+    if long_rows.size:
+        n_lines = -(-lengths[~short] // wide)
+        line_cap = shape.tile_slots // wide
+        row_cap = max(1, min(line_cap // 2, shape.max_rows))
+        full = n_lines.sum() >= line_cap
+        start = 0
+        while start < long_rows.size:
+            if n_lines[start] > line_cap:
+                size = int(_next_power_of_two(n_lines[start]))
+                tiles.append(
+                    (long_rows[start : start + 1], n_lines[start : start + 1], wide, size, 1)
+                )
+                start += 1
+                continue
+            stop = start
+            used = 0
+            while (
+                stop < long_rows.size
+                and stop - start < row_cap
+                and used + n_lines[stop] <= line_cap
+            ):
+                used += n_lines[stop]
+                stop += 1
+            if full:
+                size, n_tile_rows = line_cap, row_cap
+            else:
+                size = int(_next_power_of_two(used))
+                n_tile_rows = int(_next_power_of_two(stop - start))
+            tiles.append((long_rows[start:stop], n_lines[start:stop], wide, size, n_tile_rows))
+            start = stop
+    return tiles
+
+
+def _make_tile(
+    rows: CsrMatrix,
+    f: np.ndarray,
+    c: np.ndarray,
+    reg: np.ndarray,
+    members: np.ndarray,
+    n_lines: np.ndarray,
+    width: int,
+    size: int,
+    n_tile_rows: int,
+) -> Tile:
+    """Builds one padded tile; f, c and reg already have the kernels' NumPy dtype."""
+    n_rows, n_other = rows.shape
+    line_row = np.repeat(np.arange(members.size, dtype=np.int64), n_lines)
+    first_line = np.cumsum(n_lines) - n_lines
+    line_in_row = np.arange(line_row.size, dtype=np.int64) - first_line[line_row]
+    start = rows.indptr[members][line_row] + line_in_row * width
+    stop = rows.indptr[members + 1][line_row]
+    position = start[:, None] + np.arange(width, dtype=np.int64)[None, :]
+    mask = position < stop[:, None]
+    position = np.where(mask, position, 0)
+    n_used = line_row.size
+
+    cols = np.full((size, width), n_other, dtype=np.int32)
+    cols[:n_used] = np.where(mask, rows.indices[position], n_other)
+    tile_f = np.zeros((size, width), dtype=f.dtype)
+    tile_f[:n_used] = np.where(mask, f[position], 0)
+    tile_c = np.zeros((size, width), dtype=c.dtype)
+    tile_c[:n_used] = np.where(mask, c[position], 0)
+    # Padding lines hold no entries, so they may point at any tile row: use row 0.
+    line_rows = np.zeros(size, dtype=np.int32)
+    line_rows[:n_used] = line_row
+    tile_rows = np.full(n_tile_rows, n_rows, dtype=np.int32)
+    tile_rows[: members.size] = members
+    tile_reg = np.ones(n_tile_rows, dtype=reg.dtype)
+    tile_reg[: members.size] = reg[members]
+    return Tile(
+        rows=tf.constant(tile_rows),
+        cols=tf.constant(cols),
+        f=tf.constant(tile_f),
+        c=tf.constant(tile_c),
+        line_rows=tf.constant(line_rows),
+        reg=tf.constant(tile_reg),
+        multi_line=bool(n_used != members.size),
+    )
+
+
+def plan_rows(
+    rows: CsrMatrix,
+    f: np.ndarray,
+    reg: np.ndarray,
+    w0: float,
+    solver: str = CHOLESKY,
+    dtype: tf.DType = tf.float32,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    tile_shape: TileShape | None = None,
+) -> RowPlan:
+    """Lays out a block of rows as padded tiles for `solve_planned`.
+
+    Rows are taken in chunks of `chunk_rows`; each chunk is sorted by length and cut into
+    tiles (see the module docstring). Solutions do not depend on the chunking beyond
+    round-off.
+
+    Args:
+        rows: the n_rows x n_other block to solve; its columns index the fixed factors.
+        f: float [nnz], f_ui of each entry of `rows`, in its nnz order; >= 0.
+        reg: float [n_rows], λ_u of each row.
+        w0: the unobserved weight, >= 0.
+        solver: the solver the plan is for; picks the default tile shape.
+        dtype: the float dtype of the kernels (tf.float32, or tf.float64 for tests).
+        chunk_rows: rows sorted and tiled together.
+        tile_shape: tile sizes; `DEFAULT_TILES[solver]` when None.
+
+    Returns:
+        The plan.
+    """
+    validate_solver(solver)
+    n_rows, n_other = rows.shape
+    f = np.asarray(f)
+    reg = np.asarray(reg)
+    if f.shape != (rows.nnz,):
+        raise ValueError(f"f must have one weight per entry, shape ({rows.nnz},), got {f.shape}")
+    if reg.shape != (n_rows,):
+        raise ValueError(f"reg must have one λ per row, shape ({n_rows},), got {reg.shape}")
+    if not w0 >= 0:
+        raise ValueError(f"unobserved weight w0 must be >= 0, got {w0}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    if n_other >= np.iinfo(np.int32).max:
+        raise ValueError(f"at most {np.iinfo(np.int32).max - 1} fixed rows, got {n_other}")
+    tile_shape = tile_shape or DEFAULT_TILES[solver]
+    np_dtype = dtype.as_numpy_dtype
+    c = ((w0 + f.astype(np.float64)) * rows.values).astype(np_dtype)
+    f = f.astype(np_dtype)
+    reg = reg.astype(np_dtype)
+    lengths = rows.row_counts()
+    tiles = []
+    for chunk_start in range(0, n_rows, chunk_rows):
+        chunk_lengths = lengths[chunk_start : chunk_start + chunk_rows]
+        order = np.argsort(-chunk_lengths, kind="stable")
+        order = order[chunk_lengths[order] > 0] + chunk_start
+        for members, n_lines, width, size, n_tile_rows in _group_rows(
+            order, lengths[order], tile_shape
+        ):
+            tiles.append(_make_tile(rows, f, c, reg, members, n_lines, width, size, n_tile_rows))
+    gather_index = np.empty(n_rows, dtype=np.int64)
+    offset = 0
+    for tile in tiles:
+        tile_rows = tile.rows.numpy()
+        real = tile_rows < n_rows
+        gather_index[tile_rows[real]] = offset + np.flatnonzero(real)
+        offset += tile_rows.size
+    gather_index[lengths == 0] = offset
+    if offset >= np.iinfo(np.int32).max:
+        raise ValueError("too many rows in one plan; use row_slice to split the block")
+    return RowPlan(
+        shape=(n_rows, n_other),
+        w0=float(w0),
+        dtype=dtype,
+        tiles=tuple(tiles),
+        gather_index=tf.constant(gather_index.astype(np.int32)),
+        nnz=rows.nnz,
+    )
+
+
+def _observed_product(
+    y: tf.Tensor, weights: tf.Tensor, line_rows: tf.Tensor, multi_line: bool, n_rows: tf.Tensor
+) -> tf.Tensor:
+    """Σ_(lines l of row u) Σ_w weights_lw y_lw: [B, W, k], [B, W] -> [R, k]."""
+    per_line = tf.einsum("bw,bwk->bk", weights, y)
+    if not multi_line:
+        return per_line
+    return tf.math.unsorted_segment_sum(per_line, line_rows, n_rows)
+
+
+def _per_line(x: tf.Tensor, line_rows: tf.Tensor, multi_line: bool) -> tf.Tensor:
+    """Each line's row of x: [R, k] -> [B, k]."""
+    return tf.gather(x, line_rows) if multi_line else x
+
+
+@functools.cache
+def _kernel(dtype: tf.DType, solver: str, multi_line: bool, cg_steps: int, jit_compile: bool):
+    """The traced tile kernel for one configuration; shapes are dynamic.
+
+    With `jit_compile`, the CG kernel is XLA-compiled once per tile shape: XLA fuses the gathers
+    and elementwise work around the two [B, W, k] contractions of each step, about twice as
+    fast as running them as separate ops. Up to `_MAX_UNROLLED_CG_STEPS` steps are unrolled;
+    more steps use a loop so that compile time stays flat. The exact solver never uses XLA (its
+    Cholesky factorisation is much slower there).
+    """
+    specs = [
+        tf.TensorSpec([None, None], dtype),  # fixed_ext [n_other + 1, k]
+        tf.TensorSpec([None, None], dtype),  # w0 · G [k, k]
+        tf.TensorSpec([None, None], tf.int32),  # cols [B, W]
+        tf.TensorSpec([None, None], dtype),  # f [B, W]
+        tf.TensorSpec([None, None], dtype),  # c [B, W]
+        tf.TensorSpec([None], tf.int32),  # line_rows [B]
+        tf.TensorSpec([None], dtype),  # reg [R]
+    ]
+
+    if solver == CHOLESKY:
+
+        @tf.function(input_signature=specs)
+        def cholesky_tile(fixed_ext, w0_gramian, cols, f, c, line_rows, reg):
+            # A = w0·G + Yᵀ diag(f) Y + λ I,  b = Yᵀ c,  x = A⁻¹ b.
+            n_rows = tf.shape(reg)[0]
+            y = tf.gather(fixed_ext, cols)  # [B, W, k]
+            a = tf.matmul(y * f[:, :, None], y, transpose_a=True)  # [B, k, k]
+            if multi_line:
+                a = tf.math.unsorted_segment_sum(a, line_rows, n_rows)  # [R, k, k]
+            a = a + w0_gramian[None, :, :]
+            a = tf.linalg.set_diag(a, tf.linalg.diag_part(a) + reg[:, None])
+            rhs = _observed_product(y, c, line_rows, multi_line, n_rows)  # [R, k]
+            return tf.linalg.cholesky_solve(tf.linalg.cholesky(a), rhs[:, :, None])[:, :, 0]
+
+        return cholesky_tile
+
+    specs = specs + [
+        tf.TensorSpec([None, None], dtype),  # x0 [R, k]
+    ]
+    steps = range(cg_steps) if cg_steps <= _MAX_UNROLLED_CG_STEPS else tf.range(cg_steps)
+
+    @tf.function(input_signature=specs, jit_compile=jit_compile)
+    def cg_tile(fixed_ext, w0_gramian, cols, f, c, line_rows, reg, x):
+        n_rows = tf.shape(reg)[0]
+        y = tf.gather(fixed_ext, cols)  # [B, W, k]
+        reg = reg[:, None]
+
+        def apply(p):
+            # A p = w0·G p + Σ_i f_i y_i (y_i·p) + λ p   (G symmetric: G p = (pᵀ G)ᵀ).
+            yp = tf.einsum("bwk,bk->bw", y, _per_line(p, line_rows, multi_line))
+            observed = _observed_product(y, f * yp, line_rows, multi_line, n_rows)
+            return observed + tf.matmul(p, w0_gramian) + reg * p
+
+        # r = b − A x = Σ_i y_i (c_i − f_i y_i·x) − w0·G x − λ x.
+        yx = tf.einsum("bwk,bk->bw", y, _per_line(x, line_rows, multi_line))
+        r = _observed_product(y, c - f * yx, line_rows, multi_line, n_rows)
+        r = r - tf.matmul(x, w0_gramian) - reg * x
+        p = r
+        rs = tf.reduce_sum(r * r, axis=1, keepdims=True)
+        for _ in steps:
+            ap = apply(p)
+            alpha = tf.math.divide_no_nan(rs, tf.reduce_sum(p * ap, axis=1, keepdims=True))
+            x = x + alpha * p
+            r = r - alpha * ap
+            rs_new = tf.reduce_sum(r * r, axis=1, keepdims=True)
+            p = r + tf.math.divide_no_nan(rs_new, rs) * p
+            rs = rs_new
+        return x
+
+    return cg_tile
+
+
+def solve_planned(
+    plan: RowPlan,
+    fixed: FloatArray,
+    gramian_matrix: FloatArray,
+    solver: str = CHOLESKY,
+    x0: FloatArray | None = None,
+    cg_steps: int = 3,
+    jit_compile: bool = True,
+) -> tf.Tensor:
+    """Solves every row of a planned block: x_u = A_u⁻¹ b_u (exactly, or by CG from x0).
+
+    Args:
+        plan: the block's layout from `plan_rows`.
+        fixed: [n_other, k] fixed factors (Y when solving users).
+        gramian_matrix: [k, k] G = fixedᵀ fixed over all of `fixed`, from `gramian`.
+        solver: "cholesky" for the exact solve, "cg" for `cg_steps` conjugate-gradient steps.
+        x0: [n_rows, k] warm start for "cg" (the current factors); zeros when None. Unused by
+            "cholesky".
+        cg_steps: CG iterations per row.
+        jit_compile: XLA-compile the CG kernel (about 0.5 s per distinct tile shape, then about
+            twice as fast). Turn off for one-off solves of many small blocks.
+
+    Returns:
+        [n_rows, k] tensor of plan.dtype; rows without observations are 0.
+    """
+    validate_solver(solver, cg_steps)
+    dtype = plan.dtype
+    n_rows, n_other = plan.shape
+    fixed = _as_tensor(fixed, dtype)
+    if fixed.shape.rank != 2 or fixed.shape[0] != n_other:
+        raise ValueError(f"fixed must be [{n_other}, k], got {fixed.shape}")
+    k = int(fixed.shape[1])
+    w0_gramian = plan.w0 * _as_tensor(gramian_matrix, dtype)
+    if w0_gramian.shape != (k, k):
+        raise ValueError(f"gramian must be [{k}, {k}], got {w0_gramian.shape}")
+    fixed_ext = tf.concat([fixed, tf.zeros([1, k], dtype)], axis=0)
+    if solver == CG:
+        x0 = tf.zeros([n_rows, k], dtype) if x0 is None else _as_tensor(x0, dtype)
+        if x0.shape != (n_rows, k):
+            raise ValueError(f"x0 must be [{n_rows}, {k}], got {x0.shape}")
+        x0_ext = tf.concat([x0, tf.zeros([1, k], dtype)], axis=0)
+    outputs = []
+    for tile in plan.tiles:
+        kernel = _kernel(
+            dtype, solver, tile.multi_line, int(cg_steps) if solver == CG else 0, jit_compile
+        )
+        args = (fixed_ext, w0_gramian, tile.cols, tile.f, tile.c, tile.line_rows, tile.reg)
+        if solver == CG:
+            args = args + (tf.gather(x0_ext, tile.rows),)
+        outputs.append(kernel(*args))
+    outputs.append(tf.zeros([1, k], dtype))
+    return tf.gather(tf.concat(outputs, axis=0), plan.gather_index)
+
+
+def solve_rows(
+    fixed: FloatArray,
+    gramian_matrix: FloatArray,
+    rows: CsrMatrix,
+    f: np.ndarray,
+    reg: np.ndarray,
+    w0: float,
+    solver: str = CHOLESKY,
+    x0: FloatArray | None = None,
+    cg_steps: int = 3,
+    dtype: tf.DType = tf.float32,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    jit_compile: bool = True,
+) -> np.ndarray:
+    """Solves a block of rows against fixed factors: `plan_rows` then `solve_planned`.
+
+    For each row u of `rows`:
+        A_u = w0·G + Σ_(i∈obs(u)) f_ui y_i y_iᵀ + λ_u I,   b_u = Σ_(i∈obs(u)) (w0 + f_ui) r_ui y_i,
+        x_u = A_u⁻¹ b_u   (exact for "cholesky"; `cg_steps` CG steps from x0_u for "cg").
+
+    Args:
+        fixed: [n_other, k] fixed factors y_i.
+        gramian_matrix: [k, k] G = fixedᵀ fixed, from `gramian`.
+        rows: the n_rows x n_other block to solve (entries r_ui; columns index `fixed`).
+        f: float [nnz], f_ui aligned with `rows`' nnz order.
+        reg: float [n_rows], λ_u.
+        w0: the unobserved weight.
+        solver: "cholesky" or "cg".
+        x0: [n_rows, k] CG warm start; zeros when None.
+        cg_steps: CG iterations.
+        dtype: computation dtype.
+        chunk_rows: rows sorted and tiled together.
+        jit_compile: XLA-compile the CG kernel; see `solve_planned`.
+
+    Returns:
+        NumPy [n_rows, k] array of `dtype`.
+    """
+    plan = plan_rows(rows, f, reg, w0, solver=solver, dtype=dtype, chunk_rows=chunk_rows)
+    return solve_planned(plan, fixed, gramian_matrix, solver, x0, cg_steps, jit_compile).numpy()
+
+
+@functools.cache
+def _loss_kernel(dtype: tf.DType):
+    """Per-chunk sums of the observed loss terms, accumulated in float64."""
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], dtype),  # X
+            tf.TensorSpec([None, None], dtype),  # Y
+            tf.TensorSpec([None], tf.int64),  # row of each entry
+            tf.TensorSpec([None], tf.int32),  # column of each entry
+            tf.TensorSpec([None], tf.float32),  # r
+            tf.TensorSpec([None], tf.float32),  # f
+        ]
+    )
+    def observed_sums(x, y, row_ids, col_ids, r, f):
+        prediction = tf.reduce_sum(tf.gather(x, row_ids) * tf.gather(y, col_ids), axis=1)
+        prediction = tf.cast(prediction, tf.float64)
+        squared = tf.square(tf.cast(r, tf.float64) - prediction)
+        f = tf.cast(f, tf.float64)
+        return (
+            tf.reduce_sum(squared),
+            tf.reduce_sum(f * squared),
+            tf.reduce_sum(tf.square(prediction)),
+        )
+
+    return observed_sums
+
+
+def loss(
+    matrix: CsrMatrix,
+    f: np.ndarray,
+    user_factors: FloatArray,
+    item_factors: FloatArray,
+    w0: float,
+    reg_rows: np.ndarray,
+    reg_cols: np.ndarray,
+    dtype: tf.DType = tf.float32,
+) -> dict[str, float]:
+    """The WALS objective over the full matrix, split into its parts, via the Gramians.
+
+        observed       = Σ_obs (w0 + f_ui)(r_ui − x_u·y_i)²
+        unobserved     = Σ_unobs w0 (x_u·y_i)² = w0·sum(XᵀX ∘ YᵀY) − Σ_obs w0 (x_u·y_i)²
+        regularization = Σ_u λ_u ‖x_u‖² + Σ_i λ_i ‖y_i‖²
+        total          = observed + unobserved + regularization
+
+    Predictions are computed in `dtype` in chunks of entries; sums accumulate in float64.
+
+    Args:
+        matrix: the n_users x n_items rating matrix.
+        f: float [nnz], f_ui in `matrix`'s nnz order.
+        user_factors: [n_users, k] X.
+        item_factors: [n_items, k] Y.
+        w0: the unobserved weight.
+        reg_rows: float [n_users], λ_u.
+        reg_cols: float [n_items], λ_i.
+        dtype: computation dtype of the predictions.
+
+    Returns:
+        {"observed", "unobserved", "regularization", "total"} as Python floats, plus "rmse",
+        the unweighted root-mean-square error over the observed entries.
+    """
+    x = _as_tensor(user_factors, dtype)
+    y = _as_tensor(item_factors, dtype)
+    if x.shape[0] != matrix.shape[0] or y.shape[0] != matrix.shape[1]:
+        raise ValueError(
+            f"factors {x.shape} and {y.shape} do not match the matrix shape {matrix.shape}"
+        )
+    x64 = tf.cast(x, tf.float64)
+    y64 = tf.cast(y, tf.float64)
+    all_cells = w0 * float(tf.reduce_sum(gramian(x64, tf.float64) * gramian(y64, tf.float64)))
+    kernel = _loss_kernel(dtype)
+    if matrix.shape[1] > np.iinfo(np.int32).max:
+        raise ValueError(f"at most {np.iinfo(np.int32).max} columns, got {matrix.shape[1]}")
+    row_ids = matrix.row_ids()
+    col_ids = matrix.indices.astype(np.int32, copy=False)
+    f = np.asarray(f, dtype=np.float32)
+    squared = weighted = predicted_sq = 0.0
+    for lo in range(0, matrix.nnz, _LOSS_CHUNK):
+        hi = min(matrix.nnz, lo + _LOSS_CHUNK)
+        sums = kernel(x, y, row_ids[lo:hi], col_ids[lo:hi], matrix.values[lo:hi], f[lo:hi])
+        squared += float(sums[0])
+        weighted += float(sums[1])
+        predicted_sq += float(sums[2])
+    observed = w0 * squared + weighted
+    unobserved = all_cells - w0 * predicted_sq
+    regularization = float(
+        np.dot(np.asarray(reg_rows, np.float64), tf.reduce_sum(x64 * x64, axis=1).numpy())
+        + np.dot(np.asarray(reg_cols, np.float64), tf.reduce_sum(y64 * y64, axis=1).numpy())
+    )
+    return {
+        "observed": observed,
+        "unobserved": unobserved,
+        "regularization": regularization,
+        "total": observed + unobserved + regularization,
+        "rmse": float(np.sqrt(squared / max(matrix.nnz, 1))),
+    }
