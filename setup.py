@@ -11,6 +11,8 @@ REQUIRED = [
     "apache-beam[gcp]>=2.77,<2.78",
     "tensorflow-transform>=1.21,<1.22",
     "tensorflow>=2.21,<2.22",
+    # tf.summary.scalar needs it; TF 2.21 no longer installs it.
+    "tensorboard>=2.20",
     "numpy>=1.26",
     "tqdm>=4.66",
 ]

