@@ -172,7 +172,10 @@ def format_metrics(result: dict) -> str:
     lines = [f"{'metric':<16} {'WALS':>10} {'popularity':>12} {'ratio':>8}"]
     for name in names:
         ours, base = result["wals"][name], result["popularity"][name]
-        ratio = f"{ours / base:8.2f}" if isinstance(base, float) and base > 0 else f"{'':>8}"
+        if isinstance(ours, int):
+            lines.append(f"{name:<16} {ours:>10,} {base:>12,}")
+            continue
+        ratio = f"{ours / base:8.2f}" if base > 0 else f"{'':>8}"
         lines.append(f"{name:<16} {ours:>10.4f} {base:>12.4f} {ratio}")
     lines.append(f"{'rmse (eval)':<16} {result['wals']['rmse']:>10.4f}")
     return "\n".join(lines)
