@@ -178,6 +178,18 @@ def test_row_and_column_sweeps_match_the_dense_solve(matrix, scheme, exponent):
     np.testing.assert_allclose(y_new, expected, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [2, 8])
+def test_exact_solver_on_short_rows_matches_the_dense_solve(k):
+    """At k = 8 every row of SMALL (<= 4 entries) takes the Woodbury path; at k = 2 few do."""
+    m = from_dense(SMALL)
+    f = weights.observed_weights(m, "confidence", confidence_alpha=3.0)
+    reg = weights.regularization(m.row_counts(), 0.1, 0.4, 5, 1.0)
+    y = np.random.default_rng(9).normal(size=(5, k))
+    x = solver.solve_rows(y, solver.gramian(y, F64), m, f, reg, 0.4, dtype=F64)
+    expected = dense_wals.solve_rows(m.to_dense(), weight_matrix(m, f, 0.4), y, reg)
+    np.testing.assert_allclose(x, expected, rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("steps", [8, 40])  # unrolled, and a loop
 def test_cg_with_enough_steps_reaches_the_exact_solution(matrix, steps):
     rng = np.random.default_rng(2)
@@ -305,8 +317,9 @@ def test_fit_recovers_an_exact_low_rank_matrix():
     dense = rng.uniform(0.5, 1.0, (12, 2)) @ rng.uniform(0.5, 1.0, (2, 9))  # rank 2, all > 0
     config = wals.WALSConfig(
         latent_factors=2,
-        num_iters=25,
-        regularization=1e-9,
+        num_iters=10,
+        regularization=1e-12,
+        regularization_exp=0.0,
         unobserved_weight=1.0,
         weighting="uniform",
         solver="cholesky",
@@ -321,6 +334,9 @@ def test_fit_recovers_an_exact_low_rank_matrix():
 def test_fit_is_deterministic_and_independent_of_chunking(matrix):
     config = dataclasses.replace(CONFIG, solver="cg", num_iters=3)
     first = wals.fit(matrix, config, show_progress=False, dtype=F64, **NO_XLA)
+    same = wals.fit(matrix, config, show_progress=False, dtype=F64, **NO_XLA)
+    np.testing.assert_array_equal(same.user_factors, first.user_factors)
+    np.testing.assert_array_equal(same.item_factors, first.item_factors)
     again = wals.fit(matrix, config, show_progress=False, dtype=F64, chunk_rows=4, **NO_XLA)
     np.testing.assert_allclose(again.user_factors, first.user_factors, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(again.item_factors, first.item_factors, rtol=1e-10, atol=1e-12)

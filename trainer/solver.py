@@ -18,7 +18,13 @@ so each solve touches only the row's observed items (the "Gramian trick"). The c
 the same call on the transposed matrix with X fixed.
 
 Two solvers, chosen once per fit:
-    "cholesky"  forms A_u ([k, k]) with batched matmuls and solves it exactly.
+    "cholesky"  solves exactly. It forms A_u ([k, k]) with batched matmuls and factorises it.
+                Short rows (one line of width W <= k/2, see below) instead use the Woodbury
+                identity in the eigenbasis of G (G = Q Λ Qᵀ, computed once per call), which
+                only factorises a [W, W] matrix (when every λ_u > 0):
+                    Z = Y_u Q,  U = diag(√f) Z,  v = Zᵀ c,  D = w0·Λ + λ_u I,
+                    S = I + U D⁻¹ Uᵀ,  z = D⁻¹ (v − Uᵀ S⁻¹ U D⁻¹ v),  x_u = Q z,
+                since A_u = Q (D + UᵀU) Qᵀ and b_u = Q v (c_i = (w0 + f_ui) r_ui).
     "cg"        runs a few conjugate-gradient steps warm-started from the current factors, as in
                 implicit's CG. It never forms A_u; it only needs
                 A_u·p = w0·G·p + Σ_i f_ui y_i (y_i·p) + λ_u p.
@@ -31,13 +37,13 @@ W = the next power of two; a longer row takes ceil(n_u / max_width) lines of wid
 and a per-line row index folds the lines back into rows. For max_width = 4:
 
     row 0: items 3 7              tile W=2: lines [[3 7]]             line rows [0]
-    row 1: items 4 5 6 8 9 2      tile W=4: lines [[4 5 6 8], [9 2 P P],
+    row 1: items 2 4 5 6 8 9      tile W=4: lines [[2 4 5 6], [8 9 P P],
     row 2: items 1                                 [0 1 2 3], [5 P P P]]  line rows [0 0 1 1]
     row 3: items 0 1 2 3 5        tile W=1: lines [[1]]               line rows [0]
 
-The kernels gather the factors of a tile into [B, W, k] and use batched matmuls. Tile shapes
-come from a small set (W a power of two, B fixed per W), so the CG kernel is XLA-compiled
-once per shape and reused for every tile and iteration.
+The kernels gather the factors of a tile into [B, W, k] and use batched matmuls; two tiles are
+in flight at a time. Tile shapes come from a small set (W a power of two, B fixed per W), so
+the CG kernel is XLA-compiled once per shape and reused for every tile and iteration.
 
 All kernels are plain TensorFlow ops without device placement: they run on a GPU when one is
 visible and on the CPU otherwise.
@@ -45,6 +51,7 @@ visible and on the CPU otherwise.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -64,6 +71,9 @@ SOLVERS = (CHOLESKY, CG)
 DEFAULT_CHUNK_ROWS = 1 << 18
 # Entries per step when computing the loss.
 _LOSS_CHUNK = 1 << 18
+# Tiles solved concurrently. A tile's kernel keeps about 1.3 of 2 cores busy (its small ops run
+# on one thread); two in flight fill both. Each tile's result does not depend on this.
+_TILES_IN_FLIGHT = 2
 # CG kernels with at most this many steps are unrolled; longer ones loop.
 _MAX_UNROLLED_CG_STEPS = 8
 
@@ -167,6 +177,8 @@ class RowPlan:
         gather_index: int32 [n_rows]; row u's solution is row gather_index[u] of the tiles'
             outputs concatenated in order, followed by one zero row (for empty rows).
         nnz: the block's number of entries.
+        min_reg: the smallest λ_u of a non-empty row (inf without any); the Woodbury path
+            needs λ_u > 0.
     """
 
     shape: tuple[int, int]
@@ -175,6 +187,7 @@ class RowPlan:
     tiles: tuple[Tile, ...]
     gather_index: tf.Tensor
     nnz: int
+    min_reg: float
 
     @property
     def padded_slots(self) -> int:
@@ -335,6 +348,8 @@ def plan_rows(
     reg = np.asarray(reg)
     if f.shape != (rows.nnz,):
         raise ValueError(f"f must have one weight per entry, shape ({rows.nnz},), got {f.shape}")
+    if f.size and not f.min() >= 0:
+        raise ValueError("observed weights f must be >= 0")
     if reg.shape != (n_rows,):
         raise ValueError(f"reg must have one λ per row, shape ({n_rows},), got {reg.shape}")
     if not w0 >= 0:
@@ -375,6 +390,7 @@ def plan_rows(
         tiles=tuple(tiles),
         gather_index=tf.constant(gather_index.astype(np.int32)),
         nnz=rows.nnz,
+        min_reg=float(reg[lengths > 0].min()) if rows.nnz else float("inf"),
     )
 
 
@@ -466,6 +482,42 @@ def _kernel(dtype: tf.DType, solver: str, multi_line: bool, cg_steps: int, jit_c
     return cg_tile
 
 
+def _short(tile: Tile, k: int) -> bool:
+    """Whether the exact solver takes the Woodbury path for a tile: one line of <= k/2."""
+    return not tile.multi_line and 2 * int(tile.cols.shape[1]) <= k
+
+
+@functools.cache
+def _woodbury_kernel(dtype: tf.DType):
+    """The exact solve of single-line tiles of width W <= k/2, by Woodbury (module docstring)."""
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], dtype),  # fixed_ext Q [n_other + 1, k]
+            tf.TensorSpec([None], dtype),  # w0 Λ [k], eigenvalues of w0·G
+            tf.TensorSpec([None, None], dtype),  # Q [k, k], eigenvectors of G in columns
+            tf.TensorSpec([None, None], tf.int32),  # cols [B, W]
+            tf.TensorSpec([None, None], dtype),  # f [B, W]
+            tf.TensorSpec([None, None], dtype),  # c [B, W]
+            tf.TensorSpec([None], dtype),  # reg [B]
+        ]
+    )
+    def woodbury_tile(fixed_rotated, w0_eigenvalues, basis, cols, f, c, reg):
+        z = tf.gather(fixed_rotated, cols)  # [B, W, k], Z = Y_u Q
+        d = w0_eigenvalues[None, :] + reg[:, None]  # [B, k], D = w0 Λ + λ_u
+        v = tf.einsum("bw,bwk->bk", c, z)  # Zᵀ c
+        u = tf.sqrt(f)[:, :, None] * z  # U = diag(√f) Z
+        u_d = u / d[:, None, :]  # U D⁻¹
+        s = tf.matmul(u_d, u, transpose_b=True)  # [B, W, W], U D⁻¹ Uᵀ
+        s = tf.linalg.set_diag(s, tf.linalg.diag_part(s) + 1)
+        rhs = tf.einsum("bwk,bk->bw", u_d, v)[:, :, None]  # U D⁻¹ v
+        t = tf.linalg.cholesky_solve(tf.linalg.cholesky(s), rhs)[:, :, 0]
+        solution = (v - tf.einsum("bw,bwk->bk", t, u)) / d  # z = D⁻¹ (v − Uᵀ t)
+        return tf.matmul(solution, basis, transpose_b=True)  # x = Q z, as rows
+
+    return woodbury_tile
+
+
 def solve_planned(
     plan: RowPlan,
     fixed: FloatArray,
@@ -507,15 +559,25 @@ def solve_planned(
         if x0.shape != (n_rows, k):
             raise ValueError(f"x0 must be [{n_rows}, {k}], got {x0.shape}")
         x0_ext = tf.concat([x0, tf.zeros([1, k], dtype)], axis=0)
-    outputs = []
-    for tile in plan.tiles:
-        kernel = _kernel(
-            dtype, solver, tile.multi_line, int(cg_steps) if solver == CG else 0, jit_compile
-        )
+    woodbury = solver == CHOLESKY and plan.min_reg > 0
+    if woodbury and any(_short(tile, k) for tile in plan.tiles):
+        eigenvalues, basis = tf.linalg.eigh(w0_gramian)
+        eigenvalues = tf.maximum(eigenvalues, 0)  # G is positive semi-definite
+        fixed_rotated = tf.matmul(fixed_ext, basis)
+
+    def solve_tile(tile: Tile) -> tf.Tensor:
+        if woodbury and _short(tile, k):
+            kernel = _woodbury_kernel(dtype)
+            return kernel(fixed_rotated, eigenvalues, basis, tile.cols, tile.f, tile.c, tile.reg)
+        steps = int(cg_steps) if solver == CG else 0
+        kernel = _kernel(dtype, solver, tile.multi_line, steps, jit_compile)
         args = (fixed_ext, w0_gramian, tile.cols, tile.f, tile.c, tile.line_rows, tile.reg)
         if solver == CG:
             args = args + (tf.gather(x0_ext, tile.rows),)
-        outputs.append(kernel(*args))
+        return kernel(*args)
+
+    with concurrent.futures.ThreadPoolExecutor(_TILES_IN_FLIGHT) as pool:
+        outputs = list(pool.map(solve_tile, plan.tiles))
     outputs.append(tf.zeros([1, k], dtype))
     return tf.gather(tf.concat(outputs, axis=0), plan.gather_index)
 
