@@ -29,8 +29,9 @@ setuptools.setup(
     version="0.1.0",
     description="GA360 session logs -> TF Transform -> WALS recommendations, on Apache Beam.",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "transforms",
-                                               "transforms.*", "trainer", "trainer.*"]),
+    packages=setuptools.find_packages(
+        include=["pipeline", "pipeline.*", "transforms", "transforms.*", "trainer", "trainer.*"]
+    ),
     install_requires=REQUIRED,
     extras_require=EXTRAS,
 )

@@ -16,8 +16,9 @@ def run_measured(command: list[str], env: dict | None = None, interval: float = 
     its descendants (the DirectRunner's multi-processing workers included).
     """
     start = time.monotonic()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     peak = 0
     done = threading.Event()
 

@@ -50,15 +50,40 @@ def main(argv=None) -> list[dict]:
 
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     runs = [
-        ("plain Python reference (1 process)",
-         [sys.executable, "-m", "benchmarks.reference_aggregation", data]),
-        ("pipeline, DirectRunner in_memory, 1 worker",
-         [sys.executable, "-m", "pipeline.preprocess", "--input", data, "--overwrite",
-          "--output_dir", os.path.join(args.work_dir, "out-1")]),
-        ("pipeline, DirectRunner multi_processing, 2 workers",
-         [sys.executable, "-m", "pipeline.preprocess", "--input", data, "--overwrite",
-          "--output_dir", os.path.join(args.work_dir, "out-2"), "--direct_num_workers", "2",
-          "--direct_running_mode", "multi_processing"]),
+        (
+            "plain Python reference (1 process)",
+            [sys.executable, "-m", "benchmarks.reference_aggregation", data],
+        ),
+        (
+            "pipeline, DirectRunner in_memory, 1 worker",
+            [
+                sys.executable,
+                "-m",
+                "pipeline.preprocess",
+                "--input",
+                data,
+                "--overwrite",
+                "--output_dir",
+                os.path.join(args.work_dir, "out-1"),
+            ],
+        ),
+        (
+            "pipeline, DirectRunner multi_processing, 2 workers",
+            [
+                sys.executable,
+                "-m",
+                "pipeline.preprocess",
+                "--input",
+                data,
+                "--overwrite",
+                "--output_dir",
+                os.path.join(args.work_dir, "out-2"),
+                "--direct_num_workers",
+                "2",
+                "--direct_running_mode",
+                "multi_processing",
+            ],
+        ),
     ]
     results = []
     for name, command in runs:
@@ -68,13 +93,17 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"{name} failed:\n{result['stderr_tail']}")
         results.append({"name": name, **result})
     reference_seconds = results[0]["seconds"]
-    print(f"\n{page_hits:,} PAGE hits ({sessions:,} sessions), {os.path.getsize(data) / 2**20:.0f} "
-          "MB gzip")
+    print(
+        f"\n{page_hits:,} PAGE hits ({sessions:,} sessions), {os.path.getsize(data) / 2**20:.0f} "
+        "MB gzip"
+    )
     print(f"{'run':<52} {'wall s':>8} {'hits/s':>10} {'peak RSS MB':>12} {'x reference':>12}")
     for result in results:
-        print(f"{result['name']:<52} {result['seconds']:8.1f} "
-              f"{page_hits / result['seconds']:10,.0f} {result['peak_rss_mb']:12,.0f} "
-              f"{result['seconds'] / reference_seconds:12.2f}")
+        print(
+            f"{result['name']:<52} {result['seconds']:8.1f} "
+            f"{page_hits / result['seconds']:10,.0f} {result['peak_rss_mb']:12,.0f} "
+            f"{result['seconds'] / reference_seconds:12.2f}"
+        )
     for out in ("out-1", "out-2"):
         shutil.rmtree(os.path.join(args.work_dir, out), ignore_errors=True)
     return results

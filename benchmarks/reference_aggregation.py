@@ -46,4 +46,5 @@ def aggregate(path: str) -> tuple[int, int, int]:
 
 
 if __name__ == "__main__":
-    print("lines=%d page_hits=%d pairs=%d" % aggregate(sys.argv[1]))
+    lines, page_hits, pairs = aggregate(sys.argv[1])
+    print(f"lines={lines} page_hits={page_hits} pairs={pairs}")

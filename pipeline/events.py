@@ -1,8 +1,8 @@
 """Beam composites from input lines to the (visitor, content, value) pairs of the rating matrix.
 
-    lines | ParseEvents(format) -> events, rejected
-    events | SumPerPair(format) -> pairs
-    pairs | SplitTrainEval(f) -> train, eval
+lines | ParseEvents(format) -> events, rejected
+events | SumPerPair(format) -> pairs
+pairs | SplitTrainEval(f) -> train, eval
 """
 
 from __future__ import annotations

@@ -90,12 +90,12 @@ class WriteSparseMatrix(beam.PTransform):
         other_index = 1 - key_index
         return (
             cells
-            | f"KeyBy{label}" >> beam.Map(
-                lambda cell: (cell[key_index], (cell[other_index], cell[2]))
-            )
+            | f"KeyBy{label}"
+            >> beam.Map(lambda cell: (cell[key_index], (cell[other_index], cell[2])))
             | f"GroupBy{label}" >> beam.GroupByKey()
             | f"Encode{label}" >> beam.MapTuple(sparse_example)
-            | f"Write{label}" >> beam.io.WriteToTFRecord(
+            | f"Write{label}"
+            >> beam.io.WriteToTFRecord(
                 f"{self._directory}/{name}",
                 file_name_suffix=features.TFRECORD_SUFFIX,
                 num_shards=self._num_shards,

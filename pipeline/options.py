@@ -107,8 +107,10 @@ class PreprocessOptions(PipelineOptions):
 def effective_scaling(options: PreprocessOptions) -> str:
     if options.scaling:
         return options.scaling
-    return features.SCALING_UNIT if options.input_format == FORMAT_MOVIELENS else (
-        features.SCALING_MEDIAN
+    return (
+        features.SCALING_UNIT
+        if options.input_format == FORMAT_MOVIELENS
+        else (features.SCALING_MEDIAN)
     )
 
 

@@ -29,7 +29,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import cli, events, options as preprocess_options, records, staging
+from pipeline import cli, events, records, staging
+from pipeline import options as preprocess_options
 from pipeline.matrix_io import DropOutOfVocabulary, WriteSparseMatrix
 from transforms import features, preprocessing
 
@@ -113,9 +114,8 @@ def build_pipeline(
         | "ExtractScaleStats" >> beam.Map(_scale_stats)
         | "TakeOneScaleStats" >> beam.CombineGlobally(_first)
         | "EncodeScaleStats" >> beam.Map(json.dumps)
-        | "WriteScaleStats" >> beam.io.WriteToText(
-            f"{output_dir}/tmp/{SCALE_STATS_FILE}", shard_name_template=""
-        )
+        | "WriteScaleStats"
+        >> beam.io.WriteToText(f"{output_dir}/tmp/{SCALE_STATS_FILE}", shard_name_template="")
     )
 
 

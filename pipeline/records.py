@@ -143,7 +143,9 @@ def _content_id(hit: dict, kind: str, index: int | None) -> str | None:
             for dimension in dimensions:
                 if isinstance(dimension, dict):
                     dim_index = dimension.get("index")
-                    if dim_index == index or (isinstance(dim_index, str) and dim_index == str(index)):
+                    if dim_index == index or (
+                        isinstance(dim_index, str) and dim_index == str(index)
+                    ):
                         value = dimension.get("value")
                         break
     if value is None or value == "":

@@ -15,8 +15,12 @@ CONFIG = records.SessionConfig()
 
 def session(visitor, visit, pages):
     hits = [
-        {"type": "PAGE", "time": t, "hitNumber": n,
-         "customDimensions": [] if c is None else [{"index": 10, "value": c}]}
+        {
+            "type": "PAGE",
+            "time": t,
+            "hitNumber": n,
+            "customDimensions": [] if c is None else [{"index": 10, "value": c}],
+        }
         for n, (t, c) in enumerate(pages, 1)
     ]
     return json.dumps({"fullVisitorId": visitor, "visitId": visit, "hits": hits}).encode()
@@ -36,8 +40,9 @@ def test_parse_events_and_rejected():
         parsed = p | beam.Create(LINES) | events.ParseEvents("ga360", CONFIG)
         assert_that(
             parsed[events.EVENTS_TAG],
-            equal_to([("v1", "a", 1000.0), ("v1", "b", 500.0), ("v1", "a", 250.0),
-                      ("v2", "b", 100.0)]),
+            equal_to(
+                [("v1", "a", 1000.0), ("v1", "b", 500.0), ("v1", "a", 250.0), ("v2", "b", 100.0)]
+            ),
             label="Events",
         )
         reasons = parsed[events.REJECTED_TAG] | beam.Map(lambda r: json.loads(r)["reason"])

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from trainer import batch_predict, model as model_lib
+from trainer import batch_predict
+from trainer import model as model_lib
 
 N_USERS, N_ITEMS, K = 7, 12, 4
 SEEN = [[0, 1], [2], [0, 3, 5, 7, 9, 11], [], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [6], [0, 11]]
@@ -89,8 +90,12 @@ def test_save_load_round_trip(model, tmp_path):
 def test_batch_predict_tsv_reverse_maps_ids(model, tmp_path):
     model_lib.save(model, str(tmp_path))
     out = tmp_path / "recs.tsv"
-    assert batch_predict.run(["--model_dir", str(tmp_path), "--output", str(out), "--k", "3",
-                              "--no_progress"]) == N_USERS
+    assert (
+        batch_predict.run(
+            ["--model_dir", str(tmp_path), "--output", str(out), "--k", "3", "--no_progress"]
+        )
+        == N_USERS
+    )
     lines = out.read_text(encoding="utf-8").splitlines()
     assert [line.split("\t")[0] for line in lines] == USERS
     for user, line in enumerate(lines):
@@ -102,8 +107,20 @@ def test_batch_predict_tsv_reverse_maps_ids(model, tmp_path):
 def test_batch_predict_targeting_jsonl(model, tmp_path):
     model_lib.save(model, str(tmp_path))
     out = tmp_path / "targets.jsonl"
-    batch_predict.run(["--model_dir", str(tmp_path), "--output", str(out), "--k", "2",
-                       "--targeting", "--format", "jsonl", "--no_progress"])
+    batch_predict.run(
+        [
+            "--model_dir",
+            str(tmp_path),
+            "--output",
+            str(out),
+            "--k",
+            "2",
+            "--targeting",
+            "--format",
+            "jsonl",
+            "--no_progress",
+        ]
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["contentId"] for r in records] == ITEMS
     for item, record in enumerate(records):

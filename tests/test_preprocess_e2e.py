@@ -36,8 +36,15 @@ def _lines(path: str) -> list[str]:
 
 def _run(sample: str, output_dir: str, *extra: str) -> dict:
     return preprocess.run(
-        ["--input", sample, "--output_dir", output_dir, "--eval_fraction", str(EVAL_FRACTION),
-         *extra]
+        [
+            "--input",
+            sample,
+            "--output_dir",
+            output_dir,
+            "--eval_fraction",
+            str(EVAL_FRACTION),
+            *extra,
+        ]
     )
 
 
@@ -69,8 +76,10 @@ def test_matrix_equals_plain_python_reference(sample, preprocessed):
 
 def test_rows_and_columns_hold_the_same_cells(preprocessed):
     out, summary = preprocessed
-    for split, count in ((features.TRAIN_DIR, "train_interactions"),
-                         (features.EVAL_DIR, "eval_interactions")):
+    for split, count in (
+        (features.TRAIN_DIR, "train_interactions"),
+        (features.EVAL_DIR, "eval_interactions"),
+    ):
         rows = read_sparse_records(os.path.join(out, split), features.ITEMS_FOR_USER)
         columns = read_sparse_records(os.path.join(out, split), features.USERS_FOR_ITEM)
         by_row = {(u, int(i), float(v)) for u, (ii, vv) in rows.items() for i, v in zip(ii, vv)}
@@ -132,8 +141,18 @@ def test_csv_input_with_page_path_free_format(tmp_path):
     rows += ["v1,c1", "v2,c2,abc"]
     path.write_text("\n".join(rows) + "\n")
     out = str(tmp_path / "out")
-    summary = preprocess.run(["--input", str(path), "--output_dir", out, "--input_format", "csv",
-                              "--eval_fraction", "0.0"])
+    summary = preprocess.run(
+        [
+            "--input",
+            str(path),
+            "--output_dir",
+            out,
+            "--input_format",
+            "csv",
+            "--eval_fraction",
+            "0.0",
+        ]
+    )
     assert summary["counters"]["lines_rejected"] == 2
     assert summary["counters"]["header_lines"] == 1
     events = {}
@@ -149,8 +168,18 @@ def test_movielens_unit_scaling(tmp_path):
     lines = [f"{u}::{m}::{(u + m) % 5 + 1}::{1000 + u}" for u in range(1, 30) for m in range(1, 9)]
     path.write_text("\n".join(lines) + "\n")
     out = str(tmp_path / "out")
-    summary = preprocess.run(["--input", str(path), "--output_dir", out, "--input_format",
-                              "movielens", "--eval_fraction", "0"])
+    summary = preprocess.run(
+        [
+            "--input",
+            str(path),
+            "--output_dir",
+            out,
+            "--input_format",
+            "movielens",
+            "--eval_fraction",
+            "0",
+        ]
+    )
     assert summary["scale_stats"] == {"min": 1.0, "max": 5.0}
     cells = read_cells(out, features.TRAIN_DIR)
     assert cells[("3", "4")] == pytest.approx(((3 + 4) % 5 + 1 - 1) / 4)
@@ -161,14 +190,22 @@ def test_movielens_unit_scaling(tmp_path):
     [
         (["--output_dir", "/tmp/x"], "exactly one of --input"),
         (["--input", "/nonexistent/*.json", "--output_dir", "/tmp/x"], "matches no files"),
-        (["--input", "{sample}", "--output_dir", "/tmp/x", "--input_format", "xml"],
-         "--input_format 'xml'"),
-        (["--input", "{sample}", "--output_dir", "/tmp/x", "--eval_fraction", "1.5"],
-         "--eval_fraction"),
-        (["--input", "{sample}", "--output_dir", "/tmp/x", "--content_id_source", "dim:3"],
-         "--content_id_source"),
-        (["--input", "{sample}", "--output_dir", "/tmp/x", "--evalfraction", "0.5"],
-         "unknown flag"),
+        (
+            ["--input", "{sample}", "--output_dir", "/tmp/x", "--input_format", "xml"],
+            "--input_format 'xml'",
+        ),
+        (
+            ["--input", "{sample}", "--output_dir", "/tmp/x", "--eval_fraction", "1.5"],
+            "--eval_fraction",
+        ),
+        (
+            ["--input", "{sample}", "--output_dir", "/tmp/x", "--content_id_source", "dim:3"],
+            "--content_id_source",
+        ),
+        (
+            ["--input", "{sample}", "--output_dir", "/tmp/x", "--evalfraction", "0.5"],
+            "unknown flag",
+        ),
     ],
 )
 def test_bad_flags_stop_before_the_pipeline(sample, flags, message):
@@ -185,9 +222,20 @@ def test_existing_output_needs_overwrite(sample, preprocessed):
 
 def test_cli_exit_status_and_message(sample, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.preprocess", "--input", sample, "--output_dir",
-         str(tmp_path / "o"), "--input_format", "xml"],
-        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+        [
+            sys.executable,
+            "-m",
+            "pipeline.preprocess",
+            "--input",
+            sample,
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--input_format",
+            "xml",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     assert result.returncode == 2
     assert "error: --input_format 'xml' is not one of ga360, csv, movielens" in result.stderr

@@ -57,7 +57,9 @@ class PreprocessingFnTest(tft_unit.TransformTestCase):
             for row in ROWS
         ]
         self.assertAnalyzeAndTransformResults(
-            ROWS, preprocessing.raw_metadata(), preprocessing.make_preprocessing_fn(config),
+            ROWS,
+            preprocessing.raw_metadata(),
+            preprocessing.make_preprocessing_fn(config),
             expected,
         )
 
@@ -74,7 +76,9 @@ class PreprocessingFnTest(tft_unit.TransformTestCase):
             for row in ROWS
         ]
         self.assertAnalyzeAndTransformResults(
-            ROWS, preprocessing.raw_metadata(), preprocessing.make_preprocessing_fn(config),
+            ROWS,
+            preprocessing.raw_metadata(),
+            preprocessing.make_preprocessing_fn(config),
             expected,
         )
 

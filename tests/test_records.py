@@ -64,8 +64,12 @@ def test_repeated_content_sums_within_session():
 
 def test_numbers_as_strings_and_dimension_index_as_string():
     hits = [
-        {"type": "PAGE", "time": "0", "hitNumber": "1",
-         "customDimensions": [{"index": "10", "value": "a"}]},
+        {
+            "type": "PAGE",
+            "time": "0",
+            "hitNumber": "1",
+            "customDimensions": [{"index": "10", "value": "a"}],
+        },
         {"type": "PAGE", "time": "2500", "hitNumber": "2"},
     ]
     line = json.dumps({"fullVisitorId": 12345, "visitId": "77", "hits": hits})
@@ -75,9 +79,7 @@ def test_numbers_as_strings_and_dimension_index_as_string():
 def test_content_from_page_path_and_other_dimension_index():
     line = session([page(0, "x", index=3, path="/p/1"), page(10, None, path="/p/2")])
     assert events(line, SessionConfig(content_id_source="pagePath")) == [("v1", "/p/1", 10.0)]
-    assert events(line, SessionConfig(content_id_source="customDimension:3")) == [
-        ("v1", "x", 10.0)
-    ]
+    assert events(line, SessionConfig(content_id_source="customDimension:3")) == [("v1", "x", 10.0)]
     assert events(line) == []
 
 
@@ -136,8 +138,11 @@ def test_csv_lines():
     assert records.csv_event("visitorId,contentId,session_duration") == []
     assert records.csv_event(b"v1,c1,1234") == [("v1", "c1", 1234.0)]
     assert records.csv_event('"v,1",c1,5') == [("v,1", "c1", 5.0)]
-    for bad, expected in (("v1,c1", "wrong_field_count"), ("v1,c1,abc", "bad_type:session_duration"),
-                          (",c1,5", "missing_field:id")):
+    for bad, expected in (
+        ("v1,c1", "wrong_field_count"),
+        ("v1,c1,abc", "bad_type:session_duration"),
+        (",c1,5", "missing_field:id"),
+    ):
         with pytest.raises(Rejected, match=expected):
             records.csv_event(bad)
 

@@ -14,10 +14,9 @@ import sys
 import time
 
 import pytest
+import reference  # tests/ is on sys.path (pytest's rootdir-less "prepend" import mode)
 
 from pipeline import synthetic
-
-import reference  # tests/ is on sys.path (pytest's rootdir-less "prepend" import mode)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,8 @@ import tensorflow as tf
 from conftest import read_cells
 
 from pipeline import cli, preprocess, synthetic
-from trainer import batch_predict, data, model as model_lib, task
+from trainer import batch_predict, data, task
+from trainer import model as model_lib
 from transforms import features
 
 
@@ -31,8 +32,9 @@ def preprocessed(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def trained(preprocessed, tmp_path_factory) -> tuple[str, dict]:
     out = str(tmp_path_factory.mktemp("model") / "model")
-    result = task.run(["--input_dir", preprocessed, "--output_dir", out, "--num_iters", "8",
-                       "--no_progress"])
+    result = task.run(
+        ["--input_dir", preprocessed, "--output_dir", out, "--num_iters", "8", "--no_progress"]
+    )
     return out, result
 
 
@@ -60,8 +62,9 @@ def test_metrics_file_history_and_tensorboard(trained):
 def test_batch_predictions_exclude_seen_and_use_original_ids(preprocessed, trained, tmp_path):
     out, _ = trained
     predictions = tmp_path / "recs.tsv"
-    batch_predict.run(["--model_dir", out, "--output", str(predictions), "--k", "10",
-                       "--no_progress"])
+    batch_predict.run(
+        ["--model_dir", out, "--output", str(predictions), "--k", "10", "--no_progress"]
+    )
     train = read_cells(preprocessed, features.TRAIN_DIR)
     seen: dict[str, set[str]] = {}
     for visitor, content in train:
@@ -95,8 +98,21 @@ def test_same_seed_same_factors(preprocessed, tmp_path):
     runs = []
     for name in ("a", "b"):
         out = str(tmp_path / name)
-        task.run(["--input_dir", preprocessed, "--output_dir", out, "--num_iters", "2",
-                  "--eval_every", "0", "--no_progress", "--latent_factors", "8"])
+        task.run(
+            [
+                "--input_dir",
+                preprocessed,
+                "--output_dir",
+                out,
+                "--num_iters",
+                "2",
+                "--eval_every",
+                "0",
+                "--no_progress",
+                "--latent_factors",
+                "8",
+            ]
+        )
         runs.append(model_lib.load(out))
     np.testing.assert_array_equal(runs[0].user_factors, runs[1].user_factors)
     np.testing.assert_array_equal(runs[0].item_factors, runs[1].item_factors)

@@ -26,14 +26,19 @@ from apache_beam.io.filesystems import FileSystems
 from tqdm import tqdm
 
 from pipeline import cli
-from trainer import metrics, model as model_lib
+from trainer import metrics
+from trainer import model as model_lib
 from trainer.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
 
 
 def _rows(
-    query: np.ndarray, candidates: np.ndarray, seen: CsrMatrix, k: int, batch_size: int,
+    query: np.ndarray,
+    candidates: np.ndarray,
+    seen: CsrMatrix,
+    k: int,
+    batch_size: int,
     progress: bool,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(row, top-k candidate ids, scores) for every row of `query`, seen candidates excluded.
@@ -55,25 +60,47 @@ def _rows(
             bar.update(stop - start)
 
 
-def predict(model: model_lib.WALSModel, k: int, targeting: bool = False,
-            batch_size: int = 1024, progress: bool = False) -> Iterator[tuple[str, list, list]]:
+def predict(
+    model: model_lib.WALSModel,
+    k: int,
+    targeting: bool = False,
+    batch_size: int = 1024,
+    progress: bool = False,
+) -> Iterator[tuple[str, list, list]]:
     """(key, ranked original IDs, scores) for every visitor (or content, with targeting)."""
-    seen = CsrMatrix(model.seen_indptr, model.seen_indices,
-                     np.ones(model.seen_indices.size, np.float32),
-                     (len(model.users), len(model.items)))
+    seen = CsrMatrix(
+        model.seen_indptr,
+        model.seen_indices,
+        np.ones(model.seen_indices.size, np.float32),
+        (len(model.users), len(model.items)),
+    )
     if targeting:
-        query, candidates, keys, names = (model.item_factors, model.user_factors, model.items,
-                                          model.users)
+        query, candidates, keys, names = (
+            model.item_factors,
+            model.user_factors,
+            model.items,
+            model.users,
+        )
         seen = seen.transpose()
     else:
-        query, candidates, keys, names = (model.user_factors, model.item_factors, model.users,
-                                          model.items)
+        query, candidates, keys, names = (
+            model.user_factors,
+            model.item_factors,
+            model.users,
+            model.items,
+        )
     for row, ids, scores in _rows(query, candidates, seen, k, batch_size, progress):
         yield keys[row], [names[i] for i in ids], scores.tolist()
 
 
-def write_predictions(model_dir: str, output: str, k: int = 10, targeting: bool = False,
-                      output_format: str = "tsv", progress: bool = False) -> int:
+def write_predictions(
+    model_dir: str,
+    output: str,
+    k: int = 10,
+    targeting: bool = False,
+    output_format: str = "tsv",
+    progress: bool = False,
+) -> int:
     """Writes predictions to `output` (local or any Beam filesystem); returns the line count."""
     model = model_lib.load(model_dir)
     key_name, list_name = ("contentId", "visitorIds") if targeting else ("visitorId", "contentIds")
@@ -82,8 +109,7 @@ def write_predictions(model_dir: str, output: str, k: int = 10, targeting: bool 
     with FileSystems.create(partial) as handle:
         for key, ranked, scores in predict(model, k, targeting, progress=progress):
             if output_format == "jsonl":
-                record = {key_name: key, list_name: ranked,
-                          "scores": [round(s, 6) for s in scores]}
+                record = {key_name: key, list_name: ranked, "scores": [round(s, 6) for s in scores]}
                 line = json.dumps(record, ensure_ascii=False)
             else:
                 line = f"{key}\t{','.join(ranked)}"
@@ -95,21 +121,31 @@ def write_predictions(model_dir: str, output: str, k: int = 10, targeting: bool 
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.batch_predict",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.batch_predict", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model_dir", required=True, help="a trainer.task --output_dir")
     parser.add_argument("--output", required=True, help="the predictions file to write")
     parser.add_argument("--k", type=int, default=10, help="recommendations per line (default 10)")
-    parser.add_argument("--targeting", action="store_true",
-                        help="top-K visitors per content instead of top-K content per visitor")
+    parser.add_argument(
+        "--targeting",
+        action="store_true",
+        help="top-K visitors per content instead of top-K content per visitor",
+    )
     parser.add_argument("--format", dest="output_format", choices=("tsv", "jsonl"), default="tsv")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.k <= 0:
         raise cli.UsageError(f"--k must be > 0, got {args.k}")
     try:
-        return write_predictions(args.model_dir, args.output, args.k, args.targeting,
-                                 args.output_format, progress=not args.no_progress)
+        return write_predictions(
+            args.model_dir,
+            args.output,
+            args.k,
+            args.targeting,
+            args.output_format,
+            progress=not args.no_progress,
+        )
     except FileNotFoundError as error:
         raise cli.UsageError(str(error)) from None
 

@@ -82,16 +82,15 @@ def read_sparse(files: list[str], shape: tuple[int, int], what: str) -> CsrMatri
         values.append(batch_values.flat_values.numpy())
     n_rows, n_cols = shape
     if not keys:
-        return CsrMatrix(np.zeros(n_rows + 1, np.int64), np.zeros(0, np.int64),
-                         np.zeros(0, np.float32), shape)
+        return CsrMatrix(
+            np.zeros(n_rows + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), shape
+        )
     keys, lengths = np.concatenate(keys), np.concatenate(lengths)
     indices, values = np.concatenate(indices), np.concatenate(values)
     if keys.min() < 0 or keys.max() >= n_rows:
         raise DatasetError(f"{what}: key {keys.max()} outside the vocabulary of size {n_rows}")
     if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
-        raise DatasetError(
-            f"{what}: index {indices.max()} outside the vocabulary of size {n_cols}"
-        )
+        raise DatasetError(f"{what}: index {indices.max()} outside the vocabulary of size {n_cols}")
     if np.unique(keys).size != keys.size:
         raise DatasetError(f"{what}: a key appears in more than one record")
     if not np.all(np.isfinite(values)):
@@ -158,6 +157,10 @@ def load_dataset(directory: str) -> Dataset:
         )
     logger.info(
         "loaded %s: %d users x %d items, %d train and %d held-out cells",
-        directory, shape[0], shape[1], train.nnz, matrices[features.EVAL_DIR].nnz,
+        directory,
+        shape[0],
+        shape[1],
+        train.nnz,
+        matrices[features.EVAL_DIR].nnz,
     )
     return Dataset(train, matrices[features.EVAL_DIR], users, items, summary)

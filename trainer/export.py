@@ -292,7 +292,7 @@ class _Recommender(tf.Module):
     def _solve(self, items: tf.Tensor, ratings: tf.Tensor) -> tf.Tensor:
         """The exact WALS row solve for one new visitor.
 
-        Same formula as the exact kernel of `trainer.solver` (a single unpadded row):
+        The exact kernel of `trainer.solver`, for a single unpadded row:
             A = w0·G + Σ_i f_i y_i y_iᵀ + λ_u I,   b = Σ_i (w0 + f_i) r_i y_i,   x = A⁻¹ b.
 
         Args:
@@ -310,11 +310,11 @@ class _Recommender(tf.Module):
         else:
             f = tf.gather(self.item_f, items)
         reg = tf.gather(self.regularization, tf.size(items))
-        a = self.w0_gramian + tf.matmul(y * f[:, None], y, transpose_a=True)
-        a = tf.linalg.set_diag(a, tf.linalg.diag_part(a) + reg)
         b = tf.linalg.matvec(y, (self._w0 + f) * r, transpose_a=True)
-        x = tf.linalg.cholesky_solve(tf.linalg.cholesky(a), b[:, None])[:, 0]
-        return tf.cast(x, tf.float32)
+        x = solver.solve_normal_equations(
+            solver.observed_gramians(y[None], f[None]), b[None], self.w0_gramian, reg[None]
+        )
+        return tf.cast(x[0], tf.float32)
 
     @tf.function(
         input_signature=[

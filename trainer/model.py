@@ -95,8 +95,12 @@ class WALSModel:
         starts, stops = self.seen_indptr[users], self.seen_indptr[users + 1]
         indptr = np.concatenate([[0], np.cumsum(stops - starts)])
         seen = np.concatenate([self.seen_indices[a:b] for a, b in zip(starts, stops)] or [[]])
-        exclude = CsrMatrix(indptr, seen.astype(np.int64), np.ones(seen.size, np.float32),
-                            (len(users), len(self.items)))
+        exclude = CsrMatrix(
+            indptr,
+            seen.astype(np.int64),
+            np.ones(seen.size, np.float32),
+            (len(users), len(self.items)),
+        )
         return metrics.top_k_excluding(scores, exclude, k)
 
     def popular(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,12 +122,24 @@ class WALSModel:
         out, row = [], 0
         for visitor, user in zip(visitor_ids, indices):
             if user is None:
-                out.append(Recommendations(visitor, [self.items[i] for i in popular_ids],
-                                           popular_scores.tolist(), False))
+                out.append(
+                    Recommendations(
+                        visitor,
+                        [self.items[i] for i in popular_ids],
+                        popular_scores.tolist(),
+                        False,
+                    )
+                )
                 continue
             valid = ids[row] >= 0
-            out.append(Recommendations(visitor, [self.items[i] for i in ids[row][valid]],
-                                       scores[row][valid].tolist(), True))
+            out.append(
+                Recommendations(
+                    visitor,
+                    [self.items[i] for i in ids[row][valid]],
+                    scores[row][valid].tolist(),
+                    True,
+                )
+            )
             row += 1
         return out
 
@@ -182,9 +198,7 @@ def load(model_dir: str) -> WALSModel:
     directory = f"{model_dir.rstrip('/')}/{MODEL_SUBDIR}"
     if not FileSystems.exists(f"{directory}/config.json"):
         raise FileNotFoundError(f"no trained model under {model_dir} (missing {directory})")
-    arrays = {
-        name: np.load(io.BytesIO(_read_bytes(f"{directory}/{name}.npy"))) for name in _ARRAYS
-    }
+    arrays = {name: np.load(io.BytesIO(_read_bytes(f"{directory}/{name}.npy"))) for name in _ARRAYS}
     users = _read_bytes(f"{directory}/vocab_users.txt").decode().splitlines()
     items = _read_bytes(f"{directory}/vocab_items.txt").decode().splitlines()
     config = json.loads(_read_bytes(f"{directory}/config.json"))

@@ -23,9 +23,11 @@ def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=
     with FileSystems.open(f"{model_dir}/{METRICS_FILE}") as handle:
         result = json.load(handle)
     config = result["config"]
-    write(f"model {model_dir}: {result['nusers']:,} users x {result['nitems']:,} items, "
-          f"k={config['latent_factors']}, {config['num_iters']} iterations, "
-          f"{result['seconds_per_iteration']:.3f} s/iteration\n")
+    write(
+        f"model {model_dir}: {result['nusers']:,} users x {result['nitems']:,} items, "
+        f"k={config['latent_factors']}, {config['num_iters']} iterations, "
+        f"{result['seconds_per_iteration']:.3f} s/iteration\n"
+    )
     history = result.get("history") or []
     if history:
         losses = [f"{h['loss/total']:.4g}" for h in history]
@@ -37,13 +39,16 @@ def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=
     lines = []
     if predictions:
         with FileSystems.open(predictions) as handle:
-            lines = [line.decode("utf-8").rstrip("\n")
-                     for line in itertools.islice(handle, visitors)]
+            lines = [
+                line.decode("utf-8").rstrip("\n") for line in itertools.islice(handle, visitors)
+            ]
     for line in lines:
         visitor, ranked = line.split("\t")
         seen = [model.items[i] for i in model.seen(model.user_index(visitor))]
-        write(f"  {visitor}\n    seen:        {', '.join(seen[:8])}"
-              f"{' ...' if len(seen) > 8 else ''}\n    recommended: {ranked.replace(',', ', ')}\n")
+        write(
+            f"  {visitor}\n    seen:        {', '.join(seen[:8])}"
+            f"{' ...' if len(seen) > 8 else ''}\n    recommended: {ranked.replace(',', ', ')}\n"
+        )
 
     loaded = tf.saved_model.load(f"{model_dir}/export")
     serve = loaded.signatures["serving_default"]

@@ -404,6 +404,30 @@ def _observed_product(
     return tf.math.unsorted_segment_sum(per_line, line_rows, n_rows)
 
 
+def observed_gramians(y: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
+    """Σ_i f_i y_i y_iᵀ per row: y [B, W, k], f [B, W] -> [B, k, k] (padding has f = 0)."""
+    return tf.matmul(y * f[:, :, None], y, transpose_a=True)
+
+
+def solve_normal_equations(
+    observed: tf.Tensor, rhs: tf.Tensor, w0_gramian: tf.Tensor, reg: tf.Tensor
+) -> tf.Tensor:
+    """The exact row solve x = A⁻¹ b with A = w0·G + observed + λ I, for a batch of rows.
+
+    Args:
+        observed: [R, k, k] Σ_i f_ui y_i y_iᵀ (`observed_gramians`).
+        rhs: [R, k] b_u = Σ_i (w0 + f_ui) r_ui y_i.
+        w0_gramian: [k, k] w0·G.
+        reg: [R] λ_u.
+
+    Returns:
+        [R, k] the solutions, by Cholesky factorisation (A is symmetric positive definite).
+    """
+    a = observed + w0_gramian[None, :, :]
+    a = tf.linalg.set_diag(a, tf.linalg.diag_part(a) + reg[:, None])
+    return tf.linalg.cholesky_solve(tf.linalg.cholesky(a), rhs[:, :, None])[:, :, 0]
+
+
 def _per_line(x: tf.Tensor, line_rows: tf.Tensor, multi_line: bool) -> tf.Tensor:
     """Each line's row of x: [R, k] -> [B, k]."""
     return tf.gather(x, line_rows) if multi_line else x
@@ -433,16 +457,13 @@ def _kernel(dtype: tf.DType, solver: str, multi_line: bool, cg_steps: int, jit_c
 
         @tf.function(input_signature=specs)
         def cholesky_tile(fixed_ext, w0_gramian, cols, f, c, line_rows, reg):
-            # A = w0·G + Yᵀ diag(f) Y + λ I,  b = Yᵀ c,  x = A⁻¹ b.
             n_rows = tf.shape(reg)[0]
             y = tf.gather(fixed_ext, cols)  # [B, W, k]
-            a = tf.matmul(y * f[:, :, None], y, transpose_a=True)  # [B, k, k]
+            a = observed_gramians(y, f)  # [B, k, k]
             if multi_line:
                 a = tf.math.unsorted_segment_sum(a, line_rows, n_rows)  # [R, k, k]
-            a = a + w0_gramian[None, :, :]
-            a = tf.linalg.set_diag(a, tf.linalg.diag_part(a) + reg[:, None])
             rhs = _observed_product(y, c, line_rows, multi_line, n_rows)  # [R, k]
-            return tf.linalg.cholesky_solve(tf.linalg.cholesky(a), rhs[:, :, None])[:, :, 0]
+            return solve_normal_equations(a, rhs, w0_gramian, reg)
 
         return cholesky_tile
 

@@ -26,7 +26,8 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import cli, staging
-from trainer import data, export, metrics, model as model_lib, wals, weights
+from trainer import data, export, metrics, wals, weights
+from trainer import model as model_lib
 
 logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -36,7 +37,9 @@ def _ks(text: str) -> tuple[int, ...]:
     try:
         ks = tuple(int(k) for k in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text}") from None
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text}"
+        ) from None
     if not ks or min(ks) <= 0:
         raise argparse.ArgumentTypeError(f"every k must be > 0: {text}")
     return ks
@@ -51,42 +54,100 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True, help="where the model goes")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     hp = parser.add_argument_group("model")
-    hp.add_argument("--latent_factors", type=int, default=defaults.latent_factors,
-                    help=f"k, the factor dimension (default {defaults.latent_factors})")
-    hp.add_argument("--num_iters", type=int, default=defaults.num_iters,
-                    help=f"alternating sweeps (default {defaults.num_iters})")
-    hp.add_argument("--regularization", type=float, default=defaults.regularization,
-                    help=f"λ (default {defaults.regularization})")
-    hp.add_argument("--regularization_exp", type=float, default=defaults.regularization_exp,
-                    help="ν: λ_u = λ (n_u + w0 N_items)^ν (default "
-                    f"{defaults.regularization_exp}; 0 = plain λ)")
-    hp.add_argument("--unobserved_weight", type=float, default=defaults.unobserved_weight,
-                    help=f"w0, the weight of every unobserved cell (default "
-                    f"{defaults.unobserved_weight})")
-    hp.add_argument("--weighting", default=defaults.weighting, choices=weights.WEIGHTINGS,
-                    help=f"observed extra weight f (default {defaults.weighting})")
-    hp.add_argument("--feature_wt_factor", type=float, default=defaults.feature_wt_factor,
-                    help=f"ω in column_frequency f = ω c_i^p (default {defaults.feature_wt_factor})")
-    hp.add_argument("--feature_wt_exp", type=float, default=defaults.feature_wt_exp,
-                    help=f"p in column_frequency, e in log (default {defaults.feature_wt_exp})")
-    hp.add_argument("--confidence_alpha", type=float, default=defaults.confidence_alpha,
-                    help=f"α in confidence f = α r (default {defaults.confidence_alpha})")
-    hp.add_argument("--solver", default=defaults.solver, choices=("cholesky", "cg"),
-                    help=f"exact Cholesky or warm-started conjugate gradient (default "
-                    f"{defaults.solver})")
-    hp.add_argument("--cg_steps", type=int, default=defaults.cg_steps,
-                    help=f"CG steps per solve (default {defaults.cg_steps})")
-    hp.add_argument("--init_stddev", type=float, default=defaults.init_stddev,
-                    help=f"σ: factors start N(0, σ/√k) (default {defaults.init_stddev})")
+    hp.add_argument(
+        "--latent_factors",
+        type=int,
+        default=defaults.latent_factors,
+        help=f"k, the factor dimension (default {defaults.latent_factors})",
+    )
+    hp.add_argument(
+        "--num_iters",
+        type=int,
+        default=defaults.num_iters,
+        help=f"alternating sweeps (default {defaults.num_iters})",
+    )
+    hp.add_argument(
+        "--regularization",
+        type=float,
+        default=defaults.regularization,
+        help=f"λ (default {defaults.regularization})",
+    )
+    hp.add_argument(
+        "--regularization_exp",
+        type=float,
+        default=defaults.regularization_exp,
+        help="ν: λ_u = λ (n_u + w0 N_items)^ν (default "
+        f"{defaults.regularization_exp}; 0 = plain λ)",
+    )
+    hp.add_argument(
+        "--unobserved_weight",
+        type=float,
+        default=defaults.unobserved_weight,
+        help=f"w0, the weight of every unobserved cell (default {defaults.unobserved_weight})",
+    )
+    hp.add_argument(
+        "--weighting",
+        default=defaults.weighting,
+        choices=weights.WEIGHTINGS,
+        help=f"observed extra weight f (default {defaults.weighting})",
+    )
+    hp.add_argument(
+        "--feature_wt_factor",
+        type=float,
+        default=defaults.feature_wt_factor,
+        help=f"ω in column_frequency f = ω c_i^p (default {defaults.feature_wt_factor})",
+    )
+    hp.add_argument(
+        "--feature_wt_exp",
+        type=float,
+        default=defaults.feature_wt_exp,
+        help=f"p in column_frequency, e in log (default {defaults.feature_wt_exp})",
+    )
+    hp.add_argument(
+        "--confidence_alpha",
+        type=float,
+        default=defaults.confidence_alpha,
+        help=f"α in confidence f = α r (default {defaults.confidence_alpha})",
+    )
+    hp.add_argument(
+        "--solver",
+        default=defaults.solver,
+        choices=("cholesky", "cg"),
+        help=f"exact Cholesky or warm-started conjugate gradient (default {defaults.solver})",
+    )
+    hp.add_argument(
+        "--cg_steps",
+        type=int,
+        default=defaults.cg_steps,
+        help=f"CG steps per solve (default {defaults.cg_steps})",
+    )
+    hp.add_argument(
+        "--init_stddev",
+        type=float,
+        default=defaults.init_stddev,
+        help=f"σ: factors start N(0, σ/√k) (default {defaults.init_stddev})",
+    )
     hp.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
     ev = parser.add_argument_group("evaluation and export")
-    ev.add_argument("--eval_ks", type=_ks, default=(10, 20, 50),
-                    help="cut-offs for Recall/NDCG/MAP@K (default 10,20,50)")
-    ev.add_argument("--eval_every", type=int, default=1,
-                    help="evaluate on the eval split every N iterations for the history "
-                    "(default 1; 0 = only at the end)")
-    ev.add_argument("--export_k", type=int, default=10,
-                    help="how many items the SavedModel returns (default 10)")
+    ev.add_argument(
+        "--eval_ks",
+        type=_ks,
+        default=(10, 20, 50),
+        help="cut-offs for Recall/NDCG/MAP@K (default 10,20,50)",
+    )
+    ev.add_argument(
+        "--eval_every",
+        type=int,
+        default=1,
+        help="evaluate on the eval split every N iterations for the history "
+        "(default 1; 0 = only at the end)",
+    )
+    ev.add_argument(
+        "--export_k",
+        type=int,
+        default=10,
+        help="how many items the SavedModel returns (default 10)",
+    )
     ev.add_argument("--no_progress", action="store_true", help="log instead of a progress bar")
     return parser
 
@@ -119,8 +180,7 @@ def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
             evaluated = metrics.evaluate(scores_fn, train, heldout, ks=args.eval_ks)
             record.update({f"eval/{k}": v for k, v in evaluated.items()})
         history.append(record)
-        _summaries(writer, iteration, {k: v for k, v in record.items() if k != "iteration"},
-                   "wals")
+        _summaries(writer, iteration, {k: v for k, v in record.items() if k != "iteration"}, "wals")
 
     start = time.monotonic()
     factors = wals.fit(train, config, callback=on_iteration, show_progress=not args.no_progress)
@@ -129,16 +189,23 @@ def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
     def wals_scores(users):
         return factors.user_factors[users] @ factors.item_factors.T
 
-    result = {"train_seconds": round(train_seconds, 3),
-              "seconds_per_iteration": round(train_seconds / max(config.num_iters, 1), 4),
-              "nusers": train.shape[0], "nitems": train.shape[1],
-              "train_interactions": train.nnz, "eval_interactions": heldout.nnz}
+    result = {
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_iteration": round(train_seconds / max(config.num_iters, 1), 4),
+        "nusers": train.shape[0],
+        "nitems": train.shape[1],
+        "train_interactions": train.nnz,
+        "eval_interactions": heldout.nnz,
+    }
     if heldout.nnz:
         rows = heldout.row_ids()
-        predicted = np.einsum("ij,ij->i", factors.user_factors[rows],
-                              factors.item_factors[heldout.indices])
-        result["wals"] = {"rmse": metrics.rmse(predicted, heldout.values),
-                          **metrics.evaluate(wals_scores, train, heldout, ks=args.eval_ks)}
+        predicted = np.einsum(
+            "ij,ij->i", factors.user_factors[rows], factors.item_factors[heldout.indices]
+        )
+        result["wals"] = {
+            "rmse": metrics.rmse(predicted, heldout.values),
+            **metrics.evaluate(wals_scores, train, heldout, ks=args.eval_ks),
+        }
         result["popularity"] = metrics.evaluate_popularity(train, heldout, ks=args.eval_ks)
         _summaries(writer, config.num_iters, result["popularity"], "popularity")
     result["history"] = history
@@ -152,10 +219,12 @@ def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
         item_counts=train.col_counts().astype(np.int64),
         users=dataset.users,
         items=dataset.items,
-        config={**dataclasses.asdict(config),
-                "scaling": dataset.summary["scaling"],
-                "scale_stats": dataset.summary.get("scale_stats") or {},
-                "input_dir": args.input_dir},
+        config={
+            **dataclasses.asdict(config),
+            "scaling": dataset.summary["scaling"],
+            "scale_stats": dataset.summary.get("scale_stats") or {},
+            "input_dir": args.input_dir,
+        },
     )
     model_lib.save(trained, out)
     export.export_saved_model(trained, f"{out}/export", k=args.export_k)

@@ -31,9 +31,7 @@ OUT_OF_VOCABULARY = -1
 
 def raw_metadata() -> dataset_metadata.DatasetMetadata:
     """The raw rows' schema, for `AnalyzeAndTransformDataset`."""
-    return dataset_metadata.DatasetMetadata(
-        schema_utils.schema_from_feature_spec(RAW_FEATURE_SPEC)
-    )
+    return dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(RAW_FEATURE_SPEC))
 
 
 @dataclass(frozen=True)
