@@ -14,8 +14,9 @@ import tensorflow as tf
 from conftest import read_cells
 
 from pipeline import cli, preprocess, synthetic
-from trainer import batch_predict, data, task
+from trainer import batch_predict, data, solver, task
 from trainer import model as model_lib
+from trainer.sparse import CsrMatrix
 from transforms import features
 
 
@@ -147,3 +148,37 @@ def test_inconsistent_dataset_is_refused(preprocessed, tmp_path):
     with pytest.raises(cli.UsageError, match="vocabulary sizes"):
         task.run(["--input_dir", broken, "--output_dir", out])
     assert not os.path.exists(out)
+
+
+def test_fold_in_of_a_training_row_matches_a_row_solve_and_the_export(trained):
+    out, _ = trained
+    model = model_lib.load(out)
+    user = 3
+    items = model.seen(user)
+    # Durations whose scaled ratings are the training ratings are not kept; use the ratings
+    # path directly: a full row solve against the final item factors.
+    config = model.wals_config()
+    ratings = np.full(items.size, 0.3, np.float32)
+    f = config.cell_weights(items, ratings, model.item_counts)
+    row = CsrMatrix(np.array([0, items.size]), items, ratings, (1, len(model.items)))
+    expected = solver.solve_rows(
+        model.item_factors,
+        solver.gramian(model.item_factors),
+        row,
+        f,
+        config.row_regularization(np.array([items.size]), len(model.items)),
+        config.unobserved_weight,
+    )[0]
+    median = model.config["scale_stats"]["median"]
+    contents = [model.items[i] for i in items]
+    x, used = model.fold_in(contents, [median] * items.size)  # rating 0.3 each
+    np.testing.assert_array_equal(used, np.sort(items))
+    np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-5)
+
+    recs = model.recommend_for_history(contents, [median] * items.size, k=10)
+    assert recs.known and not set(recs.content_ids) & set(contents)
+    loaded = tf.saved_model.load(os.path.join(out, "export"))
+    served = loaded.signatures["fold_in"](
+        contentIds=tf.constant(contents), durations=tf.constant([median] * items.size)
+    )
+    assert [c.decode() for c in served["contentIds"].numpy()] == recs.content_ids

@@ -25,8 +25,9 @@ import os
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from trainer import metrics
+from trainer import metrics, wals
 from trainer.sparse import CsrMatrix
+from transforms import scaling
 
 MODEL_SUBDIR = "model"
 _ARRAYS = ("user_factors", "item_factors", "seen_indptr", "seen_indices", "item_counts")
@@ -142,6 +143,61 @@ class WALSModel:
             )
             row += 1
         return out
+
+    def wals_config(self) -> wals.WALSConfig:
+        """The hyperparameters the model was trained with."""
+        names = {field.name for field in dataclasses.fields(wals.WALSConfig)}
+        return wals.WALSConfig(**{k: v for k, v in self.config.items() if k in names})
+
+    def fold_in(self, content_ids: list[str], values: list[float]) -> tuple[np.ndarray, np.ndarray]:
+        """Factors of a visitor not seen in training, from what they read, without retraining.
+
+        The values (time on page in ms, or ratings: what preprocessing read) are summed per
+        content, scaled exactly as preprocessing scaled them, and the visitor's row is solved
+        against the trained item factors (WALS's row projection, `trainer.wals.fold_in`).
+        Unknown content and non-positive sums are ignored.
+
+        Returns:
+            (x float32 [k], itemIds int64 [m] used); x is zero when no item is usable.
+        """
+        totals: dict[int, float] = {}
+        for content, value in zip(content_ids, values, strict=True):
+            item = self.item_index(content)
+            if item is not None:
+                totals[item] = totals.get(item, 0.0) + float(value)
+        items = np.array(sorted(i for i, v in totals.items() if v > 0), dtype=np.int64)
+        raw = np.array([totals[i] for i in items], dtype=np.float32)
+        ratings = scaling.scale(raw, self.config["scaling"], self.config["scale_stats"]).numpy()
+        config = self.wals_config()
+        f = config.cell_weights(items, ratings, self.item_counts)
+        x = wals.fold_in(self.item_factors, None, items, ratings, f, config)
+        return x.astype(np.float32), items
+
+    def recommend_for_history(
+        self, content_ids: list[str], values: list[float], k: int = 10
+    ) -> Recommendations:
+        """Top-k for a new visitor from (contentId, time on page) pairs (see `fold_in`).
+
+        Content in the history is never recommended back. With no usable history, the most
+        popular content (known=False).
+        """
+        if k <= 0:
+            raise ValueError(f"k must be > 0, got {k}")
+        x, items = self.fold_in(content_ids, values)
+        exclude = {i for i in (self.item_index(c) for c in content_ids) if i is not None}
+        if items.size == 0:
+            order, scores = self.popular(len(self.items))
+        else:
+            scores = (self.item_factors @ x).astype(np.float32)
+            order = np.lexsort((np.arange(len(self.items)), -scores))
+            scores = scores[order]
+        keep = [j for j, i in enumerate(order) if i not in exclude][:k]
+        return Recommendations(
+            "",
+            [self.items[order[j]] for j in keep],
+            [float(scores[j]) for j in keep],
+            items.size > 0,
+        )
 
     def similar_items(self, content_ids: list[str], k: int = 10) -> list[list[tuple[str, float]]]:
         """The k items with the most similar factors (cosine), the item itself excluded.
