@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -35,8 +37,27 @@ def parse_options(argv: list[str] | None, view: type[PipelineOptions]) -> Pipeli
     return options
 
 
-def main_with_usage_errors(run, argv: list[str] | None = None) -> int:
-    """Runs `run(argv)`, turning UsageError into a one-line message and exit status 2."""
+def print_help(prog: str, description: str, view: type[PipelineOptions]) -> None:
+    """Prints the flags of a PipelineOptions view (Beam's own --help lists none of them)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    view._add_argparse_args(parser)
+    parser.print_help()
+    print(
+        "\nEvery other flag is a Beam pipeline option: --runner, --project, --region, "
+        "--temp_location,\n--setup_file, --direct_num_workers, --direct_running_mode, "
+        "--flink_master, ..."
+    )
+
+
+def main_with_usage_errors(
+    run, argv: list[str] | None = None, print_usage: Callable[[], None] | None = None
+) -> int:
+    """Runs `run(argv)`, turning UsageError into a one-line message and exit status 2.
+
+    With -h/--help in argv, calls `print_usage` instead (when given; else `run` handles it).
+    """
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -45,8 +66,8 @@ def main_with_usage_errors(run, argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if argv is None:
         argv = sys.argv[1:]
-    if "-h" in argv or "--help" in argv:
-        run(["--help"])
+    if print_usage is not None and ("-h" in argv or "--help" in argv):
+        print_usage()
         return 0
     try:
         run(argv)

@@ -1,4 +1,4 @@
-"""The preprocessing pipeline: GA360 sessions -> TF Transform -> sparse rating-matrix TFRecords.
+r"""The preprocessing pipeline: GA360 sessions -> TF Transform -> sparse rating-matrix TFRecords.
 
     python -m pipeline.preprocess --input 'data/sessions-*.json.gz' --output_dir out/ \
         [--input_format ga360|csv|movielens] [--content_id_source customDimension:10|pagePath] \
@@ -27,7 +27,6 @@ import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import cli, events, records, staging
 from pipeline import options as preprocess_options
@@ -176,8 +175,6 @@ def run(argv: list[str] | None = None) -> dict:
         cli.UsageError: bad flags or input, before anything runs.
         RuntimeError: the input produced no train interactions.
     """
-    if argv == ["--help"]:
-        PipelineOptions(["--help"]).view_as(preprocess_options.PreprocessOptions)
     options = cli.parse_options(argv, preprocess_options.PreprocessOptions)
     opts = options.view_as(preprocess_options.PreprocessOptions)
     preprocess_options.validate(opts)
@@ -216,7 +213,13 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main_with_usage_errors(run, argv)
+    return cli.main_with_usage_errors(
+        run,
+        argv,
+        lambda: cli.print_help(
+            "python -m pipeline.preprocess", __doc__, preprocess_options.PreprocessOptions
+        ),
+    )
 
 
 if __name__ == "__main__":

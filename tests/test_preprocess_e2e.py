@@ -240,3 +240,10 @@ def test_cli_exit_status_and_message(sample, tmp_path):
     assert result.returncode == 2
     assert "error: --input_format 'xml' is not one of ga360, csv, movielens" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_the_pipeline_flags(capsys):
+    assert preprocess.main(["--help"]) == 0
+    printed = capsys.readouterr().out
+    for flag in ("--input", "--output_dir", "--content_id_source", "--eval_fraction", "--scaling"):
+        assert flag in printed
