@@ -1,0 +1,591 @@
+"""Training speed and ranking quality of our WALS trainer against implicit and Spark MLlib ALS.
+
+Every model trains on the same synthetic matrix (`benchmarks.matrices`), the same per-cell
+train split, the same k and number of iterations, with 2 threads each:
+
+  * ours:     `trainer.wals.fit`, conjugate gradient and Cholesky, TensorFlow on 2 threads;
+  * implicit: `implicit.cpu.als.AlternatingLeastSquares`, CG and Cholesky, num_threads=2 with
+              BLAS pinned to 1 thread (implicit's own advice);
+  * spark:    `pyspark.ml.recommendation.ALS(implicitPrefs=True)` on `local[2]`.
+
+All three minimise a weighted square loss over the full matrix. With r the scaled rating in
+(0, 1] and α the confidence scale, the peers use Hu, Koren & Volinsky's model (preference 1,
+weight 1 + α r on observed cells, preference 0 and weight 1 elsewhere; implicit is given the
+matrix 1 + α r since it takes the weight itself). Ours, with `weighting="confidence"` and
+unobserved weight w0 = 1, weighs every cell exactly as the peers do but fits r itself rather
+than 1 on observed cells.
+
+Tuning: each model gets the same small grid (3 regularization values x 2 confidence scales α;
+see `GRIDS`), fitted with its CG solver (Spark: its only solver) on the *small* matrix, whatever
+--size is; the setting with the best NDCG@20 is then used for the timed runs on --size. Before
+that, every (model, solver) is warmed up (TensorFlow tracing, JVM JIT) by an untimed 2-iteration
+fit on the small matrix. Models run one after another, never concurrently.
+
+Timing is the wall time of the fit call divided by the number of iterations, the fastest of
+--repeats fits: for ours and implicit it includes their internal set-up (our row layout,
+weights and per-iteration loss, implicit's transpose); for Spark it starts from a cached,
+materialised DataFrame in an already running session and ends when both factor tables are
+materialised. Quality is `trainer.metrics.evaluate` on the held-out cells with training items
+excluded, the same code for every model: Recall@20 and NDCG@20.
+
+    python -m benchmarks.train_benchmark --size small|large [--k 64] [--iters 10]
+        [--skip spark] [--skip implicit] [--repeats N] [--json_out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from benchmarks import matrices
+from trainer import metrics
+from trainer.sparse import CsrMatrix
+
+logger = logging.getLogger(__name__)
+
+THREADS = 2
+EVAL_FRACTION = 0.2
+KS = (20,)
+PRIMARY_METRIC = "ndcg@20"
+# Iterations of the untimed warm-up fit on the small matrix (tracing, JIT, caches).
+WARMUP_ITERS = 2
+
+OURS = "ours"
+IMPLICIT = "implicit"
+SPARK = "spark"
+PEERS = (IMPLICIT, SPARK)
+
+# The tuning grid of each model: every combination is fitted once on the small matrix, 3
+# regularization values half a decade apart x 2 confidence scales α. The λ ranges differ because
+# the models scale λ differently (implicit and ours, with ν = 0, add λ to every row's diagonal;
+# Spark adds regParam · n_u, ALS-WR) and because ours fits r ∈ (0, 1] rather than 1; each range
+# is centred on the best decade of one coarse scan (λ = 10^j) per model on the small matrix.
+GRIDS: dict[str, dict[str, Sequence[float]]] = {
+    OURS: {"regularization": (30.0, 100.0, 300.0), "alpha": (10.0, 40.0)},
+    IMPLICIT: {"regularization": (30.0, 100.0, 300.0), "alpha": (10.0, 40.0)},
+    SPARK: {"regularization": (0.3, 1.0, 3.0), "alpha": (10.0, 40.0)},
+}
+# Our trainer's fixed settings: confidence weighting f = α r with unobserved weight w0 = 1, so
+# its cell weights are exactly the peers' (1 on unobserved cells, 1 + α r on observed ones), and
+# plain λ (regularization_exp ν = 0, the default).
+OURS_FIXED = {"weighting": "confidence", "unobserved_weight": 1.0, "regularization_exp": 0.0}
+
+
+@dataclasses.dataclass
+class Fitted:
+    """A trained model: factors and the wall time of its fit call.
+
+    Attributes:
+        user_factors: float32 [n_users, k].
+        item_factors: float32 [n_items, k].
+        seconds: wall time of the fit, excluding data conversion.
+        loss_seconds: for ours, the time of one training-loss evaluation, which `wals.fit`
+            runs after every iteration (the peers compute no loss); None for the peers.
+    """
+
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    seconds: float
+    loss_seconds: float | None = None
+
+
+# fit(train, params, solver, k, iters, seed) -> Fitted.
+FitFn = Callable[[CsrMatrix, dict, str, int, int, int], Fitted]
+
+
+def _set_tensorflow_threads(threads: int) -> None:
+    """Pins TensorFlow's intra- and inter-op pools; must run before TensorFlow starts."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        logger.warning(
+            "TensorFlow was already initialised; it runs with %d intra-op threads, not %d",
+            tf.config.threading.get_intra_op_parallelism_threads(),
+            threads,
+        )
+
+
+@contextlib.contextmanager
+def _blas_threads(threads: int) -> Iterator[None]:
+    """Limits NumPy's BLAS thread pool inside the block (when threadpoolctl is installed)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield
+
+
+def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, seed: int) -> Fitted:
+    """Fits `trainer.wals` with `OURS_FIXED` and confidence weighting f = α r.
+
+    Args:
+        train: the training matrix.
+        params: {"regularization": λ, "alpha": α}.
+        solver: "cg" or "cholesky".
+        k: latent factors.
+        iters: alternating sweeps.
+        seed: the factors' initialisation seed.
+    """
+    import tensorflow as tf
+
+    from trainer import solver as wals_solver
+    from trainer import wals
+
+    config = wals.WALSConfig(
+        latent_factors=k,
+        num_iters=iters,
+        solver=solver,
+        confidence_alpha=params["alpha"],
+        regularization=params["regularization"],
+        seed=seed,
+        **OURS_FIXED,
+    )
+    with _blas_threads(THREADS):
+        start = time.perf_counter()
+        factors = wals.fit(train, config, show_progress=False)
+        seconds = time.perf_counter() - start
+        # Time one evaluation of the loss that fit computes after each iteration.
+        f = config.observed_weights(train)
+        reg_users = config.row_regularization(train.row_counts(), train.shape[1])
+        reg_items = config.row_regularization(train.col_counts(), train.shape[0])
+        x = tf.constant(factors.user_factors)
+        y = tf.constant(factors.item_factors)
+        start = time.perf_counter()
+        wals_solver.loss(train, f, x, y, config.unobserved_weight, reg_users, reg_items)
+        loss_seconds = time.perf_counter() - start
+    return Fitted(
+        np.asarray(factors.user_factors, dtype=np.float32),
+        np.asarray(factors.item_factors, dtype=np.float32),
+        seconds,
+        loss_seconds,
+    )
+
+
+def to_scipy(matrix: CsrMatrix, values: np.ndarray | None = None):
+    """The matrix as a scipy.sparse.csr_matrix, optionally with other per-entry values."""
+    import scipy.sparse
+
+    data = matrix.values if values is None else values
+    return scipy.sparse.csr_matrix(
+        (data.astype(np.float32), matrix.indices, matrix.indptr), shape=matrix.shape
+    )
+
+
+def fit_implicit(
+    train: CsrMatrix, params: dict, solver: str, k: int, iters: int, seed: int
+) -> Fitted:
+    """Fits implicit's CPU ALS on the confidence matrix C = 1 + α r.
+
+    Args:
+        train: the training matrix.
+        params: {"regularization": λ, "alpha": α}.
+        solver: "cg" (use_cg=True) or "cholesky" (use_cg=False).
+        k: factors.
+        iters: iterations.
+        seed: random_state.
+    """
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    confidence = to_scipy(train, 1.0 + params["alpha"] * train.values)
+    with _blas_threads(1):
+        model = AlternatingLeastSquares(
+            factors=k,
+            iterations=iters,
+            regularization=params["regularization"],
+            use_cg=solver == "cg",
+            num_threads=THREADS,
+            random_state=seed,
+        )
+        start = time.perf_counter()
+        model.fit(confidence, show_progress=False)
+        seconds = time.perf_counter() - start
+    return Fitted(model.user_factors, model.item_factors, seconds)
+
+
+class SparkALS:
+    """A local[2] Spark session that fits MLlib's implicit ALS; use as a context manager."""
+
+    def __init__(self, driver_memory: str = "6g") -> None:
+        self._driver_memory = driver_memory
+        self._spark = None
+
+    def __enter__(self) -> SparkALS:
+        from pyspark.sql import SparkSession
+
+        warnings.filterwarnings("ignore", message=".*pandas >= 3.0.0.*", category=FutureWarning)
+        start = time.perf_counter()
+        self._spark = (
+            SparkSession.builder.master(f"local[{THREADS}]")
+            .appName("train_benchmark")
+            .config("spark.driver.memory", self._driver_memory)
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .config("spark.sql.shuffle.partitions", str(2 * THREADS))
+            .getOrCreate()
+        )
+        self._spark.sparkContext.setLogLevel("ERROR")
+        self._frames: dict[int, object] = {}
+        logger.info("Spark session started in %.1f s", time.perf_counter() - start)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._spark.stop()
+        self._spark = None
+
+    def _frame(self, train: CsrMatrix):
+        """The cached, materialised DataFrame (user, item, rating) of the matrix."""
+        import pandas as pd
+
+        key = id(train)
+        if key not in self._frames:
+            table = pd.DataFrame(
+                {
+                    "user": train.row_ids().astype(np.int32),
+                    "item": train.indices.astype(np.int32),
+                    "rating": train.values.astype(np.float32),
+                }
+            )
+            frame = self._spark.createDataFrame(table).repartition(2 * THREADS).cache()
+            frame.count()
+            self._frames[key] = (train, frame)  # Holding train keeps id(train) unique.
+        return self._frames[key][1]
+
+    def fit(
+        self, train: CsrMatrix, params: dict, solver: str, k: int, iters: int, seed: int
+    ) -> Fitted:
+        """Fits ALS(implicitPrefs=True): confidence 1 + α r, regParam λ.
+
+        Args:
+            train: the training matrix.
+            params: {"regularization": regParam, "alpha": α}.
+            solver: "cholesky", MLlib's only solver for unconstrained implicit ALS.
+            k: rank.
+            iters: maxIter.
+            seed: ALS seed.
+        """
+        from pyspark.ml.recommendation import ALS
+
+        if solver != "cholesky":
+            raise ValueError(f"Spark ALS only has the cholesky solver, got {solver!r}")
+        frame = self._frame(train)
+        als = ALS(
+            rank=k,
+            maxIter=iters,
+            regParam=params["regularization"],
+            alpha=params["alpha"],
+            implicitPrefs=True,
+            userCol="user",
+            itemCol="item",
+            ratingCol="rating",
+            seed=seed,
+        )
+        start = time.perf_counter()
+        model = als.fit(frame)
+        model.userFactors.count()
+        model.itemFactors.count()
+        seconds = time.perf_counter() - start
+        return Fitted(
+            _spark_factors(model.userFactors, train.shape[0], k),
+            _spark_factors(model.itemFactors, train.shape[1], k),
+            seconds,
+        )
+
+
+def _spark_factors(frame, n: int, k: int) -> np.ndarray:
+    """float32 [n, k] from a Spark factors DataFrame (id, features); missing ids get zeros."""
+    table = frame.toPandas()
+    factors = np.zeros((n, k), dtype=np.float32)
+    if len(table):
+        factors[table["id"].to_numpy()] = np.stack(table["features"].to_numpy())
+    return factors
+
+
+def evaluate(fitted: Fitted, train: CsrMatrix, heldout: CsrMatrix) -> dict[str, float]:
+    """Recall@20 and NDCG@20 of X Yᵀ on the held-out cells, training items excluded."""
+    user_factors, item_factors = fitted.user_factors, fitted.item_factors
+
+    def score_fn(users: np.ndarray) -> np.ndarray:
+        return user_factors[users] @ item_factors.T
+
+    result = metrics.evaluate(score_fn, train, heldout, ks=KS)
+    return {"recall@20": result["recall@20"], "ndcg@20": result["ndcg@20"]}
+
+
+def grid_points(grid: dict[str, Sequence[float]]) -> list[dict[str, float]]:
+    """Every combination of the grid's values, as {name: value} dicts, in a fixed order."""
+    names = list(grid)
+    return [
+        dict(zip(names, values, strict=True))
+        for values in itertools.product(*(grid[n] for n in names))
+    ]
+
+
+def tune(
+    name: str,
+    fit: FitFn,
+    solver: str,
+    train: CsrMatrix,
+    heldout: CsrMatrix,
+    k: int,
+    iters: int,
+    seed: int,
+) -> tuple[dict, list[dict]]:
+    """Fits every point of GRIDS[name] and returns (best params, the grid with its metrics)."""
+    results = []
+    for params in grid_points(GRIDS[name]):
+        fitted = fit(train, params, solver, k, iters, seed)
+        scores = evaluate(fitted, train, heldout)
+        results.append({"params": params, **scores, "seconds": round(fitted.seconds, 3)})
+        logger.info("tune %s %s: %s", name, params, scores)
+    best = max(results, key=lambda result: result[PRIMARY_METRIC])
+    return best["params"], results
+
+
+# The solvers of each model, the tuning solver first.
+SOLVERS: dict[str, tuple[str, ...]] = {
+    OURS: ("cg", "cholesky"),
+    IMPLICIT: ("cg", "cholesky"),
+    SPARK: ("cholesky",),
+}
+
+
+@contextlib.contextmanager
+def _fitter(name: str) -> Iterator[FitFn]:
+    """The fit function of a model; for Spark, the JVM lives only inside this block."""
+    if name == SPARK:
+        with SparkALS() as spark:
+            yield spark.fit
+    else:
+        yield {OURS: fit_ours, IMPLICIT: fit_implicit}[name]
+
+
+def benchmark_model(
+    name: str,
+    splits: dict[str, tuple[CsrMatrix, CsrMatrix]],
+    size: str,
+    k: int,
+    iters: int,
+    repeats: int,
+    seed: int,
+) -> tuple[dict, list[dict], list[dict]]:
+    """Warms up, tunes on the small split, then times and evaluates each solver on `size`.
+
+    Args:
+        name: one of OURS, IMPLICIT, SPARK.
+        splits: {"small": (train, heldout), size: (train, heldout)}.
+        size: the split to time on.
+        k: latent factors.
+        iters: iterations of every fit.
+        repeats: timed fits per solver; the fastest counts (the rest is the machine's noise).
+        seed: initialisation seed of every fit.
+
+    Returns:
+        (chosen params, the tuning grid with its metrics, one table row per solver).
+    """
+    small_train, small_heldout = splits["small"]
+    train, heldout = splits[size]
+    rows = []
+    with _fitter(name) as fit:
+        for solver in SOLVERS[name]:
+            logger.info("warming up %s (%s)", name, solver)
+            fit(small_train, grid_points(GRIDS[name])[0], solver, k, WARMUP_ITERS, seed)
+        logger.info("tuning %s on the small matrix", name)
+        chosen, grid = tune(name, fit, SOLVERS[name][0], small_train, small_heldout, k, iters, seed)
+        for solver in SOLVERS[name]:
+            logger.info("timing %s (%s) on the %s matrix, %d run(s)", name, solver, size, repeats)
+            runs = [fit(train, chosen, solver, k, iters, seed) for _ in range(repeats)]
+            fastest = min(runs, key=lambda fitted: fitted.seconds)
+            row = {
+                "model": name,
+                "solver": solver,
+                "seconds_per_iter": fastest.seconds / iters,
+                **evaluate(fastest, train, heldout),
+                "all_seconds": [round(fitted.seconds, 3) for fitted in runs],
+            }
+            if fastest.loss_seconds is not None:
+                row["loss_seconds_per_iter"] = fastest.loss_seconds
+            logger.info("%s", row)
+            rows.append(row)
+    return chosen, grid, rows
+
+
+def run_benchmark(
+    size: str,
+    k: int = 64,
+    iters: int = 10,
+    skip: Sequence[str] = (),
+    repeats: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Tunes every model on the small matrix, then times and evaluates them on `size`.
+
+    Models run one after another (ours, implicit, Spark), so no two share the cores; the Spark
+    JVM is started only for Spark.
+
+    Args:
+        size: "small" or "large", a key of `matrices.SIZES`.
+        k: latent factors of every model.
+        iters: ALS iterations of every model.
+        skip: peers to leave out, from `PEERS`.
+        repeats: timed fits per (model, solver); the fastest is reported.
+        seed: seed of the matrix, the split and every model's initialisation.
+
+    Returns:
+        The JSON-serialisable result: the matrix, settings, grids, chosen params and one row per
+        (model, solver) with seconds_per_iter, ratio_to_implicit_cg, recall@20 and ndcg@20 (ours
+        also loss_seconds_per_iter), then the popularity baseline's row.
+    """
+    _set_tensorflow_threads(THREADS)
+    splits = {}
+    for name in dict.fromkeys(["small", size]):
+        start = time.perf_counter()
+        full = matrices.synthetic_matrix(*matrices.SIZES[name], seed=seed)
+        splits[name] = matrices.split_cells(full, EVAL_FRACTION, seed)
+        logger.info(
+            "%s matrix %s, %d cells, generated and split in %.1f s",
+            name,
+            full.shape,
+            full.nnz,
+            time.perf_counter() - start,
+        )
+    chosen, grids, rows = {}, {}, []
+    for name in (OURS, *PEERS):
+        if name in skip:
+            continue
+        chosen[name], grids[name], model_rows = benchmark_model(
+            name, splits, size, k, iters, repeats, seed
+        )
+        rows.extend(model_rows)
+
+    train, heldout = splits[size]
+    popularity = metrics.evaluate_popularity(train, heldout, ks=KS)
+    rows.append(
+        {
+            "model": "popularity",
+            "solver": "-",
+            "seconds_per_iter": None,
+            "recall@20": popularity["recall@20"],
+            "ndcg@20": popularity["ndcg@20"],
+        }
+    )
+    reference = next(
+        (
+            row["seconds_per_iter"]
+            for row in rows
+            if (row["model"], row["solver"]) == (IMPLICIT, "cg")
+        ),
+        None,
+    )
+    for row in rows:
+        has_time = reference and row["seconds_per_iter"] is not None
+        row["ratio_to_implicit_cg"] = row["seconds_per_iter"] / reference if has_time else None
+    return {
+        "size": size,
+        "shape": list(train.shape),
+        "train_nnz": train.nnz,
+        "heldout_nnz": heldout.nnz,
+        "k": k,
+        "iters": iters,
+        "threads": THREADS,
+        "repeats": repeats,
+        "skipped": sorted(skip),
+        "seed": seed,
+        "tuned_on": "small",
+        "ours_fixed": OURS_FIXED,
+        "grids": grids,
+        "chosen": chosen,
+        "rows": rows,
+    }
+
+
+def format_table(result: dict) -> str:
+    """The result's rows as a fixed-width text table."""
+
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    header = (
+        f"{'model':<11} {'solver':<9} {'s/iter':>9} {'x implicit cg':>14} "
+        f"{'Recall@20':>10} {'NDCG@20':>9}"
+    )
+    lines = [
+        f"{result['size']} matrix {result['shape'][0]:,} x {result['shape'][1]:,}, "
+        f"{result['train_nnz']:,} train / {result['heldout_nnz']:,} held-out cells, "
+        f"k={result['k']}, {result['iters']} iterations, {result['threads']} threads",
+        header,
+        "-" * len(header),
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"{row['model']:<11} {row['solver']:<9} {number(row['seconds_per_iter'], '.4f'):>9} "
+            f"{number(row['ratio_to_implicit_cg'], '.2f'):>14} {row['recall@20']:>10.4f} "
+            f"{row['ndcg@20']:>9.4f}"
+        )
+    lines.append("chosen on the small matrix (best NDCG@20 of each grid):")
+    for name, params in result["chosen"].items():
+        grid = ", ".join(f"{key} {list(values)}" for key, values in GRIDS[name].items())
+        lines.append(f"  {name:<9} {params}   (grid: {grid})")
+    for row in result["rows"]:
+        if row.get("loss_seconds_per_iter") is not None:
+            loss = row["loss_seconds_per_iter"]
+            lines.append(
+                f"  {row['model']} ({row['solver']}): s/iter includes {loss:.4f} s of "
+                "training-loss evaluation per iteration"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parses flags, runs the benchmark, prints the table and writes --json_out."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--size",
+        choices=sorted(matrices.SIZES),
+        default="small",
+        help="matrix to time on: small 5K x 1K x 100K, large 100K x 20K x 5M",
+    )
+    parser.add_argument("--k", type=int, default=64, help="latent factors (default 64)")
+    parser.add_argument("--iters", type=int, default=10, help="ALS iterations (default 10)")
+    parser.add_argument(
+        "--skip", action="append", choices=PEERS, default=[], help="leave a peer out; repeatable"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="timed fits per model and solver, fastest reported (default 3 on small, 1 on large)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="matrix, split and init seed")
+    parser.add_argument("--json_out", help="also write the result as JSON to this path")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    if args.k < 1 or args.iters < 1 or (args.repeats is not None and args.repeats < 1):
+        parser.error("--k, --iters and --repeats must be >= 1")
+    repeats = args.repeats or (3 if args.size == "small" else 1)
+    result = run_benchmark(args.size, args.k, args.iters, args.skip, repeats, args.seed)
+    print(format_table(result))
+    if args.json_out:
+        with open(args.json_out, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

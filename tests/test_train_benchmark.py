@@ -1,0 +1,169 @@
+"""Tests of the training benchmark: the synthetic matrices (fast) and the small run (slow).
+
+The slow test runs `python -m benchmarks.train_benchmark --size small` in a subprocess, the real
+entry point, so that TensorFlow's thread pools and the Spark JVM start fresh:
+
+    ./run_tests.sh -m slow tests/test_train_benchmark.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import matrices
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (600, 200)
+NNZ = 6_000
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    return matrices.synthetic_matrix(*SHAPE, NNZ, seed=3)
+
+
+def _cells(m) -> set[tuple[int, int]]:
+    return set(zip(m.row_ids().tolist(), m.indices.tolist(), strict=True))
+
+
+def test_synthetic_matrix_shape_nnz_values_and_determinism(matrix):
+    assert matrix.shape == SHAPE
+    assert matrix.nnz == NNZ
+    assert matrix.values.min() > 0 and matrix.values.max() <= 1
+    assert np.median(matrix.values) == pytest.approx(matrices.MEDIAN_RATING, rel=0.05)
+    # Rows are CSR-sorted with distinct columns.
+    keys = matrix.row_ids() * SHAPE[1] + matrix.indices
+    assert np.all(np.diff(keys) > 0)
+
+    again = matrices.synthetic_matrix(*SHAPE, NNZ, seed=3)
+    np.testing.assert_array_equal(again.indptr, matrix.indptr)
+    np.testing.assert_array_equal(again.indices, matrix.indices)
+    np.testing.assert_array_equal(again.values, matrix.values)
+    other = matrices.synthetic_matrix(*SHAPE, NNZ, seed=4)
+    assert _cells(other) != _cells(matrix)
+
+
+def test_synthetic_matrix_popularity_is_skewed(matrix):
+    counts = np.sort(matrix.col_counts())[::-1]
+    top_decile_share = counts[: SHAPE[1] // 10].sum() / matrix.nnz
+    assert top_decile_share > 0.3  # Uniform popularity would give about 0.1.
+    assert counts[0] > 10 * np.median(counts)
+    flat = matrices.synthetic_matrix(*SHAPE, NNZ, seed=3, popularity_exponent=0.0, noise=1.0)
+    flat_counts = np.sort(flat.col_counts())[::-1]
+    assert flat_counts[: SHAPE[1] // 10].sum() / flat.nnz < 0.15
+
+
+def test_synthetic_matrix_has_planted_low_rank_structure():
+    """Beyond the first singular direction (popularity x activity), the energy of the next
+    rank - 1 = 3 directions of the 0/1 matrix is about twice that of popularity-only views."""
+    planted = matrices.synthetic_matrix(400, 200, 4_000, seed=0, rank=4, noise=0.0)
+    popularity_only = matrices.synthetic_matrix(400, 200, 4_000, seed=0, rank=4, noise=1.0)
+
+    def topic_energy(m) -> float:
+        singular = np.linalg.svd((m.to_dense() > 0).astype(np.float64), compute_uv=False) ** 2
+        return float(singular[1:4].sum() / singular.sum())
+
+    assert topic_energy(planted) > 1.5 * topic_energy(popularity_only)
+
+
+def test_synthetic_matrix_rejects_impossible_requests():
+    with pytest.raises(ValueError):
+        matrices.synthetic_matrix(10, 10, 60, seed=0)
+    with pytest.raises(ValueError):
+        matrices.synthetic_matrix(0, 10, 1, seed=0)
+
+
+def test_split_cells_is_a_deterministic_partition_by_cell(matrix):
+    train, heldout = matrices.split_cells(matrix, 0.2, seed=7)
+    assert train.shape == heldout.shape == matrix.shape
+    assert train.nnz + heldout.nnz == matrix.nnz
+    assert _cells(train) | _cells(heldout) == _cells(matrix)
+    assert not _cells(train) & _cells(heldout)
+    assert heldout.nnz / matrix.nnz == pytest.approx(0.2, abs=0.03)
+    dense = matrix.to_dense()
+    np.testing.assert_array_equal(train.to_dense() + heldout.to_dense(), dense)
+
+    again_train, again_heldout = matrices.split_cells(matrix, 0.2, seed=7)
+    assert _cells(again_heldout) == _cells(heldout)
+    assert _cells(matrices.split_cells(matrix, 0.2, seed=8)[1]) != _cells(heldout)
+    # By cell: a cell's side does not depend on the other cells of the matrix.
+    first_rows = matrix.row_slice(0, 100)
+    padded = type(matrix)(
+        np.concatenate([first_rows.indptr, np.full(SHAPE[0] - 100, first_rows.nnz)]),
+        first_rows.indices,
+        first_rows.values,
+        SHAPE,
+    )
+    sub_heldout = matrices.split_cells(padded, 0.2, seed=7)[1]
+    assert _cells(sub_heldout) == {cell for cell in _cells(heldout) if cell[0] < 100}
+
+
+def test_split_cells_edges(matrix):
+    train, heldout = matrices.split_cells(matrix, 0.0, seed=1)
+    assert (train.nnz, heldout.nnz) == (matrix.nnz, 0)
+    train, heldout = matrices.split_cells(matrix, 1.0, seed=1)
+    assert (train.nnz, heldout.nnz) == (0, matrix.nnz)
+    with pytest.raises(ValueError):
+        matrices.split_cells(matrix, 1.5, seed=1)
+
+
+@pytest.mark.slow
+def test_small_benchmark_end_to_end(tmp_path):
+    """Ours reaches 90% of the best peer's NDCG@20 and its CG is at most 2x implicit's s/iter."""
+    pytest.importorskip("scipy")
+    pytest.importorskip("implicit")
+    # Spark is optional: left out without pyspark or a Java runtime to run it on.
+    has_java = shutil.which("java") or os.environ.get("JAVA_HOME")
+    skip = [] if importlib.util.find_spec("pyspark") and has_java else ["--skip", "spark"]
+    out = tmp_path / "small.json"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.train_benchmark",
+        "--size",
+        "small",
+        "--json_out",
+        str(out),
+        *skip,
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    completed = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "NDCG@20" in completed.stdout
+    result = json.loads(out.read_text())
+
+    rows = {(row["model"], row["solver"]): row for row in result["rows"]}
+    expected = {
+        ("ours", "cg"),
+        ("ours", "cholesky"),
+        ("implicit", "cg"),
+        ("implicit", "cholesky"),
+        ("popularity", "-"),
+    }
+    if not skip:
+        expected.add(("spark", "cholesky"))
+    assert set(rows) == expected
+    assert set(result["chosen"]) == {model for model, _ in expected} - {"popularity"}
+    for name, grid in result["grids"].items():
+        assert len(grid) == 6, name
+
+    best_peer = max(
+        row["ndcg@20"] for (model, _), row in rows.items() if model in ("implicit", "spark")
+    )
+    assert rows["ours", "cg"]["ndcg@20"] >= 0.9 * best_peer, completed.stdout
+    ours, theirs = rows["ours", "cg"], rows["implicit", "cg"]
+    assert ours["seconds_per_iter"] <= 2 * theirs["seconds_per_iter"], (
+        f"ours (cg) takes {ours['seconds_per_iter']:.4f} s/iter, of which "
+        f"{ours['loss_seconds_per_iter']:.4f} s is the training loss; implicit (cg) takes "
+        f"{theirs['seconds_per_iter']:.4f} s/iter\n{completed.stdout}"
+    )
