@@ -346,6 +346,24 @@ def test_fit_is_deterministic_and_independent_of_chunking(matrix):
     assert not np.allclose(other.user_factors, first.user_factors)
 
 
+def test_fit_without_loss_gives_the_same_factors_and_no_history(matrix):
+    config = dataclasses.replace(CONFIG, num_iters=3)
+    with_loss = wals.fit(matrix, config, show_progress=False, dtype=F64, **NO_XLA)
+    losses = []
+    without = wals.fit(
+        matrix,
+        config,
+        callback=lambda i, fac, loss: losses.append(loss),
+        show_progress=False,
+        dtype=F64,
+        compute_loss=False,
+        **NO_XLA,
+    )
+    np.testing.assert_array_equal(without.user_factors, with_loss.user_factors)
+    assert without.history == [] and losses == [None, None, None]
+    assert len(with_loss.history) == 3
+
+
 def test_fit_in_float32_with_cg_tracks_the_exact_float64_fit(matrix):
     calls = []
     config = dataclasses.replace(CONFIG, solver="cg", cg_steps=3, num_iters=5)

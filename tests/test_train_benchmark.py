@@ -115,21 +115,20 @@ def test_split_cells_edges(matrix):
         matrices.split_cells(matrix, 1.5, seed=1)
 
 
-@pytest.mark.slow
-def test_small_benchmark_end_to_end(tmp_path):
-    """Ours reaches 90% of the best peer's NDCG@20 and its CG is at most 2x implicit's s/iter."""
+def _run_benchmark(tmp_path, size: str) -> tuple[dict, dict, str]:
+    """Runs the benchmark at `size`; returns ({(model, solver): row}, the result, stdout)."""
     pytest.importorskip("scipy")
     pytest.importorskip("implicit")
     # Spark is optional: left out without pyspark or a Java runtime to run it on.
     has_java = shutil.which("java") or os.environ.get("JAVA_HOME")
     skip = [] if importlib.util.find_spec("pyspark") and has_java else ["--skip", "spark"]
-    out = tmp_path / "small.json"
+    out = tmp_path / f"{size}.json"
     command = [
         sys.executable,
         "-m",
         "benchmarks.train_benchmark",
         "--size",
-        "small",
+        size,
         "--json_out",
         str(out),
         *skip,
@@ -157,13 +156,25 @@ def test_small_benchmark_end_to_end(tmp_path):
     for name, grid in result["grids"].items():
         assert len(grid) == 6, name
 
-    best_peer = max(
-        row["ndcg@20"] for (model, _), row in rows.items() if model in ("implicit", "spark")
-    )
-    assert rows["ours", "cg"]["ndcg@20"] >= 0.9 * best_peer, completed.stdout
+    return rows, result, completed.stdout
+
+
+def _best_peer_ndcg(rows: dict) -> float:
+    return max(row["ndcg@20"] for (model, _), row in rows.items() if model in ("implicit", "spark"))
+
+
+@pytest.mark.slow
+def test_small_benchmark_end_to_end(tmp_path):
+    """On the small matrix, ours reaches 90% of the best peer's NDCG@20."""
+    rows, _, stdout = _run_benchmark(tmp_path, "small")
+    assert rows["ours", "cg"]["ndcg@20"] >= 0.9 * _best_peer_ndcg(rows), stdout
+
+
+@pytest.mark.slow
+def test_large_benchmark_bars(tmp_path):
+    """On the 100K x 20K x 5M matrix (about 15 minutes): ours (CG) at most 2x implicit CG's
+    seconds per iteration, and NDCG@20 at least 95% of the best peer's."""
+    rows, _, stdout = _run_benchmark(tmp_path, "large")
+    assert rows["ours", "cg"]["ndcg@20"] >= 0.95 * _best_peer_ndcg(rows), stdout
     ours, theirs = rows["ours", "cg"], rows["implicit", "cg"]
-    assert ours["seconds_per_iter"] <= 2 * theirs["seconds_per_iter"], (
-        f"ours (cg) takes {ours['seconds_per_iter']:.4f} s/iter, of which "
-        f"{ours['loss_seconds_per_iter']:.4f} s is the training loss; implicit (cg) takes "
-        f"{theirs['seconds_per_iter']:.4f} s/iter\n{completed.stdout}"
-    )
+    assert ours["seconds_per_iter"] <= 2 * theirs["seconds_per_iter"], stdout
