@@ -312,6 +312,23 @@ def test_fit_matches_the_dense_oracle_and_the_loss_never_increases(matrix, schem
     assert all(b <= a * (1 + 1e-12) for a, b in zip(totals, totals[1:], strict=False))
 
 
+def test_binary_target_fits_preferences_weighted_by_confidence(matrix):
+    config = dataclasses.replace(
+        CONFIG, weighting="confidence", confidence_alpha=4.0, binary_target=True, num_iters=4
+    )
+    factors = wals.fit(matrix, config, show_progress=False, dtype=F64)
+    n, m = matrix.shape
+    x0 = wals.initial_factors(n, 3, config.init_stddev, config.seed, wals.USERS)
+    y0 = wals.initial_factors(m, 3, config.init_stddev, config.seed, wals.ITEMS)
+    # W from the ratings (w0 + α r), but the target is 1 on every observed cell.
+    w = weight_matrix(matrix, config.observed_weights(matrix), config.unobserved_weight)
+    observed = matrix.to_dense() != 0
+    reg_u, reg_i = dense_wals.dense_regularization(observed, 0.05, config.unobserved_weight, 1.0)
+    x, y = dense_wals.fit(observed.astype(np.float64), w, x0, y0, reg_u, reg_i, 4)
+    np.testing.assert_allclose(factors.user_factors, x, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(factors.item_factors, y, rtol=1e-7, atol=1e-10)
+
+
 def test_fit_recovers_an_exact_low_rank_matrix():
     rng = np.random.default_rng(6)
     dense = rng.uniform(0.5, 1.0, (12, 2)) @ rng.uniform(0.5, 1.0, (2, 9))  # rank 2, all > 0

@@ -172,8 +172,9 @@ def test_small_benchmark_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_large_benchmark_bars(tmp_path):
-    """On the 100K x 20K x 5M matrix (about 30 minutes, Spark's tuning most of it): ours (CG) at most 2x implicit CG's
-    seconds per iteration, and NDCG@20 at least 95% of the best peer's."""
+    """On the 100K x 20K x 5M matrix (about 30 minutes, most of it Spark's tuning): ours (CG)
+    at most 2x implicit CG's seconds per iteration, and NDCG@20 at least 95% of the best
+    peer's."""
     rows, _, stdout = _run_benchmark(tmp_path, "large")
     assert rows["ours", "cg"]["ndcg@20"] >= 0.95 * _best_peer_ndcg(rows), stdout
     ours, theirs = rows["ours", "cg"], rows["implicit", "cg"]

@@ -183,6 +183,7 @@ class _Recommender(tf.Module):
         }
         self._confidence = config["weighting"] == weights.CONFIDENCE
         self._alpha = float(config.get("confidence_alpha", 1.0))
+        self._binary_target = bool(config.get("binary_target", False))
 
         users_file = os.path.join(vocab_dir, f"{features.USER_VOCAB}.txt")
         items_file = os.path.join(vocab_dir, f"{features.ITEM_VOCAB}.txt")
@@ -310,7 +311,8 @@ class _Recommender(tf.Module):
         else:
             f = tf.gather(self.item_f, items)
         reg = tf.gather(self.regularization, tf.size(items))
-        b = tf.linalg.matvec(y, (self._w0 + f) * r, transpose_a=True)
+        target = tf.ones_like(r) if self._binary_target else r
+        b = tf.linalg.matvec(y, (self._w0 + f) * target, transpose_a=True)
         x = solver.solve_normal_equations(
             solver.observed_gramians(y[None], f[None]), b[None], self.w0_gramian, reg[None]
         )

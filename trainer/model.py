@@ -170,7 +170,8 @@ class WALSModel:
         ratings = scaling.scale(raw, self.config["scaling"], self.config["scale_stats"]).numpy()
         config = self.wals_config()
         f = config.cell_weights(items, ratings, self.item_counts)
-        x = wals.fold_in(self.item_factors, None, items, ratings, f, config)
+        targets = np.ones_like(ratings) if config.binary_target else ratings
+        x = wals.fold_in(self.item_factors, None, items, targets, f, config)
         return x.astype(np.float32), items
 
     def recommend_for_history(

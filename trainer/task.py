@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"α in confidence f = α r (default {defaults.confidence_alpha})",
     )
     hp.add_argument(
+        "--binary_target",
+        action="store_true",
+        help="fit 1 on observed cells instead of r (Hu-Koren-Volinsky preference); r then "
+        "only weighs cells, e.g. with --weighting confidence",
+    )
+    hp.add_argument(
         "--solver",
         default=defaults.solver,
         choices=("cholesky", "cg"),

@@ -54,6 +54,8 @@ class WALSConfig:
         cg_steps: CG steps per solve.
         init_stddev: σ; factors start i.i.d. N(0, (σ/√k)²).
         seed: seed of the initialisation; the result is a function of the data and the config.
+        binary_target: fit 1 instead of r_ui on observed cells (Hu, Koren & Volinsky's
+            preference); r_ui then only enters through the weights, e.g. `confidence`.
     """
 
     latent_factors: int = 32
@@ -71,6 +73,7 @@ class WALSConfig:
     cg_steps: int = 3
     init_stddev: float = 0.1
     seed: int = 0
+    binary_target: bool = False
 
     def validate(self) -> None:
         """Raises ValueError naming the first invalid field."""
@@ -250,8 +253,11 @@ def fit(
     n_users, n_items = matrix.shape
     k = config.latent_factors
     w0 = config.unobserved_weight
-    transposed, perm = matrix.transpose_with_perm()
     f = config.observed_weights(matrix)
+    if config.binary_target:
+        # Hu, Koren & Volinsky's preference: fit 1 on every observed cell; r only weighs it.
+        matrix = dataclasses.replace(matrix, values=np.ones_like(matrix.values))
+    transposed, perm = matrix.transpose_with_perm()
     reg_users = config.row_regularization(matrix.row_counts(), n_items)
     reg_items = config.row_regularization(transposed.row_counts(), n_users)
     start = time.perf_counter()
