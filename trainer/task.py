@@ -171,6 +171,11 @@ def _summaries(writer, step: int, values: dict, prefix: str) -> None:
     writer.flush()
 
 
+def _scorer(factors: wals.WALSFactors):
+    """userIds int [b] -> scores float32 [b, n_items] = X[users] Yᵀ."""
+    return lambda users: factors.user_factors[users] @ factors.item_factors.T
+
+
 def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
     """Loads, trains, evaluates and writes everything under `out`; returns metrics.json."""
     config = config_from_args(args)
@@ -182,8 +187,7 @@ def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
     def on_iteration(iteration: int, factors, loss: dict) -> None:
         record = {"iteration": iteration, **{f"loss/{k}": float(v) for k, v in loss.items()}}
         if args.eval_every and iteration % args.eval_every == 0 and heldout.nnz:
-            scores_fn = lambda users: factors.user_factors[users] @ factors.item_factors.T  # noqa: E731
-            evaluated = metrics.evaluate(scores_fn, train, heldout, ks=args.eval_ks)
+            evaluated = metrics.evaluate(_scorer(factors), train, heldout, ks=args.eval_ks)
             record.update({f"eval/{k}": v for k, v in evaluated.items()})
         history.append(record)
         _summaries(writer, iteration, {k: v for k, v in record.items() if k != "iteration"}, "wals")
@@ -191,9 +195,6 @@ def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
     start = time.monotonic()
     factors = wals.fit(train, config, callback=on_iteration, show_progress=not args.no_progress)
     train_seconds = time.monotonic() - start
-
-    def wals_scores(users):
-        return factors.user_factors[users] @ factors.item_factors.T
 
     result = {
         "train_seconds": round(train_seconds, 3),
@@ -210,7 +211,7 @@ def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
         )
         result["wals"] = {
             "rmse": metrics.rmse(predicted, heldout.values),
-            **metrics.evaluate(wals_scores, train, heldout, ks=args.eval_ks),
+            **metrics.evaluate(_scorer(factors), train, heldout, ks=args.eval_ks),
         }
         result["popularity"] = metrics.evaluate_popularity(train, heldout, ks=args.eval_ks)
         _summaries(writer, config.num_iters, result["popularity"], "popularity")
