@@ -144,18 +144,11 @@ def item_observed_weights(model: WALSModel) -> np.ndarray:
         float32 [n_items], f_i as `trainer.weights.cell_weights` computes it with c_i =
         model.item_counts. Items with c_i = 0 (no train cell, so y_i = 0) get f_i = 0.
     """
-    config = model.config
     counts = np.asarray(model.item_counts, dtype=np.int64)
     f = np.zeros(counts.size, dtype=np.float32)
     observed = np.flatnonzero(counts > 0)
-    f[observed] = weights.cell_weights(
-        observed,
-        np.zeros(observed.size, dtype=np.float32),
-        counts,
-        config["weighting"],
-        feature_wt_factor=float(config.get("feature_wt_factor", 1.0)),
-        feature_wt_exp=float(config.get("feature_wt_exp", 1.0)),
-    )
+    ratings = np.zeros(observed.size, dtype=np.float32)  # Unused by the item-only schemes.
+    f[observed] = model.wals_config().cell_weights(observed, ratings, counts)
     return f
 
 
@@ -227,13 +220,7 @@ class _Recommender(tf.Module):
         )
         # λ_u for every possible number of given items n = 0..N_items.
         self.regularization = tf.Variable(
-            weights.regularization(
-                np.arange(n_items + 1),
-                float(config["regularization"]),
-                self._w0,
-                n_items,
-                float(config["regularization_exp"]),
-            ),
+            model.wals_config().row_regularization(np.arange(n_items + 1), n_items),
             trainable=False,
             name="regularization",
         )
