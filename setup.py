@@ -14,6 +14,8 @@ REQUIRED = [
     # tf.summary.scalar needs it; TF 2.21 no longer installs it.
     "tensorboard>=2.20",
     "numpy>=1.26",
+    # pipeline/records.py parses JSONL sessions with it.
+    "orjson>=3.9.7,<4",
     "tqdm>=4.66",
 ]
 
