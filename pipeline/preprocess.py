@@ -5,7 +5,7 @@ r"""The preprocessing pipeline: GA360 sessions -> TF Transform -> sparse rating-
         [--eval_fraction 0.1] [--scaling median|log1p|unit|raw] [any Beam pipeline option]
 
 Graph:
-    ReadLines | ParseEvents -> events, rejected
+    ReadInput | ParseEvents -> events, rejected
     events | SumPerPair | SplitTrainEval -> train pairs, eval pairs
     train | AnalyzeAndTransform (vocabularies, median) -> transformed train, transform_fn
     eval | TransformEval (with the train transform_fn) -> transformed eval
@@ -51,6 +51,29 @@ def _scale_stats(row: dict) -> dict:
     return {name: float(row[key]) for key, name in _STAT_NAMES.items() if key in row}
 
 
+class ReadInput(beam.PTransform):
+    """The pipeline's input: --input files or a BigQuery table or query.
+
+    Input: the pipeline root. Output: PCollection[bytes], the lines of the --input files without
+    their line endings (each file plain, or gzip when its name ends in .gz), or PCollection[dict],
+    the GA360 rows of --bigquery_table / --bigquery_query.
+    """
+
+    def __init__(self, opts: preprocess_options.PreprocessOptions):
+        super().__init__()
+        self._opts = opts
+
+    def expand(self, root):
+        opts = self._opts
+        if opts.input:
+            return root | "ReadLines" >> beam.io.ReadFromText(
+                opts.input, coder=beam.coders.BytesCoder()
+            )
+        return root | "ReadSessionsFromBigQuery" >> beam.io.ReadFromBigQuery(
+            table=opts.bigquery_table, query=opts.bigquery_query, use_standard_sql=True
+        )
+
+
 def build_pipeline(
     p: beam.Pipeline,
     opts: preprocess_options.PreprocessOptions,
@@ -70,13 +93,7 @@ def build_pipeline(
         item_min_count=opts.item_min_count,
         quantile_epsilon=opts.quantile_epsilon,
     )
-    if opts.input:
-        lines = p | "ReadLines" >> beam.io.ReadFromText(opts.input, coder=beam.coders.BytesCoder())
-    else:
-        lines = p | "ReadSessionsFromBigQuery" >> beam.io.ReadFromBigQuery(
-            table=opts.bigquery_table, query=opts.bigquery_query, use_standard_sql=True
-        )
-
+    lines = p | "ReadInput" >> ReadInput(opts)
     parsed = lines | "ParseEvents" >> events.ParseEvents(opts.input_format, session_config)
     _ = parsed[events.REJECTED_TAG] | "WriteRejected" >> beam.io.WriteToText(
         f"{output_dir}/{features.REJECTED_DIR}/rejected", file_name_suffix=".jsonl"
