@@ -3,9 +3,15 @@
 import gzip
 import json
 
+import apache_beam as beam
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import records
+from pipeline import options as preprocess_options
+from pipeline import preprocess, records
+from pipeline.events import EVENTS_TAG, REJECTED_TAG, ParseEvents
 from pipeline.records import Rejected, SessionConfig
 
 CONFIG = SessionConfig()
@@ -158,11 +164,38 @@ def test_movielens_separators_and_header():
         records.movielens_event("1::2")
 
 
-def test_gzip_line_roundtrip(tmp_path):
-    # The pipeline reads gzip through Beam; the parser itself only ever sees decompressed lines.
-    path = tmp_path / "s.json.gz"
-    line = session([page(0, "a"), page(7, "b")])
-    with gzip.open(path, "wt") as handle:
-        handle.write(line + "\n")
-    with gzip.open(path, "rb") as handle:
-        assert events(handle.readline().rstrip(b"\n")) == [("v1", "a", 7.0)]
+def test_gzip_input_reads_like_the_plain_file(tmp_path):
+    # The pipeline's own read (ReadInput) on a .gz and on the same lines uncompressed: both must
+    # parse to the same events and rejections. The .gz is two concatenated gzip members (what
+    # `cat a.gz b.gz` or an object-store compose makes); lines end in \n, \r\n or nothing.
+    lines = [
+        session([page(0, "a"), page(7, "b")]),
+        # Raw UTF-8, not \\u escapes: a line separator inside an ID must not split the line.
+        json.dumps(
+            {"fullVisitorId": "v2", "visitId": 1, "hits": [page(0, "x\u2028y"), page(5, "é")]},
+            ensure_ascii=False,
+        ),
+        "not json",
+        session([page(0, "c"), page(30, "d")], visitor="v3"),
+    ]
+    first = (lines[0] + "\r\n" + lines[1] + "\n").encode()
+    second = (lines[2] + "\n" + lines[3]).encode()
+    (tmp_path / "sessions.json").write_bytes(first + second)
+    (tmp_path / "sessions.json.gz").write_bytes(gzip.compress(first) + gzip.compress(second))
+    expected = [("v1", "a", 7.0), ("v2", "x\u2028y", 5.0), ("v3", "c", 30.0)]
+
+    with TestPipeline() as p:
+        for name in ("sessions.json", "sessions.json.gz"):
+            opts = PipelineOptions(["--input", str(tmp_path / name)]).view_as(
+                preprocess_options.PreprocessOptions
+            )
+            parsed = (
+                p
+                | f"Read {name}" >> preprocess.ReadInput(opts)
+                | f"Parse {name}" >> ParseEvents("ga360", CONFIG)
+            )
+            assert_that(parsed[EVENTS_TAG], equal_to(expected), label=f"Events {name}")
+            reasons = parsed[REJECTED_TAG] | f"Reasons {name}" >> beam.Map(
+                lambda record: json.loads(record)["reason"]
+            )
+            assert_that(reasons, equal_to(["malformed_json"]), label=f"Rejected {name}")
