@@ -1,7 +1,9 @@
 """Beam composites: ParseEvents, SumPerPair, SplitTrainEval, DropOutOfVocabulary, matrix I/O."""
 
 import glob
+import hashlib
 import json
+import math
 
 import apache_beam as beam
 import pytest
@@ -68,12 +70,58 @@ def test_movielens_keeps_latest_rating():
         assert_that(pairs, equal_to([("u", "m", 4.5), ("u", "n", 1.0)]))
 
 
-def test_split_is_deterministic_and_near_fraction():
+# The first 8 bytes of sha256(visitorId + "\x1f" + contentId), computed once and pasted here, so a
+# change of the split rule (hash, separator, encoding, byte order) fails the tests: it would move
+# pairs between train and eval in every existing dataset.
+SPLIT_DIGESTS = {
+    ("v1", "a"): "342eddf2b5222316",
+    ("v1", "b"): "1ee5f0d994f2a6c1",
+    ("v2", "a"): "23ccf0faf64ff805",
+    ("1234567890123456789", "/home"): "c13345c9f0157d6a",
+    ("visitor", "content"): "66acd509c00dd708",
+    ("ü", "café"): "1fac160cec3ab374",
+    ("", "x"): "0a08c67db8521ee0",
+    ("v7", "c3"): "2e98abca85330418",
+    ("42", "/products/p-17"): "b2e6732063b671d5",
+    ("u", "m"): "7f84dd8b73f3a8eb",
+}
+
+
+def test_split_digests_follow_the_documented_rule():
+    for (visitor, content), digest in SPLIT_DIGESTS.items():
+        computed = hashlib.sha256(visitor.encode() + b"\x1f" + content.encode()).digest()[:8]
+        assert computed.hex() == digest, (visitor, content)
+
+
+def test_split_puts_a_pair_in_eval_exactly_below_its_hash_position():
+    for (visitor, content), digest in SPLIT_DIGESTS.items():
+        position = int(digest, 16) / 2.0**64
+        assert not events.is_eval(visitor, content, position), (visitor, content)
+        assert events.is_eval(visitor, content, math.nextafter(position, 1.0)), (visitor, content)
+        assert not events.is_eval(visitor, content, 0.0)
+        assert events.is_eval(visitor, content, 1.0)
+
+
+def test_split_assignments_are_pinned():
+    eval_at_15_percent = {pair for pair in SPLIT_DIGESTS if events.is_eval(*pair, 0.15)}
+    assert eval_at_15_percent == {("v1", "b"), ("v2", "a"), ("ü", "café"), ("", "x")}
+    eval_at_half = {pair for pair in SPLIT_DIGESTS if events.is_eval(*pair, 0.5)}
+    assert eval_at_half == {
+        ("v1", "a"),
+        ("v1", "b"),
+        ("v2", "a"),
+        ("visitor", "content"),
+        ("ü", "café"),
+        ("", "x"),
+        ("v7", "c3"),
+        ("u", "m"),
+    }
+
+
+def test_split_fraction_is_near_eval_fraction():
     keys = [(f"v{i}", f"c{i % 97}") for i in range(20000)]
-    flags = [events.is_eval(v, c, 0.1) for v, c in keys]
-    assert flags == [events.is_eval(v, c, 0.1) for v, c in keys]
-    assert 0.09 < sum(flags) / len(flags) < 0.11
-    assert not any(events.is_eval(v, c, 0.0) for v, c in keys)
+    share = sum(events.is_eval(v, c, 0.1) for v, c in keys) / len(keys)
+    assert 0.09 < share < 0.11
 
 
 def test_split_train_eval_partitions_every_pair_once():
