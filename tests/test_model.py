@@ -15,16 +15,21 @@ N_USERS, N_ITEMS, K = 7, 12, 4
 SEEN = [[0, 1], [2], [0, 3, 5, 7, 9, 11], [], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [6], [0, 11]]
 USERS = [f"visitor-{u}" for u in range(N_USERS)]
 ITEMS = [f"/article/{i}" for i in range(N_ITEMS)]
+# Small integer factors: every score x_u . y_i is an integer, exact in float32 whatever the
+# summation order, so scores compare with ==, and tied scores are real ties that the documented
+# rule (lower itemId first) must break. Items 2 and 8 have the same factors on purpose.
+RNG = np.random.default_rng(5)
+USER_FACTORS = RNG.integers(-2, 3, (N_USERS, K)).astype(np.float32)
+ITEM_FACTORS = RNG.integers(-2, 3, (N_ITEMS, K)).astype(np.float32)
 
 
 @pytest.fixture()
 def model() -> model_lib.WALSModel:
-    rng = np.random.default_rng(3)
     indptr = np.concatenate([[0], np.cumsum([len(s) for s in SEEN])]).astype(np.int64)
     indices = np.concatenate([np.asarray(s, np.int32) for s in SEEN])
     return model_lib.WALSModel(
-        user_factors=rng.standard_normal((N_USERS, K)).astype(np.float32),
-        item_factors=rng.standard_normal((N_ITEMS, K)).astype(np.float32),
+        user_factors=USER_FACTORS.copy(),
+        item_factors=ITEM_FACTORS.copy(),
         seen_indptr=indptr,
         seen_indices=indices,
         item_counts=np.bincount(indices, minlength=N_ITEMS).astype(np.int64),
@@ -34,40 +39,70 @@ def model() -> model_lib.WALSModel:
     )
 
 
+def dense_top_k(user: int, k: int) -> tuple[list[int], list[float]]:
+    """The oracle: (itemIds, scores) best first, scores = x_u . Y in float64 over the dense
+    factors, the user's seen items left out, ties broken by the lower itemId."""
+    scores = ITEM_FACTORS.astype(np.float64) @ USER_FACTORS[user].astype(np.float64)
+    eligible = [i for i in range(N_ITEMS) if i not in SEEN[user]]
+    ranked = sorted(eligible, key=lambda i: (-scores[i], i))[:k]
+    return ranked, [float(scores[i]) for i in ranked]
+
+
 def oracle_top_k(model, user: int, k: int) -> list[str]:
-    scores = model.user_factors[user].astype(np.float64) @ model.item_factors.T.astype(np.float64)
-    ranked = sorted((i for i in range(N_ITEMS) if i not in SEEN[user]), key=lambda i: -scores[i])
-    return [ITEMS[i] for i in ranked[:k]]
+    return [ITEMS[i] for i in dense_top_k(user, k)[0]]
 
 
-def test_recommend_matches_numpy_and_excludes_seen(model):
-    for k in (1, 3, 12):
+def test_fixture_has_ties_at_a_cut_off():
+    # Otherwise the tie rule would go untested.
+    cuts = [
+        (user, k)
+        for user in range(N_USERS)
+        for k in range(1, N_ITEMS - len(SEEN[user]))
+        if dense_top_k(user, k + 1)[1][k - 1] == dense_top_k(user, k + 1)[1][k]
+    ]
+    assert len(cuts) >= 3
+
+
+def test_recommend_matches_dense_oracle_in_order_and_score(model):
+    for k in range(1, N_ITEMS + 1):
         for user, recs in enumerate(model.recommend(USERS, k)):
+            ids, scores = dense_top_k(user, k)
             assert recs.known and recs.visitor_id == USERS[user]
-            assert recs.content_ids == oracle_top_k(model, user, k)
-            assert not set(recs.content_ids) & {ITEMS[i] for i in SEEN[user]}
-            assert recs.scores == sorted(recs.scores, reverse=True)
+            assert recs.content_ids == [ITEMS[i] for i in ids], (user, k)
+            assert recs.scores == scores, (user, k)
 
 
 def test_recommend_unknown_visitor_gets_popular_items(model):
-    unknown, known = model.recommend(["nobody", USERS[1]], k=3)
-    counts = np.bincount(np.concatenate([s for s in SEEN if s]), minlength=N_ITEMS)
-    popular = sorted(range(N_ITEMS), key=lambda i: (-counts[i], i))[:3]
-    assert not unknown.known and unknown.content_ids == [ITEMS[i] for i in popular]
-    assert known.known and known.content_ids == oracle_top_k(model, 1, 3)
+    unknown, known = model.recommend(["nobody", USERS[1]], k=4)
+    # Train counts per item, from SEEN: 0:3, 1:2, 2:2, 3:2, 4:1, 5:2, 6:2, 7:2, 8:1, 9:2, 10:1,
+    # 11:2; ties go to the lower itemId.
+    assert not unknown.known
+    assert unknown.content_ids == [ITEMS[0], ITEMS[1], ITEMS[2], ITEMS[3]]
+    assert unknown.scores == [3.0, 2.0, 2.0, 2.0]
+    ids, scores = dense_top_k(1, 4)
+    assert known.known and known.content_ids == [ITEMS[i] for i in ids]
+    assert known.scores == scores
 
 
 def test_recommend_fewer_unseen_items_than_k(model):
+    # Visitor 4 has seen all but items 0 and 11: x_4 . y_0 = 2 and x_4 . y_11 = 0.
     (recs,) = model.recommend([USERS[4]], k=10)
-    assert sorted(recs.content_ids) == sorted([ITEMS[0], ITEMS[11]])
+    assert dense_top_k(4, 10) == ([0, 11], [2.0, 0.0])
+    assert recs.content_ids == [ITEMS[0], ITEMS[11]]
+    assert recs.scores == [2.0, 0.0]
 
 
-def test_similar_items_by_cosine(model):
-    (similar,) = model.similar_items([ITEMS[5]], k=3)
-    y = model.item_factors / np.linalg.norm(model.item_factors, axis=1, keepdims=True)
-    cosine = y @ y[5]
-    cosine[5] = -np.inf
-    assert [c for c, _ in similar] == [ITEMS[i] for i in np.argsort(-cosine)[:3]]
+def test_similar_items_by_cosine_in_order(model):
+    y = ITEM_FACTORS.astype(np.float64)
+    unit = y / np.linalg.norm(y, axis=1, keepdims=True)
+    # Items whose 4 nearest neighbours are separated, or tied only through the identical items
+    # 2 and 8 (bit-identical scores, so the lower itemId must come first).
+    for item in (0, 1, 3, 5, 6, 7, 11):
+        cosine = unit @ unit[item]
+        ranked = sorted((i for i in range(N_ITEMS) if i != item), key=lambda i: (-cosine[i], i))
+        (similar,) = model.similar_items([ITEMS[item]], k=4)
+        assert [c for c, _ in similar] == [ITEMS[i] for i in ranked[:4]], item
+        np.testing.assert_allclose([s for _, s in similar], cosine[ranked[:4]], rtol=1e-6)
     with pytest.raises(KeyError, match="unknown contentId"):
         model.similar_items(["nope"])
 
