@@ -261,19 +261,6 @@ def test_fold_in_without_known_items_returns_popular_items(exported):
     assert names == [ITEMS[i] for i in POPULAR if i != 1][:k]
 
 
-def test_load_and_recommend_strips_padding(exported):
-    model, path, _ = exported("uniform")
-    result = export.load_and_recommend(path, ["v2", "nobody"])
-    expected, _ = ref_top_k(model.user_factors[2] @ ITEM_FACTORS.T, SEEN[2], 2)
-    assert result["v2"]["contentIds"] == expected and result["v2"]["known"]
-    assert len(result["v2"]["scores"]) == 2
-    assert result["nobody"] == {
-        "contentIds": ["c1", "c2", "c0", "c3"],
-        "scores": [3.0, 3.0, 2.0, 2.0],
-        "known": False,
-    }
-
-
 def test_export_rejects_bad_arguments(tmp_path):
     model = make_model("uniform")
     with pytest.raises(ValueError, match="k must be > 0"):

@@ -47,10 +47,6 @@ class Dataset:
     items: list[str]
     summary: dict
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.train.shape
-
 
 def _files(directory: str, split: str, name: str) -> list[str]:
     pattern = f"{directory}/{split}/{name}-*{features.TFRECORD_SUFFIX}"

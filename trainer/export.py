@@ -384,28 +384,3 @@ def export_saved_model(model: WALSModel, export_dir: str, k: int = 10) -> str:
     )
     return export_dir
 
-
-def load_and_recommend(export_dir: str, visitor_ids: list[str]) -> dict[str, dict]:
-    """Loads an exported model and runs `serving_default`; for docs, tests and quick checks.
-
-    Args:
-        export_dir: a directory written by `export_saved_model`.
-        visitor_ids: visitorIds to recommend for.
-
-    Returns:
-        {visitorId: {"contentIds": list[str], "scores": list[float], "known": bool}}, padding
-        ("" and -inf) removed.
-    """
-    serve = tf.saved_model.load(export_dir).signatures[SERVING_SIGNATURE]
-    out = serve(**{VISITOR_ID: tf.constant(visitor_ids, dtype=tf.string)})
-    result = {}
-    for row, visitor in enumerate(visitor_ids):
-        names = [name.decode() for name in out[CONTENT_IDS][row].numpy()]
-        scores = out[SCORES][row].numpy().tolist()
-        places = [j for j, name in enumerate(names) if name]
-        result[visitor] = {
-            CONTENT_IDS: [names[j] for j in places],
-            SCORES: [scores[j] for j in places],
-            KNOWN: bool(out[KNOWN][row].numpy()),
-        }
-    return result

@@ -67,10 +67,6 @@ class WALSModel:
         self._user_index = {visitor: u for u, visitor in enumerate(self.users)}
         self._item_index = {content: i for i, content in enumerate(self.items)}
 
-    @property
-    def k(self) -> int:
-        return self.item_factors.shape[1]
-
     def user_index(self, visitor_id: str) -> int | None:
         return self._user_index.get(visitor_id)
 
