@@ -89,29 +89,31 @@ def assert_metrics_equal(actual: dict, expected: dict) -> None:
         assert actual[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
 
 
-# ranking_metrics
+# The formulas, through evaluate: each score_fn below ranks items so that the list is known.
 
 
-def test_ranking_metrics_match_the_oracle_on_a_random_fixture():
-    rng = np.random.default_rng(7)
-    n_users, n_items, k_max = 60, 30, 12
-    relevant = [
-        set(rng.choice(n_items, size=rng.integers(0, 9), replace=False).tolist())
-        for _ in range(n_users)
-    ]
-    recommended = []
-    for _ in range(n_users):
-        length = int(rng.integers(0, k_max + 1))
-        recommended.append(rng.permutation(n_items)[:length].tolist() + [-1] * (k_max - length))
-    actual = metrics.ranking_metrics(np.array(recommended), csr_from_sets(relevant, n_items), KS)
-    expected = oracle_metrics(recommended, relevant, n_items, KS)
-    assert 0 < expected["users_evaluated"] < n_users
-    assert_metrics_equal(actual, expected)
+def ranked_scores(n_items: int, *lists: list[int]) -> np.ndarray:
+    """float [len(lists), n_items]: each list's items scored so they rank in the list's order,
+    above every other item (which scores 0)."""
+    scores = np.zeros((len(lists), n_items))
+    for u, items in enumerate(lists):
+        for rank, item in enumerate(items):
+            scores[u, item] = len(items) - rank
+    return scores
 
 
-def test_ranking_metrics_hand_computed_case():
+def evaluate_scores(scores, train, heldout, ks):
+    return metrics.evaluate(lambda users: scores[users], train, heldout, ks)
+
+
+def test_metrics_hand_computed_case():
     # Relevant {2, 5}; list [5, 1, 2]: hits at ranks 1 and 3.
-    result = metrics.ranking_metrics(np.array([[5, 1, 2]]), csr_from_sets([{2, 5}], 10), ks=(3, 1))
+    result = evaluate_scores(
+        ranked_scores(10, [5, 1, 2]),
+        csr_from_sets([set()], 10),
+        csr_from_sets([{2, 5}], 10),
+        (3, 1),
+    )
     assert list(result) == [
         "recall@1", "ndcg@1", "map@1", "precision@1", "coverage@1",
         "recall@3", "ndcg@3", "map@3", "precision@3", "coverage@3",
@@ -128,9 +130,11 @@ def test_ranking_metrics_hand_computed_case():
     assert result["users_evaluated"] == 1
 
 
-def test_ranking_metrics_miss_first_then_hit():
+def test_metrics_miss_first_then_hit():
     # Relevant {4}; list [0, 4, 1]: one hit at rank 2.
-    result = metrics.ranking_metrics(np.array([[0, 4, 1]]), csr_from_sets([{4}], 5), ks=(1, 3))
+    result = evaluate_scores(
+        ranked_scores(5, [0, 4, 1]), csr_from_sets([set()], 5), csr_from_sets([{4}], 5), (1, 3)
+    )
     assert result["recall@1"] == result["ndcg@1"] == result["map@1"] == 0
     assert result["recall@3"] == pytest.approx(1.0)
     assert result["ndcg@3"] == pytest.approx(1 / math.log2(3))
@@ -139,49 +143,36 @@ def test_ranking_metrics_miss_first_then_hit():
 
 
 def test_users_without_heldout_items_are_skipped():
-    relevant = csr_from_sets([{1}, set(), {2}], 6)
-    first = metrics.ranking_metrics(np.array([[1, 0], [3, 4], [0, 2]]), relevant, ks=(2,))
-    second = metrics.ranking_metrics(np.array([[1, 0], [5, -1], [0, 2]]), relevant, ks=(2,))
-    assert first == second
-    assert first["users_evaluated"] == 2
-    assert first["recall@2"] == pytest.approx(1.0)
-    assert first["coverage@2"] == pytest.approx(3 / 6)  # Items 0, 1 and 2; not user 1's.
+    # User 1 holds nothing out: its list [3, 4] must count neither in the means nor in coverage.
+    scores = ranked_scores(6, [1, 0], [3, 4], [0, 2])
+    train = csr_from_sets([set(), set(), set()], 6)
+    result = evaluate_scores(scores, train, csr_from_sets([{1}, set(), {2}], 6), (2,))
+    assert result["users_evaluated"] == 2
+    assert result["recall@2"] == pytest.approx(1.0)
+    assert result["coverage@2"] == pytest.approx(3 / 6)  # Items 0, 1 and 2; not user 1's.
 
 
 def test_coverage_counts_distinct_items_and_ignores_padding():
-    relevant = csr_from_sets([{0}, {9}, {5}], 10)
-    recommended = np.array([[0, 1, 2], [2, 3, 4], [2, -1, -1]])
-    result = metrics.ranking_metrics(recommended, relevant, ks=(1, 2, 3))
+    # User 2 has seen every item but 2 and 5, so its list is [2, 5] and then padding (-1). Were
+    # padding counted as an item, coverage would include the last item, 9.
+    scores = ranked_scores(10, [0, 1, 2], [2, 3, 4], [2, 5])
+    train = csr_from_sets([set(), set(), {0, 1, 3, 4, 6, 7, 8, 9}], 10)
+    heldout = csr_from_sets([{0}, {8}, {5}], 10)
+    result = evaluate_scores(scores, train, heldout, (1, 2, 3))
     assert result["coverage@1"] == pytest.approx(2 / 10)  # {0, 2}
-    assert result["coverage@2"] == pytest.approx(4 / 10)  # {0, 1, 2, 3}
-    assert result["coverage@3"] == pytest.approx(5 / 10)  # {0, 1, 2, 3, 4}
-    # Padding is a miss: user 2 has 0 hits out of k.
-    assert result["precision@3"] == pytest.approx((1 / 3 + 0 + 0) / 3)
+    assert result["coverage@2"] == pytest.approx(5 / 10)  # {0, 1, 2, 3, 5}
+    assert result["coverage@3"] == pytest.approx(6 / 10)  # {0, 1, 2, 3, 4, 5}
+    # Padding is a miss that still counts in precision's k: user 2 hits 1 of 3.
+    assert result["precision@3"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)
 
 
-def test_ranking_metrics_without_evaluated_users_are_nan():
-    result = metrics.ranking_metrics(np.array([[0, 1]]), csr_from_sets([set()], 3), ks=(2,))
+def test_metrics_without_evaluated_users_are_nan():
+    result = evaluate_scores(
+        ranked_scores(3, [0, 1]), csr_from_sets([set()], 3), csr_from_sets([set()], 3), (2,)
+    )
     assert result["users_evaluated"] == 0
     assert math.isnan(result["recall@2"])
     assert result["coverage@2"] == 0.0
-
-
-@pytest.mark.parametrize(
-    "recommended, ks, message",
-    [
-        (np.array([[0, 1]]), (), "at least one"),
-        (np.array([[0, 1]]), (0,), "positive"),
-        (np.array([[0, 1]]), (-3, 1), "positive"),
-        (np.array([[0, 1]]), (3,), "fewer than max"),
-        (np.array([[0, 1], [1, 2]]), (1,), "n_users"),
-        (np.array([[0, 0]]), (2,), "repeats"),
-        (np.array([[0, 7]]), (2,), "lie in"),
-        (np.array([[0.0, 1.0]]), (2,), "integer"),
-    ],
-)
-def test_ranking_metrics_validation(recommended, ks, message):
-    with pytest.raises(ValueError, match=message):
-        metrics.ranking_metrics(recommended, csr_from_sets([{1}], 4), ks)
 
 
 # top_k_excluding

@@ -232,51 +232,6 @@ class _RankingSums:
         return out
 
 
-def ranking_metrics(
-    recommended: np.ndarray,
-    relevant: CsrMatrix,
-    ks: Sequence[int] = DEFAULT_KS,
-) -> dict[str, float | int]:
-    """Recall, NDCG, MAP, precision and coverage at each cut-off k (formulas in the module doc).
-
-    Args:
-        recommended: int [n_users, K_max], each user's ranked item ids, best first; -1 marks
-            padding (a miss that covers no item). Real ids lie in [0, n_items) and do not repeat
-            within a row. K_max >= max(ks).
-        relevant: the held-out items, shape (n_users, n_items); every stored entry is a relevant
-            item (values are ignored). Users with no held-out item are skipped.
-        ks: the cut-offs, each > 0; evaluated in ascending order without duplicates.
-
-    Returns:
-        A flat dict: for each k ascending, "recall@k", "ndcg@k", "map@k", "precision@k",
-        "coverage@k" (floats), then "users_evaluated" (int, the users with >= 1 held-out item).
-        Means over zero users are NaN.
-    """
-    ks = _check_ks(ks)
-    recommended = np.asarray(recommended)
-    n_users, n_items = relevant.shape
-    if recommended.ndim != 2 or recommended.shape[0] != n_users:
-        raise ValueError(
-            f"recommended must be [n_users = {n_users}, K_max], got shape {recommended.shape}"
-        )
-    if recommended.shape[1] < ks[-1]:
-        raise ValueError(
-            f"recommended holds {recommended.shape[1]} items per user, fewer than max(ks) = "
-            f"{ks[-1]}"
-        )
-    if not np.issubdtype(recommended.dtype, np.integer):
-        raise ValueError(f"recommended must hold integer item ids, got {recommended.dtype}")
-    recommended = recommended.astype(np.int64, copy=False)
-    if recommended.size and (recommended.min() < -1 or recommended.max() >= n_items):
-        raise ValueError(f"recommended ids must be -1 (padding) or lie in [0, {n_items})")
-    ordered = np.sort(recommended[:, : ks[-1]], axis=1)
-    if np.any((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)):
-        raise ValueError("recommended repeats an item within a user's list")
-    sums = _RankingSums(ks, n_items)
-    sums.add(recommended, relevant)
-    return sums.result()
-
-
 def rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
     """Root-mean-square error sqrt(Σ_j (predicted_j − actual_j)² / nnz), in float64.
 
@@ -341,7 +296,9 @@ def evaluate(
         progress: called after each batch as progress(users_done, users_total).
 
     Returns:
-        The flat dict of `ranking_metrics` over all evaluated users.
+        A flat dict: for each k ascending, "recall@k", "ndcg@k", "map@k", "precision@k",
+        "coverage@k" (floats), then "users_evaluated" (int, the users with >= 1 held-out item).
+        Means over zero users are NaN.
     """
     ks = _check_ks(ks)
     batch_size = _check_k(batch_size, "batch_size")
