@@ -30,14 +30,17 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import dataclasses
 import gzip
 import json
 import logging
 import math
+import os
 import time
+import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -592,6 +595,25 @@ def bad_line(kind: str, number: int, content_dimension: int = DEFAULT_CONTENT_DI
     return json.dumps(session, separators=(",", ":"))
 
 
+@contextlib.contextmanager
+def _replace_when_complete(path: str) -> Iterator[BinaryIO]:
+    """Opens a hidden temporary file next to `path` and renames it to `path` on success only.
+
+    An interrupted or failed write removes the temporary file and leaves `path` as it was, so
+    a later run never takes a half-written sample for a complete one.
+    """
+    directory, name = os.path.split(path)
+    partial = os.path.join(directory, f".{name}.incomplete-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(partial, "xb") as raw:
+            yield raw
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        raise
+
+
 def write_sessions(
     path: str,
     num_sessions: int,
@@ -630,7 +652,7 @@ def write_sessions(
     counts = {"sessions": 0, "hits": 0, "page_hits": 0, "bad_lines": 0}
     progress_every = max(10_000, total_lines // 10)
     started = time.monotonic()
-    with open(path, "wb") as raw:
+    with _replace_when_complete(path) as raw:
         out: Any = raw
         if path.endswith(".gz"):
             # mtime=0 and no file name in the header keep the bytes a function of the arguments.

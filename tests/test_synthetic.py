@@ -230,6 +230,47 @@ def test_gzip_output_holds_the_same_lines(tmp_path):
         assert f.read() == plain.read_text()
 
 
+def _fail_after(monkeypatch, sessions: int, error: BaseException) -> None:
+    """Makes session number `sessions` + 1 raise `error`, once earlier lines are flushed."""
+    real = synthetic._SessionMaker.session
+    made = collections.Counter()
+
+    def session(self, *args):
+        made["sessions"] += 1
+        if made["sessions"] > sessions:
+            raise error
+        return real(self, *args)
+
+    monkeypatch.setattr(synthetic._SessionMaker, "session", session)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+@pytest.mark.parametrize("name", ["fresh.json", "fresh.json.gz"])
+def test_interrupted_generation_leaves_no_file(tmp_path, monkeypatch, name, error):
+    path = tmp_path / name
+    _fail_after(monkeypatch, 1500, error)  # after the first 1000 lines were written out
+    with pytest.raises(type(error)):
+        synthetic.write_sessions(str(path), 2000, seed=3, num_items=100, num_topics=4)
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_generation_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "sample.json.gz"
+    synthetic.write_sessions(str(path), 50, seed=1, num_items=100, num_topics=4)
+    before = path.read_bytes()
+    _fail_after(monkeypatch, 1500, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.write_sessions(str(path), 2000, seed=2, num_items=100, num_topics=4)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["sample.json.gz"]
+    monkeypatch.undo()
+    counts = synthetic.write_sessions(str(path), 60, seed=2, num_items=100, num_topics=4)
+    assert counts["sessions"] == 60
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        assert len(f.read().splitlines()) == 60
+    assert os.listdir(tmp_path) == ["sample.json.gz"]
+
+
 def test_cli_writes_the_file_and_prints_a_summary(tmp_path):
     path = tmp_path / "cli.json.gz"
     args = ["--output", str(path), "--sessions", "40", "--seed", "3", "--items", "50"]
