@@ -1,8 +1,11 @@
 """Trains WALS on a preprocessed dataset, evaluates it, and writes the model and its export.
 
     python -m trainer.task --input_dir runs/local/preprocessed --output_dir runs/local/model \
-        [--latent_factors 32] [--num_iters 15] [--regularization 0.1] [--unobserved_weight 0.05]
-        [--weighting column_frequency] [...]
+        [--latent_factors K] [--num_iters N] [--regularization λ] [--unobserved_weight W0]
+        [--weighting SCHEME] [--solver cholesky|cg] [--overwrite] [...]
+
+`--help` lists every flag with its default, read from `trainer.wals.WALSConfig`, so this text
+never repeats (and never contradicts) a default.
 
 Output under --output_dir (written to a temporary directory, then moved into place):
     model/          factors, vocabularies, seen items, config (`trainer.model.load`)
