@@ -4,8 +4,8 @@
         [--latent_factors K] [--num_iters N] [--regularization λ] [--unobserved_weight W0]
         [--weighting SCHEME] [--solver cholesky|cg] [--overwrite] [...]
 
-`--help` lists every flag with its default, read from `trainer.wals.WALSConfig`, so this text
-never repeats (and never contradicts) a default.
+`--help` lists the flags and their defaults (the model's read from `trainer.wals.WALSConfig`);
+this text leaves the defaults out so that it cannot contradict them.
 
 Output under --output_dir (written to a temporary directory, then moved into place):
     model/          factors, vocabularies, seen items, config (`trainer.model.load`)
