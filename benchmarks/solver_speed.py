@@ -17,8 +17,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from trainer import problem, weights
 from trainer import solver as wals_solver
-from trainer import weights
+from trainer.config import WALSConfig
 from trainer.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     matrix = power_law_matrix(args.users, args.items, args.nnz, args.exponent, args.seed)
-    transposed, perm = matrix.transpose_with_perm()
+    transposed = matrix.transpose()
     logger.info(
         "matrix %d x %d, nnz %d, longest row %d, longest column %d (%.1f s to generate)",
         *matrix.shape,
@@ -84,17 +85,24 @@ def main(argv: list[str] | None = None) -> None:
         transposed.row_counts().max(),
         time.perf_counter() - start,
     )
-    w0, lam = 0.1, 0.1
-    f = weights.observed_weights(matrix, weights.CONFIDENCE, confidence_alpha=10.0)
-    reg_u = weights.regularization(matrix.row_counts(), lam, w0, args.items, 1.0)
-    reg_i = weights.regularization(transposed.row_counts(), lam, w0, args.users, 1.0)
+    config = WALSConfig(
+        latent_factors=args.k,
+        unobserved_weight=0.1,
+        regularization=0.1,
+        regularization_exp=1.0,
+        weighting=weights.CONFIDENCE,
+        confidence_alpha=10.0,
+    )
+    counts = matrix.col_counts()
+    users = problem.define_rows(matrix, problem.USERS, counts, config)
+    items = problem.define_rows(transposed, problem.ITEMS, counts, config)
 
     rng = np.random.default_rng(args.seed)
     solvers = wals_solver.SOLVERS if args.solver == "all" else (args.solver,)
     for name in solvers:
         start = time.perf_counter()
-        user_plan = wals_solver.plan_rows(matrix, f, reg_u, w0, solver=name)
-        item_plan = wals_solver.plan_rows(transposed, f[perm], reg_i, w0, solver=name)
+        user_plan = users.plan(name)
+        item_plan = items.plan(name)
         logger.info(
             "%-8s plan: %.2f s; %d + %d tiles of %d shapes, padding %.1f%% / %.1f%%",
             name,
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         timings, cpu_timings = timings[1:], cpu_timings[1:]
         start = time.perf_counter()
-        loss = wals_solver.loss(matrix, f, x, y, w0, reg_u, reg_i)
+        loss = problem.loss(users, items, x, y)
         logger.info(
             "%-8s %.3f s per iteration (best of %d; %s), %.3f CPU s; loss %.6g in %.2f s",
             name,

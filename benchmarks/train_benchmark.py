@@ -154,8 +154,7 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
     """
     import tensorflow as tf
 
-    from trainer import solver as wals_solver
-    from trainer import wals
+    from trainer import problem, wals
 
     config = wals.WALSConfig(
         latent_factors=k,
@@ -172,13 +171,13 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
         factors = wals.fit(train, config, show_progress=False, compute_loss=False)
         seconds = time.perf_counter() - start
         # Time one evaluation of the loss, which `python -m trainer.task` computes each iteration.
-        f = config.observed_weights(train)
-        reg_users = config.row_regularization(train.row_counts(), train.shape[1])
-        reg_items = config.row_regularization(train.col_counts(), train.shape[0])
+        counts = train.col_counts()
+        users = problem.define_rows(train, problem.USERS, counts, config)
+        items = problem.define_rows(train.transpose(), problem.ITEMS, counts, config)
         x = tf.constant(factors.user_factors)
         y = tf.constant(factors.item_factors)
         start = time.perf_counter()
-        wals_solver.loss(train, f, x, y, config.unobserved_weight, reg_users, reg_items)
+        problem.loss(users, items, x, y)
         loss_seconds = time.perf_counter() - start
     return Fitted(
         np.asarray(factors.user_factors, dtype=np.float32),

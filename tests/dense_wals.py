@@ -28,9 +28,9 @@ def dense_weights(
         ratings: float [n, m] R, 0 on unobserved cells.
         observed: bool [n, m], which cells are observed.
         w0: the unobserved weight.
-        scheme: uniform, column_frequency, log or confidence.
+        scheme: uniform, column_frequency, inverse_frequency or confidence.
         feature_wt_factor: ω.
-        feature_wt_exp: p (column_frequency) or e (log).
+        feature_wt_exp: p (column_frequency) or e (inverse_frequency).
         confidence_alpha: α.
     """
     counts = observed.sum(axis=0).astype(np.float64)  # c_i, per column
@@ -39,10 +39,10 @@ def dense_weights(
         extra = np.ones_like(ratings)
     elif scheme == "column_frequency":
         extra = np.broadcast_to(feature_wt_factor * safe**feature_wt_exp, ratings.shape)
-    elif scheme == "log":
+    elif scheme in ("inverse_frequency", "log"):
         extra = np.broadcast_to((1.0 / safe) ** feature_wt_exp, ratings.shape)
     elif scheme == "confidence":
-        extra = confidence_alpha * ratings
+        extra = confidence_alpha * np.maximum(ratings, 0.0)
     else:
         raise ValueError(scheme)
     return np.where(observed, w0 + extra, w0)

@@ -71,7 +71,7 @@ def ref_weights(items: np.ndarray, ratings: np.ndarray, config: dict) -> np.ndar
         return config["feature_wt_factor"] * counts ** config["feature_wt_exp"]
     if scheme == "log":
         return (1.0 / counts) ** config["feature_wt_exp"]
-    return config["confidence_alpha"] * ratings
+    return config["confidence_alpha"] * np.maximum(ratings, 0.0)
 
 
 def ref_solve(items: list[int], ratings: np.ndarray, config: dict) -> np.ndarray:
@@ -259,6 +259,27 @@ def test_fold_in_without_known_items_returns_popular_items(exported):
     # A known item with no positive duration is excluded from the popular items.
     names, _ = fold_in(loaded, ["c1"], [0.0])
     assert names == [ITEMS[i] for i in POPULAR if i != 1][:k]
+
+
+def test_python_and_saved_model_fold_in_agree_on_a_rating_below_the_train_minimum(tmp_path):
+    """Under `unit` scaling a new visitor's short view rates below 0; its confidence weight is
+    max(α·r, 0) = 0 in the Python model and in the SavedModel alike, as the oracle says."""
+    model = make_model("confidence")
+    model.config.update(scaling="unit", scale_stats={"min": 1000.0, "max": 3000.0})
+    loaded = tf.saved_model.load(export.export_saved_model(model, str(tmp_path / "1"), 4))
+    history, durations = ["c1", "c6"], [500.0, 2500.0]  # ratings -0.25 and 0.75
+    x = ref_solve([1, 6], np.array([-0.25, 0.75]), model.config)
+    expected_names, expected_scores = ref_top_k(ITEM_FACTORS.astype(np.float64) @ x, [1, 6], 4)
+
+    x_python, items = model.fold_in(history, durations)
+    np.testing.assert_array_equal(items, [1, 6])
+    np.testing.assert_allclose(x_python, x, rtol=1e-5, atol=1e-6)
+    python = model.recommend_for_history(history, durations, k=4)
+    assert python.content_ids == expected_names
+    np.testing.assert_allclose(python.scores, expected_scores, rtol=1e-4, atol=1e-5)
+    names, scores = fold_in(loaded, history, durations)
+    assert names == expected_names
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-5)
 
 
 def test_export_rejects_bad_arguments(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import solver, wals, weights
+from trainer import problem, seeding, solver, wals, weights
 from trainer.sparse import CsrMatrix
 
 F64 = tf.float64
@@ -24,7 +24,7 @@ NO_XLA = {"jit_compile": False}
 SCHEMES = {
     "uniform": {},
     "column_frequency": {"feature_wt_factor": 2.0, "feature_wt_exp": -1.0},
-    "log": {"feature_wt_exp": 0.5},
+    "inverse_frequency": {"feature_wt_exp": 0.5},
     "confidence": {"confidence_alpha": 3.0},
 }
 
@@ -40,6 +40,21 @@ SMALL = np.array(
         [0.0, 0.8, 0.1, 0.0, 0.0],
     ]
 )
+
+
+def observed_f(matrix: CsrMatrix, scheme: str, **params) -> np.ndarray:
+    """f_ui of every entry of a whole training matrix, by `trainer.weights`."""
+    a, alpha = weights.item_terms(matrix.col_counts(), scheme, **params)
+    return weights.entry_weights(matrix.indices, matrix.values, a, alpha)
+
+
+def seeded(n: int, m: int, config: wals.WALSConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The initial factors `wals.fit` starts from when it is given no IDs."""
+    k, sigma, seed = config.latent_factors, config.init_stddev, config.seed
+    return (
+        seeding.initial_factors(seeding.index_keys(n), k, sigma, seed, wals.USERS),
+        seeding.initial_factors(seeding.index_keys(m), k, sigma, seed, wals.ITEMS),
+    )
 
 
 def from_dense(dense: np.ndarray) -> CsrMatrix:
@@ -114,7 +129,7 @@ def test_csr_validation():
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_observed_weights_follow_the_formulas(scheme):
     m = from_dense(SMALL)
-    f = weights.observed_weights(m, scheme, **SCHEMES[scheme])
+    f = observed_f(m, scheme, **SCHEMES[scheme])
     assert f.dtype == np.float32 and f.shape == (m.nnz,)
     dense = dense_wals.dense_weights(SMALL, SMALL != 0, 0.25, scheme, **SCHEMES[scheme])
     np.testing.assert_allclose(f, dense[m.row_ids(), m.indices] - 0.25, rtol=1e-6)
@@ -131,14 +146,10 @@ def test_regularization_scaling():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m: weights.observed_weights(m, "popularity"), "unknown weighting"),
-        (lambda m: weights.observed_weights(m, "confidence", confidence_alpha=-1), "alpha"),
+        (lambda m: observed_f(m, "popularity"), "unknown weighting"),
+        (lambda m: observed_f(m, "confidence", confidence_alpha=-1), "alpha"),
         (lambda m: weights.regularization(m.row_counts(), 0.1, -1.0, 5, 1.0), "w0"),
         (lambda m: weights.regularization(m.row_counts(), -0.1, 1.0, 5, 1.0), "regularization"),
-        (
-            lambda m: weights.cell_weights([3], [1.0], m.col_counts(), "log"),
-            "c_i > 0",
-        ),
     ],
 )
 def test_weight_validation(call, message):
@@ -146,10 +157,18 @@ def test_weight_validation(call, message):
         call(from_dense(SMALL))
 
 
-def test_confidence_rejects_negative_ratings():
+def test_the_old_name_of_inverse_frequency_still_loads():
+    assert wals.WALSConfig(weighting="log").weighting == "inverse_frequency"
+    counts = np.array([4, 1, 0])
+    a, alpha = weights.item_terms(counts, "log", feature_wt_exp=0.5)
+    np.testing.assert_allclose(a, [0.5, 1.0, 0.0])
+    assert alpha == 0.0
+
+
+def test_a_negative_rating_weighs_nothing_extra_under_confidence():
+    """Training, fold-in and the SavedModel share this rule (f = α·max(r, 0))."""
     negative = from_dense(np.array([[1.0, -2.0]]))
-    with pytest.raises(ValueError, match="non-negative|>= 0"):
-        weights.observed_weights(negative, "confidence")
+    np.testing.assert_allclose(observed_f(negative, "confidence", confidence_alpha=3.0), [3.0, 0])
 
 
 # --- solver -------------------------------------------------------------------------------------
@@ -160,7 +179,7 @@ def test_confidence_rejects_negative_ratings():
 def test_row_and_column_sweeps_match_the_dense_solve(matrix, scheme, exponent):
     rng = np.random.default_rng(1)
     k, w0, lam = 4, 0.3, 0.05
-    f = weights.observed_weights(matrix, scheme, **SCHEMES[scheme])
+    f = observed_f(matrix, scheme, **SCHEMES[scheme])
     dense, w = matrix.to_dense(), weight_matrix(matrix, f, w0)
     reg_u = weights.regularization(matrix.row_counts(), lam, w0, matrix.shape[1], exponent)
     reg_i = weights.regularization(matrix.col_counts(), lam, w0, matrix.shape[0], exponent)
@@ -182,7 +201,7 @@ def test_row_and_column_sweeps_match_the_dense_solve(matrix, scheme, exponent):
 def test_exact_solver_on_short_rows_matches_the_dense_solve(k):
     """At k = 8 every row of SMALL (<= 4 entries) takes the Woodbury path; at k = 2 few do."""
     m = from_dense(SMALL)
-    f = weights.observed_weights(m, "confidence", confidence_alpha=3.0)
+    f = observed_f(m, "confidence", confidence_alpha=3.0)
     reg = weights.regularization(m.row_counts(), 0.1, 0.4, 5, 1.0)
     y = np.random.default_rng(9).normal(size=(5, k))
     x = solver.solve_rows(y, solver.gramian(y, F64), m, f, reg, 0.4, dtype=F64)
@@ -194,7 +213,7 @@ def test_exact_solver_on_short_rows_matches_the_dense_solve(k):
 def test_cg_with_enough_steps_reaches_the_exact_solution(matrix, steps):
     rng = np.random.default_rng(2)
     k, w0 = 4, 0.2
-    f = weights.observed_weights(matrix, "confidence", confidence_alpha=5.0)
+    f = observed_f(matrix, "confidence", confidence_alpha=5.0)
     reg = weights.regularization(matrix.row_counts(), 0.1, w0, matrix.shape[1], 1.0)
     y = rng.normal(size=(matrix.shape[1], k))
     g = solver.gramian(y, F64)
@@ -231,7 +250,7 @@ def test_rows_without_observations_get_zero_factors(name):
 def test_tiling_does_not_change_the_solution(matrix, name):
     """Small tiles split rows into many lines and tiles; chunks re-sort the rows."""
     rng = np.random.default_rng(4)
-    f = weights.observed_weights(matrix, "confidence", confidence_alpha=2.0)
+    f = observed_f(matrix, "confidence", confidence_alpha=2.0)
     reg = np.full(matrix.shape[0], 0.1)
     y = rng.normal(size=(matrix.shape[1], 3))
     x0 = rng.normal(size=(matrix.shape[0], 3))
@@ -255,12 +274,14 @@ def test_tiling_does_not_change_the_solution(matrix, name):
 def test_loss_via_the_gramian_equals_the_dense_loss(matrix):
     rng = np.random.default_rng(5)
     w0 = 0.4
-    f = weights.observed_weights(matrix, "confidence", confidence_alpha=2.0)
+    f = observed_f(matrix, "confidence", confidence_alpha=2.0)
     x = rng.normal(size=(matrix.shape[0], 3))
     y = rng.normal(size=(matrix.shape[1], 3))
     reg_u = rng.uniform(0.1, 1.0, matrix.shape[0])
     reg_i = rng.uniform(0.1, 1.0, matrix.shape[1])
-    parts = solver.loss(matrix, f, x, y, w0, reg_u, reg_i, dtype=F64)
+    users = problem.RowProblem(matrix, f, reg_u, w0)
+    items = problem.RowProblem(matrix.transpose(), np.zeros(matrix.nnz, np.float32), reg_i, w0)
+    parts = problem.loss(users, items, x, y, dtype=F64)
     dense, w = matrix.to_dense(), weight_matrix(matrix, f, w0)
     expected = dense_wals.loss(dense, w, x, y, reg_u, reg_i)
     assert parts["total"] == pytest.approx(expected, rel=1e-10)
@@ -295,10 +316,9 @@ def test_fit_matches_the_dense_oracle_and_the_loss_never_increases(matrix, schem
     config = dataclasses.replace(CONFIG, weighting=scheme, **SCHEMES[scheme], num_iters=6)
     factors = wals.fit(matrix, config, show_progress=False, dtype=F64)
 
-    n, m = matrix.shape
-    x0 = wals.initial_factors(n, 3, config.init_stddev, config.seed, wals.USERS)
-    y0 = wals.initial_factors(m, 3, config.init_stddev, config.seed, wals.ITEMS)
-    w = weight_matrix(matrix, config.observed_weights(matrix), config.unobserved_weight)
+    x0, y0 = seeded(*matrix.shape, config)
+    f = observed_f(matrix, scheme, **SCHEMES[scheme])
+    w = weight_matrix(matrix, f, config.unobserved_weight)
     reg_u, reg_i = dense_wals.dense_regularization(
         matrix.to_dense() != 0, 0.05, config.unobserved_weight, 1.0
     )
@@ -317,11 +337,10 @@ def test_binary_target_fits_preferences_weighted_by_confidence(matrix):
         CONFIG, weighting="confidence", confidence_alpha=4.0, binary_target=True, num_iters=4
     )
     factors = wals.fit(matrix, config, show_progress=False, dtype=F64)
-    n, m = matrix.shape
-    x0 = wals.initial_factors(n, 3, config.init_stddev, config.seed, wals.USERS)
-    y0 = wals.initial_factors(m, 3, config.init_stddev, config.seed, wals.ITEMS)
+    x0, y0 = seeded(*matrix.shape, config)
     # W from the ratings (w0 + α r), but the target is 1 on every observed cell.
-    w = weight_matrix(matrix, config.observed_weights(matrix), config.unobserved_weight)
+    f = observed_f(matrix, "confidence", confidence_alpha=4.0)
+    w = weight_matrix(matrix, f, config.unobserved_weight)
     observed = matrix.to_dense() != 0
     reg_u, reg_i = dense_wals.dense_regularization(observed, 0.05, config.unobserved_weight, 1.0)
     x, y = dense_wals.fit(observed.astype(np.float64), w, x0, y0, reg_u, reg_i, 4)
@@ -396,25 +415,28 @@ def test_fit_in_float32_with_cg_tracks_the_exact_float64_fit(matrix):
     assert factors.history[-1]["total"] == pytest.approx(exact.history[-1]["total"], rel=1e-2)
 
 
-def test_fold_in_equals_a_row_of_the_row_sweep(matrix):
-    config = dataclasses.replace(
-        CONFIG, weighting="column_frequency", **SCHEMES["column_frequency"]
-    )
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fold_in_equals_the_dense_solve_of_the_row(matrix, scheme):
+    """Independent of the solver's code: np.linalg.solve of the dense normal equations."""
+    config = dataclasses.replace(CONFIG, weighting=scheme, **SCHEMES[scheme], binary_target=True)
     rng = np.random.default_rng(8)
     y = rng.normal(size=(matrix.shape[1], 3))
-    f = config.observed_weights(matrix)
-    reg = config.row_regularization(matrix.row_counts(), matrix.shape[1])
-    g = solver.gramian(y, F64)
-    x = solver.solve_rows(y, g, matrix, f, reg, config.unobserved_weight, dtype=F64)
+    counts = matrix.col_counts()
+    dense = matrix.to_dense()
+    w = dense_wals.dense_weights(
+        dense, dense != 0, config.unobserved_weight, scheme, **SCHEMES[scheme]
+    )
+    reg_u, _ = dense_wals.dense_regularization(dense != 0, 0.05, config.unobserved_weight, 1.0)
+    expected = dense_wals.solve_rows((dense != 0).astype(float), w, y, reg_u)
     for u in (0, 3, matrix.shape[0] // 2):
         lo, hi = matrix.indptr[u], matrix.indptr[u + 1]
         items, ratings = matrix.indices[lo:hi], matrix.values[lo:hi]
-        f_new = config.cell_weights(items, ratings, matrix.col_counts())
-        np.testing.assert_array_equal(f_new, f[lo:hi])
-        folded = wals.fold_in(y, g, items, ratings, f_new, config, dtype=F64)
-        np.testing.assert_allclose(folded, x[u], rtol=1e-10, atol=1e-12)
+        # In any order: fold-in sorts the history itself.
+        shuffled = rng.permutation(items.size)
+        folded = wals.fold_in(y, None, items[shuffled], ratings[shuffled], counts, config, F64)
+        np.testing.assert_allclose(folded, expected[u], rtol=1e-6, atol=1e-9)  # f is float32
     with pytest.raises(ValueError, match="distinct"):
-        wals.fold_in(y, None, [1, 1], [1.0, 1.0], [1.0, 1.0], config)
+        wals.fold_in(y, None, [1, 1], [1.0, 1.0], counts, config)
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import solver, weights
+from trainer.model import vocabulary_to_bytes
 from transforms import features, scaling
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ _BASE_CONFIG_KEYS = (
 _WEIGHTING_CONFIG_KEYS = {
     weights.UNIFORM: (),
     weights.COLUMN_FREQUENCY: ("feature_wt_factor", "feature_wt_exp"),
-    weights.LOG: ("feature_wt_exp",),
+    weights.INVERSE_FREQUENCY: ("feature_wt_exp",),
     weights.CONFIDENCE: ("confidence_alpha",),
 }
 _NEG_INF = float("-inf")
@@ -121,9 +122,10 @@ def _check_model(model: WALSModel) -> None:
     config = model.config
     missing = [key for key in _BASE_CONFIG_KEYS if key not in config]
     if not missing:
-        if config["weighting"] not in _WEIGHTING_CONFIG_KEYS:
+        if weights.canonical_weighting(config["weighting"]) not in _WEIGHTING_CONFIG_KEYS:
             raise ValueError(f"unknown weighting {config['weighting']!r}")
-        missing = [key for key in _WEIGHTING_CONFIG_KEYS[config["weighting"]] if key not in config]
+        scheme = weights.canonical_weighting(config["weighting"])
+        missing = [key for key in _WEIGHTING_CONFIG_KEYS[scheme] if key not in config]
     if missing:
         raise KeyError(f"model config lacks {missing}; export needs the keys listed in {__name__}")
     if config["scaling"] not in scaling.STATS_BY_SCALING:
@@ -132,24 +134,6 @@ def _check_model(model: WALSModel) -> None:
     missing = [name for name in scaling.STATS_BY_SCALING[config["scaling"]] if name not in stats]
     if missing:
         raise KeyError(f"scale_stats lacks {missing} for scaling {config['scaling']!r}")
-
-
-def item_observed_weights(model: WALSModel) -> np.ndarray:
-    """f_i of each item under an item-only weighting scheme, from the train counts.
-
-    Args:
-        model: the model; config["weighting"] is uniform, column_frequency or log.
-
-    Returns:
-        float32 [n_items], f_i as `trainer.weights.cell_weights` computes it with c_i =
-        model.item_counts. Items with c_i = 0 (no train cell, so y_i = 0) get f_i = 0.
-    """
-    counts = np.asarray(model.item_counts, dtype=np.int64)
-    f = np.zeros(counts.size, dtype=np.float32)
-    observed = np.flatnonzero(counts > 0)
-    ratings = np.zeros(observed.size, dtype=np.float32)  # Unused by the item-only schemes.
-    f[observed] = model.wals_config().cell_weights(observed, ratings, counts)
-    return f
 
 
 class _Recommender(tf.Module):
@@ -174,15 +158,16 @@ class _Recommender(tf.Module):
             name: float(config["scale_stats"][name])
             for name in scaling.STATS_BY_SCALING[self._scaling]
         }
-        self._confidence = config["weighting"] == weights.CONFIDENCE
-        self._alpha = float(config.get("confidence_alpha", 1.0))
-        self._binary_target = bool(config.get("binary_target", False))
+        wals_config = model.wals_config()
+        self._binary_target = wals_config.binary_target
 
         users_file = os.path.join(vocab_dir, f"{features.USER_VOCAB}.txt")
         items_file = os.path.join(vocab_dir, f"{features.ITEM_VOCAB}.txt")
+        # TextFileInitializer splits lines on '\n' only (and would drop a final '\r', which no
+        # ID has), so every ID, U+2028 or \\x1c included, maps to its own line number.
         for path, vocabulary in ((users_file, model.users), (items_file, model.items)):
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write("\n".join(vocabulary) + "\n")
+            with open(path, "wb") as handle:
+                handle.write(vocabulary_to_bytes(vocabulary))
         whole_line = tf.lookup.TextFileIndex.WHOLE_LINE
         line_number = tf.lookup.TextFileIndex.LINE_NUMBER
         self.user_ids = tf.lookup.StaticHashTable(
@@ -218,14 +203,15 @@ class _Recommender(tf.Module):
             trainable=False,
             name="w0_gramian",
         )
-        # λ_u for every possible number of given items n = 0..N_items.
+        # The problem of a new visitor's row, from the shared definition (`trainer.problem`):
+        # λ_u for every possible number of given items n = 0..N_items, and f_i = a_i + α·max(r, 0).
         self.regularization = tf.Variable(
-            model.wals_config().row_regularization(np.arange(n_items + 1), n_items),
+            wals_config.row_regularization(np.arange(n_items + 1), n_items),
             trainable=False,
             name="regularization",
         )
-        item_f = np.zeros(n_items, np.float32) if self._confidence else item_observed_weights(model)
-        self.item_f = tf.Variable(item_f.astype(np.float64), trainable=False, name="item_f")
+        item_a, self._alpha = wals_config.item_terms(np.asarray(model.item_counts))
+        self.item_a = tf.Variable(item_a.astype(np.float64), trainable=False, name="item_a")
 
         popular, counts = model.popular(k)
         pad = k - popular.size
@@ -292,11 +278,8 @@ class _Recommender(tf.Module):
         """
         y = tf.cast(tf.gather(self.item_factors, items), tf.float64)  # [n, k]
         r = tf.cast(ratings, tf.float64)
-        if self._confidence:
-            # f = α·r; a negative rating (below the train minimum under `unit`) weighs nothing.
-            f = tf.maximum(self._alpha * r, 0.0)
-        else:
-            f = tf.gather(self.item_f, items)
+        # f = a_i + α·max(r, 0) (`trainer.weights.item_terms`).
+        f = tf.gather(self.item_a, items) + self._alpha * tf.maximum(r, 0.0)
         reg = tf.gather(self.regularization, tf.size(items))
         target = tf.ones_like(r) if self._binary_target else r
         b = tf.linalg.matvec(y, (self._w0 + f) * target, transpose_a=True)

@@ -12,6 +12,8 @@ On disk, under `<model_dir>/model/`:
     item_counts.npy      int64 [nitems]        train users per item (popularity; fold-in weights)
     vocab_users.txt      one visitorId per line, line number = userId
     vocab_items.txt      one contentId per line, line number = itemId
+                         (UTF-8, each line ended by '\n' and split on '\n' only: see
+                         `vocabulary_from_bytes`)
     config.json          hyperparameters, the rating scaling and its statistics
 """
 
@@ -164,10 +166,9 @@ class WALSModel:
         items = np.array(sorted(i for i, v in totals.items() if v > 0), dtype=np.int64)
         raw = np.array([totals[i] for i in items], dtype=np.float32)
         ratings = scaling.scale(raw, self.config["scaling"], self.config["scale_stats"]).numpy()
-        config = self.wals_config()
-        f = config.cell_weights(items, ratings, self.item_counts)
-        targets = np.ones_like(ratings) if config.binary_target else ratings
-        x = wals.fold_in(self.item_factors, None, items, targets, f, config)
+        x = wals.fold_in(
+            self.item_factors, None, items, ratings, self.item_counts, self.wals_config()
+        )
         return x.astype(np.float32), items
 
     def recommend_for_history(
@@ -218,6 +219,32 @@ class WALSModel:
         return out
 
 
+def vocabulary_to_bytes(ids: list[str]) -> bytes:
+    """A vocabulary file's contents: each ID in UTF-8 followed by '\n' (as TF Transform writes).
+
+    Raises:
+        ValueError: an ID holds '\n' or '\r', which a line-based vocabulary cannot hold
+            (preprocessing rejects such IDs as `bad_id:line_break`).
+    """
+    for value in ids:
+        if "\n" in value or "\r" in value:
+            raise ValueError(f"ID {value!r} holds a line break; a vocabulary file cannot hold it")
+    return "".join(f"{value}\n" for value in ids).encode("utf-8")
+
+
+def vocabulary_from_bytes(data: bytes) -> list[str]:
+    """The IDs of a vocabulary file, line number = index.
+
+    Lines end at '\n' only, like `tf.lookup.TextFileInitializer` and TF Transform read them.
+    `str.splitlines()` would also split IDs at U+2028, U+2029, U+0085, \\x0b, \\x0c and
+    \\x1c-\\x1e, which IDs may hold.
+    """
+    lines = data.decode("utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # The final '\n' ends the last ID; it does not start another.
+    return lines
+
+
 def _write_bytes(path: str, data: bytes) -> None:
     with FileSystems.create(path) as handle:
         handle.write(data)
@@ -237,8 +264,8 @@ def save(model: WALSModel, model_dir: str) -> None:
         buffer = io.BytesIO()
         np.save(buffer, getattr(model, name))
         _write_bytes(f"{directory}/{name}.npy", buffer.getvalue())
-    _write_bytes(f"{directory}/vocab_users.txt", ("\n".join(model.users) + "\n").encode())
-    _write_bytes(f"{directory}/vocab_items.txt", ("\n".join(model.items) + "\n").encode())
+    _write_bytes(f"{directory}/vocab_users.txt", vocabulary_to_bytes(model.users))
+    _write_bytes(f"{directory}/vocab_items.txt", vocabulary_to_bytes(model.items))
     _write_bytes(f"{directory}/config.json", json.dumps(model.config, indent=2).encode())
 
 
@@ -252,7 +279,7 @@ def load(model_dir: str) -> WALSModel:
     if not FileSystems.exists(f"{directory}/config.json"):
         raise FileNotFoundError(f"no trained model under {model_dir} (missing {directory})")
     arrays = {name: np.load(io.BytesIO(_read_bytes(f"{directory}/{name}.npy"))) for name in _ARRAYS}
-    users = _read_bytes(f"{directory}/vocab_users.txt").decode().splitlines()
-    items = _read_bytes(f"{directory}/vocab_items.txt").decode().splitlines()
+    users = vocabulary_from_bytes(_read_bytes(f"{directory}/vocab_users.txt"))
+    items = vocabulary_from_bytes(_read_bytes(f"{directory}/vocab_items.txt"))
     config = json.loads(_read_bytes(f"{directory}/config.json"))
     return WALSModel(users=users, items=items, config=config, **arrays)

@@ -71,9 +71,10 @@ SOLVERS = (CHOLESKY, CG)
 DEFAULT_CHUNK_ROWS = 1 << 18
 # Entries per step when computing the loss.
 _LOSS_CHUNK = 1 << 18
-# Tiles solved concurrently. A tile's kernel keeps about 1.3 of 2 cores busy (its small ops run
-# on one thread); two in flight fill both. Each tile's result does not depend on this.
-_TILES_IN_FLIGHT = 2
+# Tiles solved concurrently by default. A tile's kernel keeps about 1.3 of 2 cores busy (its
+# small ops run on one thread); two in flight fill both. Each tile's result does not depend on
+# this; pass `tiles_in_flight` to `solve_planned` on larger machines.
+DEFAULT_TILES_IN_FLIGHT = 2
 # CG kernels with at most this many steps are unrolled; longer ones loop.
 _MAX_UNROLLED_CG_STEPS = 8
 
@@ -143,6 +144,9 @@ def gramian(factors: FloatArray, dtype: tf.DType = tf.float32) -> tf.Tensor:
 class Tile:
     """B lines of width W holding the entries of R rows of the block.
 
+    NumPy arrays only, so that a plan pickles (a Beam worker can build or receive one); the
+    kernels turn them into tensors when they run.
+
     Attributes:
         rows: int32 [R], the block row of each tile row; n_rows for padding rows.
         cols: int32 [B, W], the column of each entry; n_other (the zero row) on padding.
@@ -153,12 +157,12 @@ class Tile:
         multi_line: whether some row spans several lines (else line j is tile row j).
     """
 
-    rows: tf.Tensor
-    cols: tf.Tensor
-    f: tf.Tensor
-    c: tf.Tensor
-    line_rows: tf.Tensor
-    reg: tf.Tensor
+    rows: np.ndarray
+    cols: np.ndarray
+    f: np.ndarray
+    c: np.ndarray
+    line_rows: np.ndarray
+    reg: np.ndarray
     multi_line: bool
 
 
@@ -174,7 +178,7 @@ class RowPlan:
         w0: the unobserved weight folded into the tiles' `c`.
         dtype: the float dtype of the kernels.
         tiles: every non-empty row is in exactly one tile.
-        gather_index: int32 [n_rows]; row u's solution is row gather_index[u] of the tiles'
+        gather_index: int32 NumPy [n_rows]; row u's solution is row gather_index[u] of the tiles'
             outputs concatenated in order, followed by one zero row (for empty rows).
         nnz: the block's number of entries.
         min_reg: the smallest λ_u of a non-empty row (inf without any); the Woodbury path
@@ -185,7 +189,7 @@ class RowPlan:
     w0: float
     dtype: tf.DType
     tiles: tuple[Tile, ...]
-    gather_index: tf.Tensor
+    gather_index: np.ndarray
     nnz: int
     min_reg: float
 
@@ -303,12 +307,12 @@ def _make_tile(
     tile_reg = np.ones(n_tile_rows, dtype=reg.dtype)
     tile_reg[: members.size] = reg[members]
     return Tile(
-        rows=tf.constant(tile_rows),
-        cols=tf.constant(cols),
-        f=tf.constant(tile_f),
-        c=tf.constant(tile_c),
-        line_rows=tf.constant(line_rows),
-        reg=tf.constant(tile_reg),
+        rows=tile_rows,
+        cols=cols,
+        f=tile_f,
+        c=tile_c,
+        line_rows=line_rows,
+        reg=tile_reg,
         multi_line=bool(n_used != members.size),
     )
 
@@ -376,7 +380,7 @@ def plan_rows(
     gather_index = np.empty(n_rows, dtype=np.int64)
     offset = 0
     for tile in tiles:
-        tile_rows = tile.rows.numpy()
+        tile_rows = tile.rows
         real = tile_rows < n_rows
         gather_index[tile_rows[real]] = offset + np.flatnonzero(real)
         offset += tile_rows.size
@@ -388,7 +392,7 @@ def plan_rows(
         w0=float(w0),
         dtype=dtype,
         tiles=tuple(tiles),
-        gather_index=tf.constant(gather_index.astype(np.int32)),
+        gather_index=gather_index.astype(np.int32),
         nnz=rows.nnz,
         min_reg=float(reg[lengths > 0].min()) if rows.nnz else float("inf"),
     )
@@ -547,6 +551,7 @@ def solve_planned(
     x0: FloatArray | None = None,
     cg_steps: int = 3,
     jit_compile: bool = True,
+    tiles_in_flight: int = DEFAULT_TILES_IN_FLIGHT,
 ) -> tf.Tensor:
     """Solves every row of a planned block: x_u = A_u⁻¹ b_u (exactly, or by CG from x0).
 
@@ -560,6 +565,7 @@ def solve_planned(
         cg_steps: CG iterations per row.
         jit_compile: XLA-compile the CG kernel (about 0.5 s per distinct tile shape, then about
             twice as fast). Turn off for one-off solves of many small blocks.
+        tiles_in_flight: tiles solved concurrently (threads); results do not depend on it.
 
     Returns:
         [n_rows, k] tensor of plan.dtype; rows without observations are 0.
@@ -597,7 +603,9 @@ def solve_planned(
             args = args + (tf.gather(x0_ext, tile.rows),)
         return kernel(*args)
 
-    with concurrent.futures.ThreadPoolExecutor(_TILES_IN_FLIGHT) as pool:
+    if tiles_in_flight < 1:
+        raise ValueError(f"tiles_in_flight must be >= 1, got {tiles_in_flight}")
+    with concurrent.futures.ThreadPoolExecutor(tiles_in_flight) as pool:
         outputs = list(pool.map(solve_tile, plan.tiles))
     outputs.append(tf.zeros([1, k], dtype))
     return tf.gather(tf.concat(outputs, axis=0), plan.gather_index)
@@ -672,71 +680,40 @@ def _loss_kernel(dtype: tf.DType):
     return observed_sums
 
 
-def loss(
-    matrix: CsrMatrix,
+def observed_sums(
+    rows: CsrMatrix,
     f: np.ndarray,
-    user_factors: FloatArray,
-    item_factors: FloatArray,
-    w0: float,
-    reg_rows: np.ndarray,
-    reg_cols: np.ndarray,
+    solved: FloatArray,
+    fixed: FloatArray,
     dtype: tf.DType = tf.float32,
-) -> dict[str, float]:
-    """The WALS objective over the full matrix, split into its parts, via the Gramians.
+) -> tuple[float, float, float]:
+    """Sums over a block's observed cells, for the loss (`trainer.problem.loss_sums`).
 
-        observed       = Σ_obs (w0 + f_ui)(r_ui − x_u·y_i)²
-        unobserved     = Σ_unobs w0 (x_u·y_i)² = w0·sum(XᵀX ∘ YᵀY) − Σ_obs w0 (x_u·y_i)²
-        regularization = Σ_u λ_u ‖x_u‖² + Σ_i λ_i ‖y_i‖²
-        total          = observed + unobserved + regularization
-
-    Predictions are computed in `dtype` in chunks of entries; sums accumulate in float64.
+    With p_ui = x_u·y_i computed in `dtype` and the sums accumulated in float64:
+        (Σ (t_ui − p_ui)²,  Σ f_ui (t_ui − p_ui)²,  Σ p_ui²).
 
     Args:
-        matrix: the n_users x n_items rating matrix.
-        f: float [nnz], f_ui in `matrix`'s nnz order.
-        user_factors: [n_users, k] X.
-        item_factors: [n_items, k] Y.
-        w0: the unobserved weight.
-        reg_rows: float [n_users], λ_u.
-        reg_cols: float [n_items], λ_i.
+        rows: [n_rows, n_fixed] the block, values t_ui.
+        f: float [nnz], f_ui in `rows`' nnz order.
+        solved: [n_rows, k] the block's factors x_u.
+        fixed: [n_fixed, k] the other side's factors y_i.
         dtype: computation dtype of the predictions.
-
-    Returns:
-        {"observed", "unobserved", "regularization", "total"} as Python floats, plus "rmse",
-        the unweighted root-mean-square error over the observed entries.
     """
-    x = _as_tensor(user_factors, dtype)
-    y = _as_tensor(item_factors, dtype)
-    if x.shape[0] != matrix.shape[0] or y.shape[0] != matrix.shape[1]:
-        raise ValueError(
-            f"factors {x.shape} and {y.shape} do not match the matrix shape {matrix.shape}"
-        )
-    x64 = tf.cast(x, tf.float64)
-    y64 = tf.cast(y, tf.float64)
-    all_cells = w0 * float(tf.reduce_sum(gramian(x64, tf.float64) * gramian(y64, tf.float64)))
+    x = _as_tensor(solved, dtype)
+    y = _as_tensor(fixed, dtype)
+    if x.shape[0] != rows.shape[0] or y.shape[0] != rows.shape[1]:
+        raise ValueError(f"factors {x.shape} and {y.shape} do not match the block {rows.shape}")
+    if rows.shape[1] > np.iinfo(np.int32).max:
+        raise ValueError(f"at most {np.iinfo(np.int32).max} columns, got {rows.shape[1]}")
     kernel = _loss_kernel(dtype)
-    if matrix.shape[1] > np.iinfo(np.int32).max:
-        raise ValueError(f"at most {np.iinfo(np.int32).max} columns, got {matrix.shape[1]}")
-    row_ids = matrix.row_ids()
-    col_ids = matrix.indices.astype(np.int32, copy=False)
+    row_ids = rows.row_ids()
+    col_ids = rows.indices.astype(np.int32, copy=False)
     f = np.asarray(f, dtype=np.float32)
     squared = weighted = predicted_sq = 0.0
-    for lo in range(0, matrix.nnz, _LOSS_CHUNK):
-        hi = min(matrix.nnz, lo + _LOSS_CHUNK)
-        sums = kernel(x, y, row_ids[lo:hi], col_ids[lo:hi], matrix.values[lo:hi], f[lo:hi])
+    for lo in range(0, rows.nnz, _LOSS_CHUNK):
+        hi = min(rows.nnz, lo + _LOSS_CHUNK)
+        sums = kernel(x, y, row_ids[lo:hi], col_ids[lo:hi], rows.values[lo:hi], f[lo:hi])
         squared += float(sums[0])
         weighted += float(sums[1])
         predicted_sq += float(sums[2])
-    observed = w0 * squared + weighted
-    unobserved = all_cells - w0 * predicted_sq
-    regularization = float(
-        np.dot(np.asarray(reg_rows, np.float64), tf.reduce_sum(x64 * x64, axis=1).numpy())
-        + np.dot(np.asarray(reg_cols, np.float64), tf.reduce_sum(y64 * y64, axis=1).numpy())
-    )
-    return {
-        "observed": observed,
-        "unobserved": unobserved,
-        "regularization": regularization,
-        "total": observed + unobserved + regularization,
-        "rmse": float(np.sqrt(squared / max(matrix.nnz, 1))),
-    }
+    return squared, weighted, predicted_sq

@@ -29,7 +29,7 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import cli, staging
-from trainer import data, export, metrics, wals, weights
+from trainer import data, export, metrics, seeding, wals, weights
 from trainer import model as model_lib
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument(
         "--weighting",
         default=defaults.weighting,
-        choices=weights.WEIGHTINGS,
-        help=f"observed extra weight f (default {defaults.weighting})",
+        choices=weights.WEIGHTINGS + ("log",),
+        help=f"observed extra weight f (default {defaults.weighting}; 'log' is the old name of "
+        "inverse_frequency)",
     )
     hp.add_argument(
         "--feature_wt_factor",
@@ -157,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="how many items the SavedModel returns (default 10)",
     )
+    ev.add_argument(
+        "--loss_every",
+        type=int,
+        default=1,
+        help="compute the training loss every N iterations and after the last; 0: never "
+        "(default 1; the history says which iterations have it)",
+    )
     ev.add_argument("--no_progress", action="store_true", help="log instead of a progress bar")
     return parser
 
@@ -187,8 +195,10 @@ def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
     writer = tf.summary.create_file_writer(f"{out}/tensorboard")
     history = []
 
-    def on_iteration(iteration: int, factors, loss: dict) -> None:
-        record = {"iteration": iteration, **{f"loss/{k}": float(v) for k, v in loss.items()}}
+    def on_iteration(iteration: int, factors, loss: dict | None) -> None:
+        record = {"iteration": iteration}
+        if loss is not None:
+            record.update({f"loss/{k}": float(v) for k, v in loss.items() if k != "iteration"})
         if args.eval_every and iteration % args.eval_every == 0 and heldout.nnz:
             evaluated = metrics.evaluate(_scorer(factors), train, heldout, ks=args.eval_ks)
             record.update({f"eval/{k}": v for k, v in evaluated.items()})
@@ -196,7 +206,16 @@ def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
         _summaries(writer, iteration, {k: v for k, v in record.items() if k != "iteration"}, "wals")
 
     start = time.monotonic()
-    factors = wals.fit(train, config, callback=on_iteration, show_progress=not args.no_progress)
+    factors = wals.fit(
+        train,
+        config,
+        callback=on_iteration,
+        show_progress=not args.no_progress,
+        user_keys=seeding.id_keys(dataset.users),
+        item_keys=seeding.id_keys(dataset.items),
+        compute_loss=args.loss_every > 0,
+        loss_every=max(args.loss_every, 1),
+    )
     train_seconds = time.monotonic() - start
 
     result = {
@@ -271,6 +290,8 @@ def run(argv: list[str] | None = None) -> dict:
         config_from_args(args).validate()
     except ValueError as error:
         raise cli.UsageError(str(error)) from None
+    if args.loss_every < 0:
+        raise cli.UsageError(f"--loss_every must be >= 0, got {args.loss_every}")
     if args.eval_every < 0:
         raise cli.UsageError(f"--eval_every must be >= 0, got {args.eval_every}")
     if args.export_k <= 0:

@@ -11,7 +11,7 @@ the schemes in `WEIGHTINGS`:
     uniform:           f_ui = 1
     column_frequency:  f_ui = ω · c_i^p         (ω = feature_wt_factor, p = feature_wt_exp;
                                                  p = +1 linear, p = -1 inverse frequency)
-    log:               f_ui = (1 / c_i)^e       (e = feature_wt_exp)
+    inverse_frequency: f_ui = (1 / c_i)^e       (e = feature_wt_exp; "log" is its old name)
     confidence:        f_ui = α · r_ui          (Hu, Koren & Volinsky 2008; α = confidence_alpha)
 
 with c_i the number of observed entries in item i's column of the *training* matrix.
@@ -28,13 +28,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.sparse import CsrMatrix
-
 UNIFORM = "uniform"
 COLUMN_FREQUENCY = "column_frequency"
-LOG = "log"
+INVERSE_FREQUENCY = "inverse_frequency"
 CONFIDENCE = "confidence"
-WEIGHTINGS = (UNIFORM, COLUMN_FREQUENCY, LOG, CONFIDENCE)
+WEIGHTINGS = (UNIFORM, COLUMN_FREQUENCY, INVERSE_FREQUENCY, CONFIDENCE)
+# Earlier releases called inverse_frequency "log", though it computes no logarithm; models
+# saved with that name still load.
+_ALIASES = {"log": INVERSE_FREQUENCY}
+
+
+def canonical_weighting(scheme: str) -> str:
+    """The current name of a weighting scheme ("log" -> "inverse_frequency")."""
+    return _ALIASES.get(scheme, scheme)
 
 
 def validate_weighting(
@@ -48,9 +54,10 @@ def validate_weighting(
     Args:
         scheme: one of `WEIGHTINGS`.
         feature_wt_factor: ω of `column_frequency`, must be finite and >= 0.
-        feature_wt_exp: p of `column_frequency` or e of `log`, must be finite.
+        feature_wt_exp: p of `column_frequency` or e of `inverse_frequency`, must be finite.
         confidence_alpha: α of `confidence`, must be finite and >= 0.
     """
+    scheme = canonical_weighting(scheme)
     if scheme not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {scheme!r}; expected one of {WEIGHTINGS}")
     if not np.isfinite(feature_wt_factor) or feature_wt_factor < 0:
@@ -61,87 +68,75 @@ def validate_weighting(
         raise ValueError(f"confidence_alpha must be finite and >= 0, got {confidence_alpha}")
 
 
-def cell_weights(
-    cols: np.ndarray,
-    ratings: np.ndarray,
-    col_counts: np.ndarray,
+def item_terms(
+    item_counts: np.ndarray,
     scheme: str,
     feature_wt_factor: float = 1.0,
     feature_wt_exp: float = 1.0,
     confidence_alpha: float = 1.0,
-) -> np.ndarray:
-    """The extra weight f_ui of each given observed cell.
+) -> tuple[np.ndarray, float]:
+    """Every scheme in one form: f_ui = a_i + α · max(r_ui, 0).
 
-    Use this for cells outside the training matrix (fold-in of a new user) with the training
-    column counts, so that the new user's cells weigh what they would have weighed in training.
+        uniform:           a_i = 1,              α = 0
+        column_frequency:  a_i = ω · c_i^p,      α = 0
+        inverse_frequency: a_i = (1 / c_i)^e,    α = 0
+        confidence:        a_i = 0,              α = confidence_alpha
 
-    Args:
-        cols: int [m], the item (column) of each cell.
-        ratings: float [m], r_ui of each cell.
-        col_counts: int [n_items], c_i: observed entries per column of the training matrix.
-        scheme: one of `WEIGHTINGS`; see the module docstring for the formulas.
-        feature_wt_factor: ω of `column_frequency`.
-        feature_wt_exp: p of `column_frequency`, e of `log`.
-        confidence_alpha: α of `confidence`.
-
-    Returns:
-        float32 [m], f_ui >= 0.
-
-    Raises:
-        ValueError: on an invalid scheme or parameter, a cell whose column has c_i = 0 under a
-            count-based scheme, or a negative weight (negative ratings under `confidence`).
-    """
-    validate_weighting(scheme, feature_wt_factor, feature_wt_exp, confidence_alpha)
-    cols = np.asarray(cols, dtype=np.int64)
-    ratings = np.asarray(ratings, dtype=np.float64)
-    if cols.shape != ratings.shape:
-        raise ValueError(f"cols and ratings differ in shape: {cols.shape} vs {ratings.shape}")
-    if scheme == UNIFORM:
-        f = np.ones(cols.shape, dtype=np.float64)
-    elif scheme == CONFIDENCE:
-        f = confidence_alpha * ratings
-    else:
-        counts = np.asarray(col_counts, dtype=np.float64)[cols]
-        if np.any(counts <= 0):
-            raise ValueError(f"{scheme} weighting needs c_i > 0 for every observed column")
-        if scheme == COLUMN_FREQUENCY:
-            f = feature_wt_factor * np.power(counts, feature_wt_exp)
-        else:
-            f = np.power(1.0 / counts, feature_wt_exp)
-    if f.size and not (np.all(np.isfinite(f)) and f.min() >= 0):
-        raise ValueError(f"observed weights must be finite and >= 0 (scheme {scheme!r})")
-    return f.astype(np.float32)
-
-
-def observed_weights(
-    matrix: CsrMatrix,
-    scheme: str,
-    feature_wt_factor: float = 1.0,
-    feature_wt_exp: float = 1.0,
-    confidence_alpha: float = 1.0,
-) -> np.ndarray:
-    """The extra weight f_ui of every stored entry of the training matrix.
+    A negative rating (possible only for a new visitor whose raw value falls below the
+    training minimum under `unit` scaling) weighs nothing extra under `confidence`, on every
+    path: training, fold-in and the SavedModel.
 
     Args:
-        matrix: the rating matrix R (n_users x n_items); c_i is taken from its columns.
+        item_counts: int [n_items], c_i: observed entries per item in the whole training
+            matrix (not in a block of it).
         scheme: one of `WEIGHTINGS`.
         feature_wt_factor: ω of `column_frequency`.
-        feature_wt_exp: p of `column_frequency`, e of `log`.
+        feature_wt_exp: p of `column_frequency`, e of `inverse_frequency`.
         confidence_alpha: α of `confidence`.
 
     Returns:
-        float32 [nnz], f_ui in the matrix's nnz (row-major) order. For the column sweep carry
-        it to the transpose with `f[perm]`, perm from `CsrMatrix.transpose_with_perm`.
+        (a float64 [n_items], α). Items with c_i = 0 have no training cell and get a_i = 0.
     """
-    return cell_weights(
-        matrix.indices,
-        matrix.values,
-        matrix.col_counts(),
-        scheme,
-        feature_wt_factor,
-        feature_wt_exp,
-        confidence_alpha,
-    )
+    scheme = _ALIASES.get(scheme, scheme)
+    validate_weighting(scheme, feature_wt_factor, feature_wt_exp, confidence_alpha)
+    counts = np.asarray(item_counts, dtype=np.float64)
+    if counts.ndim != 1 or (counts.size and counts.min() < 0):
+        raise ValueError("item_counts must be a 1-D array of counts >= 0")
+    a = np.zeros(counts.shape, dtype=np.float64)
+    alpha = 0.0
+    observed = counts > 0
+    if scheme == UNIFORM:
+        a[observed] = 1.0
+    elif scheme == COLUMN_FREQUENCY:
+        a[observed] = feature_wt_factor * np.power(counts[observed], feature_wt_exp)
+    elif scheme == INVERSE_FREQUENCY:
+        a[observed] = np.power(1.0 / counts[observed], feature_wt_exp)
+    else:
+        alpha = float(confidence_alpha)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"observed weights must be finite (scheme {scheme!r})")
+    return a, alpha
+
+
+def entry_weights(
+    items: np.ndarray, ratings: np.ndarray, a: np.ndarray, alpha: float
+) -> np.ndarray:
+    """f_ui = a_i + α · max(r_ui, 0) of each given cell: float32 [m].
+
+    Args:
+        items: int [m], the item of each cell (an index into `a`).
+        ratings: float [m], r_ui.
+        a: float [n_items], from `item_terms`.
+        alpha: α, from `item_terms`.
+    """
+    items = np.asarray(items, dtype=np.int64)
+    ratings = np.asarray(ratings, dtype=np.float64)
+    if items.shape != ratings.shape:
+        raise ValueError(f"items and ratings differ in shape: {items.shape} vs {ratings.shape}")
+    f = np.asarray(a, dtype=np.float64)[items]
+    if alpha:
+        f = f + alpha * np.maximum(ratings, 0.0)
+    return f.astype(np.float32)
 
 
 def regularization(

@@ -1,0 +1,249 @@
+"""One definition of the WALS problem, for any block of whole rows of either side.
+
+Every driver builds the least-squares problem of the rows it solves with `define_rows`: the
+local trainer (once per side), the Beam trainer (once per block), fold-in of a new visitor, the
+SavedModel export and the benchmarks. So f, the target and λ cannot disagree between them.
+
+For a block of whole rows u of one side, solved against the fixed side's factors y_i:
+
+    f_ui = a_i + α·max(r_ui, 0)            a, α from the *global* item counts c_i
+                                           (`trainer.weights.item_terms`)
+    t_ui = 1 under binary_target, else r_ui      the value fitted on an observed cell
+    λ_u  = λ·(n_u + w0·N_fixed)^ν          n_u the row's observed count, N_fixed the size of
+                                           the fixed side
+
+and the row's solve (`trainer.solver`) minimises
+
+    Σ_i w_ui (t_ui − x_u·y_i)² + λ_u‖x_u‖²,   w_ui = w0 + f_ui observed, w0 unobserved.
+
+The loss of the whole model comes in partial sums (`LossSums`), one per block, merged by
+addition (a Beam CombineFn, or a plain sum locally). The unobserved term comes from the two
+Gramians, so no block needs the other side's rows:
+
+    observed       = Σ_obs (w0 + f_ui)(t_ui − x_u·y_i)²
+    unobserved     = w0·sum(XᵀX ∘ YᵀY) − w0·Σ_obs (x_u·y_i)²
+    regularization = Σ_u λ_u‖x_u‖² + Σ_i λ_i‖y_i‖²
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import solver as wals_solver
+from trainer import weights
+from trainer.config import WALSConfig
+from trainer.sparse import CsrMatrix
+
+# The two sides of the matrix; also part of the initialisation's key (`trainer.seeding`).
+USERS = 0
+ITEMS = 1
+SIDES = (USERS, ITEMS)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowProblem:
+    """The least-squares problem of a block of rows. NumPy only, so it pickles.
+
+    Attributes:
+        targets: [n_rows, n_fixed], t_ui of each observed cell; columns index the fixed side.
+        f: float32 [nnz], f_ui in `targets`' nnz order.
+        reg: float64 [n_rows], λ_u.
+        w0: the unobserved weight.
+    """
+
+    targets: CsrMatrix
+    f: np.ndarray
+    reg: np.ndarray
+    w0: float
+
+    def plan(
+        self,
+        solver: str,
+        dtype: tf.DType = tf.float32,
+        chunk_rows: int = wals_solver.DEFAULT_CHUNK_ROWS,
+        tile_shape: wals_solver.TileShape | None = None,
+    ) -> wals_solver.RowPlan:
+        """The block laid out for `trainer.solver.solve_planned`."""
+        return wals_solver.plan_rows(
+            self.targets,
+            self.f,
+            self.reg,
+            self.w0,
+            solver=solver,
+            dtype=dtype,
+            chunk_rows=chunk_rows,
+            tile_shape=tile_shape,
+        )
+
+
+def define_rows(
+    rows: CsrMatrix,
+    side: int,
+    item_counts: np.ndarray,
+    config: WALSConfig,
+    row_items: np.ndarray | None = None,
+) -> RowProblem:
+    """The problem of a block of whole rows (formulas in the module docstring).
+
+    Args:
+        rows: [n_rows, n_fixed], the observed r_ui of every row of the block, complete rows.
+            For USERS its columns are items (indices into `item_counts`); for ITEMS its
+            columns are users and its rows are the items `row_items`.
+        side: USERS or ITEMS, the side the rows belong to.
+        item_counts: int [N_items], c_i over the whole training matrix (not this block).
+        config: the hyperparameters.
+        row_items: int [n_rows], for ITEMS the global item index of each row of the block;
+            `arange(n_rows)` when None (the block is the whole item side).
+
+    Returns:
+        The block's `RowProblem`.
+    """
+    if side not in SIDES:
+        raise ValueError(f"side must be USERS (0) or ITEMS (1), got {side!r}")
+    item_counts = np.asarray(item_counts)
+    n_rows, n_fixed = rows.shape
+    a, alpha = config.item_terms(item_counts)
+    if side == USERS:
+        if n_fixed != item_counts.size:
+            raise ValueError(
+                f"a user block has {n_fixed} item columns but there are {item_counts.size} items"
+            )
+        entry_items = rows.indices
+    else:
+        if row_items is None:
+            row_items = np.arange(n_rows, dtype=np.int64)
+        row_items = np.asarray(row_items, dtype=np.int64)
+        if row_items.shape != (n_rows,):
+            raise ValueError(f"row_items must have one item per row, got {row_items.shape}")
+        if n_rows and (row_items.min() < 0 or row_items.max() >= item_counts.size):
+            raise ValueError(f"row_items must lie in [0, {item_counts.size})")
+        entry_items = np.repeat(row_items, rows.row_counts())
+    f = weights.entry_weights(entry_items, rows.values, a, alpha)
+    targets = rows
+    if config.binary_target:
+        # Hu, Koren & Volinsky's preference: fit 1 on every observed cell; r only weighs it.
+        targets = dataclasses.replace(rows, values=np.ones_like(rows.values))
+    reg = config.row_regularization(rows.row_counts(), n_fixed)
+    return RowProblem(targets, f, reg, float(config.unobserved_weight))
+
+
+def define_history(
+    items: np.ndarray, ratings: np.ndarray, item_counts: np.ndarray, config: WALSConfig
+) -> RowProblem:
+    """The problem of one new visitor's row (fold-in): distinct `items` with ratings r_ui."""
+    items = np.asarray(items, dtype=np.int64).ravel()
+    ratings = np.asarray(ratings, dtype=np.float32).ravel()
+    if items.size != ratings.size:
+        raise ValueError(f"items and ratings differ in length: {items.size}, {ratings.size}")
+    n_items = np.asarray(item_counts).size
+    if items.size and (items.min() < 0 or items.max() >= n_items):
+        raise ValueError(f"item indices must lie in [0, {n_items})")
+    if np.unique(items).size != items.size:
+        raise ValueError("items must be distinct; aggregate repeated items first")
+    order = np.argsort(items, kind="stable")
+    row = CsrMatrix(
+        np.array([0, items.size], dtype=np.int64), items[order], ratings[order], (1, n_items)
+    )
+    return define_rows(row, USERS, item_counts, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSums:
+    """Partial sums of the objective over some blocks; merge with `+`.
+
+    Attributes:
+        squared: Σ_obs (t_ui − x_u·y_i)² over the blocks' observed cells.
+        weighted: Σ_obs f_ui (t_ui − x_u·y_i)².
+        predicted: Σ_obs (x_u·y_i)².
+        regularization: Σ λ_u‖x_u‖² over the blocks' rows.
+        entries: observed cells counted.
+    """
+
+    squared: float = 0.0
+    weighted: float = 0.0
+    predicted: float = 0.0
+    regularization: float = 0.0
+    entries: int = 0
+
+    def __add__(self, other: LossSums) -> LossSums:
+        return LossSums(
+            self.squared + other.squared,
+            self.weighted + other.weighted,
+            self.predicted + other.predicted,
+            self.regularization + other.regularization,
+            self.entries + other.entries,
+        )
+
+    def finish(self, gramian_users: np.ndarray, gramian_items: np.ndarray, w0: float) -> dict:
+        """The loss from all blocks' sums and the two Gramians (module docstring).
+
+        Args:
+            gramian_users: [k, k] XᵀX.
+            gramian_items: [k, k] YᵀY.
+            w0: the unobserved weight.
+
+        Returns:
+            {"observed", "unobserved", "regularization", "total", "rmse"} as floats; rmse is
+            the unweighted root-mean-square error over the observed cells.
+        """
+        all_cells = w0 * float(
+            np.sum(np.asarray(gramian_users, np.float64) * np.asarray(gramian_items, np.float64))
+        )
+        observed = w0 * self.squared + self.weighted
+        unobserved = all_cells - w0 * self.predicted
+        return {
+            "observed": observed,
+            "unobserved": unobserved,
+            "regularization": self.regularization,
+            "total": observed + unobserved + self.regularization,
+            "rmse": float(np.sqrt(self.squared / max(self.entries, 1))),
+        }
+
+
+def loss_sums(
+    problem: RowProblem,
+    solved: np.ndarray | tf.Tensor,
+    fixed: np.ndarray | tf.Tensor | None,
+    dtype: tf.DType = tf.float32,
+) -> LossSums:
+    """A block's partial sums of the loss.
+
+    Count every observed cell once: pass `fixed` for the blocks of one side (the users), and
+    None for the other side's blocks, which then add only their regularization.
+
+    Args:
+        problem: the block's problem.
+        solved: [n_rows, k] the block's factors.
+        fixed: [n_fixed, k] the other side's factors, or None.
+        dtype: computation dtype of the predictions; sums accumulate in float64.
+    """
+    solved = tf.cast(tf.convert_to_tensor(solved), dtype)
+    norms = tf.reduce_sum(tf.square(tf.cast(solved, tf.float64)), axis=1).numpy()
+    regularization = float(np.dot(np.asarray(problem.reg, np.float64), norms))
+    if fixed is None:
+        return LossSums(regularization=regularization)
+    squared, weighted, predicted = wals_solver.observed_sums(
+        problem.targets, problem.f, solved, fixed, dtype
+    )
+    return LossSums(squared, weighted, predicted, regularization, problem.targets.nnz)
+
+
+def loss(
+    users: RowProblem,
+    items: RowProblem,
+    user_factors: np.ndarray | tf.Tensor,
+    item_factors: np.ndarray | tf.Tensor,
+    dtype: tf.DType = tf.float32,
+) -> dict:
+    """The loss of a whole model: both sides' partial sums, finished with the Gramians."""
+    x = tf.cast(tf.convert_to_tensor(user_factors), dtype)
+    y = tf.cast(tf.convert_to_tensor(item_factors), dtype)
+    sums = loss_sums(users, x, y, dtype) + loss_sums(items, y, None, dtype)
+    return sums.finish(
+        wals_solver.gramian(x, tf.float64).numpy(),
+        wals_solver.gramian(y, tf.float64).numpy(),
+        users.w0,
+    )
