@@ -131,11 +131,10 @@ def test_batch_predict_tsv_reverse_maps_ids(model, tmp_path):
         )
         == N_USERS
     )
-    lines = out.read_text(encoding="utf-8").splitlines()
-    assert [line.split("\t")[0] for line in lines] == USERS
-    for user, line in enumerate(lines):
-        ranked = line.split("\t")[1].split(",")
-        assert ranked == oracle_top_k(model, user, 3)
+    rows = list(batch_predict.read_predictions(str(out)))
+    assert [row.key for row in rows] == USERS
+    for user, row in enumerate(rows):
+        assert row.ranked == oracle_top_k(model, user, 3)
     assert not (tmp_path / "recs.tsv.incomplete").exists()
 
 

@@ -71,11 +71,9 @@ def test_batch_predictions_exclude_seen_and_use_original_ids(preprocessed, train
     for visitor, content in train:
         seen.setdefault(visitor, set()).add(content)
     items = {content for _, content in train}
-    lines = predictions.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == len(seen)
-    for line in lines:
-        visitor, ranked = line.split("\t")
-        ranked = ranked.split(",")
+    rows = list(batch_predict.read_predictions(str(predictions)))
+    assert len(rows) == len(seen)
+    for visitor, ranked in ((row.key, row.ranked) for row in rows):
         assert len(ranked) == 10 and len(set(ranked)) == 10
         assert set(ranked) <= items, "content IDs are the original ones"
         assert not set(ranked) & seen[visitor], "no already-seen content"

@@ -4,9 +4,24 @@
     python -m trainer.batch_predict ... --targeting      # top-K visitors per content instead
     python -m trainer.batch_predict ... --format jsonl   # JSON lines instead of TSV
 
-TSV: `visitorId<TAB>contentId1,contentId2,...` (best first); with --targeting
-`contentId<TAB>visitorId1,visitorId2,...`. JSONL: {"visitorId": ..., "contentIds": [...],
-"scores": [...]} (with --targeting {"contentId": ..., "visitorIds": [...], "scores": [...]}).
+TSV (lossless for every ID preprocessing accepts): a header line `visitorId<TAB>contentIds`
+(with --targeting `contentId<TAB>visitorIds`), then one line per visitor. The file is UTF-8,
+lines end with '\n', and each line is a record of Python's `csv` "excel-tab" dialect with
+QUOTE_MINIMAL: fields are separated by a tab, and a field holding a tab or '"' is enclosed in
+'"' with each '"' doubled. The first field is the ID itself, the second is a JSON array of the
+ranked IDs, best first (`json.dumps(ids, ensure_ascii=False)`, so it always holds '"' and is
+always quoted unless empty):
+
+    visitorId	contentIds
+    7291783718742811253	"[""article-0042"", ""a,b""]"
+
+`read_predictions` parses it back (pandas: `read_csv(path, sep="\t", dtype=str,
+keep_default_na=False)` and `json.loads` on the second column). JSONL: {"visitorId": ...,
+"contentIds": [...], "scores": [...]} (with --targeting {"contentId": ..., "visitorIds": [...],
+"scores": [...]}), `json.dumps(..., ensure_ascii=False)` per line. In both formats only '\n'
+ends a line: IDs may hold U+2028, U+0085, \\x1c and other characters that `str.splitlines()`
+splits on, so read line by line from the file (or split on '\n'), never with `splitlines()`.
+
 Items a visitor has already seen are never recommended to them (and, with --targeting, visitors
 who have seen a content are never targeted with it). The file is written under a temporary name
 and renamed when complete.
@@ -15,6 +30,9 @@ and renamed when complete.
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
+import io
 import json
 import logging
 import os
@@ -31,6 +49,12 @@ from trainer import model as model_lib
 from trainer.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
+
+FORMATS = ("tsv", "jsonl")
+# The TSV's records: "excel-tab" (tab-separated, '"' quotes, doubled inside), quoting only
+# what needs it, lines ended by '\n'.
+_TSV = {"dialect": "excel-tab", "quoting": csv.QUOTE_MINIMAL, "lineterminator": "\n"}
+_COLUMNS = {False: ("visitorId", "contentIds"), True: ("contentId", "visitorIds")}
 
 
 def _rows(
@@ -93,6 +117,13 @@ def predict(
         yield keys[row], [names[i] for i in ids], scores.tolist()
 
 
+def tsv_line(fields: list[str]) -> str:
+    """One TSV record, '\n' included (see the module docstring for the quoting rule)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, **_TSV).writerow(fields)
+    return buffer.getvalue()
+
+
 def write_predictions(
     model_dir: str,
     output: str,
@@ -101,23 +132,89 @@ def write_predictions(
     output_format: str = "tsv",
     progress: bool = False,
 ) -> int:
-    """Writes predictions to `output` (local or any Beam filesystem); returns the line count."""
+    """Writes predictions to `output` (local or any Beam filesystem).
+
+    Returns:
+        The number of visitors (contents, with targeting) written: the TSV's lines after its
+        header, or the JSONL's lines.
+    """
+    if output_format not in FORMATS:
+        raise ValueError(f"unknown format {output_format!r}; expected one of {FORMATS}")
     model = model_lib.load(model_dir)
-    key_name, list_name = ("contentId", "visitorIds") if targeting else ("visitorId", "contentIds")
+    key_name, list_name = _COLUMNS[targeting]
     partial = f"{output}.incomplete"
     count = 0
     with FileSystems.create(partial) as handle:
+        if output_format == "tsv":
+            handle.write(tsv_line([key_name, list_name]).encode("utf-8"))
         for key, ranked, scores in predict(model, k, targeting, progress=progress):
             if output_format == "jsonl":
                 record = {key_name: key, list_name: ranked, "scores": [round(s, 6) for s in scores]}
-                line = json.dumps(record, ensure_ascii=False)
+                line = json.dumps(record, ensure_ascii=False) + "\n"
             else:
-                line = f"{key}\t{','.join(ranked)}"
-            handle.write((line + "\n").encode("utf-8"))
+                line = tsv_line([key, json.dumps(ranked, ensure_ascii=False)])
+            handle.write(line.encode("utf-8"))
             count += 1
     FileSystems.rename([partial], [output]) if "://" in output else os.replace(partial, output)
-    logger.info("wrote %d lines to %s", count, output)
+    logger.info("wrote %d predictions to %s", count, output)
     return count
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One line of a predictions file.
+
+    Attributes:
+        key: the visitorId (the contentId, with targeting).
+        ranked: list[str], the contentIds (visitorIds, with targeting), best first.
+        scores: list[float] aligned with `ranked` (JSONL), or None (TSV holds no scores).
+        targeting: whether the file was written with --targeting.
+    """
+
+    key: str
+    ranked: list[str]
+    scores: list[float] | None
+    targeting: bool
+
+
+def _lines(path: str) -> Iterator[str]:
+    """The lines of a UTF-8 file, split on '\n' only (never on U+2028 and the like)."""
+    with FileSystems.open(path) as handle:
+        for line in handle:  # Binary files split on b"\n" only.
+            yield line.decode("utf-8").removesuffix("\n")
+
+
+def read_predictions(path: str, output_format: str | None = None) -> Iterator[Prediction]:
+    """Parses a file written by `write_predictions`, giving back every ID exactly.
+
+    Args:
+        path: the predictions file (local or any Beam filesystem).
+        output_format: "tsv" or "jsonl"; None: "jsonl" if path ends with ".jsonl", else "tsv".
+
+    Raises:
+        ValueError: the file is not in that format.
+    """
+    if output_format is None:
+        output_format = "jsonl" if path.endswith(".jsonl") else "tsv"
+    if output_format == "jsonl":
+        for line in _lines(path):
+            record = json.loads(line)
+            targeting = "contentId" in record
+            key_name, list_name = _COLUMNS[targeting]
+            yield Prediction(record[key_name], record[list_name], record["scores"], targeting)
+        return
+    if output_format != "tsv":
+        raise ValueError(f"unknown format {output_format!r}; expected one of {FORMATS}")
+    rows = csv.reader(_lines(path), **_TSV)
+    header = tuple(next(rows, ()))
+    if header not in _COLUMNS.values():
+        raise ValueError(f"{path}: not a batch-prediction TSV (header {list(header)})")
+    targeting = header == _COLUMNS[True]
+    for row in rows:
+        if len(row) != 2:
+            raise ValueError(f"{path}: line {rows.line_num} has {len(row)} fields, not 2")
+        key, ranked = row
+        yield Prediction(key, json.loads(ranked), None, targeting)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -132,7 +229,7 @@ def run(argv: list[str] | None = None) -> int:
         action="store_true",
         help="top-K visitors per content instead of top-K content per visitor",
     )
-    parser.add_argument("--format", dest="output_format", choices=("tsv", "jsonl"), default="tsv")
+    parser.add_argument("--format", dest="output_format", choices=FORMATS, default="tsv")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.k <= 0:
