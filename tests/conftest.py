@@ -26,8 +26,8 @@ def read_sparse_records(directory: str, name: str) -> dict[int, tuple[np.ndarray
 
 def read_vocabulary(preprocessed_dir: str, name: str) -> list[str]:
     path = os.path.join(preprocessed_dir, "transform_fn", "assets", name)
-    with open(path, encoding="utf-8") as handle:
-        return handle.read().splitlines()
+    with open(path, "rb") as handle:  # Lines end at b"\n" only; IDs may hold U+2028 & co.
+        return [line.decode("utf-8").removesuffix("\n") for line in handle]
 
 
 def read_cells(preprocessed_dir: str, split: str) -> dict[tuple[str, str], float]:

@@ -23,6 +23,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 from apache_beam.io.filesystems import FileSystems
 
+from trainer.model import vocabulary_from_bytes
 from trainer.sparse import CsrMatrix
 from transforms import features
 
@@ -104,9 +105,13 @@ def read_json(path: str) -> dict:
 
 
 def read_vocabulary(path: str) -> list[str]:
-    """A vocabulary file: one ID per line, line number = index."""
+    """A TF Transform vocabulary file: one ID per '\n'-ended line, line number = index.
+
+    TF Transform writes each token followed by '\n' and drops tokens holding '\n' or '\r';
+    any other character (U+2028, \\x1c, ...) may be part of an ID.
+    """
     with FileSystems.open(path) as handle:
-        return handle.read().decode("utf-8").splitlines()
+        return vocabulary_from_bytes(handle.read())
 
 
 def load_dataset(directory: str) -> Dataset:
