@@ -10,6 +10,7 @@ exported SavedModel. Every ID must come back exactly as it went in.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 
@@ -18,7 +19,7 @@ import tensorflow as tf
 from conftest import read_cells
 
 from pipeline import preprocess, records
-from trainer import batch_predict, data, task
+from trainer import batch_predict, data, show, task
 from trainer import model as model_lib
 from transforms import features
 
@@ -180,3 +181,56 @@ def test_savedmodel_serves_every_id(trained):
     assert set(ids) <= set(CONTENTS) - set(history)
     similar = model.similar_items(CONTENTS, k=2)
     assert all(set(c for c, _ in row) <= set(CONTENTS) for row in similar)
+
+
+def pairs() -> set[tuple[str, str]]:
+    return {(v, c) for v, c, _ in interactions()}
+
+
+def run_show(capsys, *argv: str) -> tuple[int, str, str]:
+    status = show.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("output_format", ["tsv", "jsonl"])
+def test_show_a_targeting_file(trained, tmp_path, capsys, output_format):
+    _, model_dir = trained
+    targets = str(tmp_path / f"targets.{output_format}")
+    batch_predict.run(["--model_dir", model_dir, "--output", targets, "--k", "2", "--no_progress",
+                       "--format", output_format, "--targeting"])  # fmt: skip
+    status, out, _ = run_show(capsys, model_dir, "--predictions", targets, "--visitors", "3")
+    assert status == 0
+    model = model_lib.load(model_dir)
+    assert "targeting for 3 contents" in out
+    for row in itertools.islice(batch_predict.read_predictions(targets), 3):
+        readers = [v for v in model.users if (v, row.key) in pairs()]
+        assert f"  {row.key}\n    read by:     {', '.join(readers)}\n" in out
+        assert f"    recommended: {', '.join(row.ranked)}\n" in out
+    assert "SavedModel serving_default" in out
+
+
+def test_show_visitors_known_and_unknown(trained, tmp_path, capsys):
+    _, model_dir = trained
+    recs = tmp_path / "recs.tsv"
+    with open(recs, "w", encoding="utf-8") as handle:  # As another model's run could give.
+        handle.write(batch_predict.tsv_line(["visitorId", "contentIds"]))
+        handle.write(batch_predict.tsv_line(["someone-new", json.dumps(CONTENTS[:2])]))
+        handle.write(batch_predict.tsv_line([VISITORS[0], json.dumps(CONTENTS[5:7])]))
+    status, out, _ = run_show(capsys, model_dir, "--predictions", str(recs))
+    assert status == 0
+    assert "recommendations for 2 visitors" in out
+    assert "  someone-new\n    seen:        (not in this model)\n" in out
+    seen = [c for c in model_lib.load(model_dir).items if (VISITORS[0], c) in pairs()]
+    assert f"  {VISITORS[0]}\n    seen:        {', '.join(seen)}\n" in out
+    assert f"    recommended: {', '.join(CONTENTS[5:7])}\n" in out
+
+
+def test_show_refuses_a_file_that_is_not_predictions(trained, tmp_path, capsys):
+    _, model_dir = trained
+    old = tmp_path / "old.tsv"
+    old.write_text("v1\tc1,c2\n", encoding="utf-8")
+    status, _, err = run_show(capsys, model_dir, "--predictions", str(old))
+    assert status == 2 and "not a batch-prediction TSV" in err
+    status, _, err = run_show(capsys, str(tmp_path / "missing"))
+    assert status == 2 and "no finished trained model" in err

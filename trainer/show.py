@@ -2,6 +2,9 @@
 to what they read, and an answer from the exported SavedModel.
 
     python -m trainer.show MODEL_DIR [--predictions recs.tsv] [--visitors 3]
+
+The predictions may be per visitor or, written with --targeting, per content; their keys need
+not be in the model.
 """
 
 from __future__ import annotations
@@ -11,15 +14,35 @@ import itertools
 import json
 import sys
 
+import numpy as np
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import cli
+from trainer import batch_predict
 from trainer import model as model_lib
 from trainer.task import METRICS_FILE, format_metrics
 
 
-def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=sys.stdout):
-    write = out.write
+def _block(key: str, label: str, history: list[str], ranked: list[str], index: int | None) -> str:
+    """A few lines about one predictions row; `index` None: the model does not know `key`."""
+    if index is None:
+        past = "(not in this model)"
+    else:
+        past = ", ".join(history[:8]) + (" ..." if len(history) > 8 else "")
+    return f"  {key}\n    {label + ':':<13}{past}\n    {'recommended:':<13}{', '.join(ranked)}\n"
+
+
+def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=None) -> None:
+    """Writes the summary to `out` (default: sys.stdout).
+
+    Raises:
+        cli.UsageError: model_dir holds no finished model, or predictions is not a
+            `trainer.batch_predict` output.
+    """
+    write = (out or sys.stdout).write
+    if not FileSystems.exists(f"{model_dir}/{METRICS_FILE}"):
+        raise cli.UsageError(f"no finished trained model in {model_dir} (no {METRICS_FILE})")
     with FileSystems.open(f"{model_dir}/{METRICS_FILE}") as handle:
         result = json.load(handle)
     config = result["config"]
@@ -35,20 +58,25 @@ def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=
     write(format_metrics(result) + "\n")
 
     model = model_lib.load(model_dir)
-    write(f"\nrecommendations for {visitors} visitors (seen: what they read in training)\n")
-    lines = []
+    rows = []
     if predictions:
-        with FileSystems.open(predictions) as handle:
-            lines = [
-                line.decode("utf-8").rstrip("\n") for line in itertools.islice(handle, visitors)
-            ]
-    for line in lines:
-        visitor, ranked = line.split("\t")
-        seen = [model.items[i] for i in model.seen(model.user_index(visitor))]
-        write(
-            f"  {visitor}\n    seen:        {', '.join(seen[:8])}"
-            f"{' ...' if len(seen) > 8 else ''}\n    recommended: {ranked.replace(',', ', ')}\n"
-        )
+        try:
+            rows = list(itertools.islice(batch_predict.read_predictions(predictions), visitors))
+        except (ValueError, KeyError) as error:
+            raise cli.UsageError(f"--predictions {predictions}: {error}") from None
+    if rows and rows[0].targeting:
+        write(f"\ntargeting for {len(rows)} contents (read by: their readers in training)\n")
+        user_of_cell = np.repeat(np.arange(len(model.users)), np.diff(model.seen_indptr))
+        for row in rows:
+            item = model.item_index(row.key)
+            readers = [] if item is None else user_of_cell[model.seen_indices == item]
+            write(_block(row.key, "read by", [model.users[u] for u in readers], row.ranked, item))
+    elif rows:
+        write(f"\nrecommendations for {len(rows)} visitors (seen: what they read in training)\n")
+        for row in rows:
+            user = model.user_index(row.key)
+            seen = [] if user is None else [model.items[i] for i in model.seen(user)]
+            write(_block(row.key, "seen", seen, row.ranked, user))
 
     loaded = tf.saved_model.load(f"{model_dir}/export")
     serve = loaded.signatures["serving_default"]
@@ -61,14 +89,21 @@ def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=
         write(f"  {visitor} (known={known}): {', '.join(ids)} ...\n")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.show", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("model_dir", help="a trainer.task --output_dir")
-    parser.add_argument("--predictions", help="a trainer.batch_predict TSV output")
-    parser.add_argument("--visitors", type=int, default=3)
+    parser.add_argument(
+        "--predictions", help="a trainer.batch_predict output (TSV, or JSONL if named *.jsonl)"
+    )
+    parser.add_argument("--visitors", type=int, default=3, help="how many predictions to show")
     args = parser.parse_args(argv)
     show(args.model_dir.rstrip("/"), args.predictions, args.visitors)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main_with_usage_errors(run, argv)
 
 
 if __name__ == "__main__":
