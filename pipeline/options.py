@@ -100,7 +100,7 @@ class PreprocessOptions(PipelineOptions):
             "--overwrite",
             action="store_true",
             default=False,
-            help="Replace a non-empty --output_dir.",
+            help="Replace a dataset this project wrote in --output_dir (never other files).",
         )
 
 

@@ -185,6 +185,13 @@ def make_summary(opts, output_dir: str, counters: dict[str, int], seconds: float
     }
 
 
+def finish_output(out: str, summary: dict) -> None:
+    """Removes the run's scratch files under `out`/tmp/, then writes summary.json last."""
+    staging.delete_tree(f"{out}/tmp")
+    with FileSystems.create(f"{out}/{features.SUMMARY_FILE}") as handle:
+        handle.write(json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Runs the preprocessing pipeline to completion and returns its summary.
 
@@ -196,26 +203,27 @@ def run(argv: list[str] | None = None) -> dict:
     opts = options.view_as(preprocess_options.PreprocessOptions)
     preprocess_options.validate(opts)
     try:
-        staging.check_writable(opts.output_dir, opts.overwrite)
-    except FileExistsError as error:
+        staging.check_writable(opts.output_dir, opts.overwrite, features.SUMMARY_FILE)
+    except staging.OutputExistsError as error:
         raise cli.UsageError(str(error)) from None
 
     start = time.monotonic()
-    with staging.staged_output(opts.output_dir, opts.overwrite, features.SUMMARY_FILE) as out:
-        pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, opts, out)
-        result = pipeline.run()
-        result.wait_until_finish()
-        counters = query_counters(result)
-        summary = make_summary(opts, out, counters, time.monotonic() - start)
-        if summary["train_interactions"] == 0:
-            raise RuntimeError(
-                "the input produced no train interactions: check --input_format and "
-                f"--content_id_source (counters: {summary['counters']})"
-            )
-        FileSystems.delete([f"{out}/tmp"])
-        with FileSystems.create(f"{out}/{features.SUMMARY_FILE}") as handle:
-            handle.write(json.dumps(summary, indent=2, sort_keys=True).encode("utf-8"))
+    try:
+        with staging.staged_output(opts.output_dir, opts.overwrite, features.SUMMARY_FILE) as out:
+            pipeline = beam.Pipeline(options=options)
+            build_pipeline(pipeline, opts, out)
+            result = pipeline.run()
+            result.wait_until_finish()
+            counters = query_counters(result)
+            summary = make_summary(opts, out, counters, time.monotonic() - start)
+            if summary["train_interactions"] == 0:
+                raise RuntimeError(
+                    "the input produced no train interactions: check --input_format and "
+                    f"--content_id_source (counters: {summary['counters']})"
+                )
+            finish_output(out, summary)
+    except staging.OutputExistsError as error:  # output_dir changed while the pipeline ran
+        raise cli.UsageError(str(error)) from None
     logger.info(
         "preprocessed %d lines into %d users x %d items, %d train and %d eval interactions "
         "in %.1f s",

@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--input_dir", required=True, help="a pipeline.preprocess --output_dir")
     parser.add_argument("--output_dir", required=True, help="where the model goes")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model this project wrote in output_dir (never other files)",
+    )
     hp = parser.add_argument_group("model")
     hp.add_argument(
         "--latent_factors",
@@ -297,14 +301,16 @@ def run(argv: list[str] | None = None) -> dict:
     if args.export_k <= 0:
         raise cli.UsageError(f"--export_k must be > 0, got {args.export_k}")
     try:
-        staging.check_writable(args.output_dir, args.overwrite)
-    except FileExistsError as error:
+        staging.check_writable(args.output_dir, args.overwrite, METRICS_FILE)
+    except staging.OutputExistsError as error:
         raise cli.UsageError(str(error)) from None
     try:
         with staging.staged_output(args.output_dir, args.overwrite, METRICS_FILE) as out:
             result = train_and_evaluate(args, out)
     except data.DatasetError as error:
         raise cli.UsageError(f"--input_dir {args.input_dir}: {error}") from None
+    except staging.OutputExistsError as error:  # output_dir changed while training ran
+        raise cli.UsageError(str(error)) from None
     logger.info("wrote %s\n%s", args.output_dir, format_metrics(result))
     return result
 
