@@ -257,7 +257,8 @@ def _split_movielens(text: str) -> list[str]:
     for separator in ("::", "\t", ","):
         if separator in text:
             return text.split(separator)
-    return text.split()
+    # Runs of spaces only: str.split() would also split IDs at \x1c, U+2028 and the like.
+    return [field for field in text.split(" ") if field]
 
 
 def movielens_event(line: bytes | str, max_id_length: int = DEFAULT_MAX_ID_LENGTH) -> list:

@@ -94,6 +94,11 @@ def test_the_fixture_ids_are_accepted_by_the_parser():
         assert records.csv_event(f"{line},{value}") == [(visitor, content, value)]
 
 
+def test_space_separated_movielens_splits_on_spaces_only():
+    assert records.movielens_event("u\x1cx  i\u2028y 4 7") == [("u\x1cx", "i\u2028y", (7.0, 4.0))]
+    assert records.movielens_event("u\x0bx i 4 7") == [("u\x0bx", "i", (7.0, 4.0))]
+
+
 def test_ids_with_line_breaks_are_rejected_with_their_reason():
     session = {"fullVisitorId": "a\nb", "visitId": 1, "hits": [{"type": "PAGE", "time": 0}]}
     for parse in (
