@@ -6,6 +6,7 @@ import collections
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -218,6 +219,28 @@ def test_existing_output_needs_overwrite(sample, preprocessed):
     out, _ = preprocessed
     with pytest.raises(cli.UsageError, match="--overwrite"):
         _run(sample, out)
+
+
+def test_overwrite_replaces_a_dataset_we_wrote(sample, preprocessed, tmp_path):
+    out, summary = preprocessed
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    again = _run(sample, copy, "--overwrite")
+    assert again["train_interactions"] == summary["train_interactions"]
+    assert read_cells(copy, features.TRAIN_DIR) == read_cells(out, features.TRAIN_DIR)
+    assert os.listdir(tmp_path) == ["copy"]
+
+
+def test_overwrite_refuses_a_directory_it_did_not_write(sample, tmp_path, capsys):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    argv = ["--input", sample, "--output_dir", str(out), "--overwrite"]
+    assert preprocess.main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"error: refusing to replace {out}" in error and "notes.txt" in error
+    assert (out / "notes.txt").read_text() == "keep"
+    assert os.listdir(out) == ["notes.txt"] and os.listdir(tmp_path) == ["d"]
 
 
 def test_cli_exit_status_and_message(sample, tmp_path):

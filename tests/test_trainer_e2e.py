@@ -129,6 +129,27 @@ def test_bad_inputs_give_clear_errors_and_no_output(preprocessed, tmp_path):
     assert not [name for name in os.listdir(tmp_path) if "incomplete" in name]
 
 
+def test_overwrite_replaces_only_a_model_we_wrote(preprocessed, tmp_path, capsys):
+    out = str(tmp_path / "model")
+    argv = ["--input_dir", preprocessed, "--output_dir", out, "--num_iters", "1", "--no_progress"]
+    first = task.run(argv)
+    with pytest.raises(cli.UsageError, match="--overwrite"):
+        task.run(argv)
+    again = task.run([*argv, "--overwrite"])
+    assert again["wals"] == pytest.approx(first["wals"])
+    assert os.listdir(tmp_path) == ["model"]
+    # A directory of other files, and the dataset itself, are refused: exit 2, nothing deleted.
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    for target in (str(foreign), preprocessed):
+        before = sorted(os.walk(target))
+        assert task.main([*argv[:2], "--output_dir", target, "--overwrite"]) == 2
+        assert f"error: refusing to replace {target}" in capsys.readouterr().err
+        assert sorted(os.walk(target)) == before
+    assert (foreign / "notes.txt").read_text() == "keep"
+
+
 def test_inconsistent_dataset_is_refused(preprocessed, tmp_path):
     import shutil
 
