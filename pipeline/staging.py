@@ -85,7 +85,8 @@ def _list_files(directory: str) -> list[str]:
         )
     prefix = directory.rstrip("/") + "/"
     matched = FileSystems.match([prefix + "**"])[0].metadata_list
-    return sorted(m.path[len(prefix) :] for m in matched if m.path != prefix)
+    # A key ending in "/" is a console-made "folder" placeholder, not a file.
+    return sorted(m.path[len(prefix) :] for m in matched if not m.path.endswith("/"))
 
 
 def _few(names: Iterable[str]) -> str:
