@@ -1,4 +1,4 @@
-"""Batch prediction: top-K unseen content for every visitor, in the visitors' own IDs.
+r"""Batch prediction: top-K unseen content for every visitor, in the visitors' own IDs.
 
     python -m trainer.batch_predict --model_dir runs/local/model --output recs.tsv --k 10
     python -m trainer.batch_predict ... --targeting      # top-K visitors per content instead
@@ -19,7 +19,7 @@ always quoted unless empty):
 keep_default_na=False)` and `json.loads` on the second column). JSONL: {"visitorId": ...,
 "contentIds": [...], "scores": [...]} (with --targeting {"contentId": ..., "visitorIds": [...],
 "scores": [...]}), `json.dumps(..., ensure_ascii=False)` per line. In both formats only '\n'
-ends a line: IDs may hold U+2028, U+0085, \\x1c and other characters that `str.splitlines()`
+ends a line: IDs may hold U+2028, U+0085, \x1c and other characters that `str.splitlines()`
 splits on, so read line by line from the file (or split on '\n'), never with `splitlines()`.
 
 Items a visitor has already seen are never recommended to them (and, with --targeting, visitors

@@ -105,10 +105,10 @@ def read_json(path: str) -> dict:
 
 
 def read_vocabulary(path: str) -> list[str]:
-    """A TF Transform vocabulary file: one ID per '\n'-ended line, line number = index.
+    r"""A TF Transform vocabulary file: one ID per '\n'-ended line, line number = index.
 
     TF Transform writes each token followed by '\n' and drops tokens holding '\n' or '\r';
-    any other character (U+2028, \\x1c, ...) may be part of an ID.
+    any other character (U+2028, \x1c, ...) may be part of an ID.
     """
     with FileSystems.open(path) as handle:
         return vocabulary_from_bytes(handle.read())

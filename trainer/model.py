@@ -220,7 +220,7 @@ class WALSModel:
 
 
 def vocabulary_to_bytes(ids: list[str]) -> bytes:
-    """A vocabulary file's contents: each ID in UTF-8 followed by '\n' (as TF Transform writes).
+    r"""A vocabulary file's contents: each ID in UTF-8 followed by '\n' (as TF Transform writes).
 
     Raises:
         ValueError: an ID holds '\n' or '\r', which a line-based vocabulary cannot hold
@@ -233,11 +233,11 @@ def vocabulary_to_bytes(ids: list[str]) -> bytes:
 
 
 def vocabulary_from_bytes(data: bytes) -> list[str]:
-    """The IDs of a vocabulary file, line number = index.
+    r"""The IDs of a vocabulary file, line number = index.
 
     Lines end at '\n' only, like `tf.lookup.TextFileInitializer` and TF Transform read them.
-    `str.splitlines()` would also split IDs at U+2028, U+2029, U+0085, \\x0b, \\x0c and
-    \\x1c-\\x1e, which IDs may hold.
+    `str.splitlines()` would also split IDs at U+2028, U+2029, U+0085, \x0b, \x0c and
+    \x1c-\x1e, which IDs may hold.
     """
     lines = data.decode("utf-8").split("\n")
     if lines[-1] == "":
