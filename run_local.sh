@@ -9,11 +9,12 @@
 #
 # Extra arguments go to the preprocessing pipeline (any of its flags or Beam's);
 # TRAIN_FLAGS="--latent_factors 16 --num_iters 10" passes flags to the trainer.
+#
+# The terminal shows each step's progress, results and warnings. Everything a step writes to
+# stderr (TensorFlow's C++ start-up lines, Beam's and TF Transform's notices, tracebacks) goes to
+# $WORK_DIR/logs/<step>.log; when a step fails, the end of its log is printed.
 set -euo pipefail
 cd "$(dirname "$0")"
-source scripts/ensure_venv.sh
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-PY="$VENV/bin/python"
 
 WORK_DIR="${WORK_DIR:-runs/local}"
 SESSIONS="${SESSIONS:-4000}"
@@ -22,21 +23,66 @@ DATA="$WORK_DIR/data/ga_sessions-$SESSIONS-$SEED.json.gz"
 PREPROCESSED="$WORK_DIR/preprocessed"
 MODEL="$WORK_DIR/model"
 PREDICTIONS="$WORK_DIR/predictions.tsv"
+LOGS="$WORK_DIR/logs"
+mkdir -p "$WORK_DIR/data" "$LOGS"
 
-mkdir -p "$WORK_DIR/data"
+log=""  # The log of the step under way.
+on_exit() {
+  local status=$?
+  if [ "$status" -ne 0 ] && [ -n "$log" ]; then
+    echo >&2
+    echo "FAILED (exit status $status). The last lines of $log:" >&2
+    tail -n 30 "$log" | sed 's/^/  | /' >&2
+  fi
+}
+trap on_exit EXIT
+
+# Installing: the virtualenv's own messages ("installing ...") show, pip's output goes to the log.
+# A sourced script sees the caller's arguments as its own: keep ours from becoming extras.
+preprocess_args=("$@")
+set --
+log="$LOGS/install.log"
+# shellcheck source=scripts/ensure_venv.sh
+source scripts/ensure_venv.sh 2> >(tee "$log" | grep --line-buffered -E '^(creating|installing) ' >&2)
+PY="$VENV/bin/python"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+# Our CLIs log what is meant for the user to this descriptor (pipeline/cli.py), and the rest of
+# stderr to the step's log.
+export GA_WALS_CONSOLE_FD=3
+
+# step NAME COMMAND...: runs COMMAND with its stderr in $LOGS/NAME.log and its stdout and the
+# user's share of its logging on the terminal.
+step() {
+  log="$LOGS/$1.log"
+  shift
+  "$@" 3>&2 2>"$log"
+}
+
 if [ ! -f "$DATA" ]; then
   echo "== generating $SESSIONS synthetic GA360 sessions (seed $SEED) -> $DATA"
-  "$PY" -m pipeline.synthetic --output "$DATA" --sessions "$SESSIONS" --seed "$SEED" --bad_lines 6
+  step generate "$PY" -m pipeline.synthetic --output "$DATA" --sessions "$SESSIONS" \
+    --seed "$SEED" --bad_lines 6
 fi
 
-echo "== preprocessing -> $PREPROCESSED"
-"$PY" -m pipeline.preprocess --input "$DATA" --output_dir "$PREPROCESSED" --overwrite "$@"
-"$PY" -m pipeline.describe "$PREPROCESSED"
+echo
+echo "== preprocessing with TF Transform on Beam's DirectRunner -> $PREPROCESSED"
+step preprocess "$PY" -m pipeline.preprocess --input "$DATA" --output_dir "$PREPROCESSED" \
+  --overwrite "${preprocess_args[@]}"
+echo
+step describe "$PY" -m pipeline.describe "$PREPROCESSED"
 
+echo
 echo "== training WALS -> $MODEL"
 # shellcheck disable=SC2086
-"$PY" -m trainer.task --input_dir "$PREPROCESSED" --output_dir "$MODEL" --overwrite ${TRAIN_FLAGS:-}
+step train "$PY" -m trainer.task --input_dir "$PREPROCESSED" --output_dir "$MODEL" --overwrite \
+  --no_progress ${TRAIN_FLAGS:-}
 
+echo
 echo "== batch prediction -> $PREDICTIONS"
-"$PY" -m trainer.batch_predict --model_dir "$MODEL" --output "$PREDICTIONS" --k 10 --no_progress
-"$PY" -m trainer.show "$MODEL" --predictions "$PREDICTIONS"
+step predict "$PY" -m trainer.batch_predict --model_dir "$MODEL" --output "$PREDICTIONS" --k 10 \
+  --no_progress
+step show "$PY" -m trainer.show "$MODEL" --predictions "$PREDICTIONS"
+
+log=""
+echo
+echo "Done. Each step's full output (TensorFlow's and Beam's messages included) is in $LOGS/."

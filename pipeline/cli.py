@@ -1,9 +1,16 @@
-"""Command-line plumbing shared by the entry points: flag parsing and checks before a run."""
+"""Command-line plumbing shared by the entry points: flag parsing, checks before a run, logging.
+
+Logging: INFO and up go to stderr. When the environment variable GA_WALS_CONSOLE_FD names an open
+file descriptor (run_local.sh sets it, with stderr sent to a log file), the user also sees there
+what is meant for them: this project's records from INFO up and anyone's errors. TensorFlow's C++
+start-up lines, Beam's and TF Transform's notices and Python warnings stay in the log.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -51,6 +58,63 @@ def print_help(prog: str, description: str, view: type[PipelineOptions]) -> None
     )
 
 
+CONSOLE_FD_ENV = "GA_WALS_CONSOLE_FD"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Loggers of this project; "__main__" is the entry point run with `python -m`.
+OWN_LOGGERS = ("__main__", "pipeline", "transforms", "trainer")
+
+
+def is_own_logger(name: str) -> bool:
+    """True for the loggers of this project's modules (and of the `python -m` entry point)."""
+    return name.split(".")[0] in OWN_LOGGERS
+
+
+class _ForTheUser(logging.Filter):
+    """Passes this project's records from INFO up and anyone's from ERROR up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or (
+            record.levelno >= logging.INFO and is_own_logger(record.name)
+        )
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """The message alone; warnings and errors say so ("WARNING: ...")."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return f"{record.levelname}: {message}" if record.levelno >= logging.WARNING else message
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """The handler writing to $GA_WALS_CONSOLE_FD (its own class, so it is added only once)."""
+
+
+def configure_logging() -> None:
+    """Sends INFO and up to stderr, and the user's share to $GA_WALS_CONSOLE_FD when it is set.
+
+    TensorFlow's and Beam's own INFO chatter is dropped everywhere; their warnings stay in
+    stderr. An unset, malformed or closed $GA_WALS_CONSOLE_FD leaves stderr as the only output.
+    """
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    for noisy in ("tensorflow", "apache_beam", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root = logging.getLogger()
+    fd = os.environ.get(CONSOLE_FD_ENV, "")
+    if not fd.isdigit() or any(isinstance(h, _ConsoleHandler) for h in root.handlers):
+        return
+    try:  # Left open for the life of the process, like sys.stderr.
+        console = open(
+            int(fd), "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False
+        )
+    except OSError:
+        return
+    handler = _ConsoleHandler(console)
+    handler.addFilter(_ForTheUser())
+    handler.setFormatter(_ConsoleFormatter())
+    root.addHandler(handler)
+
+
 def main_with_usage_errors(
     run, argv: list[str] | None = None, print_usage: Callable[[], None] | None = None
 ) -> int:
@@ -58,12 +122,7 @@ def main_with_usage_errors(
 
     With -h/--help in argv, calls `print_usage` instead (when given; else `run` handles it).
     """
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # TensorFlow and Beam's own INFO chatter drowns the pipeline's; their warnings stay.
-    for noisy in ("tensorflow", "apache_beam", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     if argv is None:
         argv = sys.argv[1:]
     if print_usage is not None and ("-h" in argv or "--help" in argv):
