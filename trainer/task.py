@@ -29,7 +29,18 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import cli, staging
-from trainer import data, export, metrics, seeding, wals, weights
+from trainer import (
+    beam_wals,
+    blocks,
+    checkpoints,
+    data,
+    distributed,
+    export,
+    metrics,
+    seeding,
+    wals,
+    weights,
+)
 from trainer import model as model_lib
 
 logger = logging.getLogger(__name__)
@@ -170,6 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 1; the history says which iterations have it)",
     )
     ev.add_argument("--no_progress", action="store_true", help="log instead of a progress bar")
+    dist = parser.add_argument_group(
+        "distributed training (every other flag is a Beam pipeline option: --runner, "
+        "--direct_num_workers, --project, --region, --temp_location, --flink_master, ...)"
+    )
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="train with the Beam pipeline of trainer.beam_wals on the runner the Beam flags "
+        "name (DirectRunner by default); resumes from <output_dir>.checkpoints after a crash",
+    )
+    dist.add_argument(
+        "--factor_exchange",
+        default=beam_wals.BROADCAST,
+        choices=beam_wals.EXCHANGES,
+        help="how solving blocks get the fixed side's factors: broadcast the whole table as a "
+        "side input, or join only the rows each block needs (default broadcast)",
+    )
+    dist.add_argument(
+        "--block_rows",
+        type=int,
+        default=blocks.DEFAULT_BLOCK_ROWS,
+        help=f"rows per block (default {blocks.DEFAULT_BLOCK_ROWS})",
+    )
+    # Test-only fault injection: fail after writing the checkpoint of this half-sweep.
+    dist.add_argument("--test_fail_after_sweep", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 
@@ -191,7 +227,30 @@ def _scorer(factors: wals.WALSFactors):
     return lambda users: factors.user_factors[users] @ factors.item_factors.T
 
 
-def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
+def _train_distributed(args, config, dataset, beam_argv: list[str], out: str) -> wals.WALSFactors:
+    """Runs the Beam trainer; per-iteration evaluation needs the factors of every iteration,
+    which the distributed run does not keep, so the history holds the losses only."""
+    result = distributed.train(
+        dataset,
+        args.input_dir,
+        config,
+        args.output_dir,
+        beam_argv,
+        exchange=args.factor_exchange,
+        block_rows=args.block_rows,
+        loss_every=args.loss_every,
+        fail_after=args.test_fail_after_sweep,
+    )
+    args.checkpoint_dir = result.checkpoint_dir
+    if args.eval_every:
+        logger.warning("--eval_every is ignored with --distributed: metrics.json has final ones")
+        args.eval_every = 0
+    return result.factors
+
+
+def train_and_evaluate(
+    args: argparse.Namespace, out: str, beam_argv: list[str] | None = None
+) -> dict:
     """Loads, trains, evaluates and writes everything under `out`; returns metrics.json."""
     config = config_from_args(args)
     dataset = data.load_dataset(args.input_dir)
@@ -210,16 +269,21 @@ def train_and_evaluate(args: argparse.Namespace, out: str) -> dict:
         _summaries(writer, iteration, {k: v for k, v in record.items() if k != "iteration"}, "wals")
 
     start = time.monotonic()
-    factors = wals.fit(
-        train,
-        config,
-        callback=on_iteration,
-        show_progress=not args.no_progress,
-        user_keys=seeding.id_keys(dataset.users),
-        item_keys=seeding.id_keys(dataset.items),
-        compute_loss=args.loss_every > 0,
-        loss_every=max(args.loss_every, 1),
-    )
+    if args.distributed:
+        factors = _train_distributed(args, config, dataset, beam_argv, out)
+        for loss in factors.history:
+            on_iteration(loss["iteration"], factors, loss)
+    else:
+        factors = wals.fit(
+            train,
+            config,
+            callback=on_iteration,
+            show_progress=not args.no_progress,
+            user_keys=seeding.id_keys(dataset.users),
+            item_keys=seeding.id_keys(dataset.items),
+            compute_loss=args.loss_every > 0,
+            loss_every=max(args.loss_every, 1),
+        )
     train_seconds = time.monotonic() - start
 
     result = {
@@ -289,7 +353,14 @@ def run(argv: list[str] | None = None) -> dict:
     Raises:
         cli.UsageError: bad flags or an unusable input dir, before anything is written.
     """
-    args = build_parser().parse_args(argv)
+    args, beam_argv = build_parser().parse_known_args(argv)
+    if beam_argv and not args.distributed:
+        raise cli.UsageError(f"unknown flag(s): {', '.join(beam_argv)} (see --help)")
+    unknown = cli.unknown_flags(beam_argv)
+    if unknown:
+        raise cli.UsageError(f"unknown flag(s): {', '.join(unknown)} (see --help)")
+    if args.block_rows < 1:
+        raise cli.UsageError(f"--block_rows must be >= 1, got {args.block_rows}")
     try:
         config_from_args(args).validate()
     except ValueError as error:
@@ -306,11 +377,16 @@ def run(argv: list[str] | None = None) -> dict:
         raise cli.UsageError(str(error)) from None
     try:
         with staging.staged_output(args.output_dir, args.overwrite, METRICS_FILE) as out:
-            result = train_and_evaluate(args, out)
+            result = train_and_evaluate(args, out, beam_argv)
     except data.DatasetError as error:
         raise cli.UsageError(f"--input_dir {args.input_dir}: {error}") from None
     except staging.OutputExistsError as error:  # output_dir changed while training ran
         raise cli.UsageError(str(error)) from None
+    except checkpoints.CheckpointError as error:
+        raise cli.UsageError(str(error)) from None
+    if getattr(args, "checkpoint_dir", None):
+        # Published: the checkpoints (ours, marked by their run.json) are no longer needed.
+        checkpoints.remove(args.checkpoint_dir)
     logger.info("wrote %s\n%s", args.output_dir, format_metrics(result))
     return result
 

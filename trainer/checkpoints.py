@@ -1,0 +1,298 @@
+"""Checkpoints of the distributed trainer: what survives a crash, and how a relaunch resumes.
+
+Layout, under `<output_dir>.checkpoints/` (outside the staged output, so a failed run keeps it):
+
+    run.json                       the fingerprint of (data, hyperparameters, block_rows)
+    keys/users.u64, keys/items.u64 uint64 little-endian, the `trainer.seeding.id_keys` of each
+                                   row's original ID, in vocabulary order (read by block)
+    iter-NNNN/users/block-NNNNN.npz   a block's (row_ids, factors) after that half-sweep
+    iter-NNNN/users/_COMPLETE         JSON naming every block file with its size and SHA-256;
+                                      written last, so its presence means the half is complete
+    iter-NNNN/items/...
+    loss-NNNN.json                 the loss after iteration NNNN
+
+A relaunch resumes from the newest iteration whose two halves are complete. A checkpoint made
+for other data or other hyperparameters, a marker naming a missing or truncated file, or a
+block whose bytes do not match its SHA-256 is reported by name, never silently used.
+Every write goes to a temporary name first and is renamed into place, so a retried or killed
+writer never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from trainer import blocks as blocks_lib
+from trainer import problem
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+MARKER = "_COMPLETE"
+_SIDE_NAMES = {problem.USERS: "users", problem.ITEMS: "items"}
+_ITERATION = re.compile(r"iter-(\d{4,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names it and says why."""
+
+
+def checkpoint_dir_for(output_dir: str) -> str:
+    return output_dir.rstrip("/") + ".checkpoints"
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with FileSystems.create(temporary) as handle:
+        handle.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temporary], [path])
+
+
+def _read(path: str) -> bytes:
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        return handle.read()
+
+
+def _half_dir(checkpoint_dir: str, iteration: int, side: int) -> str:
+    return f"{checkpoint_dir}/iter-{iteration:04d}/{_SIDE_NAMES[side]}"
+
+
+def fingerprint(summary: dict, config: dict, block_rows: int) -> str:
+    """SHA-256 of what determines the factors: the dataset's summary, the config, block_rows."""
+    text = json.dumps({"data": summary, "config": config, "block_rows": block_rows}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_keys(checkpoint_dir: str, side: int, keys: np.ndarray) -> None:
+    _write_atomically(
+        f"{checkpoint_dir}/keys/{_SIDE_NAMES[side]}.u64", np.asarray(keys, "<u8").tobytes()
+    )
+
+
+def read_keys(checkpoint_dir: str, side: int, row_ids: np.ndarray) -> np.ndarray:
+    """uint64 [b], the keys of a contiguous, ascending range of rows."""
+    if row_ids.size == 0:
+        return np.zeros(0, dtype=np.uint64)
+    path = f"{checkpoint_dir}/keys/{_SIDE_NAMES[side]}.u64"
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        handle.seek(int(row_ids[0]) * 8)
+        data = handle.read(int(row_ids.size) * 8)
+    if len(data) != row_ids.size * 8:
+        raise CheckpointError(f"{path} is shorter than the vocabulary")
+    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
+
+def write_block(
+    checkpoint_dir: str,
+    iteration: int,
+    side: int,
+    block_id: int,
+    row_ids: np.ndarray,
+    factors: np.ndarray,
+) -> dict:
+    """Writes one block's factors; returns its marker record {block, file, bytes, sha256}."""
+    data = blocks_lib.to_bytes(row_ids, factors)
+    name = f"block-{block_id:05d}.npz"
+    _write_atomically(f"{_half_dir(checkpoint_dir, iteration, side)}/{name}", data)
+    return {
+        "block": int(block_id),
+        "file": name,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def write_marker(
+    checkpoint_dir: str, iteration: int, side: int, run_fingerprint: str, records: list[dict]
+) -> None:
+    marker = {
+        "iteration": iteration,
+        "side": _SIDE_NAMES[side],
+        "fingerprint": run_fingerprint,
+        "blocks": sorted(records, key=lambda record: record["block"]),
+    }
+    path = f"{_half_dir(checkpoint_dir, iteration, side)}/{MARKER}"
+    _write_atomically(path, json.dumps(marker, indent=1).encode("utf-8"))
+
+
+def read_block(checkpoint_dir: str, marker: dict, block_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A block's (row_ids, factors), checked against the marker's SHA-256.
+
+    Raises:
+        CheckpointError: the block is not in the marker, or its bytes are not the ones written.
+    """
+    records = {record["block"]: record for record in marker["blocks"]}
+    if block_id not in records:
+        raise CheckpointError(f"checkpoint {marker['_dir']} has no block {block_id}")
+    path = f"{marker['_dir']}/{records[block_id]['file']}"
+    data = _read(path)
+    if hashlib.sha256(data).hexdigest() != records[block_id]["sha256"]:
+        raise CheckpointError(f"corrupt checkpoint file {path}: its SHA-256 does not match")
+    try:
+        return blocks_lib.from_bytes(data)
+    except ValueError as error:
+        raise CheckpointError(f"corrupt checkpoint file {path}: {error}") from None
+
+
+def write_loss(checkpoint_dir: str, iteration: int, loss: dict) -> None:
+    _write_atomically(
+        f"{checkpoint_dir}/loss-{iteration:04d}.json",
+        json.dumps({"iteration": iteration, **loss}).encode("utf-8"),
+    )
+
+
+def read_losses(checkpoint_dir: str) -> list[dict]:
+    """Every recorded loss, by iteration."""
+    matches = FileSystems.match([f"{checkpoint_dir}/loss-*.json"])[0].metadata_list
+    losses = [json.loads(_read(m.path).decode("utf-8")) for m in matches]
+    return sorted(losses, key=lambda loss: loss["iteration"])
+
+
+def prepare(checkpoint_dir: str, run_fingerprint: str, description: dict) -> None:
+    """Claims `checkpoint_dir` for this run, or checks that it already belongs to it.
+
+    Raises:
+        CheckpointError: it holds a checkpoint of other data or hyperparameters, or files that
+            are not a checkpoint; nothing is deleted.
+    """
+    run_path = f"{checkpoint_dir}/{RUN_FILE}"
+    if FileSystems.exists(run_path):
+        previous = json.loads(_read(run_path).decode("utf-8"))
+        if previous.get("fingerprint") != run_fingerprint:
+            differs = sorted(
+                key
+                for key in set(previous.get("description", {})) | set(description)
+                if previous.get("description", {}).get(key) != description.get(key)
+            )
+            raise CheckpointError(
+                f"{checkpoint_dir} holds a checkpoint of other data or hyperparameters "
+                f"(differs in: {', '.join(differs) or 'the dataset'}); delete it to start over, "
+                "or train into another --output_dir"
+            )
+        return
+    found = FileSystems.match([f"{checkpoint_dir}/**"])[0].metadata_list
+    if found:
+        names = ", ".join(m.path for m in found[:3])
+        raise CheckpointError(
+            f"{checkpoint_dir} exists but is not a checkpoint of this project ({names}, ...); "
+            "move it away"
+        )
+    _write_atomically(
+        run_path,
+        json.dumps({"fingerprint": run_fingerprint, "description": description}, indent=1).encode(
+            "utf-8"
+        ),
+    )
+
+
+def _read_marker(half_dir: str) -> dict | None:
+    path = f"{half_dir}/{MARKER}"
+    if not FileSystems.exists(path):
+        return None
+    try:
+        marker = json.loads(_read(path).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"corrupt checkpoint marker {path}: {error}") from None
+    marker["_dir"] = half_dir
+    return marker
+
+
+def find_resume(
+    checkpoint_dir: str,
+    run_fingerprint: str,
+    block_counts: dict[int, int],
+    max_iteration: int,
+) -> tuple[int, dict | None]:
+    """The newest iteration with both halves complete, and their markers.
+
+    Args:
+        checkpoint_dir: the run's checkpoint directory.
+        run_fingerprint: this run's fingerprint; a marker with another is an error.
+        block_counts: {side: number of blocks} of this run's layout.
+        max_iteration: ignore later iterations (a rerun with fewer --num_iters).
+
+    Returns:
+        (iteration, {side: marker}), or (0, None) when nothing is complete yet.
+
+    Raises:
+        CheckpointError: a complete-looking checkpoint that does not check out (another
+            fingerprint, a missing or truncated block file); the message names it.
+    """
+    matches = FileSystems.match([f"{checkpoint_dir}/iter-*/*/{MARKER}"])[0].metadata_list
+    iterations = set()
+    for metadata in matches:
+        parent = metadata.path.rsplit("/", 3)[-3]
+        found = _ITERATION.match(parent)
+        if found and int(found.group(1)) <= max_iteration:
+            iterations.add(int(found.group(1)))
+    for iteration in sorted(iterations, reverse=True):
+        markers = {
+            side: _read_marker(_half_dir(checkpoint_dir, iteration, side)) for side in problem.SIDES
+        }
+        if any(marker is None for marker in markers.values()):
+            logger.warning(
+                "checkpoint iteration %d is incomplete (its item half has no marker); "
+                "resuming from an earlier one",
+                iteration,
+            )
+            continue
+        for side, marker in markers.items():
+            _check(marker, run_fingerprint, block_counts[side])
+        return iteration, markers
+    return 0, None
+
+
+def _check(marker: dict, run_fingerprint: str, n_blocks: int) -> None:
+    where = marker["_dir"]
+    if marker.get("fingerprint") != run_fingerprint:
+        raise CheckpointError(f"checkpoint {where} was made for other data or hyperparameters")
+    records = marker.get("blocks", [])
+    if sorted(record["block"] for record in records) != list(range(n_blocks)):
+        raise CheckpointError(f"checkpoint {where} does not hold all {n_blocks} blocks")
+    sizes = {
+        m.path.rsplit("/", 1)[-1]: m.size_in_bytes
+        for m in FileSystems.match([f"{where}/block-*.npz"])[0].metadata_list
+    }
+    for record in records:
+        size = sizes.get(record["file"])
+        if size is None:
+            raise CheckpointError(f"checkpoint file {where}/{record['file']} is missing")
+        if size != record["bytes"]:
+            raise CheckpointError(
+                f"corrupt checkpoint file {where}/{record['file']}: {size} bytes, "
+                f"{record['bytes']} written"
+            )
+
+
+def read_factors(markers: dict, shape: tuple[int, int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole (X, Y) from a complete iteration's markers (the launcher's final read)."""
+    tables = []
+    for side, n in zip(problem.SIDES, shape):
+        table = np.zeros((n, k), dtype=np.float32)
+        for record in markers[side]["blocks"]:
+            row_ids, factors = read_block("", markers[side], record["block"])
+            table[row_ids] = factors
+        tables.append(table)
+    return tables[0], tables[1]
+
+
+def remove(checkpoint_dir: str) -> None:
+    """Deletes a checkpoint directory this project wrote (it holds run.json); else nothing."""
+    if not FileSystems.exists(f"{checkpoint_dir}/{RUN_FILE}"):
+        return
+    paths = [m.path for m in FileSystems.match([f"{checkpoint_dir}/**"])[0].metadata_list]
+    if paths:
+        FileSystems.delete(paths)
+    if "://" not in checkpoint_dir:
+        import shutil
+
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)

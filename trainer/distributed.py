@@ -1,0 +1,161 @@
+"""Launches the distributed trainer (`trainer.beam_wals`) and collects its result.
+
+`python -m trainer.task --distributed` calls `train`: it claims (or checks) the checkpoint
+directory, writes the rows' ID keys, finds the iteration to resume from, runs one Beam pipeline
+for the remaining iterations on whatever runner the Beam flags name, and reads the final
+factors and the loss history back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from trainer import beam_wals, checkpoints, problem, seeding
+from trainer import blocks as blocks_lib
+from trainer.config import WALSConfig
+from trainer.wals import WALSFactors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedResult:
+    """What a distributed run hands back to `trainer.task`.
+
+    Attributes:
+        factors: the final factors, with the loss history (one dict per evaluated iteration).
+        resumed_from: the iteration the run resumed from (0 for a fresh run).
+        checkpoint_dir: where the checkpoints are (removed by the caller once published).
+    """
+
+    factors: WALSFactors
+    resumed_from: int
+    checkpoint_dir: str
+
+
+def _fingerprint_config(config: WALSConfig) -> dict:
+    """The config fields that determine the factors after t iterations (not num_iters)."""
+    fields = dataclasses.asdict(config)
+    fields.pop("num_iters")
+    return fields
+
+
+def train(
+    dataset,
+    input_dir: str,
+    config: WALSConfig,
+    output_dir: str,
+    beam_argv: list[str],
+    exchange: str = beam_wals.BROADCAST,
+    block_rows: int = blocks_lib.DEFAULT_BLOCK_ROWS,
+    loss_every: int = 1,
+    fail_after: int = 0,
+) -> DistributedResult:
+    """Trains with the Beam trainer, resuming from a checkpoint when there is one.
+
+    Args:
+        dataset: the loaded `trainer.data.Dataset` (its summary, vocabularies and shape).
+        input_dir: the preprocessed dataset's directory, which the workers read.
+        config: the hyperparameters.
+        output_dir: the run's --output_dir; checkpoints go to `<output_dir>.checkpoints`.
+        beam_argv: Beam pipeline flags (--runner, --direct_num_workers, ...).
+        exchange: "broadcast" or "join" (`trainer.beam_wals`).
+        block_rows: rows per block.
+        loss_every: loss every N iterations and after the last; 0 never.
+        fail_after: test-only fault injection (`beam_wals.TrainSpec.fail_after`).
+
+    Raises:
+        checkpoints.CheckpointError: an unusable checkpoint, named in the message.
+    """
+    if exchange not in beam_wals.EXCHANGES:
+        raise ValueError(f"factor exchange must be one of {beam_wals.EXCHANGES}, got {exchange!r}")
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    shape = (len(dataset.users), len(dataset.items))
+    checkpoint_dir = checkpoints.checkpoint_dir_for(output_dir)
+    fields = _fingerprint_config(config)
+    run_fingerprint = checkpoints.fingerprint(dataset.summary, fields, block_rows)
+    checkpoints.prepare(
+        checkpoint_dir,
+        run_fingerprint,
+        {
+            **fields,
+            "block_rows": block_rows,
+            "data": checkpoints.fingerprint(dataset.summary, {}, 0),
+        },
+    )
+    block_counts = {
+        side: blocks_lib.num_blocks(n, block_rows) for side, n in zip(problem.SIDES, shape)
+    }
+    start, markers = checkpoints.find_resume(
+        checkpoint_dir, run_fingerprint, block_counts, config.num_iters
+    )
+    if start:
+        logger.info("resuming from the checkpoint of iteration %d in %s", start, checkpoint_dir)
+    for side, ids in ((problem.USERS, dataset.users), (problem.ITEMS, dataset.items)):
+        checkpoints.write_keys(checkpoint_dir, side, seeding.id_keys(ids))
+    spec = beam_wals.TrainSpec(
+        input_dir=input_dir.rstrip("/"),
+        checkpoint_dir=checkpoint_dir,
+        config=config,
+        shape=shape,
+        block_rows=block_rows,
+        exchange=exchange,
+        start_iteration=start,
+        fingerprint=run_fingerprint,
+        loss_every=loss_every,
+        fail_after=fail_after,
+    )
+    if start < config.num_iters:
+        logger.info(
+            "training %d x %d in blocks of %d rows (%d + %d blocks), %s exchange, iterations "
+            "%d-%d, on %s",
+            *shape,
+            block_rows,
+            block_counts[problem.USERS],
+            block_counts[problem.ITEMS],
+            exchange,
+            start + 1,
+            config.num_iters,
+            PipelineOptions(beam_argv).get_all_options().get("runner") or "DirectRunner",
+        )
+        began = time.monotonic()
+        with beam.Pipeline(options=PipelineOptions(beam_argv)) as pipeline:
+            beam_wals.build(pipeline, spec, markers)
+        logger.info("the Beam pipeline took %.1f s", time.monotonic() - began)
+    final, markers = checkpoints.find_resume(
+        checkpoint_dir, run_fingerprint, block_counts, config.num_iters
+    )
+    if final != config.num_iters:
+        raise checkpoints.CheckpointError(
+            f"the pipeline finished but {checkpoint_dir} holds iteration {final} of "
+            f"{config.num_iters}"
+        )
+    if config.num_iters == 0:
+        x = seeding.initial_factors(
+            seeding.id_keys(dataset.users),
+            config.latent_factors,
+            config.init_stddev,
+            config.seed,
+            problem.USERS,
+        )
+        y = seeding.initial_factors(
+            seeding.id_keys(dataset.items),
+            config.latent_factors,
+            config.init_stddev,
+            config.seed,
+            problem.ITEMS,
+        )
+    else:
+        x, y = checkpoints.read_factors(markers, shape, config.latent_factors)
+    history = [
+        loss
+        for loss in checkpoints.read_losses(checkpoint_dir)
+        if loss["iteration"] <= config.num_iters
+    ]
+    return DistributedResult(WALSFactors(x, y, history), start, checkpoint_dir)
