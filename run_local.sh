@@ -67,7 +67,7 @@ fi
 echo
 echo "== preprocessing with TF Transform on Beam's DirectRunner -> $PREPROCESSED"
 step preprocess "$PY" -m pipeline.preprocess --input "$DATA" --output_dir "$PREPROCESSED" \
-  --overwrite "${preprocess_args[@]}"
+  --overwrite ${preprocess_args[@]+"${preprocess_args[@]}"}  # (bash 3.2: empty arrays are unset)
 echo
 step describe "$PY" -m pipeline.describe "$PREPROCESSED"
 
