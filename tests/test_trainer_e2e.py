@@ -14,9 +14,8 @@ import tensorflow as tf
 from conftest import read_cells
 
 from pipeline import cli, preprocess, synthetic
-from trainer import batch_predict, data, solver, task
+from trainer import batch_predict, data, task
 from trainer import model as model_lib
-from trainer.sparse import CsrMatrix
 from transforms import features
 
 
@@ -169,35 +168,49 @@ def test_inconsistent_dataset_is_refused(preprocessed, tmp_path):
     assert not os.path.exists(out)
 
 
-def test_fold_in_of_a_training_row_matches_a_row_solve_and_the_export(trained):
+def test_fold_in_of_a_training_row_matches_the_dense_solve_and_the_export(trained):
+    """Fold-in through the real model and SavedModel against np.linalg.solve of the row's
+    dense normal equations, written here from the formulas (README, training section)."""
     out, _ = trained
     model = model_lib.load(out)
     user = 3
-    items = model.seen(user)
-    # Durations whose scaled ratings are the training ratings are not kept; use the ratings
-    # path directly: a full row solve against the final item factors.
+    items = np.sort(model.seen(user))
     config = model.wals_config()
-    ratings = np.full(items.size, 0.3, np.float32)
-    f = config.cell_weights(items, ratings, model.item_counts)
-    row = CsrMatrix(np.array([0, items.size]), items, ratings, (1, len(model.items)))
-    expected = solver.solve_rows(
-        model.item_factors,
-        solver.gramian(model.item_factors),
-        row,
-        f,
-        config.row_regularization(np.array([items.size]), len(model.items)),
-        config.unobserved_weight,
-    )[0]
+    y = model.item_factors.astype(np.float64)
+    n_items, k = y.shape
+    # Every history item gets the median duration, so rating 0.3 each (median scaling).
+    r = np.full(items.size, 0.3)
+    counts = model.item_counts[items].astype(np.float64)
+    f = {
+        "uniform": np.ones(items.size),
+        "column_frequency": config.feature_wt_factor * counts**config.feature_wt_exp,
+        "inverse_frequency": (1.0 / counts) ** config.feature_wt_exp,
+        "confidence": config.confidence_alpha * r,
+    }[config.weighting]
+    t = np.ones_like(r) if config.binary_target else r
+    w0 = config.unobserved_weight
+    lam = config.regularization * (items.size + w0 * n_items) ** config.regularization_exp
+    a = w0 * y.T @ y + (y[items].T * f) @ y[items] + lam * np.eye(k)
+    expected = np.linalg.solve(a, y[items].T @ ((w0 + f) * t))
+    expected_scores = y @ expected
+    expected_scores[items] = -np.inf
+    expected_order = np.lexsort((np.arange(n_items), -expected_scores))[:10]
+
     median = model.config["scale_stats"]["median"]
     contents = [model.items[i] for i in items]
     x, used = model.fold_in(contents, [median] * items.size)  # rating 0.3 each
-    np.testing.assert_array_equal(used, np.sort(items))
+    np.testing.assert_array_equal(used, items)
     np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-5)
 
     recs = model.recommend_for_history(contents, [median] * items.size, k=10)
-    assert recs.known and not set(recs.content_ids) & set(contents)
+    assert recs.known
+    assert recs.content_ids == [model.items[i] for i in expected_order]
+    np.testing.assert_allclose(recs.scores, expected_scores[expected_order], rtol=1e-4, atol=1e-5)
     loaded = tf.saved_model.load(os.path.join(out, "export"))
     served = loaded.signatures["fold_in"](
         contentIds=tf.constant(contents), durations=tf.constant([median] * items.size)
     )
     assert [c.decode() for c in served["contentIds"].numpy()] == recs.content_ids
+    np.testing.assert_allclose(
+        served["scores"].numpy(), expected_scores[expected_order], rtol=1e-4, atol=1e-5
+    )

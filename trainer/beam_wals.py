@@ -74,6 +74,7 @@ class TrainSpec:
         loss_every: evaluate the loss every this many iterations and after the last (0: never).
         fail_after: test-only fault injection: raise after writing the marker of this
             half-sweep (2·iteration − 1 for users, 2·iteration for items); 0 never.
+        start_loss: compute the loss of start_iteration too (a crash lost it).
     """
 
     input_dir: str
@@ -86,6 +87,7 @@ class TrainSpec:
     fingerprint: str = ""
     loss_every: int = 1
     fail_after: int = 0
+    start_loss: bool = False
 
     def side_shape(self, side: int) -> tuple[int, int]:
         n_users, n_items = self.shape
@@ -515,11 +517,16 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
             requests[side] = solving | f"Requests{name}" >> beam.FlatMap(_needs, spec.block_rows)
 
     gramian_users = None
+    if spec.start_loss:
+        k = config.latent_factors
+        gramian_users = users | "StartGramian" >> beam.CombineGlobally(_Gramian(k))
     for iteration in range(spec.start_iteration + 1, config.num_iters + 2):
         last = iteration == config.num_iters + 1
         # The loss of iteration t is computed while solving users in iteration t + 1 (from the
         # incoming X_t and Y_t), or by a loss-only pass after the last iteration.
-        previous_loss = spec.loss_due(iteration - 1) and iteration - 1 > spec.start_iteration
+        previous_loss = spec.loss_due(iteration - 1) and (
+            iteration - 1 > spec.start_iteration or (spec.start_loss and iteration - 1 > 0)
+        )
         if last and not previous_loss:
             break
         label = "FinalLoss" if last else f"Iter{iteration:04d}"

@@ -99,6 +99,7 @@ def train(
         logger.info("resuming from the checkpoint of iteration %d in %s", start, checkpoint_dir)
     for side, ids in ((problem.USERS, dataset.users), (problem.ITEMS, dataset.items)):
         checkpoints.write_keys(checkpoint_dir, side, seeding.id_keys(ids))
+    recorded = {loss["iteration"] for loss in checkpoints.read_losses(checkpoint_dir)}
     spec = beam_wals.TrainSpec(
         input_dir=input_dir.rstrip("/"),
         checkpoint_dir=checkpoint_dir,
@@ -110,6 +111,9 @@ def train(
         fingerprint=run_fingerprint,
         loss_every=loss_every,
         fail_after=fail_after,
+    )
+    spec = dataclasses.replace(
+        spec, start_loss=start > 0 and spec.loss_due(start) and start not in recorded
     )
     if start < config.num_iters:
         logger.info(

@@ -366,4 +366,3 @@ def export_saved_model(model: WALSModel, export_dir: str, k: int = 10) -> str:
         export_dir,
     )
     return export_dir
-

@@ -1,0 +1,188 @@
+"""The distributed trainer (`trainer.task --distributed`, `trainer.beam_wals`) against the local
+one, on DirectRunner: in-memory and multi_processing with 2 and 3 workers, several block sizes,
+both factor exchanges; and its checkpoints: a crash, a resume, a corrupt or foreign checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import cli, preprocess, synthetic
+from trainer import checkpoints, task
+
+ITERS = 4
+HYPER = ["--num_iters", str(ITERS), "--latent_factors", "8", "--no_progress"]
+
+
+def workers(n: int) -> list[str]:
+    if n == 1:
+        return []
+    return ["--direct_running_mode", "multi_processing", "--direct_num_workers", str(n)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("beam_wals")
+    sample = str(root / "sessions.json.gz")
+    synthetic.write_sessions(sample, num_sessions=1200, seed=5)
+    out = str(root / "preprocessed")
+    preprocess.run(["--input", sample, "--output_dir", out])
+    return out
+
+
+@pytest.fixture(scope="module")
+def local(dataset, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("local") / "model")
+    task.run(["--input_dir", dataset, "--output_dir", out, *HYPER])
+    return out
+
+
+def factors(model_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        np.load(os.path.join(model_dir, "model", "user_factors.npy")),
+        np.load(os.path.join(model_dir, "model", "item_factors.npy")),
+    )
+
+
+def history(model_dir: str) -> list[dict]:
+    with open(os.path.join(model_dir, task.METRICS_FILE)) as handle:
+        return json.load(handle)["history"]
+
+
+def assert_same_model(a: str, b: str, rtol: float = 1e-4) -> None:
+    for left, right in zip(factors(a), factors(b)):
+        # Relative to the table's scale: float32 solves in other tile layouts differ in round-off.
+        np.testing.assert_allclose(left, right, rtol=0, atol=rtol * np.abs(left).max())
+    losses_a = [h["loss/total"] for h in history(a)]
+    losses_b = [h["loss/total"] for h in history(b)]
+    assert len(losses_a) == len(losses_b) == ITERS
+    np.testing.assert_allclose(losses_b, losses_a, rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "n_workers, block_rows, exchange",
+    [
+        (1, 64, "broadcast"),
+        (2, 100, "join"),
+        (3, 37, "broadcast"),
+        (2, 5000, "join"),  # one block per side
+    ],
+)
+def test_distributed_training_equals_local_training(
+    dataset, local, tmp_path, n_workers, block_rows, exchange
+):
+    out = str(tmp_path / "model")
+    task.run(
+        [
+            "--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed",
+            "--block_rows", str(block_rows), "--factor_exchange", exchange, *workers(n_workers),
+        ]
+    )  # fmt: skip
+    assert_same_model(local, out)
+    # The loss never increases, and the published run leaves no checkpoints behind.
+    totals = [h["loss/total"] for h in history(out)]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(totals, totals[1:]))
+    assert not os.path.exists(checkpoints.checkpoint_dir_for(out))
+    with open(os.path.join(out, task.METRICS_FILE)) as handle:
+        metrics = json.load(handle)
+    with open(os.path.join(local, task.METRICS_FILE)) as handle:
+        expected = json.load(handle)
+    assert metrics["wals"]["recall@20"] == pytest.approx(expected["wals"]["recall@20"], abs=0.01)
+
+
+def test_join_equals_broadcast_with_cg(dataset, tmp_path):
+    runs = {}
+    for exchange in ("broadcast", "join"):
+        runs[exchange] = str(tmp_path / exchange)
+        task.run(
+            [
+                "--input_dir", dataset, "--output_dir", runs[exchange], *HYPER, "--solver", "cg",
+                "--distributed", "--block_rows", "50", "--factor_exchange", exchange,
+            ]
+        )  # fmt: skip
+    assert_same_model(runs["broadcast"], runs["join"], rtol=1e-5)
+
+
+def test_a_crashed_run_resumes_from_its_checkpoint(dataset, local, tmp_path, caplog):
+    out = str(tmp_path / "model")
+    argv = ["--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed"]
+    argv += ["--block_rows", "80", *workers(2)]
+    with pytest.raises(Exception, match="test fault injected after half-sweep 3"):
+        task.run([*argv, "--test_fail_after_sweep", "3"])
+    assert not os.path.exists(out)
+    checkpoint_dir = checkpoints.checkpoint_dir_for(out)
+    assert os.path.exists(os.path.join(checkpoint_dir, "iter-0002", "users", checkpoints.MARKER))
+    caplog.set_level("INFO")
+    task.run(argv)
+    resumed = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert resumed and "iteration" in resumed[0]
+    assert_same_model(local, out)
+    assert not os.path.exists(checkpoint_dir)
+
+
+def crash(dataset: str, out: str, *extra: str) -> str:
+    argv = ["--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed"]
+    with pytest.raises(Exception, match="test fault injected"):
+        task.run([*argv, "--block_rows", "100", *extra, "--test_fail_after_sweep", "4"])
+    return checkpoints.checkpoint_dir_for(out)
+
+
+def test_a_truncated_or_corrupt_checkpoint_is_named(dataset, tmp_path):
+    out = str(tmp_path / "model")
+    checkpoint_dir = crash(dataset, out)
+    argv = ["--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed"]
+    argv += ["--block_rows", "100"]
+    block = sorted(glob.glob(os.path.join(checkpoint_dir, "iter-0002", "items", "block-*.npz")))[0]
+    with open(block, "rb") as handle:
+        data = handle.read()
+    # Same size, other bytes: the workers' SHA-256 check names the file.
+    with open(block, "wb") as handle:
+        handle.write(data[:-8] + bytes(8))
+    with pytest.raises(Exception, match=f"corrupt checkpoint file .*{os.path.basename(block)}"):
+        task.run(argv)
+    # Truncated: the launcher names it before starting.
+    with open(block, "wb") as handle:
+        handle.write(data[:100])
+    with pytest.raises(
+        cli.UsageError, match=f"corrupt checkpoint file .*{os.path.basename(block)}"
+    ):
+        task.run(argv)
+    assert not os.path.exists(out)
+
+
+def test_a_checkpoint_of_other_hyperparameters_is_refused(dataset, tmp_path):
+    out = str(tmp_path / "model")
+    checkpoint_dir = crash(dataset, out, "--regularization", "0.05")
+    argv = ["--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed"]
+    with pytest.raises(cli.UsageError, match="differs in: .*regularization"):
+        task.run([*argv, "--block_rows", "100", "--regularization", "0.1"])
+    with pytest.raises(cli.UsageError, match="differs in: block_rows"):
+        task.run([*argv, "--block_rows", "64", "--regularization", "0.05"])
+    assert os.path.exists(os.path.join(checkpoint_dir, checkpoints.RUN_FILE))
+
+
+def test_a_foreign_checkpoint_directory_is_left_alone(dataset, tmp_path):
+    out = str(tmp_path / "model")
+    foreign = checkpoints.checkpoint_dir_for(out)
+    os.makedirs(foreign)
+    with open(os.path.join(foreign, "notes.txt"), "w") as handle:
+        handle.write("keep")
+    with pytest.raises(cli.UsageError, match="not a checkpoint of this project"):
+        task.run(["--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed"])
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_beam_flags_need_distributed_and_must_exist(dataset, tmp_path):
+    out = str(tmp_path / "model")
+    base = ["--input_dir", dataset, "--output_dir", out, *HYPER]
+    with pytest.raises(cli.UsageError, match="--direct_num_workers"):
+        task.run([*base, "--direct_num_workers", "2"])
+    with pytest.raises(cli.UsageError, match="--no_such_flag"):
+        task.run([*base, "--distributed", "--no_such_flag", "1"])
+    with pytest.raises(cli.UsageError, match="block_rows"):
+        task.run([*base, "--distributed", "--block_rows", "0"])
