@@ -141,19 +141,11 @@ def train(
             f"{config.num_iters}"
         )
     if config.num_iters == 0:
-        x = seeding.initial_factors(
-            seeding.id_keys(dataset.users),
-            config.latent_factors,
-            config.init_stddev,
-            config.seed,
-            problem.USERS,
-        )
-        y = seeding.initial_factors(
-            seeding.id_keys(dataset.items),
-            config.latent_factors,
-            config.init_stddev,
-            config.seed,
-            problem.ITEMS,
+        x, y = (
+            seeding.initial_factors(
+                seeding.id_keys(ids), config.latent_factors, config.init_stddev, config.seed, side
+            )
+            for side, ids in ((problem.USERS, dataset.users), (problem.ITEMS, dataset.items))
         )
     else:
         x, y = checkpoints.read_factors(markers, shape, config.latent_factors)
