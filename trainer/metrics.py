@@ -19,10 +19,13 @@ perfect ranking even when a user has more than k held-out items.
 
 `evaluate` runs this in batches of users, so memory is O(batch_size · n_items) whatever the
 number of users; `evaluate_popularity` is the most-popular-items baseline every model must beat.
+Each batch's `batch_sums` is a `RankingSums` of per-user sums; the Beam evaluation
+(`trainer.beam_evaluate`) merges the same sums over blocks of users, so both give one result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
@@ -173,63 +176,151 @@ def _select_with_ties(
     return out
 
 
-class _RankingSums:
-    """Running sums of the per-user metrics and the covered items, over batches of users."""
+@dataclasses.dataclass
+class RankingSums:
+    """Sums of the per-user metrics over a set of users: the unit `evaluate` and the Beam
+    evaluation (`trainer.beam_evaluate`) both add up, so that any split of the users into
+    batches or blocks gives the same result.
 
-    def __init__(self, ks: tuple[int, ...], n_items: int) -> None:
-        self.ks = ks
-        self.n_items = n_items
-        self.users = 0
-        self.sums = {(name, k): 0.0 for k in ks for name in METRIC_NAMES if name != "coverage"}
-        self.covered = {k: np.zeros(n_items, dtype=bool) for k in ks}
+    Attributes:
+        ks: the cut-offs, ascending.
+        users: the users evaluated (those with >= 1 held-out item).
+        sums: {(metric, k): Σ over users} for recall, ndcg, map and precision.
+        covered: {k: bool [n_items]}, the items in some evaluated user's top k.
+        overlap: held-out (user, item) cells that are also training cells (never hit).
+    """
 
-    def add(self, recommended: np.ndarray, relevant: CsrMatrix) -> None:
-        """Adds a batch: recommended int64 [b, K >= max(ks)], relevant with shape (b, n_items)."""
-        n_items = self.n_items
-        evaluated = np.flatnonzero(relevant.row_counts() > 0)
-        if evaluated.size == 0:
-            return
-        rec = recommended[evaluated, : max(self.ks)]
-        # Relevant cells as sorted unique keys row * n_items + item; a recommended cell is a hit
-        # iff its key is among them.
-        keys = np.unique(relevant.row_ids() * n_items + relevant.indices.astype(np.int64))
-        n_relevant = np.bincount(keys // n_items, minlength=relevant.shape[0])[evaluated]
-        rec_keys = evaluated[:, None] * n_items + rec
-        found = np.minimum(np.searchsorted(keys, rec_keys), keys.size - 1)
-        hits = (rec >= 0) & (keys[found] == rec_keys)
+    ks: tuple[int, ...]
+    users: int
+    sums: dict[tuple[str, int], float]
+    covered: dict[int, np.ndarray]
+    overlap: int = 0
 
-        ranks = np.arange(1, rec.shape[1] + 1, dtype=np.float64)
-        discounts = 1.0 / np.log2(ranks + 1.0)
-        ideal_dcg = np.cumsum(discounts)  # ideal_dcg[m - 1] = Σ_{r=1..m} 1 / log2(r + 1)
-        hit_counts = np.cumsum(hits, axis=1)
-        precision_at_r = hit_counts / ranks
+    @classmethod
+    def zero(cls, ks: Sequence[int], n_items: int) -> RankingSums:
+        ks = _check_ks(ks)
+        return cls(
+            ks,
+            0,
+            {(name, k): 0.0 for k in ks for name in METRIC_NAMES if name != "coverage"},
+            {k: np.zeros(n_items, dtype=bool) for k in ks},
+        )
+
+    def merge(self, other: RankingSums) -> RankingSums:
+        """The sums over both sets of users (in place; returns self)."""
+        if other.ks != self.ks:
+            raise ValueError(f"cannot merge sums for cut-offs {other.ks} into {self.ks}")
+        self.users += other.users
+        self.overlap += other.overlap
+        for key, value in other.sums.items():
+            self.sums[key] += value
         for k in self.ks:
-            n_hits = hit_counts[:, k - 1]
-            denominator = np.minimum(k, n_relevant)
-            dcg = hits[:, :k] @ discounts[:k]
-            average_precision = (hits[:, :k] * precision_at_r[:, :k]).sum(axis=1) / denominator
-            self.sums["recall", k] += float(np.sum(n_hits / denominator))
-            self.sums["ndcg", k] += float(np.sum(dcg / ideal_dcg[denominator - 1]))
-            self.sums["map", k] += float(np.sum(average_precision))
-            self.sums["precision", k] += float(np.sum(n_hits / k))
-            top = rec[:, :k]
-            self.covered[k][top[top >= 0]] = True
-        self.users += int(evaluated.size)
+            self.covered[k] |= other.covered[k]
+        return self
 
     def result(self) -> dict[str, float | int]:
         """{"recall@k", "ndcg@k", "map@k", "precision@k", "coverage@k" for each k, then
         "users_evaluated"}; the means are NaN when no user was evaluated."""
         out: dict[str, float | int] = {}
         for k in self.ks:
+            n_items = self.covered[k].size
             for name in METRIC_NAMES:
                 if name == "coverage":
                     n_covered = np.count_nonzero(self.covered[k])
-                    value = n_covered / self.n_items if self.n_items else float("nan")
+                    value = n_covered / n_items if n_items else float("nan")
                 else:
                     value = self.sums[name, k] / self.users if self.users else float("nan")
                 out[f"{name}@{k}"] = float(value)
         out["users_evaluated"] = self.users
         return out
+
+
+def _ranking_sums(recommended: np.ndarray, relevant: CsrMatrix, ks: tuple[int, ...]) -> RankingSums:
+    """The sums of a batch: recommended int64 [b, K >= max(ks)], relevant of shape (b, n_items)."""
+    n_items = relevant.shape[1]
+    sums = RankingSums.zero(ks, n_items)
+    evaluated = np.flatnonzero(relevant.row_counts() > 0)
+    if evaluated.size == 0:
+        return sums
+    rec = recommended[evaluated, : max(ks)]
+    # Relevant cells as sorted unique keys row * n_items + item; a recommended cell is a hit
+    # iff its key is among them.
+    keys = np.unique(relevant.row_ids() * n_items + relevant.indices.astype(np.int64))
+    n_relevant = np.bincount(keys // n_items, minlength=relevant.shape[0])[evaluated]
+    rec_keys = evaluated[:, None] * n_items + rec
+    found = np.minimum(np.searchsorted(keys, rec_keys), keys.size - 1)
+    hits = (rec >= 0) & (keys[found] == rec_keys)
+
+    ranks = np.arange(1, rec.shape[1] + 1, dtype=np.float64)
+    discounts = 1.0 / np.log2(ranks + 1.0)
+    ideal_dcg = np.cumsum(discounts)  # ideal_dcg[m - 1] = Σ_{r=1..m} 1 / log2(r + 1)
+    hit_counts = np.cumsum(hits, axis=1)
+    precision_at_r = hit_counts / ranks
+    for k in ks:
+        n_hits = hit_counts[:, k - 1]
+        denominator = np.minimum(k, n_relevant)
+        dcg = hits[:, :k] @ discounts[:k]
+        average_precision = (hits[:, :k] * precision_at_r[:, :k]).sum(axis=1) / denominator
+        sums.sums["recall", k] += float(np.sum(n_hits / denominator))
+        sums.sums["ndcg", k] += float(np.sum(dcg / ideal_dcg[denominator - 1]))
+        sums.sums["map", k] += float(np.sum(average_precision))
+        sums.sums["precision", k] += float(np.sum(n_hits / k))
+        top = rec[:, :k]
+        sums.covered[k][top[top >= 0]] = True
+    sums.users = int(evaluated.size)
+    return sums
+
+
+def batch_sums(
+    scores: np.ndarray, seen: CsrMatrix, relevant: CsrMatrix, ks: Sequence[int]
+) -> RankingSums:
+    """The ranking sums of one batch of users (formulas in the module doc).
+
+    Each row's `seen` items are excluded, the max(ks) best remaining items are ranked
+    (`top_k_excluding`: descending score, ties to the lower item id) and scored against the
+    row's `relevant` items. Rows without relevant items add nothing.
+
+    Args:
+        scores: float [b, n_items], every item's score for each user of the batch.
+        seen: CsrMatrix (b, n_items), the users' training items (excluded).
+        relevant: CsrMatrix (b, n_items), the users' held-out items.
+        ks: the cut-offs, each > 0.
+    """
+    ks = _check_ks(ks)
+    b, n_items = np.shape(scores)
+    if seen.shape != (b, n_items) or relevant.shape != (b, n_items):
+        raise ValueError(
+            f"seen {seen.shape} and relevant {relevant.shape} must match the scores' {(b, n_items)}"
+        )
+    ids, _ = top_k_excluding(scores, seen, ks[-1])
+    sums = _ranking_sums(ids, relevant, ks)
+    seen_keys = seen.row_ids() * n_items + seen.indices
+    sums.overlap = int(np.isin(relevant.row_ids() * n_items + relevant.indices, seen_keys).sum())
+    return sums
+
+
+def warn_overlap(sums: RankingSums) -> None:
+    """Logs the held-out cells that are also training cells (the split should keep them apart)."""
+    if sums.overlap:
+        logger.warning(
+            "%d held-out (user, item) pairs are also in train and can never be hit", sums.overlap
+        )
+
+
+def squared_error_sums(predicted: np.ndarray, actual: np.ndarray) -> tuple[float, int]:
+    """(Σ_j (predicted_j − actual_j)², nnz) in float64: the partial sums of `rmse`."""
+    predicted = np.asarray(predicted, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if predicted.shape != actual.shape:
+        raise ValueError(f"predicted {predicted.shape} and actual {actual.shape} differ in shape")
+    return float(np.sum(np.square(predicted - actual))), int(predicted.size)
+
+
+def rmse_from_sums(squared_errors: float, count: int) -> float:
+    """sqrt(Σ squared errors / nnz); see `rmse`."""
+    if count == 0:
+        raise ValueError("rmse of zero cells is undefined")
+    return float(np.sqrt(squared_errors / count))
 
 
 def rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
@@ -239,13 +330,7 @@ def rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
         predicted: float [nnz], the model's value of each held-out cell (e.g. x_u·y_i).
         actual: float [nnz], the observed rating r_ui of the same cells, in the same order.
     """
-    predicted = np.asarray(predicted, dtype=np.float64)
-    actual = np.asarray(actual, dtype=np.float64)
-    if predicted.shape != actual.shape:
-        raise ValueError(f"predicted {predicted.shape} and actual {actual.shape} differ in shape")
-    if predicted.size == 0:
-        raise ValueError("rmse of zero cells is undefined")
-    return float(np.sqrt(np.mean(np.square(predicted - actual))))
+    return rmse_from_sums(*squared_error_sums(predicted, actual))
 
 
 def popularity_scores(train: CsrMatrix) -> np.ndarray:
@@ -258,7 +343,7 @@ def popularity_scores(train: CsrMatrix) -> np.ndarray:
     return train.col_counts().astype(np.float32)
 
 
-def _take_rows(matrix: CsrMatrix, rows: np.ndarray) -> CsrMatrix:
+def take_rows(matrix: CsrMatrix, rows: np.ndarray) -> CsrMatrix:
     """The given rows of `matrix`, in the given order: shape (len(rows), n_cols)."""
     counts = matrix.row_counts()[rows]
     indptr = np.zeros(rows.size + 1, dtype=np.int64)
@@ -306,8 +391,7 @@ def evaluate(
         raise ValueError(f"train {train.shape} and heldout {heldout.shape} differ in shape")
     n_items = train.shape[1]
     users = np.flatnonzero(heldout.row_counts() > 0).astype(np.int64)
-    sums = _RankingSums(ks, n_items)
-    overlap = 0
+    sums = RankingSums.zero(ks, n_items)
     for start in range(0, users.size, batch_size):
         batch = users[start : start + batch_size]
         scores = np.asarray(score_fn(batch))
@@ -316,20 +400,12 @@ def evaluate(
                 f"score_fn returned shape {scores.shape} for {batch.size} users, expected "
                 f"{(batch.size, n_items)}"
             )
-        seen = _take_rows(train, batch)
-        relevant = _take_rows(heldout, batch)
-        ids, _ = top_k_excluding(scores, seen, ks[-1])
-        sums.add(ids, relevant)
-        seen_keys = seen.row_ids() * n_items + seen.indices
-        overlap += int(np.isin(relevant.row_ids() * n_items + relevant.indices, seen_keys).sum())
+        sums.merge(batch_sums(scores, take_rows(train, batch), take_rows(heldout, batch), ks))
         done = min(start + batch_size, users.size)
         logger.debug("evaluated %d of %d users", done, users.size)
         if progress is not None:
             progress(done, int(users.size))
-    if overlap:
-        logger.warning(
-            "%d held-out (user, item) pairs are also in train and can never be hit", overlap
-        )
+    warn_overlap(sums)
     return sums.result()
 
 
