@@ -76,7 +76,7 @@ def _rows(
     with tqdm(total=n, disable=not progress, unit="rows", desc="predicting") as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            scores = query[start:stop] @ candidates.T
+            scores = metrics.dot_scores(query[start:stop], candidates)
             ids, top = metrics.top_k_excluding(scores, seen.row_slice(start, stop), k)
             for offset in range(stop - start):
                 valid = ids[offset] >= 0
@@ -124,6 +124,22 @@ def tsv_line(fields: list[str]) -> str:
     return buffer.getvalue()
 
 
+def header_line(targeting: bool, output_format: str) -> str | None:
+    """The line a predictions file starts with ('\n' included), or None (JSONL has none)."""
+    return tsv_line(list(_COLUMNS[targeting])) if output_format == "tsv" else None
+
+
+def format_line(
+    key: str, ranked: list[str], scores: list[float], targeting: bool, output_format: str
+) -> str:
+    """One visitor's (content's, with targeting) line of a predictions file, '\n' included."""
+    if output_format == "jsonl":
+        key_name, list_name = _COLUMNS[targeting]
+        record = {key_name: key, list_name: ranked, "scores": [round(s, 6) for s in scores]}
+        return json.dumps(record, ensure_ascii=False) + "\n"
+    return tsv_line([key, json.dumps(ranked, ensure_ascii=False)])
+
+
 def write_predictions(
     model_dir: str,
     output: str,
@@ -141,18 +157,14 @@ def write_predictions(
     if output_format not in FORMATS:
         raise ValueError(f"unknown format {output_format!r}; expected one of {FORMATS}")
     model = model_lib.load(model_dir)
-    key_name, list_name = _COLUMNS[targeting]
     partial = f"{output}.incomplete"
     count = 0
     with FileSystems.create(partial) as handle:
-        if output_format == "tsv":
-            handle.write(tsv_line([key_name, list_name]).encode("utf-8"))
+        header = header_line(targeting, output_format)
+        if header is not None:
+            handle.write(header.encode("utf-8"))
         for key, ranked, scores in predict(model, k, targeting, progress=progress):
-            if output_format == "jsonl":
-                record = {key_name: key, list_name: ranked, "scores": [round(s, 6) for s in scores]}
-                line = json.dumps(record, ensure_ascii=False) + "\n"
-            else:
-                line = tsv_line([key, json.dumps(ranked, ensure_ascii=False)])
+            line = format_line(key, ranked, scores, targeting, output_format)
             handle.write(line.encode("utf-8"))
             count += 1
     FileSystems.rename([partial], [output]) if "://" in output else os.replace(partial, output)

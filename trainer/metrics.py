@@ -86,6 +86,22 @@ def _exclusion_rows(exclude: Exclusions, n_rows: int, n_items: int) -> tuple[np.
     return rows, items
 
 
+def dot_scores(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """float32 [b, m] = query · candidatesᵀ, computed in float64 and rounded once to float32.
+
+    float32 BLAS kernels round differently for different batch shapes, so X[a:b] @ Yᵀ is not
+    bitwise a slice of X @ Yᵀ; in float64 the differences lie far below float32's precision, so
+    a row's scores (and hence its ranking and the printed scores) do not depend on how rows are
+    batched or blocked. Batch prediction, local and distributed, scores with this.
+
+    Args:
+        query: float [b, k_factors]; candidates: float [m, k_factors].
+    """
+    query = np.asarray(query, dtype=np.float64)
+    candidates = np.asarray(candidates, dtype=np.float64)
+    return (query @ candidates.T).astype(np.float32)
+
+
 def top_k_excluding(
     scores: np.ndarray, exclude: Exclusions, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
