@@ -45,3 +45,38 @@ def read_cells(preprocessed_dir: str, split: str) -> dict[tuple[str, str], float
 @pytest.fixture(scope="session")
 def tmp_session_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def tiny_preprocessed(tmp_path_factory) -> str:
+    """A preprocessed dataset of a few hundred visitors, for Beam tests that must stay quick."""
+    from pipeline import preprocess, synthetic
+
+    root = tmp_path_factory.mktemp("tiny")
+    sample = str(root / "sessions.json.gz")
+    synthetic.write_sessions(sample, num_sessions=600, seed=11)
+    out = str(root / "preprocessed")
+    preprocess.run(["--input", sample, "--output_dir", out])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_preprocessed, tmp_path_factory) -> str:
+    """A trainer.task --output_dir trained on `tiny_preprocessed` (local trainer, 3 iterations)."""
+    from trainer import task
+
+    out = str(tmp_path_factory.mktemp("tiny_model") / "model")
+    task.run(
+        [
+            "--input_dir",
+            tiny_preprocessed,
+            "--output_dir",
+            out,
+            "--num_iters",
+            "3",
+            "--latent_factors",
+            "8",
+            "--no_progress",
+        ]
+    )
+    return out

@@ -43,7 +43,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from tqdm import tqdm
 
-from pipeline import cli
+from pipeline import cli, staging
 from trainer import metrics
 from trainer import model as model_lib
 from trainer.sparse import CsrMatrix
@@ -243,9 +243,43 @@ def run(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--format", dest="output_format", choices=FORMATS, default="tsv")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
+    dist = parser.add_argument_group(
+        "distributed prediction (every other flag is a Beam pipeline option: --runner, "
+        "--project, --region, --temp_location, --flink_master, --direct_num_workers, ...)"
+    )
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="predict with the Beam pipeline of trainer.beam_predict; --output is then a "
+        "directory of shards (predictions-SSSSS-of-NNNNN.tsv, each with the header) and "
+        "predictions.json",
+    )
+    dist.add_argument(
+        "--block_rows",
+        type=int,
+        default=4096,
+        help="visitors per Beam element with --distributed (default 4096)",
+    )
+    args, beam_argv = parser.parse_known_args(argv)
+    if beam_argv and not args.distributed:
+        raise cli.UsageError(f"unknown flag(s): {', '.join(beam_argv)} (see --help)")
+    unknown = cli.unknown_flags(beam_argv)
+    if unknown:
+        raise cli.UsageError(f"unknown flag(s): {', '.join(unknown)} (see --help)")
     if args.k <= 0:
         raise cli.UsageError(f"--k must be > 0, got {args.k}")
+    if args.block_rows <= 0:
+        raise cli.UsageError(f"--block_rows must be > 0, got {args.block_rows}")
+    if args.distributed:
+        from trainer import beam_predict  # imports this module
+
+        spec = beam_predict.PredictSpec(
+            args.model_dir, args.k, args.targeting, args.output_format, args.block_rows
+        )
+        try:
+            return beam_predict.write_predictions(spec, args.output, beam_argv)
+        except (FileNotFoundError, staging.OutputExistsError) as error:
+            raise cli.UsageError(str(error)) from None
     try:
         return write_predictions(
             args.model_dir,

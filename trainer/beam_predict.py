@@ -1,0 +1,482 @@
+r"""Distributed batch prediction: `python -m trainer.batch_predict --distributed [Beam flags]`.
+
+The same predictions as the local `trainer.batch_predict`, line for line, from a Beam pipeline
+whose elements are blocks of users (block = userId // block_rows, `trainer.blocks`):
+
+    vocab_users.txt ─ SliceUserVocabulary ─> (block_id, visitorIds)     one element per block
+        ─ LoadUserBlocks ─> UserBlock: factors X_b [b, k] and seen rows, read by each worker
+          from the model's .npy files (only its slice: a seek, never the whole table)
+        ─ PredictForUsers (Y = item factors, singleton side input) ─> lines
+            top-K of X_b Yᵀ per user, seen items excluded
+          or, with --targeting, PredictForContent:
+            partial top-K users per item within the block, merged per item block by a
+            CombinePerKey (exact: the global top K lies in the union of the blocks' top Ks)
+        ─ WriteToText: <output>/predictions-SSSSS-of-NNNNN.tsv (or .jsonl)
+
+Scores are `trainer.metrics.dot_scores` (float64, rounded to float32), so they do not depend on
+the block size; ties go to the lower ID, as locally. Lines are formatted by
+`batch_predict.format_line`; every TSV shard starts with the header line, so each shard is a
+predictions file `batch_predict.read_predictions` (or pandas) reads on its own.
+
+Each worker holds the item factors ([n_items, k] float32) and the content vocabulary; user
+factors and visitor IDs travel only in blocks. The output directory is staged
+(`pipeline.staging`): the shards and `predictions.json` (the completion marker: format, k,
+targeting, lines, shards) appear only when the whole run succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import staging
+from trainer import batch_predict, metrics
+from trainer import blocks as blocks_lib
+from trainer import model as model_lib
+from trainer.sparse import CsrMatrix
+
+logger = logging.getLogger(__name__)
+
+MARKER = "predictions.json"
+SHARD_PREFIX = "predictions"
+SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
+_METRICS = "batch_predict"
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictSpec:
+    """What to predict; everything a worker needs, picklable.
+
+    Attributes:
+        model_dir: a trainer.task --output_dir (its `model/` subdirectory holds the files).
+        k: recommendations per line, > 0.
+        targeting: top-K visitors per content instead of top-K content per visitor.
+        output_format: "tsv" or "jsonl".
+        block_rows: users per block.
+    """
+
+    model_dir: str
+    k: int = 10
+    targeting: bool = False
+    output_format: str = "tsv"
+    block_rows: int = blocks_lib.DEFAULT_BLOCK_ROWS
+
+    def path(self, name: str) -> str:
+        return f"{self.model_dir.rstrip('/')}/{model_lib.MODEL_SUBDIR}/{name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class UserBlock:
+    """A block of users with what predicting for them needs.
+
+    Attributes:
+        block_id: rows [block_id · block_rows, ...) of the user side.
+        start: the first userId of the block.
+        visitor_ids: list[str] [b], the users' own IDs.
+        factors: float32 [b, k], the users' factors X_b.
+        seen: CsrMatrix (b, n_items), the users' training items.
+    """
+
+    block_id: int
+    start: int
+    visitor_ids: list[str]
+    factors: np.ndarray
+    seen: CsrMatrix
+
+
+# --- reading the model -------------------------------------------------------------------------
+
+
+def _read_header(handle, path: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an open .npy file, leaving it at the data."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(handle)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(handle)
+    raise ValueError(f"{path}: .npy format version {version} is not supported")
+
+
+def read_npy_rows(path: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of a C-ordered .npy file on any Beam filesystem, reading only them.
+
+    Raises:
+        ValueError: a Fortran-ordered or object array, or rows outside the array.
+    """
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        shape, fortran_order, dtype = _read_header(handle, path)
+        if fortran_order or dtype.hasobject:
+            raise ValueError(f"{path}: not a C-ordered numeric array")
+        stop = shape[0] if stop is None else stop
+        if not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"{path}: rows [{start}, {stop}) outside [0, {shape[0]})")
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        handle.seek(handle.tell() + start * row_bytes)
+        data = handle.read((stop - start) * row_bytes)
+    return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:])).copy()
+
+
+def _npy_rows(path: str) -> int:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return _read_header(handle, path)[0][0]
+
+
+class _SliceVocabulary(beam.DoFn):
+    """A vocabulary file's path -> (block_id, list[str] of its IDs), one per block.
+
+    Streams the file (split on '\n' only, as `model.vocabulary_from_bytes`), so no worker holds
+    the whole vocabulary.
+    """
+
+    def __init__(self, block_rows: int):
+        self._block_rows = block_rows
+
+    def process(self, path: str):
+        block_id, ids = 0, []
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            for line in handle:  # binary: split on b"\n" only
+                ids.append(line.decode("utf-8").removesuffix("\n"))
+                if len(ids) == self._block_rows:
+                    yield block_id, ids
+                    block_id, ids = block_id + 1, []
+        if ids:
+            yield block_id, ids
+
+
+class _LoadUserBlock(beam.DoFn):
+    """(block_id, visitorIds) -> UserBlock, with the block's factors and seen rows read from the
+    model's files."""
+
+    def __init__(self, spec: PredictSpec, n_items: int):
+        self._spec = spec
+        self._n_items = n_items
+        self._blocks = Metrics.counter(_METRICS, "user_blocks")
+
+    def process(self, element):
+        block_id, visitor_ids = element
+        spec = self._spec
+        start = block_id * spec.block_rows
+        stop = start + len(visitor_ids)
+        factors = read_npy_rows(spec.path("user_factors.npy"), start, stop).astype(np.float32)
+        indptr = read_npy_rows(spec.path("seen_indptr.npy"), start, stop + 1).astype(np.int64)
+        indices = read_npy_rows(spec.path("seen_indices.npy"), int(indptr[0]), int(indptr[-1]))
+        seen = CsrMatrix(
+            indptr - indptr[0],
+            indices,
+            np.ones(indices.size, np.float32),
+            (stop - start, self._n_items),
+        )
+        self._blocks.inc()
+        yield UserBlock(block_id, start, visitor_ids, factors, seen)
+
+
+class ReadUserBlocks(beam.PTransform):
+    """The model's users as blocks.
+
+    Input: the pipeline root. Output: PCollection[UserBlock], one per block of `block_rows`
+    users, spread over the workers.
+    """
+
+    def __init__(self, spec: PredictSpec, n_items: int):
+        super().__init__()
+        self._spec = spec
+        self._n_items = n_items
+
+    def expand(self, root):
+        return (
+            root
+            | "UserVocabulary" >> beam.Create([self._spec.path("vocab_users.txt")])
+            | "SliceUserVocabulary" >> beam.ParDo(_SliceVocabulary(self._spec.block_rows))
+            | "SpreadBlocks" >> beam.Reshuffle()
+            | "LoadUserBlocks" >> beam.ParDo(_LoadUserBlock(self._spec, self._n_items))
+        )
+
+
+# --- predicting --------------------------------------------------------------------------------
+
+
+class _PredictForUsers(beam.DoFn):
+    """UserBlock -> str lines: top-K unseen content per visitor, `batch_predict.format_line`."""
+
+    def __init__(self, spec: PredictSpec):
+        self._spec = spec
+        self._lines = Metrics.counter(_METRICS, "lines")
+        self._short = Metrics.counter(_METRICS, "lines_shorter_than_k")
+
+    def process(self, block: UserBlock, item_factors: np.ndarray, items: list[str]):
+        spec = self._spec
+        scores = metrics.dot_scores(block.factors, item_factors)
+        ids, top = metrics.top_k_excluding(scores, block.seen, spec.k)
+        for row, visitor in enumerate(block.visitor_ids):
+            valid = ids[row] >= 0
+            if not valid.all():
+                self._short.inc()
+            ranked = [items[i] for i in ids[row][valid]]
+            self._lines.inc()
+            yield batch_predict.format_line(
+                visitor, ranked, top[row][valid].tolist(), False, spec.output_format
+            )
+
+
+@dataclasses.dataclass
+class _TopUsers:
+    """The best users so far for the items of one item block, best first.
+
+    Attributes:
+        ids: int64 [m, k], userIds (-1 past the candidates found).
+        scores: float32 [m, k] (-inf past them).
+        names: object [m, k], the visitorIds (None past them).
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    names: np.ndarray
+
+    def merge(self, other: _TopUsers) -> _TopUsers:
+        """The best k of both, ranked as `metrics.top_k_excluding` ranks (score, then lower id)."""
+        k = self.ids.shape[1]
+        ids = np.concatenate([self.ids, other.ids], axis=1)
+        scores = np.concatenate([self.scores, other.scores], axis=1)
+        names = np.concatenate([self.names, other.names], axis=1)
+        order = np.lexsort((ids, -scores, ids < 0), axis=1)[:, :k]
+        return _TopUsers(
+            np.take_along_axis(ids, order, axis=1),
+            np.take_along_axis(scores, order, axis=1),
+            np.take_along_axis(names, order, axis=1),
+        )
+
+
+class _PartialTopUsers(beam.DoFn):
+    """UserBlock -> (item_block, _TopUsers) for every item block: each item's top-K users
+    within this block, the users who have seen the item excluded."""
+
+    def __init__(self, spec: PredictSpec):
+        self._spec = spec
+
+    def process(self, block: UserBlock, item_factors: np.ndarray):
+        spec = self._spec
+        seen_by_item = block.seen.transpose()  # (n_items, b)
+        names = np.array(list(block.visitor_ids) + [None], dtype=object)
+        n_items = item_factors.shape[0]
+        for item_block in range(blocks_lib.num_blocks(n_items, spec.block_rows)):
+            start, stop = blocks_lib.block_bounds(item_block, spec.block_rows, n_items)
+            scores = metrics.dot_scores(item_factors[start:stop], block.factors)
+            local, top = metrics.top_k_excluding(
+                scores, seen_by_item.row_slice(start, stop), spec.k
+            )
+            ids = np.where(local >= 0, local + block.start, -1)
+            yield item_block, _TopUsers(ids, top, names[local])  # names[-1] is None
+
+
+class _MergeTopUsers(beam.CombineFn):
+    """_TopUsers of one item block from many user blocks -> the item block's global top K."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, accumulator, top: _TopUsers):
+        return top if accumulator is None else accumulator.merge(top)
+
+    def merge_accumulators(self, accumulators):
+        merged = None
+        for accumulator in accumulators:
+            if accumulator is not None:
+                merged = accumulator if merged is None else merged.merge(accumulator)
+        return merged
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+class _FormatContentLines(beam.DoFn):
+    """(item_block, _TopUsers) -> str lines, one per content of the block."""
+
+    def __init__(self, spec: PredictSpec):
+        self._spec = spec
+        self._lines = Metrics.counter(_METRICS, "lines")
+        self._short = Metrics.counter(_METRICS, "lines_shorter_than_k")
+
+    def process(self, element, items: list[str]):
+        item_block, top = element
+        start = item_block * self._spec.block_rows
+        for row in range(top.ids.shape[0]):
+            valid = top.ids[row] >= 0
+            if not valid.all():
+                self._short.inc()
+            self._lines.inc()
+            yield batch_predict.format_line(
+                items[start + row],
+                list(top.names[row][valid]),
+                top.scores[row][valid].tolist(),
+                True,
+                self._spec.output_format,
+            )
+
+
+class PredictForUsers(beam.PTransform):
+    """PCollection[UserBlock] -> PCollection[str]: each visitor's line (top-K unseen content).
+
+    Args:
+        spec: what to predict.
+        item_factors: PCollection[np.ndarray] of one element, Y float32 [n_items, k].
+        items: PCollection[list[str]] of one element, the content vocabulary.
+    """
+
+    def __init__(self, spec: PredictSpec, item_factors, items):
+        super().__init__()
+        self._spec, self._item_factors, self._items = spec, item_factors, items
+
+    def expand(self, user_blocks):
+        return user_blocks | "TopContentPerVisitor" >> beam.ParDo(
+            _PredictForUsers(self._spec),
+            beam.pvalue.AsSingleton(self._item_factors),
+            beam.pvalue.AsSingleton(self._items),
+        )
+
+
+class PredictForContent(beam.PTransform):
+    """PCollection[UserBlock] -> PCollection[str]: each content's line (top-K visitors who have
+    not seen it), for --targeting.
+
+    Args: as `PredictForUsers`.
+    """
+
+    def __init__(self, spec: PredictSpec, item_factors, items):
+        super().__init__()
+        self._spec, self._item_factors, self._items = spec, item_factors, items
+
+    def expand(self, user_blocks):
+        return (
+            user_blocks
+            | "TopVisitorsPerBlock"
+            >> beam.ParDo(_PartialTopUsers(self._spec), beam.pvalue.AsSingleton(self._item_factors))
+            | "MergeTopVisitors" >> beam.CombinePerKey(_MergeTopUsers())
+            | "FormatContentLines"
+            >> beam.ParDo(_FormatContentLines(self._spec), beam.pvalue.AsSingleton(self._items))
+        )
+
+
+def _load_vocabulary(path: str) -> list[str]:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return model_lib.vocabulary_from_bytes(handle.read())
+
+
+def build_pipeline(pipeline: beam.Pipeline, spec: PredictSpec, output_prefix: str) -> None:
+    """Adds the whole prediction to `pipeline`: read blocks, predict, write shards under
+    `output_prefix` + SHARD_TEMPLATE + ".tsv" (or ".jsonl")."""
+    n_items = _npy_rows(spec.path("item_factors.npy"))
+    model_files = pipeline | "ModelFiles" >> beam.Create(
+        [(spec.path("item_factors.npy"), spec.path("vocab_items.txt"))]
+    )
+    item_factors = model_files | "LoadItemFactors" >> beam.Map(
+        lambda paths: read_npy_rows(paths[0]).astype(np.float32)
+    )
+    items = model_files | "LoadContentVocabulary" >> beam.Map(
+        lambda paths: _load_vocabulary(paths[1])
+    )
+    predict = PredictForContent if spec.targeting else PredictForUsers
+    header = batch_predict.header_line(spec.targeting, spec.output_format)
+    _ = (
+        pipeline
+        | "ReadUserBlocks" >> ReadUserBlocks(spec, n_items)
+        | "Predict" >> predict(spec, item_factors, items)
+        | "WriteShards"
+        >> beam.io.WriteToText(
+            output_prefix,
+            file_name_suffix=f".{spec.output_format}",
+            append_trailing_newlines=False,  # format_line ends each line with '\n'
+            shard_name_template=SHARD_TEMPLATE,
+            header=header,
+        )
+    )
+
+
+def _check_model(spec: PredictSpec) -> None:
+    """Raises FileNotFoundError or ValueError before any pipeline starts."""
+    if not FileSystems.exists(spec.path("config.json")):
+        raise FileNotFoundError(f"no trained model under {spec.model_dir}")
+    n_users, n_items = (
+        _npy_rows(spec.path("user_factors.npy")),
+        _npy_rows(spec.path("item_factors.npy")),
+    )
+    if _npy_rows(spec.path("seen_indptr.npy")) != n_users + 1:
+        raise ValueError(f"{spec.model_dir}: seen_indptr does not have {n_users + 1} entries")
+    if len(_load_vocabulary(spec.path("vocab_items.txt"))) != n_items:
+        raise ValueError(f"{spec.model_dir}: vocab_items.txt does not have {n_items} IDs")
+
+
+def write_predictions(spec: PredictSpec, output_dir: str, beam_argv: list[str]) -> int:
+    """Runs the distributed prediction and publishes `output_dir` (replacing an earlier
+    prediction output of ours, never anything else).
+
+    Args:
+        spec: what to predict.
+        output_dir: the directory of shards to write (local or any Beam filesystem).
+        beam_argv: Beam pipeline flags (--runner, --direct_num_workers, --temp_location, ...).
+
+    Returns:
+        The number of lines written after the headers (visitors, or contents with targeting).
+
+    Raises:
+        FileNotFoundError: no model under spec.model_dir.
+        staging.OutputExistsError: output_dir holds something else.
+    """
+    if spec.output_format not in batch_predict.FORMATS:
+        raise ValueError(f"unknown format {spec.output_format!r}")
+    if spec.k <= 0 or spec.block_rows <= 0:
+        raise ValueError(f"k and block_rows must be > 0, got {spec.k} and {spec.block_rows}")
+    _check_model(spec)
+    with staging.staged_output(output_dir, overwrite=True, marker=MARKER) as staged:
+        pipeline = beam.Pipeline(options=PipelineOptions(beam_argv))
+        build_pipeline(pipeline, spec, f"{staged}/{SHARD_PREFIX}")
+        result = pipeline.run()
+        result.wait_until_finish()
+        lines = _counter(result, "lines")
+        shards = sorted(
+            m.path.rsplit("/", 1)[-1]
+            for m in FileSystems.match([f"{staged}/{SHARD_PREFIX}-*"])[0].metadata_list
+        )
+        if lines is None:  # a runner that reports no metrics: count the lines ourselves
+            lines = sum(_count_lines(f"{staged}/{name}") for name in shards)
+            lines -= len(shards) if spec.output_format == "tsv" else 0
+        manifest = {
+            "format": spec.output_format,
+            "targeting": spec.targeting,
+            "k": spec.k,
+            "lines": lines,
+            "shards": shards,
+            "model_dir": spec.model_dir,
+        }
+        with FileSystems.create(f"{staged}/{MARKER}") as handle:
+            handle.write(json.dumps(manifest, indent=1).encode("utf-8"))
+    logger.info("wrote %d predictions in %d shards to %s", lines, len(shards), output_dir)
+    return lines
+
+
+def _counter(result, name: str) -> int | None:
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(_METRICS).with_name(name))
+    except Exception:  # a runner without metrics support
+        return None
+    values = [c.committed if c.committed is not None else c.attempted for c in counters["counters"]]
+    return int(sum(values)) if values else None
+
+
+def _count_lines(path: str) -> int:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return sum(1 for _ in handle)
+
+
+def shard_paths(output_dir: str) -> list[str]:
+    """The shards of a distributed prediction output, in shard order."""
+    pattern = f"{output_dir.rstrip('/')}/{SHARD_PREFIX}-*"
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
