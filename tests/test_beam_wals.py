@@ -186,3 +186,34 @@ def test_beam_flags_need_distributed_and_must_exist(dataset, tmp_path):
         task.run([*base, "--distributed", "--no_such_flag", "1"])
     with pytest.raises(cli.UsageError, match="block_rows"):
         task.run([*base, "--distributed", "--block_rows", "0"])
+
+
+def test_warm_start_matches_rows_by_id_locally_and_distributed(dataset, local, tmp_path):
+    """Both trainers start from the earlier model's factors for the IDs it knows; one
+    iteration from there gives the same factors on both, and fits better than a cold one."""
+    one = ["--num_iters", "1", "--latent_factors", "8", "--no_progress"]
+    warm = ["--warm_start_from", local]
+    runs = {}
+    for name, extra in (("local", []), ("distributed", ["--distributed", "--block_rows", "90"])):
+        runs[name] = str(tmp_path / name)
+        result = task.run(["--input_dir", dataset, "--output_dir", runs[name], *one, *warm, *extra])
+        assert result["warm_start"]["matched_users"] == len(
+            np.load(os.path.join(local, "model", "user_factors.npy"))
+        )
+    for left, right in zip(factors(runs["local"]), factors(runs["distributed"])):
+        np.testing.assert_allclose(left, right, rtol=0, atol=1e-4 * np.abs(left).max())
+    cold = str(tmp_path / "cold")
+    task.run(["--input_dir", dataset, "--output_dir", cold, *one])
+    assert history(runs["local"])[-1]["loss/total"] < history(cold)[-1]["loss/total"]
+    with pytest.raises(cli.UsageError, match="k=8 latent factors, this run 4"):
+        task.run(
+            [
+                "--input_dir",
+                dataset,
+                "--output_dir",
+                str(tmp_path / "x"),
+                *warm,
+                "--latent_factors",
+                "4",
+            ]
+        )

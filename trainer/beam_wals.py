@@ -75,6 +75,8 @@ class TrainSpec:
         fail_after: test-only fault injection: raise after writing the marker of this
             half-sweep (2·iteration − 1 for users, 2·iteration for items); 0 never.
         start_loss: compute the loss of start_iteration too (a crash lost it).
+        warm_start: initial factors come from `checkpoints.write_initial` files (a warm
+            start from an earlier model), not from the seeded initialisation.
     """
 
     input_dir: str
@@ -88,6 +90,7 @@ class TrainSpec:
     loss_every: int = 1
     fail_after: int = 0
     start_loss: bool = False
+    warm_start: bool = False
 
     def side_shape(self, side: int) -> tuple[int, int]:
         n_users, n_items = self.shape
@@ -182,7 +185,8 @@ class _CountItems(beam.CombineFn):
 
 
 class _InitFactors(beam.DoFn):
-    """RowBlock -> the same block with its seeded initial factors (`trainer.seeding`)."""
+    """RowBlock -> the same block with its initial factors: seeded (`trainer.seeding`), or a
+    warm start's."""
 
     def __init__(self, spec: TrainSpec, side: int):
         self._spec = spec
@@ -190,6 +194,13 @@ class _InitFactors(beam.DoFn):
 
     def process(self, block: RowBlock):
         config = self._spec.config
+        if self._spec.warm_start:
+            yield block.with_factors(
+                checkpoints.read_initial(
+                    self._spec.checkpoint_dir, self._side, block.row_ids, config.latent_factors
+                )
+            )
+            return
         keys = checkpoints.read_keys(self._spec.checkpoint_dir, self._side, block.row_ids)
         yield block.with_factors(
             seeding.initial_factors(

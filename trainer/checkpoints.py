@@ -5,6 +5,7 @@ Layout, under `<output_dir>.checkpoints/` (outside the staged output, so a faile
     run.json                       the fingerprint of (data, hyperparameters, block_rows)
     keys/users.u64, keys/items.u64 uint64 little-endian, the `trainer.seeding.id_keys` of each
                                    row's original ID, in vocabulary order (read by block)
+    init/users.f32, init/items.f32 with a warm start: the initial factors, float32 [n, k]
     iter-NNNN/users/block-NNNNN.npz   a block's (row_ids, factors) after that half-sweep
     iter-NNNN/users/_COMPLETE         JSON naming every block file with its size and SHA-256;
                                       written last, so its presence means the half is complete
@@ -89,6 +90,27 @@ def read_keys(checkpoint_dir: str, side: int, row_ids: np.ndarray) -> np.ndarray
     if len(data) != row_ids.size * 8:
         raise CheckpointError(f"{path} is shorter than the vocabulary")
     return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
+
+def write_initial(checkpoint_dir: str, side: int, factors: np.ndarray) -> None:
+    """A warm start's initial factors of one side: float32 little-endian [n, k], row-major."""
+    _write_atomically(
+        f"{checkpoint_dir}/init/{_SIDE_NAMES[side]}.f32",
+        np.ascontiguousarray(factors, dtype="<f4").tobytes(),
+    )
+
+
+def read_initial(checkpoint_dir: str, side: int, row_ids: np.ndarray, k: int) -> np.ndarray:
+    """float32 [b, k], the warm start's factors of a contiguous, ascending range of rows."""
+    if row_ids.size == 0:
+        return np.zeros((0, k), dtype=np.float32)
+    path = f"{checkpoint_dir}/init/{_SIDE_NAMES[side]}.f32"
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        handle.seek(int(row_ids[0]) * k * 4)
+        data = handle.read(int(row_ids.size) * k * 4)
+    if len(data) != row_ids.size * k * 4:
+        raise CheckpointError(f"{path} is shorter than the vocabulary")
+    return np.frombuffer(data, dtype="<f4").reshape(row_ids.size, k).astype(np.float32)
 
 
 def write_block(

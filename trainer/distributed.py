@@ -55,6 +55,7 @@ def train(
     block_rows: int = blocks_lib.DEFAULT_BLOCK_ROWS,
     loss_every: int = 1,
     fail_after: int = 0,
+    warm_start=None,
 ) -> DistributedResult:
     """Trains with the Beam trainer, resuming from a checkpoint when there is one.
 
@@ -68,6 +69,8 @@ def train(
         block_rows: rows per block.
         loss_every: loss every N iterations and after the last; 0 never.
         fail_after: test-only fault injection (`beam_wals.TrainSpec.fail_after`).
+        warm_start: a `trainer.warm_start.WarmStart` to start from instead of the seeded
+            initialisation; part of the checkpoint's fingerprint.
 
     Raises:
         checkpoints.CheckpointError: an unusable checkpoint, named in the message.
@@ -79,6 +82,8 @@ def train(
     shape = (len(dataset.users), len(dataset.items))
     checkpoint_dir = checkpoints.checkpoint_dir_for(output_dir)
     fields = _fingerprint_config(config)
+    if warm_start is not None:
+        fields["warm_start"] = warm_start.digest
     run_fingerprint = checkpoints.fingerprint(dataset.summary, fields, block_rows)
     checkpoints.prepare(
         checkpoint_dir,
@@ -99,6 +104,9 @@ def train(
         logger.info("resuming from the checkpoint of iteration %d in %s", start, checkpoint_dir)
     for side, ids in ((problem.USERS, dataset.users), (problem.ITEMS, dataset.items)):
         checkpoints.write_keys(checkpoint_dir, side, seeding.id_keys(ids))
+    if warm_start is not None and start == 0:
+        checkpoints.write_initial(checkpoint_dir, problem.USERS, warm_start.factors.user_factors)
+        checkpoints.write_initial(checkpoint_dir, problem.ITEMS, warm_start.factors.item_factors)
     recorded = {loss["iteration"] for loss in checkpoints.read_losses(checkpoint_dir)}
     spec = beam_wals.TrainSpec(
         input_dir=input_dir.rstrip("/"),
@@ -111,6 +119,7 @@ def train(
         fingerprint=run_fingerprint,
         loss_every=loss_every,
         fail_after=fail_after,
+        warm_start=warm_start is not None,
     )
     spec = dataclasses.replace(
         spec, start_loss=start > 0 and spec.loss_due(start) and start not in recorded
@@ -140,7 +149,9 @@ def train(
             f"the pipeline finished but {checkpoint_dir} holds iteration {final} of "
             f"{config.num_iters}"
         )
-    if config.num_iters == 0:
+    if config.num_iters == 0 and warm_start is not None:
+        x, y = warm_start.factors.user_factors, warm_start.factors.item_factors
+    elif config.num_iters == 0:
         x, y = (
             seeding.initial_factors(
                 seeding.id_keys(ids), config.latent_factors, config.init_stddev, config.seed, side

@@ -39,6 +39,7 @@ from trainer import (
     metrics,
     seeding,
     wals,
+    warm_start,
     weights,
 )
 from trainer import model as model_lib
@@ -181,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 1; the history says which iterations have it)",
     )
     ev.add_argument("--no_progress", action="store_true", help="log instead of a progress bar")
+    hp.add_argument(
+        "--warm_start_from",
+        default=None,
+        help="a trained model's --output_dir: visitors and content it knows (matched by "
+        "original ID) start from its factors, new ones from the seeded initialisation",
+    )
     dist = parser.add_argument_group(
         "distributed training (every other flag is a Beam pipeline option: --runner, "
         "--direct_num_workers, --project, --region, --temp_location, --flink_master, ...)"
@@ -227,7 +234,9 @@ def _scorer(factors: wals.WALSFactors):
     return lambda users: factors.user_factors[users] @ factors.item_factors.T
 
 
-def _train_distributed(args, config, dataset, beam_argv: list[str], out: str) -> wals.WALSFactors:
+def _train_distributed(
+    args, config, dataset, beam_argv: list[str], out: str, warm
+) -> wals.WALSFactors:
     """Runs the Beam trainer; per-iteration evaluation needs the factors of every iteration,
     which the distributed run does not keep, so the history holds the losses only."""
     result = distributed.train(
@@ -240,6 +249,7 @@ def _train_distributed(args, config, dataset, beam_argv: list[str], out: str) ->
         block_rows=args.block_rows,
         loss_every=args.loss_every,
         fail_after=args.test_fail_after_sweep,
+        warm_start=warm,
     )
     args.checkpoint_dir = result.checkpoint_dir
     if args.eval_every:
@@ -268,9 +278,15 @@ def train_and_evaluate(
         history.append(record)
         _summaries(writer, iteration, {k: v for k, v in record.items() if k != "iteration"}, "wals")
 
+    warm = None
+    if args.warm_start_from:
+        try:
+            warm = warm_start.from_model(args.warm_start_from, dataset.users, dataset.items, config)
+        except (FileNotFoundError, ValueError) as error:
+            raise cli.UsageError(f"--warm_start_from {args.warm_start_from}: {error}") from None
     start = time.monotonic()
     if args.distributed:
-        factors = _train_distributed(args, config, dataset, beam_argv, out)
+        factors = _train_distributed(args, config, dataset, beam_argv, out, warm)
         for loss in factors.history:
             on_iteration(loss["iteration"], factors, loss)
     else:
@@ -283,6 +299,7 @@ def train_and_evaluate(
             item_keys=seeding.id_keys(dataset.items),
             compute_loss=args.loss_every > 0,
             loss_every=max(args.loss_every, 1),
+            initial=warm.factors if warm else None,
         )
     train_seconds = time.monotonic() - start
 
@@ -307,6 +324,12 @@ def train_and_evaluate(
         _summaries(writer, config.num_iters, result["popularity"], "popularity")
     result["history"] = history
     result["config"] = dataclasses.asdict(config)
+    if warm is not None:
+        result["warm_start"] = {
+            "from": warm.source,
+            "matched_users": warm.matched_users,
+            "matched_items": warm.matched_items,
+        }
 
     trained = model_lib.WALSModel(
         user_factors=factors.user_factors.astype(np.float32),
