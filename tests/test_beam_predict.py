@@ -1,0 +1,105 @@
+"""Distributed batch prediction (`trainer.batch_predict --distributed`, `trainer.beam_predict`)
+against the local one, line for line, on DirectRunner multi_processing with 2 workers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import pytest
+
+from pipeline import cli, staging
+from trainer import batch_predict, beam_predict
+
+MULTI = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
+
+
+def lines(path: str) -> list[str]:
+    with open(path, "rb") as handle:  # split on '\n' only: IDs may hold U+2028 and the like
+        return [line.decode("utf-8") for line in handle]
+
+
+@pytest.mark.parametrize(
+    "output_format, targeting, block_rows",
+    [("tsv", False, 16), ("jsonl", False, 1000), ("tsv", True, 50), ("jsonl", True, 7)],
+)
+def test_distributed_predictions_equal_local_line_for_line(
+    tiny_model, tmp_path, output_format, targeting, block_rows
+):
+    flags = ["--model_dir", tiny_model, "--format", output_format, "--k", "5"]
+    flags += ["--targeting"] if targeting else []
+    local = str(tmp_path / f"local.{output_format}")
+    count = batch_predict.run([*flags, "--output", local, "--no_progress"])
+    out = str(tmp_path / "distributed")
+    written = batch_predict.run(
+        [*flags, "--output", out, "--distributed", "--block_rows", str(block_rows), *MULTI]
+    )
+
+    assert written == count > 0
+    expected = lines(local)
+    shards = beam_predict.shard_paths(out)
+    assert shards and all(s.endswith(f".{output_format}") for s in shards)
+    body = Counter()
+    for shard in shards:
+        shard_lines = lines(shard)
+        if output_format == "tsv":  # every shard is a predictions file of its own
+            assert shard_lines[0] == expected[0]
+            shard_lines = shard_lines[1:]
+            assert len(list(batch_predict.read_predictions(shard))) == len(shard_lines)
+        body.update(shard_lines)
+    assert body == Counter(expected[1:] if output_format == "tsv" else expected)
+
+    with open(os.path.join(out, beam_predict.MARKER)) as handle:
+        manifest = json.load(handle)
+    assert manifest["lines"] == count
+    assert manifest["shards"] == [os.path.basename(s) for s in shards]
+    assert (manifest["format"], manifest["targeting"], manifest["k"]) == (
+        output_format,
+        targeting,
+        5,
+    )
+    assert not [name for name in os.listdir(tmp_path) if ".incomplete-" in name]
+
+
+def test_reruns_replace_their_output_but_never_foreign_files(tiny_model, tmp_path):
+    out = tmp_path / "distributed"
+    flags = ["--model_dir", tiny_model, "--output", str(out), "--distributed", "--k", "3"]
+    first = batch_predict.run(flags)
+    assert batch_predict.run([*flags, "--format", "jsonl"]) == first
+    shards = set(os.listdir(out)) - {beam_predict.MARKER, staging.STAGING_MARKER}
+    assert shards and all(name.endswith(".jsonl") for name in shards), "the TSV shards are gone"
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(cli.UsageError, match="not written by this project"):
+        batch_predict.run([*flags[:3], str(foreign), *flags[4:]])
+    assert os.listdir(foreign) == ["notes.txt"]
+
+
+def test_bad_flags_are_usage_errors(tiny_model, tmp_path):
+    base = ["--model_dir", tiny_model, "--output", str(tmp_path / "p")]
+    with pytest.raises(cli.UsageError, match="--direct_num_workers"):
+        batch_predict.run([*base, "--direct_num_workers", "2"])  # Beam flags need --distributed
+    with pytest.raises(cli.UsageError, match="--no_such_flag"):
+        batch_predict.run([*base, "--distributed", "--no_such_flag", "1"])
+    with pytest.raises(cli.UsageError, match="block_rows"):
+        batch_predict.run([*base, "--distributed", "--block_rows", "0"])
+    with pytest.raises(cli.UsageError, match="no trained model"):
+        batch_predict.run(
+            ["--model_dir", str(tmp_path), "--output", str(tmp_path / "q"), "--distributed"]
+        )
+
+
+def test_read_npy_rows_reads_a_slice(tmp_path):
+    import numpy as np
+
+    array = np.arange(60, dtype=np.float32).reshape(20, 3)
+    np.save(tmp_path / "a.npy", array)
+    np.testing.assert_array_equal(
+        beam_predict.read_npy_rows(str(tmp_path / "a.npy"), 5, 9), array[5:9]
+    )
+    np.testing.assert_array_equal(beam_predict.read_npy_rows(str(tmp_path / "a.npy")), array)
+    with pytest.raises(ValueError, match="outside"):
+        beam_predict.read_npy_rows(str(tmp_path / "a.npy"), 5, 21)
