@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import calendar
 import contextlib
 import dataclasses
 import gzip
@@ -286,9 +287,13 @@ def _content_pages_cdf() -> list[float]:
 
 
 def _schedule(
-    num_sessions: int, num_visitors: int, rng: np.random.Generator
+    num_sessions: int,
+    num_visitors: int,
+    rng: np.random.Generator,
+    start_time: int = START_TIME,
+    window_days: int = WINDOW_DAYS,
 ) -> tuple[list[int], list[int], list[int]]:
-    """Assigns sessions to visitors and start times.
+    """Assigns sessions to visitors and start times in [start_time, start_time + window_days).
 
     Returns:
         (visitor, visitStartTime, visitNumber) per session, three lists of length num_sessions,
@@ -300,7 +305,7 @@ def _schedule(
         visitors = np.repeat(np.arange(num_visitors), 1 + extra)
     else:
         visitors = np.sort(rng.choice(num_visitors, size=num_sessions, replace=False))
-    starts = START_TIME + rng.integers(0, WINDOW_DAYS * 86400, size=num_sessions)
+    starts = start_time + rng.integers(0, window_days * 86400, size=num_sessions)
     order = np.lexsort((starts, visitors))  # by visitor, then start time
     visitors_list = visitors[order].tolist()
     starts_list = starts[order].tolist()
@@ -525,6 +530,7 @@ def generate_sessions(
     num_items: int = DEFAULT_ITEMS,
     num_topics: int = DEFAULT_TOPICS,
     content_dimension: int = DEFAULT_CONTENT_DIMENSION,
+    date: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yields synthetic GA360 sessions in order of visitStartTime.
 
@@ -535,6 +541,10 @@ def generate_sessions(
         num_items: number of content items.
         num_topics: number of topics.
         content_dimension: the hit-level custom dimension index that holds the contentId.
+        date: "YYYY-MM-DD": one day's export, every session starting that day (UTC). The
+            world (visitors, tastes, content) depends on the seed only, so the exports of
+            several dates share their visitors, as a site's daily exports do; the sessions
+            are drawn from (seed, date). None: WINDOW_DAYS days from 2017-08-01.
 
     Yields:
         One dict per session in the BigQuery export schema (see the module docstring).
@@ -542,8 +552,13 @@ def generate_sessions(
     if num_visitors is None:
         num_visitors = max(1, num_sessions // VISITS_PER_VISITOR)
     world = make_world(num_visitors, seed, num_items=num_items, num_topics=num_topics)
-    rng = np.random.default_rng([seed, 1])
-    visitors, starts, numbers = _schedule(num_sessions, num_visitors, rng)
+    if date is None:
+        rng = np.random.default_rng([seed, 1])
+        visitors, starts, numbers = _schedule(num_sessions, num_visitors, rng)
+    else:
+        day = calendar.timegm(time.strptime(date, "%Y-%m-%d"))
+        rng = np.random.default_rng([seed, 1, day // 86400])
+        visitors, starts, numbers = _schedule(num_sessions, num_visitors, rng, day, 1)
     maker = _SessionMaker(world, content_dimension, _Draws(rng))
     for visitor, start, number in zip(visitors, starts, numbers, strict=True):
         yield maker.session(visitor, start, number)
@@ -623,13 +638,14 @@ def write_sessions(
     num_topics: int = DEFAULT_TOPICS,
     content_dimension: int = DEFAULT_CONTENT_DIMENSION,
     bad_lines: int = 0,
+    date: str | None = None,
 ) -> dict[str, int]:
     """Writes synthetic sessions as NDJSON (gzip-compressed if `path` ends in ".gz").
 
     Args:
         path: the output file.
-        num_sessions, seed, num_visitors, num_items, num_topics, content_dimension: as for
-            `generate_sessions`.
+        num_sessions, seed, num_visitors, num_items, num_topics, content_dimension, date: as
+            for `generate_sessions`.
         bad_lines: number of malformed lines to interleave, cycling through `BAD_LINE_KINDS`
             at positions drawn from the seed.
 
@@ -648,6 +664,7 @@ def write_sessions(
         num_items=num_items,
         num_topics=num_topics,
         content_dimension=content_dimension,
+        date=date,
     )
     counts = {"sessions": 0, "hits": 0, "page_hits": 0, "bad_lines": 0}
     progress_every = max(10_000, total_lines // 10)
@@ -713,7 +730,19 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument(
         "--bad_lines", type=int, default=0, help="malformed lines to interleave (for demos)"
     )
+    parser.add_argument(
+        "--date",
+        default=None,
+        help="YYYY-MM-DD: one day's export (sessions of that day, drawn from the seed and the "
+        "date; the visitors and content depend on the seed only, so several dates share them); "
+        "default: 31 days from 2017-08-01",
+    )
     args = parser.parse_args(argv)
+    if args.date is not None:
+        try:
+            time.strptime(args.date, "%Y-%m-%d")
+        except ValueError:
+            parser.error(f"--date must be YYYY-MM-DD, got {args.date!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     started = time.monotonic()
     counts = write_sessions(
@@ -725,6 +754,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         num_topics=args.topics,
         content_dimension=args.content_dimension,
         bad_lines=args.bad_lines,
+        date=args.date,
     )
     print(
         f"Wrote {counts['sessions']} sessions ({counts['hits']} hits, {counts['page_hits']} "
