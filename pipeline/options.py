@@ -20,7 +20,7 @@ class PreprocessOptions(PipelineOptions):
         group.add_argument(
             "--input",
             help="Input file pattern (local or any Beam filesystem, e.g. gs://b/ga/*.json.gz); "
-            "plain or gzip.",
+            "plain or gzip. Several patterns separated by commas are read together.",
         )
         group.add_argument(
             "--bigquery_table",
@@ -114,6 +114,11 @@ def effective_scaling(options: PreprocessOptions) -> str:
     )
 
 
+def input_patterns(options: PreprocessOptions) -> list[str]:
+    """The file patterns of --input: one, or several separated by commas."""
+    return [pattern for pattern in (options.input or "").split(",") if pattern]
+
+
 def validate(options: PreprocessOptions) -> None:
     """Checks the flags and the input location before the pipeline starts.
 
@@ -154,10 +159,10 @@ def validate(options: PreprocessOptions) -> None:
         raise UsageError(f"--max_id_length must be >= 1, got {options.max_id_length}")
     if not 0 < options.quantile_epsilon < 0.5:
         raise UsageError(f"--quantile_epsilon must be in (0, 0.5), got {options.quantile_epsilon}")
-    if options.input:
+    for pattern in input_patterns(options):
         try:
-            matched = FileSystems.match([options.input])[0].metadata_list
+            matched = FileSystems.match([pattern])[0].metadata_list
         except Exception as error:  # Beam raises BeamIOError and others for bad patterns.
-            raise UsageError(f"cannot read --input {options.input}: {error}") from None
+            raise UsageError(f"cannot read --input {pattern}: {error}") from None
         if not matched:
-            raise UsageError(f"--input {options.input} matches no files")
+            raise UsageError(f"--input {pattern} matches no files")

@@ -54,9 +54,10 @@ def _scale_stats(row: dict) -> dict:
 class ReadInput(beam.PTransform):
     """The pipeline's input: --input files or a BigQuery table or query.
 
-    Input: the pipeline root. Output: PCollection[bytes], the lines of the --input files without
-    their line endings (each file plain, or gzip when its name ends in .gz), or PCollection[dict],
-    the GA360 rows of --bigquery_table / --bigquery_query.
+    Input: the pipeline root. Output: PCollection[bytes], the lines of the --input files (one
+    pattern, or several separated by commas) without their line endings (each file plain, or
+    gzip when its name ends in .gz), or PCollection[dict], the GA360 rows of --bigquery_table /
+    --bigquery_query.
     """
 
     def __init__(self, opts: preprocess_options.PreprocessOptions):
@@ -65,9 +66,16 @@ class ReadInput(beam.PTransform):
 
     def expand(self, root):
         opts = self._opts
-        if opts.input:
+        patterns = preprocess_options.input_patterns(opts)
+        if len(patterns) == 1:
             return root | "ReadLines" >> beam.io.ReadFromText(
-                opts.input, coder=beam.coders.BytesCoder()
+                patterns[0], coder=beam.coders.BytesCoder()
+            )
+        if patterns:
+            return (
+                root
+                | "InputPatterns" >> beam.Create(patterns)
+                | "ReadLines" >> beam.io.ReadAllFromText(coder=beam.coders.BytesCoder())
             )
         return root | "ReadSessionsFromBigQuery" >> beam.io.ReadFromBigQuery(
             table=opts.bigquery_table, query=opts.bigquery_query, use_standard_sql=True
