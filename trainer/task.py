@@ -30,6 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import cli, staging
 from trainer import (
+    beam_evaluate,
     beam_wals,
     blocks,
     checkpoints,
@@ -311,17 +312,6 @@ def train_and_evaluate(
         "train_interactions": train.nnz,
         "eval_interactions": heldout.nnz,
     }
-    if heldout.nnz:
-        rows = heldout.row_ids()
-        predicted = np.einsum(
-            "ij,ij->i", factors.user_factors[rows], factors.item_factors[heldout.indices]
-        )
-        result["wals"] = {
-            "rmse": metrics.rmse(predicted, heldout.values),
-            **metrics.evaluate(_scorer(factors), train, heldout, ks=args.eval_ks),
-        }
-        result["popularity"] = metrics.evaluate_popularity(train, heldout, ks=args.eval_ks)
-        _summaries(writer, config.num_iters, result["popularity"], "popularity")
     result["history"] = history
     result["config"] = dataclasses.asdict(config)
     if warm is not None:
@@ -347,6 +337,26 @@ def train_and_evaluate(
         },
     )
     model_lib.save(trained, out)
+    if heldout.nnz:
+        if args.distributed:
+            # Beam combiners over blocks of users, reading the model just saved.
+            evaluated = beam_evaluate.evaluate_model_distributed(
+                out, args.input_dir, beam_argv, ks=args.eval_ks, block_rows=args.block_rows
+            )
+        else:
+            rows = heldout.row_ids()
+            predicted = np.einsum(
+                "ij,ij->i", factors.user_factors[rows], factors.item_factors[heldout.indices]
+            )
+            evaluated = {
+                "wals": {
+                    "rmse": metrics.rmse(predicted, heldout.values),
+                    **metrics.evaluate(_scorer(factors), train, heldout, ks=args.eval_ks),
+                },
+                "popularity": metrics.evaluate_popularity(train, heldout, ks=args.eval_ks),
+            }
+        result.update(evaluated)
+        _summaries(writer, config.num_iters, result["popularity"], "popularity")
     export.export_saved_model(trained, f"{out}/export", k=args.export_k)
     with FileSystems.create(f"{out}/{METRICS_FILE}") as handle:
         handle.write(json.dumps(result, indent=2).encode("utf-8"))
