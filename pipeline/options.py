@@ -51,6 +51,21 @@ class PreprocessOptions(PipelineOptions):
             "(default 0.1).",
         )
         group.add_argument(
+            "--holdout_visitors",
+            type=float,
+            default=0.0,
+            help="Fraction of visitors (by a hash of visitorId) held out whole, in [0, 1): they "
+            "stay out of the vocabularies and the train/eval matrices, and their cells go to "
+            "heldout/ to evaluate fold-in of new visitors (default 0: off).",
+        )
+        group.add_argument(
+            "--holdout_foldin_fraction",
+            type=float,
+            default=0.8,
+            help="Share of each held-out visitor's cells (by a hash of the pair) in the fold-in "
+            "part; the rest is the target part, in (0, 1) (default 0.8).",
+        )
+        group.add_argument(
             "--scaling",
             default=None,
             help="Rating scaling: median (0.3 * duration / median, capped at 1), log1p "
@@ -142,6 +157,12 @@ def validate(options: PreprocessOptions) -> None:
         raise UsageError(str(error)) from None
     if not 0 <= options.eval_fraction < 1:
         raise UsageError(f"--eval_fraction must be in [0, 1), got {options.eval_fraction}")
+    if not 0 <= options.holdout_visitors < 1:
+        raise UsageError(f"--holdout_visitors must be in [0, 1), got {options.holdout_visitors}")
+    if not 0 < options.holdout_foldin_fraction < 1:
+        raise UsageError(
+            f"--holdout_foldin_fraction must be in (0, 1), got {options.holdout_foldin_fraction}"
+        )
     if effective_scaling(options) not in features.SCALINGS:
         raise UsageError(
             f"--scaling {options.scaling!r} is not one of {', '.join(features.SCALINGS)}"

@@ -2,17 +2,21 @@ r"""The preprocessing pipeline: GA360 sessions -> TF Transform -> sparse rating-
 
     python -m pipeline.preprocess --input 'data/sessions-*.json.gz' --output_dir out/ \
         [--input_format ga360|csv|movielens] [--content_id_source customDimension:10|pagePath] \
-        [--eval_fraction 0.1] [--scaling median|log1p|unit|raw] [any Beam pipeline option]
+        [--eval_fraction 0.1] [--holdout_visitors 0] [--scaling median|log1p|unit|raw] \
+        [any Beam pipeline option]
 
 Graph:
     ReadInput | ParseEvents -> events, rejected
-    events | SumPerPair | SplitTrainEval -> train pairs, eval pairs
+    events | SumPerPair [| SplitHeldOutVisitors] -> pairs[, held-out pairs]
+    pairs | SplitTrainEval -> train pairs, eval pairs
     train | AnalyzeAndTransform (vocabularies, median) -> transformed train, transform_fn
     eval | TransformEval (with the train transform_fn) -> transformed eval
     each split | DropOutOfVocabulary | WriteSparseMatrix -> items_for_user-*, users_for_item-*
+    held-out pairs | TransformHeldOut | WriteHeldOut -> heldout/foldin-*, heldout/target-*
 
 Output under --output_dir: transform_fn/, transformed_metadata/, train/, eval/, rejected/,
-summary.json (written last; its presence means the output is complete).
+heldout/ (with --holdout_visitors), summary.json (written last; its presence means the output is
+complete).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
-from pipeline import cli, events, records, staging
+from pipeline import cli, events, holdout, records, staging
 from pipeline import options as preprocess_options
 from pipeline.matrix_io import DropOutOfVocabulary, WriteSparseMatrix
 from transforms import features, preprocessing
@@ -107,6 +111,11 @@ def build_pipeline(
         f"{output_dir}/{features.REJECTED_DIR}/rejected", file_name_suffix=".jsonl"
     )
     pairs = parsed[events.EVENTS_TAG] | "SumPerPair" >> events.SumPerPair(opts.input_format)
+    heldout_pairs = None
+    if opts.holdout_visitors > 0:
+        pairs, heldout_pairs = pairs | "HoldOutVisitors" >> holdout.SplitHeldOutVisitors(
+            opts.holdout_visitors
+        )
     train_pairs, eval_pairs = pairs | "SplitTrainEval" >> events.SplitTrainEval(opts.eval_fraction)
     train_rows = train_pairs | "TrainToRawRows" >> beam.Map(events.to_raw_row)
     eval_rows = eval_pairs | "EvalToRawRows" >> beam.Map(events.to_raw_row)
@@ -132,6 +141,15 @@ def build_pipeline(
         cells = data | f"DropOutOfVocabulary{label}" >> DropOutOfVocabulary(split)
         _ = cells | f"Write{label}Matrix" >> WriteSparseMatrix(
             f"{output_dir}/{split}", opts.num_shards
+        )
+    if heldout_pairs is not None:
+        transform_fn_dir, _ = transform_fn
+        _ = (
+            heldout_pairs
+            | "TransformHeldOut"
+            >> holdout.TransformHeldOut(transform_fn_dir, opts.holdout_foldin_fraction)
+            | "WriteHeldOut"
+            >> holdout.WriteHeldOut(f"{output_dir}/{features.HELDOUT_DIR}", opts.num_shards)
         )
     _ = (
         train_data
@@ -188,6 +206,12 @@ def make_summary(opts, output_dir: str, counters: dict[str, int], seconds: float
         "train_interactions": counters.get("train_interactions", 0),
         "eval_interactions": counters.get("eval_interactions", 0),
         "eval_dropped_unknown": counters.get("eval_dropped_out_of_vocabulary", 0),
+        "holdout_visitors": opts.holdout_visitors,
+        "holdout_foldin_fraction": opts.holdout_foldin_fraction,
+        "heldout_visitors": counters.get("heldout_visitors", 0),
+        "heldout_foldin_interactions": counters.get("heldout_foldin_interactions", 0),
+        "heldout_target_interactions": counters.get("heldout_target_interactions", 0),
+        "heldout_dropped_unknown": counters.get("heldout_dropped_unknown_content", 0),
         "counters": {**plain, "rejected_by_reason": rejected},
         "seconds": round(seconds, 3),
     }

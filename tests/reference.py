@@ -301,3 +301,55 @@ def reference_matrix(
         if visitor in train_visitors and content in train_contents:
             evaluation[(visitor, content)] = _rating(value, scale, scaling)
     return train, evaluation, exact_median
+
+
+def _unit_hash(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def reference_holdout(
+    events: dict[tuple[str, str], float],
+    eval_fraction: float,
+    holdout_visitors: float,
+    foldin_fraction: float,
+    median: float | None = None,
+    scaling: str = "median",
+) -> dict[str, Any]:
+    """Held-out visitors ("strong generalization"), then the per-pair split of the others.
+
+    - A visitor is held out iff sha256("holdout-visitor\\x1f" + visitor)[:8] / 2**64 <
+      holdout_visitors; its pairs never reach train or eval.
+    - The other visitors' pairs are split and scaled as `reference_matrix` does.
+    - A held-out pair whose content is in no train pair is dropped (counted); the others go to
+      fold-in iff sha256(f"holdout-foldin\\x1f{visitor}\\x1f{content}")[:8] / 2**64 <
+      foldin_fraction, else to target, with ratings scaled by the train median.
+
+    Returns:
+        {"train", "eval", "foldin", "target": {(visitor, content): rating}, "foldin_raw",
+         "target_raw": {(visitor, content): value}, "heldout_dropped": int, "median": float
+         (exact train median), "heldout_visitors": set of held-out visitors with a kept cell}.
+    """
+    kept, heldout = {}, {}
+    for (visitor, content), value in events.items():
+        if _unit_hash(f"holdout-visitor\x1f{visitor}") < holdout_visitors:
+            heldout[(visitor, content)] = value
+        else:
+            kept[(visitor, content)] = value
+    train, evaluation, exact_median = reference_matrix(kept, eval_fraction, median, scaling)
+    scale = exact_median if median is None else median
+    train_contents = {content for _, content in train}
+    out: dict[str, Any] = {"train": train, "eval": evaluation, "median": exact_median}
+    for part in ("foldin", "target"):
+        out[part], out[f"{part}_raw"] = {}, {}
+    dropped = 0
+    for (visitor, content), value in heldout.items():
+        if content not in train_contents:
+            dropped += 1
+            continue
+        in_foldin = _unit_hash(f"holdout-foldin\x1f{visitor}\x1f{content}") < foldin_fraction
+        part = "foldin" if in_foldin else "target"
+        out[part][(visitor, content)] = _rating(value, scale, scaling)
+        out[f"{part}_raw"][(visitor, content)] = value
+    out["heldout_dropped"] = dropped
+    out["heldout_visitors"] = {v for v, _ in out["foldin"]} | {v for v, _ in out["target"]}
+    return out

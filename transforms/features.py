@@ -49,6 +49,17 @@ REJECTED_DIR = "rejected"
 SUMMARY_FILE = "summary.json"
 TFRECORD_SUFFIX = ".tfrecord.gz"
 
+# Held-out visitors (preprocess --holdout_visitors): heldout/foldin-* and heldout/target-*, gzip
+# TFRecords of tf.train.Example, one per held-out visitor and part:
+#   visitorId: bytes[1]     the visitor's original ID (in no vocabulary)
+#   indices: int64[n]       itemIds in the train vocabulary (sorted)
+#   values: float[n]        the scaled ratings, as in train/
+#   raw_values: float[n]    the interaction values before scaling (durations in ms)
+HELDOUT_DIR = "heldout"
+FOLDIN = "foldin"
+TARGET = "target"
+RAW_VALUES = "raw_values"
+
 # Rating scalings (the --scaling flag).
 SCALING_MEDIAN = "median"  # r = min(0.3 * value / median(value), 1.0)
 SCALING_LOG1P = "log1p"  # r = log1p(value / median(value))

@@ -1,0 +1,225 @@
+r"""Held-out visitors ("strong generalization"): whole visitors kept out of training.
+
+    pairs | SplitHeldOutVisitors(F) -> known pairs, held-out pairs
+    held-out pairs | TransformHeldOut(transform_fn) -> cells (visitor, part, itemId, r, value)
+    cells | WriteHeldOut(dir) -> heldout/foldin-*, heldout/target-*
+
+A visitor is held out iff sha256("holdout-visitor" \x1f visitorId)[:8] / 2^64 < F, so none of
+its pairs reach the vocabularies, the train matrix or eval/. Each of its cells then goes to the
+fold-in part iff sha256("holdout-foldin" \x1f visitorId \x1f contentId)[:8] / 2^64 <
+foldin_fraction, else to the target part. Both hashes are salted, so they are independent of
+each other and of the per-pair train/eval split (`pipeline.events.is_eval`, unsalted).
+
+Held-out cells are transformed by the train split's TF Transform graph (the same vocabulary
+lookup and rating scaling as every train cell); cells whose content is not in the train
+vocabulary are counted (`heldout_dropped_unknown_content`) and dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.metrics import Metrics
+
+from pipeline.events import METRICS_NAMESPACE
+from transforms import features
+
+VISITOR_SALT = "holdout-visitor"
+FOLDIN_SALT = "holdout-foldin"
+PARTS = (features.FOLDIN, features.TARGET)
+
+
+def _unit_hash(text: str) -> float:
+    """sha256(text)[:8] as a big-endian integer / 2^64, in [0, 1)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
+
+
+def is_heldout_visitor(visitor_id: str, fraction: float) -> bool:
+    """True iff the visitor is held out whole (module docstring)."""
+    return _unit_hash(f"{VISITOR_SALT}\x1f{visitor_id}") < fraction
+
+
+def is_foldin(visitor_id: str, content_id: str, foldin_fraction: float) -> bool:
+    """True iff a held-out visitor's cell goes to the fold-in part, else to the target part."""
+    return _unit_hash(f"{FOLDIN_SALT}\x1f{visitor_id}\x1f{content_id}") < foldin_fraction
+
+
+class SplitHeldOutVisitors(beam.PTransform):
+    """Pairs -> (pairs of known visitors, pairs of held-out visitors), by a hash of the visitor.
+
+    Input: PCollection[tuple[str, str, float]] (visitorId, contentId, value).
+    Output: a pair of PCollections of the same type.
+    """
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        self._fraction = fraction
+
+    def expand(self, pairs):
+        fraction = self._fraction
+        return pairs | "Partition" >> beam.Partition(
+            lambda pair, _: int(is_heldout_visitor(pair[0], fraction)), 2
+        )
+
+
+class _TransformBatch(beam.DoFn):
+    """A batch of held-out pairs -> (visitorId, (part, itemId, rating, value)) cells in vocabulary.
+
+    The transform graph (a side input: its SavedModel directory) is loaded once per worker.
+    """
+
+    def __init__(self, foldin_fraction: float):
+        self._foldin_fraction = foldin_fraction
+        self._loaded: tuple[str, object] | None = None
+        self._dropped = Metrics.counter(METRICS_NAMESPACE, "heldout_dropped_unknown_content")
+
+    def _transform(self, saved_model_dir: str):
+        if self._loaded is None or self._loaded[0] != saved_model_dir:
+            from tensorflow_transform.saved import saved_transform_io_v2
+
+            loader = saved_transform_io_v2.SavedModelLoader(saved_model_dir)
+            self._loaded = (saved_model_dir, loader)
+        return self._loaded[1]
+
+    def process(self, batch, saved_model_dir: str):
+        visitors = [pair[0] for pair in batch]
+        contents = [pair[1] for pair in batch]
+        values = np.array([pair[2] for pair in batch], dtype=np.float32)
+        outputs = self._transform(saved_model_dir).apply_transform_model(
+            {
+                features.VISITOR_ID: tf.constant(visitors, tf.string),
+                features.CONTENT_ID: tf.constant(contents, tf.string),
+                features.VALUE: tf.constant(values),
+            }
+        )
+        items = outputs[features.ITEM_ID].numpy()
+        ratings = outputs[features.RATING].numpy()
+        for visitor, content, value, item, rating in zip(
+            visitors, contents, values, items, ratings, strict=True
+        ):
+            if item < 0:
+                self._dropped.inc()
+                continue
+            part = (
+                features.FOLDIN
+                if is_foldin(visitor, content, self._foldin_fraction)
+                else (features.TARGET)
+            )
+            yield visitor, (part, int(item), float(rating), float(value))
+
+
+class TransformHeldOut(beam.PTransform):
+    """Held-out pairs -> their cells in the train vocabulary, scaled like train, split in parts.
+
+    Input: PCollection[tuple[str, str, float]] (visitorId, contentId, value).
+    Output: PCollection[tuple[str, tuple[str, int, float, float]]]
+        (visitorId, (part "foldin" | "target", itemId, rating, value)).
+
+    Args:
+        transform_fn_dir: PCollection[str] of one element, the train transform graph's SavedModel
+            directory (the first element of `tft_beam.AnalyzeAndTransformDataset`'s transform_fn).
+        foldin_fraction: the share of each visitor's cells (by hash) folded in.
+    """
+
+    def __init__(self, transform_fn_dir, foldin_fraction: float):
+        super().__init__()
+        self._transform_fn_dir = transform_fn_dir
+        self._foldin_fraction = foldin_fraction
+
+    def expand(self, pairs):
+        return (
+            pairs
+            | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
+            | "Transform"
+            >> beam.ParDo(
+                _TransformBatch(self._foldin_fraction),
+                beam.pvalue.AsSingleton(self._transform_fn_dir),
+            )
+        )
+
+
+def heldout_example(visitor_id: str, entries) -> bytes:
+    """One visitor's part: entries is an iterable of (itemId, rating, value)."""
+    entries = sorted(entries)
+    feature = {
+        features.VISITOR_ID: tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[visitor_id.encode("utf-8")])
+        ),
+        features.INDICES: tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[entry[0] for entry in entries])
+        ),
+        features.VALUES: tf.train.Feature(
+            float_list=tf.train.FloatList(value=[entry[1] for entry in entries])
+        ),
+        features.RAW_VALUES: tf.train.Feature(
+            float_list=tf.train.FloatList(value=[entry[2] for entry in entries])
+        ),
+    }
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString()
+
+
+def parse_heldout_example(serialized: bytes) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of `heldout_example`: (visitorId, itemIds int64 [n], ratings float32 [n],
+    raw values float32 [n])."""
+    feature = tf.train.Example.FromString(serialized).features.feature
+    return (
+        feature[features.VISITOR_ID].bytes_list.value[0].decode("utf-8"),
+        np.asarray(feature[features.INDICES].int64_list.value, dtype=np.int64),
+        np.asarray(feature[features.VALUES].float_list.value, dtype=np.float32),
+        np.asarray(feature[features.RAW_VALUES].float_list.value, dtype=np.float32),
+    )
+
+
+class WriteHeldOut(beam.PTransform):
+    """Cells -> `foldin-*` and `target-*` gzip TFRecords under `directory`, one record per
+    visitor and non-empty part.
+
+    Input: PCollection[tuple[str, tuple[str, int, float, float]]] from `TransformHeldOut`.
+    Counters: heldout_visitors (with at least one cell in vocabulary),
+    heldout_foldin_interactions, heldout_target_interactions.
+    """
+
+    def __init__(self, directory: str, num_shards: int = 0):
+        super().__init__()
+        self._directory = directory.rstrip("/")
+        self._num_shards = num_shards
+
+    def expand(self, cells):
+        visitors = Metrics.counter(METRICS_NAMESPACE, "heldout_visitors")
+        counted = {
+            part: Metrics.counter(METRICS_NAMESPACE, f"heldout_{part}_interactions")
+            for part in PARTS
+        }
+
+        def encode(visitor: str, visitor_cells):
+            visitors.inc()
+            by_part: dict[str, list] = {part: [] for part in PARTS}
+            for part, item, rating, value in visitor_cells:
+                by_part[part].append((item, rating, value))
+            for index, part in enumerate(PARTS):
+                if by_part[part]:
+                    counted[part].inc(len(by_part[part]))
+                    yield index, heldout_example(visitor, by_part[part])
+
+        encoded = (
+            cells | "GroupByVisitor" >> beam.GroupByKey() | "Encode" >> beam.FlatMapTuple(encode)
+        )
+        parts = encoded | "ByPart" >> beam.Partition(lambda element, _: element[0], len(PARTS))
+        for index, part in enumerate(PARTS):
+            _ = (
+                parts[index]
+                | f"Drop{part.title()}Index" >> beam.Map(lambda element: element[1])
+                | f"Write{part.title()}"
+                >> beam.io.WriteToTFRecord(
+                    f"{self._directory}/{part}",
+                    file_name_suffix=features.TFRECORD_SUFFIX,
+                    num_shards=self._num_shards,
+                    compression_type=CompressionTypes.GZIP,
+                )
+            )
+        return parts
