@@ -38,6 +38,7 @@ from trainer import (
     distributed,
     export,
     metrics,
+    new_visitors,
     seeding,
     wals,
     warm_start,
@@ -357,6 +358,14 @@ def train_and_evaluate(
             }
         result.update(evaluated)
         _summaries(writer, config.num_iters, result["popularity"], "popularity")
+    if new_visitors.has_heldout(args.input_dir):  # held-out visitors: fold in and score
+        if args.distributed:
+            new = new_visitors.evaluate_distributed(out, args.input_dir, beam_argv, args.eval_ks)
+        else:
+            new = new_visitors.evaluate_model(trained, args.input_dir, args.eval_ks)
+        result["new_visitors"] = new
+        for name in ("wals", "popularity"):
+            _summaries(writer, config.num_iters, new[name], f"new_visitors/{name}")
     export.export_saved_model(trained, f"{out}/export", k=args.export_k)
     with FileSystems.create(f"{out}/{METRICS_FILE}") as handle:
         handle.write(json.dumps(result, indent=2).encode("utf-8"))
@@ -377,6 +386,8 @@ def format_metrics(result: dict) -> str:
         ratio = f"{ours / base:8.2f}" if base > 0 else f"{'':>8}"
         lines.append(f"{name:<16} {ours:>10.4f} {base:>12.4f} {ratio}")
     lines.append(f"{'rmse (eval)':<16} {result['wals']['rmse']:>10.4f}")
+    if "new_visitors" in result:
+        lines.append(new_visitors.format_metrics(result))
     return "\n".join(lines)
 
 
