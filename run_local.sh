@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole job on this machine with DirectRunner, on the embedded synthetic sample:
-# generate GA360 sessions -> preprocess (TF Transform) -> train WALS -> evaluate -> batch predict
-# -> export a SavedModel, and show what each step produced.
+# generate GA360 sessions -> preprocess (TF Transform) -> train WALS -> evaluate (known visitors,
+# and new visitors held out whole and folded in) -> batch predict -> export a SavedModel, and show
+# what each step produced.
 #
 #   ./run_local.sh                       # defaults below
 #   SESSIONS=20000 ./run_local.sh        # a bigger sample
@@ -66,8 +67,10 @@ fi
 
 echo
 echo "== preprocessing with TF Transform on Beam's DirectRunner -> $PREPROCESSED"
+# 10% of visitors are held out whole, to measure what new visitors are served (fold-in).
+# (bash 3.2: empty arrays are unset, hence the ${a[@]+...} form.)
 step preprocess "$PY" -m pipeline.preprocess --input "$DATA" --output_dir "$PREPROCESSED" \
-  --overwrite ${preprocess_args[@]+"${preprocess_args[@]}"}  # (bash 3.2: empty arrays are unset)
+  --overwrite --holdout_visitors 0.1 ${preprocess_args[@]+"${preprocess_args[@]}"}
 echo
 step describe "$PY" -m pipeline.describe "$PREPROCESSED"
 
