@@ -30,9 +30,18 @@ materialised DataFrame in an already running session and ends when both factor t
 materialised. Quality is `trainer.metrics.evaluate` on the held-out cells with training items
 excluded, the same code for every model: Recall@20 and NDCG@20.
 
+Two protocols, on one split: before the per-cell split, a seeded --holdout_users share of the
+users (default 0.1) is held out whole ("strong generalization", Liang et al. 2018, Rendle et al.
+2022): no model trains on them. Each held-out user's cells are split into a fold-in part (80%)
+and a target part; after training, every model folds the held-out users in from their fold-in
+part with its own exact row solve against its fixed item factors (ours:
+`trainer.new_visitors.fold_in_rows`; implicit: `recalculate_user`, the batched form of
+`recommend(..., recalculate_user=True)`; Spark has none, "-"), ranks every item but the fold-in
+ones and is scored on the target part (new Recall@20, new NDCG@20), as is popularity.
+
     python -m benchmarks.train_benchmark --size small|large [--k 64] [--iters 10]
         [--skip spark] [--skip implicit] [--repeats N] [--tune_on validation|small]
-        [--json_out results.json]
+        [--holdout_users 0.1] [--json_out results.json]
 """
 
 from __future__ import annotations
@@ -66,6 +75,9 @@ VALIDATION_FRACTION = 0.1
 TUNE_USERS = 20_000
 # Iterations of the untimed warm-up fit on the small matrix (tracing, JIT, caches).
 WARMUP_ITERS = 2
+# Held-out users: the default share, and the share of each one's cells that is folded in.
+HOLDOUT_USERS = 0.1
+HOLDOUT_FOLDIN = 0.8
 
 OURS = "ours"
 IMPLICIT = "implicit"
@@ -102,12 +114,15 @@ class Fitted:
         seconds: wall time of the fit, excluding data conversion.
         loss_seconds: for ours, the time of one training-loss evaluation, which `wals.fit`
             runs after every iteration (the peers compute no loss); None for the peers.
+        fold_in: new users' rows CsrMatrix [n, n_items] -> their factors float32 [n, k], the
+            model's own exact row solve against its item factors; None when it has none.
     """
 
     user_factors: np.ndarray
     item_factors: np.ndarray
     seconds: float
     loss_seconds: float | None = None
+    fold_in: Callable[[CsrMatrix], np.ndarray] | None = None
 
 
 # fit(train, params, solver, k, iters, seed) -> Fitted.
@@ -179,11 +194,19 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
         start = time.perf_counter()
         problem.loss(users, items, x, y)
         loss_seconds = time.perf_counter() - start
+    from trainer import new_visitors
+
+    item_factors = np.asarray(factors.item_factors, dtype=np.float32)
+
+    def fold_in(rows: CsrMatrix) -> np.ndarray:
+        return new_visitors.fold_in_rows(rows, item_factors, counts, config)
+
     return Fitted(
         np.asarray(factors.user_factors, dtype=np.float32),
-        np.asarray(factors.item_factors, dtype=np.float32),
+        item_factors,
         seconds,
         loss_seconds,
+        fold_in,
     )
 
 
@@ -225,7 +248,16 @@ def fit_implicit(
         start = time.perf_counter()
         model.fit(confidence, show_progress=False)
         seconds = time.perf_counter() - start
-    return Fitted(model.user_factors, model.item_factors, seconds)
+
+    def fold_in(rows: CsrMatrix) -> np.ndarray:
+        # recommend(..., recalculate_user=True) solves one user so; this is its batched form.
+        with _blas_threads(1):
+            users = np.arange(rows.shape[0])
+            return model.recalculate_user(
+                users, to_scipy(rows, 1.0 + params["alpha"] * rows.values)
+            )
+
+    return Fitted(model.user_factors, model.item_factors, seconds, fold_in=fold_in)
 
 
 class SparkALS:
@@ -338,6 +370,45 @@ def evaluate(fitted: Fitted, train: CsrMatrix, heldout: CsrMatrix) -> dict[str, 
     return {"recall@20": result["recall@20"], "ndcg@20": result["ndcg@20"]}
 
 
+def evaluate_new_users(
+    fitted: Fitted | None, train: CsrMatrix, foldin: CsrMatrix, target: CsrMatrix
+) -> dict[str, float | None]:
+    """New Recall@20 and NDCG@20: held-out users folded in (`fitted.fold_in`, or popularity
+    when `fitted` is None), every item but their fold-in ones ranked, scored on the target."""
+    if fitted is not None and fitted.fold_in is None:
+        return {"new_recall@20": None, "new_ndcg@20": None}
+    if fitted is None:
+        counts = metrics.popularity_scores(train)
+        scores = np.broadcast_to(counts, (foldin.shape[0], counts.size))
+    else:
+        scores = metrics.dot_scores(fitted.fold_in(foldin), fitted.item_factors)
+    sums = metrics.batch_sums(scores, foldin, target, KS)
+    result = sums.result()
+    return {"new_recall@20": result["recall@20"], "new_ndcg@20": result["ndcg@20"]}
+
+
+def split_users(
+    matrix: CsrMatrix, fraction: float, seed: int
+) -> tuple[CsrMatrix, CsrMatrix, CsrMatrix]:
+    """(known users' matrix, held-out users' fold-in rows, their target rows).
+
+    A seeded `fraction` of the users is held out whole: their rows are emptied in the known
+    matrix (same shape) and split per cell, HOLDOUT_FOLDIN into fold-in, the rest into target
+    (both [n_heldout, n_items], held-out users with both parts non-empty only).
+    """
+    rng = np.random.default_rng([seed, 7])
+    held = rng.random(matrix.shape[0]) < fraction
+    rows = matrix.row_ids()
+    keep = ~held[rows]
+    known = CsrMatrix.from_triples(
+        rows[keep], matrix.indices[keep], matrix.values[keep], matrix.shape
+    )
+    heldout = metrics.take_rows(matrix, np.flatnonzero(held))
+    foldin, target = matrices.split_cells(heldout, 1.0 - HOLDOUT_FOLDIN, seed + 2)
+    both = np.flatnonzero((foldin.row_counts() > 0) & (target.row_counts() > 0))
+    return known, metrics.take_rows(foldin, both), metrics.take_rows(target, both)
+
+
 def _first_users(matrix: CsrMatrix, n_users: int, seed: int) -> CsrMatrix:
     """The matrix with only a seeded random sample of n_users rows kept (others emptied)."""
     if matrix.shape[0] <= n_users:
@@ -407,6 +478,7 @@ def benchmark_model(
     iters: int,
     repeats: int,
     seed: int,
+    new_users: tuple[CsrMatrix, CsrMatrix] | None = None,
 ) -> tuple[dict, list[dict], list[dict]]:
     """Warms up, tunes on the tuning split, then times and evaluates each solver on `size`.
 
@@ -419,6 +491,7 @@ def benchmark_model(
         iters: iterations of every fit.
         repeats: timed fits per solver; the fastest counts (the rest is the machine's noise).
         seed: initialisation seed of every fit.
+        new_users: (fold-in rows, target rows) of the held-out users, or None.
 
     Returns:
         (chosen params, the tuning grid with its metrics, one table row per solver).
@@ -447,6 +520,7 @@ def benchmark_model(
                 "solver": solver,
                 "seconds_per_iter": fastest.seconds / iters,
                 **evaluate(fastest, train, heldout),
+                **(evaluate_new_users(fastest, train, *new_users) if new_users else {}),
                 "all_seconds": [round(fitted.seconds, 3) for fitted in runs],
                 "warmup_seconds": round(warmup.seconds, 3),
             }
@@ -465,6 +539,7 @@ def run_benchmark(
     repeats: int = 1,
     seed: int = 0,
     tune_on: str = "validation",
+    holdout_users: float = HOLDOUT_USERS,
 ) -> dict:
     """Tunes every model, then times and evaluates them on `size`.
 
@@ -484,6 +559,8 @@ def run_benchmark(
         repeats: timed fits per (model, solver); the fastest is reported.
         seed: seed of the matrix, the split and every model's initialisation.
         tune_on: "validation" or "small" (see above).
+        holdout_users: the share of `size`'s users held out whole for the new-user protocol
+            (0: only the per-cell protocol).
 
     Returns:
         The JSON-serialisable result: the matrix, settings, grids, chosen params and one row per
@@ -492,9 +569,13 @@ def run_benchmark(
     """
     _set_tensorflow_threads(THREADS)
     splits = {}
+    new_users = None
     for name in dict.fromkeys(["small", size]):
         start = time.perf_counter()
         full = matrices.synthetic_matrix(*matrices.SIZES[name], seed=seed)
+        if name == size and holdout_users > 0:
+            full, *parts = split_users(full, holdout_users, seed)
+            new_users = tuple(parts)
         splits[name] = matrices.split_cells(full, EVAL_FRACTION, seed)
         logger.info(
             "%s matrix %s, %d cells, generated and split in %.1f s",
@@ -513,7 +594,7 @@ def run_benchmark(
         if name in skip:
             continue
         chosen[name], grids[name], model_rows = benchmark_model(
-            name, splits, size, k, iters, repeats, seed
+            name, splits, size, k, iters, repeats, seed, new_users
         )
         rows.extend(model_rows)
 
@@ -526,6 +607,7 @@ def run_benchmark(
             "seconds_per_iter": None,
             "recall@20": popularity["recall@20"],
             "ndcg@20": popularity["ndcg@20"],
+            **(evaluate_new_users(None, train, *new_users) if new_users else {}),
         }
     )
     reference = next(
@@ -551,6 +633,8 @@ def run_benchmark(
         "skipped": sorted(skip),
         "seed": seed,
         "tuned_on": tune_on,
+        "holdout_users": holdout_users,
+        "new_users": 0 if new_users is None else new_users[0].shape[0],
         "ours_fixed": OURS_FIXED,
         "grids": grids,
         "chosen": chosen,
@@ -566,7 +650,7 @@ def format_table(result: dict) -> str:
 
     header = (
         f"{'model':<11} {'solver':<9} {'s/iter':>9} {'x implicit cg':>14} "
-        f"{'Recall@20':>10} {'NDCG@20':>9}"
+        f"{'Recall@20':>10} {'NDCG@20':>9} {'new R@20':>9} {'new N@20':>9}"
     )
     lines = [
         f"{result['size']} matrix {result['shape'][0]:,} x {result['shape'][1]:,}, "
@@ -579,7 +663,14 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{row['model']:<11} {row['solver']:<9} {number(row['seconds_per_iter'], '.4f'):>9} "
             f"{number(row['ratio_to_implicit_cg'], '.2f'):>14} {row['recall@20']:>10.4f} "
-            f"{row['ndcg@20']:>9.4f}"
+            f"{row['ndcg@20']:>9.4f} {number(row.get('new_recall@20'), '.4f'):>9} "
+            f"{number(row.get('new_ndcg@20'), '.4f'):>9}"
+        )
+    if result.get("new_users"):
+        lines.append(
+            f"new R@20, new N@20: {result['new_users']:,} users held out whole "
+            f"({result['holdout_users']:.0%}), folded in from {HOLDOUT_FOLDIN:.0%} of their cells, "
+            "scored on the rest"
         )
     where = "the small matrix" if result["tuned_on"] == "small" else "a validation split"
     lines.append(f"chosen on {where} (best NDCG@20 of each grid):")
@@ -623,6 +714,12 @@ def main(argv: list[str] | None = None) -> dict:
         default="validation",
         help="tune on a validation tenth of the timed matrix (default) or on the small matrix",
     )
+    parser.add_argument(
+        "--holdout_users",
+        type=float,
+        default=HOLDOUT_USERS,
+        help="share of users held out whole for the new-user protocol, in [0, 1) (default 0.1)",
+    )
     parser.add_argument("--json_out", help="also write the result as JSON to this path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -630,9 +727,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.k < 1 or args.iters < 1 or (args.repeats is not None and args.repeats < 1):
         parser.error("--k, --iters and --repeats must be >= 1")
+    if not 0 <= args.holdout_users < 1:
+        parser.error("--holdout_users must be in [0, 1)")
     repeats = args.repeats or (3 if args.size == "small" else 1)
     result = run_benchmark(
-        args.size, args.k, args.iters, args.skip, repeats, args.seed, args.tune_on
+        args.size,
+        args.k,
+        args.iters,
+        args.skip,
+        repeats,
+        args.seed,
+        args.tune_on,
+        args.holdout_users,
     )
     print(format_table(result))
     if args.json_out:
