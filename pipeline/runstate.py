@@ -199,6 +199,12 @@ def _try_create(path: str) -> bool:
     return True
 
 
+def _who(holder: dict | None) -> str:
+    if not holder:
+        return "a launch that has not written its pid yet"
+    return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
+
+
 def _break_stale(path: str, holder: dict | None) -> None:
     """Removes the stale lock at path, unless another launch is doing so or has done so.
 
@@ -269,11 +275,11 @@ def file_lock(path: str, what: str, wait_seconds: float = 0.0, poll: float = 1.0
             continue
         if time.monotonic() >= deadline:
             raise LockedError(
-                f"{what} is locked by another launch ({path}: {holder}), which is still "
+                f"{what} is locked by another launch ({_who(holder)}; {path}), which is still "
                 "running, so this launch does nothing; wait for it, or pass --lock_wait SECONDS"
             )
         if not waited:
-            logger.info("waiting for %s, locked by %s", what, holder)
+            logger.info("waiting for %s, locked by %s", what, _who(holder))
             waited = True
         time.sleep(poll)
     try:

@@ -1,0 +1,282 @@
+"""Scheduled runs end to end: `python -m pipeline.run` on dated synthetic exports.
+
+One root serves the whole module, as one deployment serves many nights: 08-01 and 08-02 are
+published in turn, 08-03 is a deliberately worse run, 08-04 crashes in training and resumes,
+08-05 is launched three times at once, 08-06 is SIGKILLed mid-run. Each date's export has 1000
+sessions of the same 300 visitors, so a run takes some 10-20 s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import run as run_lib
+from pipeline import runstate, synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATES = [f"2017-08-0{day}" for day in range(1, 8)]
+FLAGS = ["--latent_factors", "8", "--eval_ks", "20", "--loss_every", "0"]
+WORSE = ["--latent_factors", "1", "--regularization", "1000"]
+
+
+def _data(tmp: str) -> str:
+    directory = os.path.join(tmp, "ga360")
+    os.makedirs(directory, exist_ok=True)
+    for date in DATES[:6]:
+        synthetic.write_sessions(
+            os.path.join(directory, f"ga_sessions_{date.replace('-', '')}.json.gz"),
+            1000,
+            seed=5,
+            num_visitors=300,
+            num_items=300,
+            num_topics=8,
+            date=date,
+        )
+    return os.path.join(directory, "ga_sessions_{date_nodash}.json.gz")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """(input pattern, root) with 08-01 then 08-02 run and published."""
+    tmp = str(tmp_path_factory.mktemp("scheduled"))
+    pattern, root = _data(tmp), os.path.join(tmp, "root")
+    first = run_lib.main(["--date", DATES[0], "--input", pattern, "--root", root, *FLAGS])
+    assert first == 0
+    assert runstate.published(root) == f"runs/{DATES[0]}"
+    second = run_lib.main(["--date", DATES[1], "--input", pattern, "--root", root, *FLAGS])
+    assert second == 0
+    return pattern, root
+
+
+def _record(root: str, date: str) -> dict:
+    with open(os.path.join(root, "runs", date, "run.json")) as handle:
+        return json.load(handle)
+
+
+def _launch(pattern: str, root: str, date: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", "--date", date, "--input", pattern]
+        + ["--root", root, *FLAGS, *extra],
+        cwd=REPO,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _no_partial_outputs(root: str, date: str) -> None:
+    names = os.listdir(os.path.join(root, "runs", date))
+    assert not [n for n in names if ".incomplete-" in n or ".tmp-" in n], names
+
+
+def test_second_date_is_published_warm_started_with_every_stage_recorded(deployment):
+    pattern, root = deployment
+    assert runstate.published(root) == f"runs/{DATES[1]}"
+    with open(os.path.join(root, "published")) as handle:
+        assert handle.read() == f"runs/{DATES[1]}\n"
+    record = _record(root, DATES[1])
+    assert record["status"] == "published"
+    assert set(record["stages"]) == set(run_lib.STAGES)
+    for stage, entry in record["stages"].items():
+        assert entry["status"] == "done", stage
+        assert entry["seconds"] >= 0 and entry["finished"] >= entry["started"]
+    counts = record["stages"]["preprocess"]["counts"]
+    assert counts["lines_read"] == 1000 and counts["train_interactions"] > 0
+    train = record["stages"]["train"]
+    assert train["warm_start_from"] == f"{root}/runs/{DATES[0]}/train"
+    assert train["num_iters"] == run_lib.WARM_NUM_ITERS
+    assert train["metrics"]["wals"]["recall@20"] > train["metrics"]["popularity"]["recall@20"]
+    gate = record["gate"]
+    assert gate["decision"] == "pass" and gate["reasons"] == []
+    assert gate["published_run"] == DATES[0]
+    assert gate["published"]["users_evaluated"] == gate["candidate"]["users_evaluated"] > 0
+    # Visitors of the eval split the published model never saw still count: fold-in.
+    coverage = gate["published_coverage"]
+    assert coverage["known_visitors"] < coverage["eval_visitors"]
+    with open(os.path.join(root, "runs", DATES[1], "predictions.tsv")) as handle:
+        lines = handle.read().split("\n")
+    assert lines[0] == "visitorId\tcontentIds"
+    assert len([line for line in lines[1:] if line]) == record["stages"]["predict"]["lines"]
+    assert record["stages"]["predict"]["lines"] == counts["nusers"]
+    serving = os.path.join(root, "runs", DATES[1], "serving", DATES[1].replace("-", ""))
+    assert os.path.exists(os.path.join(serving, "saved_model.pb"))
+    assert record["stages"]["publish"]["previous"] == DATES[0]
+    # The first run had nothing to warm start from, nor to compare with.
+    first = _record(root, DATES[0])
+    assert first["stages"]["train"]["warm_start_from"] is None
+    assert first["gate"]["published"] is None and first["status"] == "published"
+    _no_partial_outputs(root, DATES[1])
+    assert not os.path.exists(os.path.join(root, "runs", DATES[1], runstate.LOCK_FILE))
+
+
+def test_rerun_skips_completed_stages_and_force_redoes_them(deployment):
+    pattern, root = deployment
+    before = _record(root, DATES[1])
+    assert run_lib.main(["--date", DATES[1], "--input", pattern, "--root", root, *FLAGS]) == 0
+    after = _record(root, DATES[1])
+    assert after["attempts"] == before["attempts"] + 1
+    assert after["stages"] == before["stages"]  # nothing ran again
+    assert runstate.published(root) == f"runs/{DATES[1]}"
+
+
+def test_worse_run_is_rejected_and_the_previous_stays_published(deployment):
+    pattern, root = deployment
+    status = run_lib.main(["--date", DATES[2], "--input", pattern, "--root", root, *FLAGS, *WORSE])
+    assert status == run_lib.EXIT_REJECTED
+    assert runstate.published(root) == f"runs/{DATES[1]}"
+    record = _record(root, DATES[2])
+    assert record["status"] == "rejected"
+    assert record["gate"]["decision"] == "reject"
+    reasons = " ".join(record["gate"]["reasons"])
+    assert "below the floor" in reasons and "below the published model's" in reasons
+    assert record["error"].startswith("gate: ")
+    # Rejected: never predicted, exported or published; the model stays for inspection.
+    assert set(record["stages"]) == {"preprocess", "train", "gate"}
+    run_dir = os.path.join(root, "runs", DATES[2])
+    assert os.path.exists(os.path.join(run_dir, "train", "metrics.json"))
+    assert not os.path.exists(os.path.join(run_dir, "predictions.tsv"))
+    assert not os.path.exists(os.path.join(run_dir, "serving"))
+    # A rerun does not retrain and is still rejected.
+    again = run_lib.main(["--date", DATES[2], "--input", pattern, "--root", root, *FLAGS, *WORSE])
+    assert again == run_lib.EXIT_REJECTED
+    assert _record(root, DATES[2])["stages"]["train"] == record["stages"]["train"]
+
+
+def test_crash_in_training_keeps_the_published_run_and_the_rerun_resumes(deployment, caplog):
+    pattern, root = deployment
+    published = runstate.published(root)
+    argv = ["--date", DATES[3], "--input", pattern, "--root", root, *FLAGS, "--distributed"]
+    argv += ["--num_iters", "2", "--block_rows", "128"]
+    with pytest.raises(Exception, match="test fault injected after half-sweep 2"):
+        run_lib.run([*argv, "--test_fail_after_sweep", "2"])
+    assert runstate.published(root) == published
+    record = _record(root, DATES[3])
+    assert record["status"] == "failed"
+    assert record["stages"]["preprocess"]["status"] == "done"
+    assert record["stages"]["train"]["status"] == "failed"
+    assert "test fault injected" in record["error"] and record["error"].startswith("train: ")
+    run_dir = os.path.join(root, "runs", DATES[3])
+    assert not os.path.exists(os.path.join(run_dir, "train"))  # nothing that looks complete
+    assert os.path.isdir(os.path.join(run_dir, "train.checkpoints"))
+    _no_partial_outputs(root, DATES[3])
+    preprocessed = record["stages"]["preprocess"]
+
+    with caplog.at_level(logging.INFO):
+        assert run_lib.main(argv) == 0
+    assert "resuming from the checkpoint of iteration 1" in caplog.text
+    record = _record(root, DATES[3])
+    assert record["status"] == "published" and record["attempts"] == 2
+    assert record["stages"]["preprocess"] == preprocessed  # not redone
+    assert runstate.published(root) == f"runs/{DATES[3]}"
+    assert not os.path.exists(os.path.join(run_dir, "train.checkpoints"))
+
+
+def test_concurrent_launches_of_one_date_leave_one_complete_published_run(deployment, capsys):
+    pattern, root = deployment
+    date = DATES[4]
+    lock = os.path.join(root, "runs", date, runstate.LOCK_FILE)
+    first = _launch(pattern, root, date, "--window_days", "3")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(lock) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.path.exists(lock), first.communicate()[1][-2000:]
+    waiting = _launch(pattern, root, date, "--window_days", "3", "--lock_wait", "600")
+    # A launch that does not wait exits at once with a clear message and status 75.
+    impatient = run_lib.main(
+        ["--date", date, "--input", pattern, "--root", root, *FLAGS, "--window_days", "3"]
+    )
+    impatient_err = capsys.readouterr().err
+    _, first_err = first.communicate(timeout=300)
+    _, waiting_err = waiting.communicate(timeout=300)
+    assert impatient == run_lib.EXIT_LOCKED, impatient_err[-2000:]
+    assert f"the run of {date} is locked by another launch" in impatient_err
+    assert f"pid {first.pid} on " in impatient_err
+    assert first.returncode == 0, first_err[-3000:]
+    assert waiting.returncode == 0, waiting_err[-3000:]
+    # Exactly one launch did the work; the waiting one found every stage done.
+    assert first_err.count(f"stage train of {date}: running") == 1
+    assert f"stage train of {date}: running" not in waiting_err
+    assert waiting_err.count("done before, skipped") == len(run_lib.STAGES)
+    record = _record(root, date)
+    assert record["status"] == "published" and record["attempts"] == 2
+    assert len(record["input"]) == 3  # --window_days 3: 08-03, 08-04 and 08-05
+    assert record["stages"]["preprocess"]["counts"]["lines_read"] == 3000
+    assert runstate.published(root) == f"runs/{date}"
+    assert not os.path.exists(lock)
+    _no_partial_outputs(root, date)
+
+
+def test_sigkilled_launch_leaves_no_complete_looking_run_and_its_lock_is_taken_over(deployment):
+    pattern, root = deployment
+    date = DATES[5]
+    published = runstate.published(root)
+    # Like 08-05, a window of three days, so that the gate judges like against like.
+    flags = ["--window_days", "3", "--gate_tolerance", "0.2"]
+    process = _launch(pattern, root, date, *flags)
+    deadline = time.monotonic() + 180
+    record = None
+    while time.monotonic() < deadline and process.poll() is None:
+        record = runstate.read_run(root, date)
+        if record and record["stages"].get("train", {}).get("status") == "running":
+            break
+        time.sleep(0.05)
+    assert record and record["stages"]["train"]["status"] == "running", process.communicate()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    record = _record(root, date)
+    assert record["status"] == "running" and record["finished"] is None
+    assert record["stages"]["train"]["status"] == "running"
+    assert not os.path.exists(os.path.join(root, "runs", date, "train", "metrics.json"))
+    assert runstate.published(root) == published
+    with open(os.path.join(root, "runs", date, runstate.LOCK_FILE)) as handle:
+        assert json.load(handle)["pid"] == process.pid  # the dead launch's lock is left
+    assert run_lib.main(["--date", date, "--input", pattern, "--root", root, *FLAGS, *flags]) == 0
+    record = _record(root, date)
+    assert record["status"] == "published" and record["stages"]["train"]["status"] == "done"
+    assert runstate.published(root) == f"runs/{date}"
+    _no_partial_outputs(root, date)
+
+
+def test_a_date_without_input_fails_clearly_and_publishes_nothing(deployment, capsys):
+    pattern, root = deployment
+    published = runstate.published(root)
+    status = run_lib.main(["--date", DATES[6], "--input", pattern, "--root", root, *FLAGS])
+    assert status == 2
+    assert f"no input for {DATES[6]}" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(root, "runs", DATES[6]))
+    assert runstate.published(root) == published
+
+
+def test_warm_start_reaches_the_cold_recall_in_fewer_iterations(deployment, tmp_path):
+    """Cold: the trainer's default iterations from the seeded start. Warm: from the model
+    published the day before. Iterations needed = the first whose Recall@20 is within 1% of
+    the cold run's final Recall@20."""
+    from trainer import task
+
+    _, root = deployment
+    day_before = f"{root}/runs/{DATES[0]}/train"
+    common = ["--input_dir", f"{root}/runs/{DATES[1]}/preprocessed", "--no_progress"]
+    common += [*FLAGS, "--eval_every", "1"]
+    cold = task.run([*common, "--output_dir", str(tmp_path / "cold")])
+    warm = task.run(
+        [*common, "--output_dir", str(tmp_path / "warm"), "--warm_start_from", day_before]
+    )
+    target = 0.99 * cold["wals"]["recall@20"]
+
+    def needed(result: dict) -> int:
+        curve = [entry["eval/recall@20"] for entry in result["history"]]
+        return next(i + 1 for i, recall in enumerate(curve) if recall >= target)
+
+    assert cold["config"]["num_iters"] == 15  # the trainer's default
+    assert needed(warm) < needed(cold)
+    assert needed(warm) <= run_lib.WARM_NUM_ITERS
+    assert warm["history"][0]["eval/recall@20"] > cold["history"][0]["eval/recall@20"]
