@@ -177,10 +177,11 @@ def test_wals_beats_popularity_for_new_visitors(sample):
     new = sample[2]["new_visitors"]
     ratio = new["wals"]["recall@20"] / new["popularity"]["recall@20"]
     # Measured on this sample (2,000 sessions, seed 42, 20% of visitors held out, 8 iterations,
-    # 87 visitors evaluated): Recall@20 0.416 against 0.235 (1.77x), NDCG@20 0.340 against 0.204
-    # (1.67x).
-    assert ratio > 1.7
-    assert new["wals"]["ndcg@20"] > 1.6 * new["popularity"]["ndcg@20"]
+    # 87 visitors evaluated, the default config): Recall@20 0.463 against 0.235 (1.97x),
+    # NDCG@20 0.363 against 0.204 (1.78x). (The former defaults, r target, w0 0.5, λ 0.01,
+    # gave 1.77x and 1.67x.)
+    assert ratio > 1.9
+    assert new["wals"]["ndcg@20"] > 1.7 * new["popularity"]["ndcg@20"]
 
 
 def test_saved_model_fold_in_gives_the_evaluations_top_k(sample):

@@ -134,8 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument(
         "--binary_target",
         action="store_true",
+        default=defaults.binary_target,
         help="fit 1 on observed cells instead of r (Hu-Koren-Volinsky preference); r then "
-        "only weighs cells, e.g. with --weighting confidence",
+        f"only weighs cells, e.g. with --weighting confidence (default {defaults.binary_target})",
+    )
+    hp.add_argument(
+        "--no_binary_target",
+        dest="binary_target",
+        action="store_false",
+        help="fit the rating r on observed cells (a graded target)",
     )
     hp.add_argument(
         "--solver",
