@@ -118,7 +118,7 @@ def test_second_date_is_published_warm_started_with_every_stage_recorded(deploym
     assert not os.path.exists(os.path.join(root, "runs", DATES[1], runstate.LOCK_FILE))
 
 
-def test_rerun_skips_completed_stages_and_force_redoes_them(deployment):
+def test_rerun_skips_completed_stages(deployment):
     pattern, root = deployment
     before = _record(root, DATES[1])
     assert run_lib.main(["--date", DATES[1], "--input", pattern, "--root", root, *FLAGS]) == 0
@@ -145,10 +145,20 @@ def test_worse_run_is_rejected_and_the_previous_stays_published(deployment):
     assert os.path.exists(os.path.join(run_dir, "train", "metrics.json"))
     assert not os.path.exists(os.path.join(run_dir, "predictions.tsv"))
     assert not os.path.exists(os.path.join(run_dir, "serving"))
-    # A rerun does not retrain and is still rejected.
+    # A rerun does not retrain and is still rejected; --force redoes every stage.
     again = run_lib.main(["--date", DATES[2], "--input", pattern, "--root", root, *FLAGS, *WORSE])
     assert again == run_lib.EXIT_REJECTED
     assert _record(root, DATES[2])["stages"]["train"] == record["stages"]["train"]
+    forced = run_lib.main(
+        ["--date", DATES[2], "--input", pattern, "--root", root, *FLAGS, *WORSE, "--force"]
+    )
+    assert forced == run_lib.EXIT_REJECTED
+    redone = _record(root, DATES[2])
+    assert redone["attempts"] == 3 and redone["status"] == "rejected"
+    for stage in ("preprocess", "train", "gate"):
+        assert redone["stages"][stage]["started"] >= record["stages"][stage]["finished"]
+        assert redone["stages"][stage] != record["stages"][stage]
+    assert runstate.published(root) == f"runs/{DATES[1]}"
 
 
 def test_crash_in_training_keeps_the_published_run_and_the_rerun_resumes(deployment, caplog):

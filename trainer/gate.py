@@ -8,8 +8,9 @@ Both models are scored on the same data, the candidate's eval split, with the sa
 - the published model by fold-in: each eval visitor's training row (the candidate's train split,
   its contentIds mapped into the published vocabulary, its ratings as preprocessed) is solved
   against the published item factors, x_u = (w0·G + Σ_i f_i y_i y_iᵀ + λ_u I)⁻¹ Σ_i (w0 + f_i) r_ui
-  y_i (WALS's row projection, all rows in one batched solve), so visitors it never saw count
-  too; content it does not know can never be recommended by it and scores lowest;
+  y_i (WALS's row projection, all rows in one batched solve: `new_visitors.fold_in_rows`), so
+  visitors it never saw count too; content it does not know can never be recommended by it and
+  scores lowest;
 - the popularity baseline, which ranks content by its number of training visitors.
 
 A candidate is blessed when both hold:
@@ -26,11 +27,9 @@ import dataclasses
 import logging
 
 import numpy as np
-import tensorflow as tf
 
-from trainer import data, metrics, problem
+from trainer import data, metrics, new_visitors
 from trainer import model as model_lib
-from trainer import solver as wals_solver
 from trainer.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
@@ -89,24 +88,6 @@ def _rows_in_vocabulary(
     )
 
 
-def fold_in_rows(model: model_lib.WALSModel, rows: CsrMatrix) -> np.ndarray:
-    """Factors of visitors from their rows, against the model's item factors (no retraining).
-
-    Args:
-        model: the trained model.
-        rows: [n, n_items(model)] the visitors' ratings in the model's item indices.
-
-    Returns:
-        float32 [n, k]; a row with no items gets zeros.
-    """
-    config = model.wals_config()
-    row_problem = problem.define_rows(rows, problem.USERS, model.item_counts, config)
-    plan = row_problem.plan(wals_solver.CHOLESKY, dtype=tf.float32)
-    fixed = tf.convert_to_tensor(model.item_factors, tf.float32)
-    gramian = wals_solver.gramian(fixed, tf.float32)
-    return wals_solver.solve_planned(plan, fixed, gramian, wals_solver.CHOLESKY).numpy()
-
-
 def published_scorer(published: model_lib.WALSModel, dataset: data.Dataset):
     """score_fn for `metrics.evaluate` of the published model on `dataset`, by fold-in.
 
@@ -119,7 +100,9 @@ def published_scorer(published: model_lib.WALSModel, dataset: data.Dataset):
     known = item_map >= 0
     users = np.flatnonzero(dataset.heldout.row_counts() > 0).astype(np.int64)
     rows = _rows_in_vocabulary(dataset.train, users, item_map, len(published.items))
-    x = fold_in_rows(published, rows) if users.size else np.zeros((0, 1), np.float32)
+    x = new_visitors.fold_in_rows(
+        rows, published.item_factors, published.item_counts, published.wals_config()
+    )
     position = np.full(dataset.train.shape[0], -1, dtype=np.int64)
     position[users] = np.arange(users.size)
     y = np.zeros((len(dataset.items), published.item_factors.shape[1]), np.float32)

@@ -19,8 +19,9 @@ environment's "Environment variables"), read when the DAG file is parsed:
     GA_WALS_INPUT         pipeline.run --input, e.g. gs://my-bucket/ga360/ga_sessions_{date_nodash}*
     GA_WALS_WINDOW_DAYS   pipeline.run --window_days (default 1)
     GA_WALS_PROJECT, GA_WALS_REGION, GA_WALS_TEMP_LOCATION   Dataflow project, region, gs:// temp
-    GA_WALS_RUN_PY        path of pipeline/run.py on the workers (default: next to this folder)
-    GA_WALS_SETUP_FILE    setup.py shipped to Dataflow workers (default: the repository's)
+    GA_WALS_REPO          the repository on the workers (default: the checkout holding this file)
+    GA_WALS_RUN_PY        path of pipeline/run.py (default: GA_WALS_REPO/pipeline/run.py)
+    GA_WALS_SETUP_FILE    setup.py shipped to Dataflow workers (default: GA_WALS_REPO/setup.py)
     GA_WALS_PYTHON        interpreter that has the project installed (default python3)
     GA_WALS_RETRIES       task retries (default 2), GA_WALS_RETRY_DELAY_MIN (default 10)
     GA_WALS_TRAIN_FLAGS   trainer flags for the train task, as "--flag value" pairs,
@@ -41,8 +42,11 @@ from airflow.providers.google.cloud.operators.dataflow import (
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(os.path.dirname(_HERE))
+# The repository (with setup.py and pipeline/run.py) as the workers see it; by default the one
+# this file lies in (pipeline/dags/ of a checkout).
+REPO = os.environ.get(
+    "GA_WALS_REPO", os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+)
 
 SCHEDULE = os.environ.get("GA_WALS_SCHEDULE", "0 21 * * *")
 ROOT = os.environ.get("GA_WALS_ROOT", "gs://my-bucket/ga-wals")
@@ -51,8 +55,8 @@ WINDOW_DAYS = os.environ.get("GA_WALS_WINDOW_DAYS", "1")
 PROJECT = os.environ.get("GA_WALS_PROJECT", "my-project")
 REGION = os.environ.get("GA_WALS_REGION", "us-central1")
 TEMP_LOCATION = os.environ.get("GA_WALS_TEMP_LOCATION", "gs://my-bucket/tmp")
-RUN_PY = os.environ.get("GA_WALS_RUN_PY", os.path.join(_REPO, "pipeline", "run.py"))
-SETUP_FILE = os.environ.get("GA_WALS_SETUP_FILE", os.path.join(_REPO, "setup.py"))
+RUN_PY = os.environ.get("GA_WALS_RUN_PY", os.path.join(REPO, "pipeline", "run.py"))
+SETUP_FILE = os.environ.get("GA_WALS_SETUP_FILE", os.path.join(REPO, "setup.py"))
 PYTHON = os.environ.get("GA_WALS_PYTHON", "python3")
 RETRIES = int(os.environ.get("GA_WALS_RETRIES", "2"))
 RETRY_DELAY = datetime.timedelta(minutes=int(os.environ.get("GA_WALS_RETRY_DELAY_MIN", "10")))
@@ -102,7 +106,7 @@ def _local_stage(stage: str) -> BashOperator:
     return BashOperator(
         task_id=stage,
         bash_command=f"{PYTHON} -m pipeline.run {flags} --stages {stage}",
-        cwd=_REPO,
+        cwd=REPO,
     )
 
 
