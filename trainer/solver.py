@@ -75,6 +75,8 @@ _LOSS_CHUNK = 1 << 18
 # small ops run on one thread); two in flight fill both. Each tile's result does not depend on
 # this; pass `tiles_in_flight` to `solve_planned` on larger machines.
 DEFAULT_TILES_IN_FLIGHT = 2
+# A tile smaller than a full one is padded to at least this fraction of it (see _group_rows).
+_MIN_TILE_FRACTION = 8
 # CG kernels with at most this many steps are unrolled; longer ones loop.
 _MAX_UNROLLED_CG_STEPS = 8
 
@@ -223,7 +225,9 @@ def _group_rows(
     Returns:
         A list of (rows, lines per row, W, B, R) per tile. Groups with at least one full tile
         pad their last tile to the full size (so large blocks use few shapes); groups smaller
-        than one tile round B and R up to powers of two.
+        than one tile round B and R up to powers of two, and to at least 1/_MIN_TILE_FRACTION
+        of a full tile, so that every width has at most log2(_MIN_TILE_FRACTION) + 1 shapes
+        however many blocks are planned (each shape is one XLA compile per process).
     """
     wide = shape.max_width
     tiles = []
@@ -234,7 +238,9 @@ def _group_rows(
         capacity = max(1, min(shape.tile_slots // int(width), shape.max_rows))
         for start in range(0, members.size, capacity):
             part = members[start : start + capacity]
-            size = capacity if members.size >= capacity else int(_next_power_of_two(part.size))
+            size = capacity
+            if members.size < capacity:
+                size = max(int(_next_power_of_two(part.size)), capacity // _MIN_TILE_FRACTION, 1)
             tiles.append((part, np.ones(part.size, np.int64), int(width), size, size))
     long_rows = rows[~short]
     if long_rows.size:
@@ -263,8 +269,10 @@ def _group_rows(
             if full:
                 size, n_tile_rows = line_cap, row_cap
             else:
-                size = int(_next_power_of_two(used))
-                n_tile_rows = int(_next_power_of_two(stop - start))
+                size = max(int(_next_power_of_two(used)), line_cap // _MIN_TILE_FRACTION, 1)
+                n_tile_rows = max(
+                    int(_next_power_of_two(stop - start)), row_cap // _MIN_TILE_FRACTION, 1
+                )
             tiles.append((long_rows[start:stop], n_lines[start:stop], wide, size, n_tile_rows))
             start = stop
     return tiles
