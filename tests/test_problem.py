@@ -19,6 +19,7 @@ from trainer.sparse import CsrMatrix
 
 F64 = tf.float64
 CONFIG = wals.WALSConfig(
+    binary_target=False,  # the dense oracle fits r
     latent_factors=3,
     num_iters=4,
     regularization=0.05,

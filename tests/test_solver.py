@@ -298,6 +298,7 @@ def test_loss_via_the_gramian_equals_the_dense_loss(matrix):
 # --- trainer ------------------------------------------------------------------------------------
 
 CONFIG = wals.WALSConfig(
+    binary_target=False,  # the dense oracle fits r
     latent_factors=3,
     num_iters=4,
     regularization=0.05,
@@ -352,6 +353,7 @@ def test_fit_recovers_an_exact_low_rank_matrix():
     rng = np.random.default_rng(6)
     dense = rng.uniform(0.5, 1.0, (12, 2)) @ rng.uniform(0.5, 1.0, (2, 9))  # rank 2, all > 0
     config = wals.WALSConfig(
+        binary_target=False,  # an exact low-rank r is recovered
         latent_factors=2,
         num_iters=10,
         regularization=1e-12,
