@@ -145,7 +145,11 @@ class WALSModel:
     def wals_config(self) -> wals.WALSConfig:
         """The hyperparameters the model was trained with."""
         names = {field.name for field in dataclasses.fields(wals.WALSConfig)}
-        return wals.WALSConfig(**{k: v for k, v in self.config.items() if k in names})
+        values = {k: v for k, v in self.config.items() if k in names}
+        # A config without the key predates binary_target, when every model fitted r: keep its
+        # meaning now that the default is a binary target.
+        values.setdefault("binary_target", False)
+        return wals.WALSConfig(**values)
 
     def fold_in(self, content_ids: list[str], values: list[float]) -> tuple[np.ndarray, np.ndarray]:
         """Factors of a visitor not seen in training, from what they read, without retraining.
