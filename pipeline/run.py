@@ -49,12 +49,11 @@ STAGES = ("preprocess", "train", "gate", "predict", "export", "publish")
 BEAM_STAGES = ("preprocess", "train", "predict")
 EXIT_REJECTED = 1
 EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
-# Iterations of a warm-started nightly run. Measured on dated synthetic exports (README,
-# "Scheduled runs"): started from the day before's model, the trainer reaches the Recall@20 of a
-# cold run with its default 15 iterations after 1 iteration (6 of 6 day pairs, two data sizes),
-# and its Recall@20 stays within 0.5% of that from then on; a cold run needs 3-5 iterations to
-# come within 1% of it. 3 keeps a margin for real data, whose days differ more, at a fifth of
-# the cold run's cost.
+# Iterations of a warm-started nightly run, from `python -m benchmarks.warm_start` (README,
+# "Warm start"): started from the day before's model, the trainer comes within 1% of the
+# Recall@20 of a cold run with the default 15 iterations after 1 iteration (6 of 6 day pairs, two
+# data sizes) and reaches it exactly within 3 in 5 of 6 (the sixth stays 0.3% below); a cold run
+# needs 3-4 iterations to come within 1%. 3 is a fifth of the cold run's cost.
 WARM_NUM_ITERS = 3
 
 
