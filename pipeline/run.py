@@ -28,6 +28,7 @@ import datetime
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -459,8 +460,6 @@ class Run:
             "gate": None if args.force else old.get("gate"),
             "error": None,
         }
-        self.save()
-        self.remove_leftovers()
         first = min(STAGES.index(s) for s in self.stages) if self.stages else len(STAGES)
         for stage in STAGES[:first]:
             if not self.complete(stage):
@@ -468,6 +467,10 @@ class Run:
                     f"--stages {args.stages}: the earlier stage {stage} of {args.date} is "
                     "not complete"
                 )
+            if stage == "gate" and self.record["stages"]["gate"]["decision"] != "pass":
+                return self._rejected()  # a rejected model is never predicted nor published
+        self.save()
+        self.remove_leftovers()
         redo = args.force
         for stage in [s for s in STAGES if s in self.stages]:
             if self.complete(stage) and not redo:
@@ -558,6 +561,9 @@ def run(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The command line: runs, and maps the outcome to the exit status of the module doc."""
     cli.configure_logging()
+    # A scheduler stops a task with SIGTERM: unwind, so that run.json records the stage as
+    # failed and its staging directory is removed (SIGKILL is safe too, only less tidy).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return run(argv)
     except cli.UsageError as error:

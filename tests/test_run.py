@@ -128,7 +128,22 @@ def test_rerun_skips_completed_stages(deployment):
     assert runstate.published(root) == f"runs/{DATES[1]}"
 
 
-def test_worse_run_is_rejected_and_the_previous_stays_published(deployment):
+def test_stages_run_alone_need_the_earlier_stages_and_a_passing_gate(deployment, capsys):
+    pattern, root = deployment
+    common = ["--input", pattern, "--root", root, *FLAGS]
+    before = _record(root, DATES[1])
+    assert run_lib.main(["--date", DATES[1], *common, "--stages", "gate"]) == 0
+    assert _record(root, DATES[1])["stages"] == before["stages"]  # done: skipped
+    assert run_lib.main(["--date", DATES[6], *common, "--stages", "gate"]) == 2
+    assert f"no input for {DATES[6]}" in capsys.readouterr().err
+    # A stage run alone needs the stages before it; nothing is recorded when they are missing.
+    assert run_lib.main(["--date", DATES[5], *common, "--stages", "train,gate"]) == 2
+    err = capsys.readouterr().err
+    assert f"the earlier stage preprocess of {DATES[5]} is not complete" in err
+    assert runstate.read_run(root, DATES[5]) is None
+
+
+def test_worse_run_is_rejected_and_the_previous_stays_published(deployment, capsys):
     pattern, root = deployment
     status = run_lib.main(["--date", DATES[2], "--input", pattern, "--root", root, *FLAGS, *WORSE])
     assert status == run_lib.EXIT_REJECTED
@@ -158,6 +173,12 @@ def test_worse_run_is_rejected_and_the_previous_stays_published(deployment):
     for stage in ("preprocess", "train", "gate"):
         assert redone["stages"][stage]["started"] >= record["stages"][stage]["finished"]
         assert redone["stages"][stage] != record["stages"][stage]
+    assert runstate.published(root) == f"runs/{DATES[1]}"
+    # Stages after the gate, run alone (as the DAG does), refuse a rejected model...
+    common = ["--date", DATES[2], "--input", pattern, "--root", root, *FLAGS, *WORSE]
+    assert run_lib.main([*common, "--stages", "predict"]) == run_lib.EXIT_REJECTED
+    assert not os.path.exists(os.path.join(run_dir, "predictions.tsv"))
+    assert run_lib.main([*common, "--stages", "export,publish"]) == run_lib.EXIT_REJECTED
     assert runstate.published(root) == f"runs/{DATES[1]}"
 
 
