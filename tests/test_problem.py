@@ -207,3 +207,20 @@ def test_loss_every_records_the_iterations_it_evaluated(matrix):
     config = dataclasses.replace(CONFIG, num_iters=5)
     fitted = wals.fit(matrix, config, show_progress=False, dtype=F64, loss_every=2)
     assert [h["iteration"] for h in fitted.history] == [2, 4, 5]
+
+
+@pytest.mark.parametrize("n_rows, block_rows", [(10, 3), (9, 3), (7, 100), (1000, 64), (0, 5)])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_a_block_layout_deals_every_row_to_exactly_one_block(n_rows, block_rows, interleaved):
+    from trainer.blocks import BlockLayout
+
+    layout = BlockLayout(n_rows, block_rows, interleaved)
+    dealt = [layout.rows_of(b) for b in range(layout.n_blocks)]
+    assert sorted(np.concatenate(dealt + [np.zeros(0, np.int64)]).tolist()) == list(range(n_rows))
+    order = layout.file_order()
+    for block_id, rows in enumerate(dealt):
+        assert rows.size <= block_rows
+        assert np.all(layout.block_of(rows) == block_id)
+        np.testing.assert_array_equal(layout.position(rows), np.arange(rows.size))
+        start, stop = layout.file_range(block_id)
+        np.testing.assert_array_equal(order[start:stop], rows)

@@ -243,12 +243,9 @@ class _AssembleEvalBlock(beam.DoFn):
 
     def process(self, element):
         block_id, grouped = element
-        train = blocks_lib.assemble(
-            0, block_id, list(grouped["train"]), self._block_rows, self._shape
-        )
-        heldout = blocks_lib.assemble(
-            0, block_id, list(grouped["heldout"]), self._block_rows, self._shape
-        )
+        layout = blocks_lib.BlockLayout(self._shape[0], self._block_rows, interleaved=False)
+        train = blocks_lib.assemble(0, block_id, list(grouped["train"]), layout, self._shape[1])
+        heldout = blocks_lib.assemble(0, block_id, list(grouped["heldout"]), layout, self._shape[1])
         start, stop = blocks_lib.block_bounds(block_id, self._block_rows, self._shape[0])
         if isinstance(self._source, str):
             path = f"{self._source.rstrip('/')}/{model_lib.MODEL_SUBDIR}/user_factors.npy"

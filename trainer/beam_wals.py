@@ -92,6 +92,10 @@ class TrainSpec:
     start_loss: bool = False
     warm_start: bool = False
 
+    def layout(self, side: int) -> blocks_lib.BlockLayout:
+        """How the rows of `side` are dealt into blocks."""
+        return blocks_lib.BlockLayout(self.side_shape(side)[0], self.block_rows)
+
     def side_shape(self, side: int) -> tuple[int, int]:
         n_users, n_items = self.shape
         return (n_users, n_items) if side == problem.USERS else (n_items, n_users)
@@ -105,7 +109,9 @@ class TrainSpec:
 # --- reading ------------------------------------------------------------------------------------
 
 
-def _parse_record(record: bytes, block_rows: int) -> tuple[int, tuple[int, np.ndarray, np.ndarray]]:
+def _parse_record(
+    record: bytes, layout: blocks_lib.BlockLayout
+) -> tuple[int, tuple[int, np.ndarray, np.ndarray]]:
     """A `key/indices/values` Example -> (block_id, (row, column indices, ratings))."""
     example = tf.train.Example.FromString(record)
     feature = example.features.feature
@@ -114,7 +120,7 @@ def _parse_record(record: bytes, block_rows: int) -> tuple[int, tuple[int, np.nd
     values = np.asarray(feature[features.VALUES].float_list.value, dtype=np.float32)
     if indices.size != values.size:
         raise ValueError(f"row {key}: {indices.size} indices but {values.size} values")
-    return int(blocks_lib.block_of(key, block_rows)), (key, indices, values)
+    return int(layout.block_of(key)), (key, indices, values)
 
 
 class ReadRowBlocks(beam.PTransform):
@@ -134,15 +140,16 @@ class ReadRowBlocks(beam.PTransform):
         name = features.ITEMS_FOR_USER if side == problem.USERS else features.USERS_FOR_ITEM
         pattern = f"{spec.input_dir}/{features.TRAIN_DIR}/{name}-*{features.TFRECORD_SUFFIX}"
         shape = spec.side_shape(side)
+        layout = spec.layout(side)
         rows = (
             root
             | "ReadRecords"
             >> beam.io.ReadFromTFRecord(pattern, compression_type=CompressionTypes.GZIP)
-            | "KeyByBlock" >> beam.Map(_parse_record, spec.block_rows)
+            | "KeyByBlock" >> beam.Map(_parse_record, layout)
         )
         block_ids = (
             root
-            | "BlockIds" >> beam.Create(range(blocks_lib.num_blocks(shape[0], spec.block_rows)))
+            | "BlockIds" >> beam.Create(range(layout.n_blocks))
             | "KeyBlockIds" >> beam.Map(lambda block_id: (block_id, None))
         )
         return (
@@ -151,7 +158,7 @@ class ReadRowBlocks(beam.PTransform):
             | "Assemble"
             >> beam.MapTuple(
                 lambda block_id, grouped: blocks_lib.assemble(
-                    side, block_id, list(grouped["rows"]), spec.block_rows, shape
+                    side, block_id, list(grouped["rows"]), layout, shape[1]
                 )
             )
         )
@@ -197,11 +204,17 @@ class _InitFactors(beam.DoFn):
         if self._spec.warm_start:
             yield block.with_factors(
                 checkpoints.read_initial(
-                    self._spec.checkpoint_dir, self._side, block.row_ids, config.latent_factors
+                    self._spec.checkpoint_dir,
+                    self._side,
+                    self._spec.layout(self._side),
+                    block.block_id,
+                    config.latent_factors,
                 )
             )
             return
-        keys = checkpoints.read_keys(self._spec.checkpoint_dir, self._side, block.row_ids)
+        keys = checkpoints.read_keys(
+            self._spec.checkpoint_dir, self._side, self._spec.layout(self._side), block.block_id
+        )
         yield block.with_factors(
             seeding.initial_factors(
                 keys, config.latent_factors, config.init_stddev, config.seed, self._side
@@ -255,8 +268,7 @@ class _WriteMarker(beam.DoFn):
 
     def process(self, records: list[dict]):
         spec = self._spec
-        shape = spec.side_shape(self._side)
-        expected = blocks_lib.num_blocks(shape[0], spec.block_rows)
+        expected = spec.layout(self._side).n_blocks
         if len(records) != expected:
             raise RuntimeError(f"{len(records)} of {expected} blocks written")
         checkpoints.write_marker(
@@ -339,20 +351,20 @@ class _Table(beam.CombineFn):
         return table
 
 
-def _needs(block: RowBlock, block_rows: int):
+def _needs(block: RowBlock, fixed_layout: blocks_lib.BlockLayout):
     """RowBlock -> (fixed block, (solving block, fixed rows it needs)) for the join exchange."""
     cols = np.unique(block.rows.indices).astype(np.int64)
-    owners = blocks_lib.block_of(cols, block_rows)
+    owners = fixed_layout.block_of(cols)
     for owner in np.unique(owners):
         yield int(owner), (block.block_id, cols[owners == owner])
 
 
-def _send(fixed_id, grouped):
+def _send(element, fixed_layout: blocks_lib.BlockLayout):
     """(fixed block, {block, requests}) -> (solving block, (fixed rows, their factors))."""
+    _, grouped = element
     (fixed,) = grouped["block"]
-    start = fixed.row_ids[0] if fixed.row_ids.size else 0
     for destination, rows in grouped["requests"]:
-        yield destination, (rows, fixed.factors[rows - start])
+        yield destination, (rows, fixed.factors[fixed_layout.position(rows)])
 
 
 class _Solve(beam.DoFn):
@@ -462,7 +474,7 @@ class HalfSweep(beam.PTransform):
                     "requests": self._requests,
                 }
                 | "MatchRequests" >> beam.CoGroupByKey()
-                | "SendFactors" >> beam.FlatMapTuple(_send)
+                | "SendFactors" >> beam.FlatMap(_send, spec.layout(1 - self._side))
             )
             main = {
                 "block": solving | "KeySolving" >> beam.Map(lambda b: (b.block_id, b)),
@@ -525,7 +537,9 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
     if spec.exchange == JOIN:
         for side, solving in ((problem.USERS, users), (problem.ITEMS, items)):
             name = _SIDE_NAMES[side].capitalize()
-            requests[side] = solving | f"Requests{name}" >> beam.FlatMap(_needs, spec.block_rows)
+            requests[side] = solving | f"Requests{name}" >> beam.FlatMap(
+                _needs, spec.layout(1 - side)
+            )
 
     gramian_users = None
     if spec.start_loss:

@@ -1,18 +1,19 @@
 """Blocks of whole rows: the elements of the distributed trainer, in plain NumPy.
 
-A side's rows (users, or items) are cut into blocks by a deterministic function of the row's
-index, block = row // block_rows, so the layout depends only on the data and `block_rows`, never
-on the runner or the number of workers. A block carries its rows' observed cells (complete rows:
-`items_for_user` holds whole rows, `users_for_item` whole columns) and their current factors:
+A side's rows (users, or items) are dealt into blocks by a deterministic function of the row's
+index, block = row mod B with B = ceil(n_rows / block_rows) (`BlockLayout`), so the layout
+depends only on the data and `block_rows`, never on the runner or the number of workers. A block
+carries its rows' observed cells (complete rows: `items_for_user` holds whole rows,
+`users_for_item` whole columns) and their current factors:
 
-    users (block_rows = 2)             items (block_rows = 2)
-    u0: i1 i3   ┐ user block 0          i0: u2      ┐ item block 0
-    u1: i0 i2   ┘                       i1: u0 u3   ┘
-    u2: i0      ┐ user block 1          i2: u1      ┐ item block 1
-    u3: i1 i3   ┘                       i3: u0 u3   ┘
+    users (block_rows = 2, B = 2)       items (block_rows = 2, B = 2)
+    u0: i1 i3   → user block 0          i0: u1 u2   → item block 0
+    u1: i0 i2   → user block 1          i1: u0 u3   → item block 1
+    u2: i0      → user block 0          i2: u1      → item block 0
+    u3: i1 i3   → user block 1          i3: u0 u3   → item block 1
 
-Solving user block 0 needs the item factors y1, y2, y3 (the columns it touches) and the
-Gramian YᵀY; solving item block 1 needs x0, x1, x3 and XᵀX. Nothing else is shared.
+Solving user block 0 (u0, u2) needs the item factors y0, y1, y3 (the columns it touches) and
+the Gramian YᵀY; solving item block 0 (i0, i2) needs x1, x2 and XᵀX. Nothing else is shared.
 
 Blocks are pickled between Beam stages, so they hold only NumPy arrays.
 """
@@ -30,12 +31,13 @@ DEFAULT_BLOCK_ROWS = 4096
 
 
 def block_of(row: int | np.ndarray, block_rows: int) -> int | np.ndarray:
-    """The block a row index belongs to: row // block_rows."""
+    """The contiguous block a row index belongs to: row // block_rows (evaluation and
+    prediction, whose per-row cost does not depend on the row)."""
     return row // block_rows
 
 
 def block_bounds(block_id: int, block_rows: int, n_rows: int) -> tuple[int, int]:
-    """[start, stop) of the rows of a block."""
+    """[start, stop) of the rows of a contiguous block."""
     start = block_id * block_rows
     return start, min(start + block_rows, n_rows)
 
@@ -45,12 +47,67 @@ def num_blocks(n_rows: int, block_rows: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """How one side's rows are dealt into blocks.
+
+    Interleaved (the trainer's): row r goes to block r mod B, B = ceil(n_rows / block_rows).
+    Vocabularies are sorted by frequency, so contiguous blocks would put every popular row in
+    block 0, a straggler with most of the cells; dealing the rows out round-robin gives every
+    block a fair share of popular and rare rows. Contiguous (interleaved=False): row r goes to
+    block r // block_rows.
+
+    Files that hold one value per row (the ID keys, a warm start's factors) are written in
+    block order, `file_order()`, so that a block reads one contiguous range, `file_range()`.
+    """
+
+    n_rows: int
+    block_rows: int
+    interleaved: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_rows < 1 or self.n_rows < 0:
+            raise ValueError(f"bad layout: {self.n_rows} rows in blocks of {self.block_rows}")
+
+    @property
+    def n_blocks(self) -> int:
+        return num_blocks(self.n_rows, self.block_rows)
+
+    def block_of(self, rows: int | np.ndarray) -> int | np.ndarray:
+        """The block of each row."""
+        return rows % self.n_blocks if self.interleaved else rows // self.block_rows
+
+    def position(self, rows: int | np.ndarray) -> int | np.ndarray:
+        """Each row's position within its block."""
+        return rows // self.n_blocks if self.interleaved else rows % self.block_rows
+
+    def rows_of(self, block_id: int) -> np.ndarray:
+        """int64 [b], the rows of a block, ascending."""
+        if self.interleaved:
+            return np.arange(block_id, self.n_rows, self.n_blocks, dtype=np.int64)
+        start, stop = block_bounds(block_id, self.block_rows, self.n_rows)
+        return np.arange(start, stop, dtype=np.int64)
+
+    def file_range(self, block_id: int) -> tuple[int, int]:
+        """[start, stop) of a block's rows in a file written in `file_order`."""
+        if not self.interleaved:
+            return block_bounds(block_id, self.block_rows, self.n_rows)
+        base, extra = divmod(self.n_rows, self.n_blocks) if self.n_blocks else (0, 0)
+        start = block_id * base + min(block_id, extra)
+        return start, start + base + (1 if block_id < extra else 0)
+
+    def file_order(self) -> np.ndarray:
+        """int64 [n_rows], the rows in block order (block 0's rows, then block 1's, ...)."""
+        rows = np.arange(self.n_rows, dtype=np.int64)
+        return rows[np.argsort(self.block_of(rows), kind="stable")]
+
+
+@dataclasses.dataclass(frozen=True)
 class RowBlock:
     """A block of whole rows of one side, and their factors.
 
     Attributes:
         side: `trainer.problem.USERS` or `ITEMS`.
-        block_id: the block's number; its rows are block_bounds(block_id, ...).
+        block_id: the block's number; its rows are its layout's rows_of(block_id).
         row_ids: int64 [b], the global index of each row, ascending, every row of the block
             (rows without cells included, so that the factor table is complete).
         rows: [b, n_fixed] the rows' observed ratings r_ui; columns are global indices of the
@@ -72,8 +129,8 @@ def assemble(
     side: int,
     block_id: int,
     records: list[tuple[int, np.ndarray, np.ndarray]],
-    block_rows: int,
-    shape: tuple[int, int],
+    layout: BlockLayout,
+    n_fixed: int,
 ) -> RowBlock:
     """A block from its rows' records, in any order.
 
@@ -82,30 +139,24 @@ def assemble(
         block_id: the block.
         records: (row index, column indices int64 [n], ratings float32 [n]) of the block's rows
             that have cells; rows without a record are empty.
-        block_rows: rows per block.
-        shape: (n_rows, n_fixed) of the whole side.
+        layout: how the side's rows are dealt into blocks.
+        n_fixed: the number of columns (rows of the other side).
 
     Raises:
         ValueError: a row outside the block, or a row twice.
     """
-    start, stop = block_bounds(block_id, block_rows, shape[0])
-    row_ids = np.arange(start, stop, dtype=np.int64)
+    row_ids = layout.rows_of(block_id)
     keys = np.array([key for key, _, _ in records], dtype=np.int64)
-    if keys.size and (keys.min() < start or keys.max() >= stop):
-        raise ValueError(
-            f"block {block_id} got row {keys.min()}..{keys.max()} outside [{start}, {stop})"
-        )
+    if keys.size and np.any(layout.block_of(keys) != block_id):
+        raise ValueError(f"block {block_id} got rows of other blocks")
     if np.unique(keys).size != keys.size:
         raise ValueError(f"block {block_id}: a row appears in more than one record")
     lengths = np.array([len(indices) for _, indices, _ in records], dtype=np.int64)
-    rows = np.repeat(keys - start, lengths)
-    cols = np.concatenate(
-        [np.asarray(i, np.int64) for _, i, _ in records] or [np.zeros(0, np.int64)]
-    )
-    vals = np.concatenate(
-        [np.asarray(v, np.float32) for _, _, v in records] or [np.zeros(0, np.float32)]
-    )
-    matrix = CsrMatrix.from_triples(rows, cols, vals, (stop - start, shape[1]))
+    rows = np.repeat(np.asarray(layout.position(keys), dtype=np.int64), lengths)
+    empty_cols, empty_vals = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    cols = np.concatenate([np.asarray(i, np.int64) for _, i, _ in records] or [empty_cols])
+    vals = np.concatenate([np.asarray(v, np.float32) for _, _, v in records] or [empty_vals])
+    matrix = CsrMatrix.from_triples(rows, cols, vals, (row_ids.size, n_fixed))
     if matrix.nnz != cols.size:
         raise ValueError(f"block {block_id}: a cell appears twice")
     return RowBlock(side, block_id, row_ids, matrix)

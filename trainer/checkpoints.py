@@ -4,8 +4,9 @@ Layout, under `<output_dir>.checkpoints/` (outside the staged output, so a faile
 
     run.json                       the fingerprint of (data, hyperparameters, block_rows)
     keys/users.u64, keys/items.u64 uint64 little-endian, the `trainer.seeding.id_keys` of each
-                                   row's original ID, in vocabulary order (read by block)
-    init/users.f32, init/items.f32 with a warm start: the initial factors, float32 [n, k]
+                                   row's original ID, in block order (each block reads one range)
+    init/users.f32, init/items.f32 with a warm start: the initial factors, float32 [n, k], in
+                                   block order
     iter-NNNN/users/block-NNNNN.npz   a block's (row_ids, factors) after that half-sweep
     iter-NNNN/users/_COMPLETE         JSON naming every block file with its size and SHA-256;
                                       written last, so its presence means the half is complete
@@ -73,44 +74,56 @@ def fingerprint(summary: dict, config: dict, block_rows: int) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_keys(checkpoint_dir: str, side: int, keys: np.ndarray) -> None:
-    _write_atomically(
-        f"{checkpoint_dir}/keys/{_SIDE_NAMES[side]}.u64", np.asarray(keys, "<u8").tobytes()
-    )
+def _write_rows(path: str, values: np.ndarray, layout: blocks_lib.BlockLayout) -> None:
+    """One value (or row of values) per row, in the layout's block order."""
+    ordered = np.ascontiguousarray(np.asarray(values)[layout.file_order()])
+    _write_atomically(path, ordered.tobytes())
 
 
-def read_keys(checkpoint_dir: str, side: int, row_ids: np.ndarray) -> np.ndarray:
-    """uint64 [b], the keys of a contiguous, ascending range of rows."""
-    if row_ids.size == 0:
-        return np.zeros(0, dtype=np.uint64)
+def _read_rows(path: str, layout: blocks_lib.BlockLayout, block_id: int, row_bytes: int) -> bytes:
+    """The bytes of a block's rows, one contiguous range of a file written by `_write_rows`."""
+    start, stop = layout.file_range(block_id)
+    if stop == start:
+        return b""
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        handle.seek(start * row_bytes)
+        data = handle.read((stop - start) * row_bytes)
+    if len(data) != (stop - start) * row_bytes:
+        raise CheckpointError(f"{path} is shorter than the vocabulary")
+    return data
+
+
+def write_keys(
+    checkpoint_dir: str, side: int, keys: np.ndarray, layout: blocks_lib.BlockLayout
+) -> None:
+    """The rows' ID keys (uint64), in block order."""
     path = f"{checkpoint_dir}/keys/{_SIDE_NAMES[side]}.u64"
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        handle.seek(int(row_ids[0]) * 8)
-        data = handle.read(int(row_ids.size) * 8)
-    if len(data) != row_ids.size * 8:
-        raise CheckpointError(f"{path} is shorter than the vocabulary")
-    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+    _write_rows(path, np.asarray(keys, dtype="<u8"), layout)
 
 
-def write_initial(checkpoint_dir: str, side: int, factors: np.ndarray) -> None:
-    """A warm start's initial factors of one side: float32 little-endian [n, k], row-major."""
-    _write_atomically(
-        f"{checkpoint_dir}/init/{_SIDE_NAMES[side]}.f32",
-        np.ascontiguousarray(factors, dtype="<f4").tobytes(),
-    )
+def read_keys(
+    checkpoint_dir: str, side: int, layout: blocks_lib.BlockLayout, block_id: int
+) -> np.ndarray:
+    """uint64 [b], the keys of a block's rows (in `layout.rows_of(block_id)` order)."""
+    path = f"{checkpoint_dir}/keys/{_SIDE_NAMES[side]}.u64"
+    return np.frombuffer(_read_rows(path, layout, block_id, 8), dtype="<u8").astype(np.uint64)
 
 
-def read_initial(checkpoint_dir: str, side: int, row_ids: np.ndarray, k: int) -> np.ndarray:
-    """float32 [b, k], the warm start's factors of a contiguous, ascending range of rows."""
-    if row_ids.size == 0:
-        return np.zeros((0, k), dtype=np.float32)
+def write_initial(
+    checkpoint_dir: str, side: int, factors: np.ndarray, layout: blocks_lib.BlockLayout
+) -> None:
+    """A warm start's initial factors of one side: float32 little-endian [n, k], block order."""
     path = f"{checkpoint_dir}/init/{_SIDE_NAMES[side]}.f32"
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        handle.seek(int(row_ids[0]) * k * 4)
-        data = handle.read(int(row_ids.size) * k * 4)
-    if len(data) != row_ids.size * k * 4:
-        raise CheckpointError(f"{path} is shorter than the vocabulary")
-    return np.frombuffer(data, dtype="<f4").reshape(row_ids.size, k).astype(np.float32)
+    _write_rows(path, np.asarray(factors, dtype="<f4"), layout)
+
+
+def read_initial(
+    checkpoint_dir: str, side: int, layout: blocks_lib.BlockLayout, block_id: int, k: int
+) -> np.ndarray:
+    """float32 [b, k], the warm start's factors of a block's rows."""
+    path = f"{checkpoint_dir}/init/{_SIDE_NAMES[side]}.f32"
+    data = _read_rows(path, layout, block_id, 4 * k)
+    return np.frombuffer(data, dtype="<f4").reshape(-1, k).astype(np.float32)
 
 
 def write_block(

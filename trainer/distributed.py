@@ -94,19 +94,21 @@ def train(
             "data": checkpoints.fingerprint(dataset.summary, {}, 0),
         },
     )
-    block_counts = {
-        side: blocks_lib.num_blocks(n, block_rows) for side, n in zip(problem.SIDES, shape)
-    }
+    layouts = {side: blocks_lib.BlockLayout(n, block_rows) for side, n in zip(problem.SIDES, shape)}
+    block_counts = {side: layout.n_blocks for side, layout in layouts.items()}
     start, markers = checkpoints.find_resume(
         checkpoint_dir, run_fingerprint, block_counts, config.num_iters
     )
     if start:
         logger.info("resuming from the checkpoint of iteration %d in %s", start, checkpoint_dir)
     for side, ids in ((problem.USERS, dataset.users), (problem.ITEMS, dataset.items)):
-        checkpoints.write_keys(checkpoint_dir, side, seeding.id_keys(ids))
+        checkpoints.write_keys(checkpoint_dir, side, seeding.id_keys(ids), layouts[side])
     if warm_start is not None and start == 0:
-        checkpoints.write_initial(checkpoint_dir, problem.USERS, warm_start.factors.user_factors)
-        checkpoints.write_initial(checkpoint_dir, problem.ITEMS, warm_start.factors.item_factors)
+        for side, factors in (
+            (problem.USERS, warm_start.factors.user_factors),
+            (problem.ITEMS, warm_start.factors.item_factors),
+        ):
+            checkpoints.write_initial(checkpoint_dir, side, factors, layouts[side])
     recorded = {loss["iteration"] for loss in checkpoints.read_losses(checkpoint_dir)}
     spec = beam_wals.TrainSpec(
         input_dir=input_dir.rstrip("/"),
