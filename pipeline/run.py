@@ -447,6 +447,10 @@ class Run:
         if bad:
             raise cli.UsageError(f"--stages: unknown stage(s) {bad}; expected some of {STAGES}")
         old = runstate.read_run(self.root, args.date) or {}
+        first = min(STAGES.index(s) for s in self.stages) if self.stages else len(STAGES)
+        stages = old.get("stages", {})
+        if args.force:  # redo the stages asked for; those before them are their inputs
+            stages = {name: entry for name, entry in stages.items() if name in STAGES[:first]}
         self.record = {
             "date": args.date,
             "root": self.root,
@@ -456,11 +460,10 @@ class Run:
             "attempts": old.get("attempts", 0) + 1,
             "argv": self.argv,
             "input": resolve_input(args.input, args.date, args.window_days),
-            "stages": {} if args.force else old.get("stages", {}),
-            "gate": None if args.force else old.get("gate"),
+            "stages": stages,
+            "gate": old.get("gate") if "gate" in stages else None,
             "error": None,
         }
-        first = min(STAGES.index(s) for s in self.stages) if self.stages else len(STAGES)
         for stage in STAGES[:first]:
             if not self.complete(stage):
                 raise cli.UsageError(
@@ -485,12 +488,19 @@ class Run:
                 return self._rejected()
         published = self.record["stages"].get("publish", {}).get("published")
         if "publish" in self.stages:
-            self.record["status"] = runstate.PUBLISHED if published else "passed"
+            self.record["status"] = runstate.PUBLISHED if published else runstate.PASSED
+        else:
+            self.record["status"] = runstate.PENDING  # --stages: the later ones are to come
         self.record["finished"] = runstate.now()
         self.save()
         return 0
 
     def _run_stage(self, stage: str) -> None:
+        # The later stages' results were built on this stage's old output: forget them.
+        for later in STAGES[STAGES.index(stage) + 1 :]:
+            self.record["stages"].pop(later, None)
+        if STAGES.index(stage) <= STAGES.index("gate"):
+            self.record["gate"] = None
         entry = {"status": runstate.RUNNING, "started": runstate.now()}
         self.record["stages"][stage] = entry
         self.save()

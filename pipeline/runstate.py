@@ -9,7 +9,8 @@ Layout under a root directory (local, or an object store such as gs:// for Dataf
 
 run.json:
 
-    {"date": "2026-11-22", "status": "running" | "published" | "rejected" | "failed",
+    {"date": "2026-11-22",
+     "status": "running" | "published" | "rejected" | "failed" | "passed" | "pending",
      "started": ISO time, "finished": ISO time | null, "attempts": int, "argv": [...],
      "input": [patterns], "error": str | null,
      "stages": {NAME: {"status": "running" | "done" | "failed", "started": ISO,
@@ -52,6 +53,8 @@ PUBLISHED_FILE = "published"
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
 PUBLISHED, REJECTED = "published", "rejected"
+PASSED = "passed"  # passed the gate, not published: a newer date is
+PENDING = "pending"  # the stages asked for (--stages) are done, later ones are not
 
 
 class LockedError(RuntimeError):

@@ -134,6 +134,18 @@ def test_stages_run_alone_need_the_earlier_stages_and_a_passing_gate(deployment,
     before = _record(root, DATES[1])
     assert run_lib.main(["--date", DATES[1], *common, "--stages", "gate"]) == 0
     assert _record(root, DATES[1])["stages"] == before["stages"]  # done: skipped
+    # A stage redone invalidates the later ones: they run again, the gate's verdict included.
+    assert run_lib.main(["--date", DATES[1], *common, "--stages", "train", "--force"]) == 0
+    record = _record(root, DATES[1])
+    assert record["status"] == "pending" and record["gate"] is None
+    assert set(record["stages"]) == {"preprocess", "train"}
+    assert record["stages"]["preprocess"] == before["stages"]["preprocess"]
+    assert record["stages"]["train"]["started"] >= before["stages"]["publish"]["finished"]
+    assert run_lib.main(["--date", DATES[1], *common]) == 0
+    record = _record(root, DATES[1])
+    assert record["stages"]["gate"]["started"] >= record["stages"]["train"]["finished"]
+    assert record["status"] == "published" and set(record["stages"]) == set(run_lib.STAGES)
+    assert runstate.published(root) == f"runs/{DATES[1]}"
     assert run_lib.main(["--date", DATES[6], *common, "--stages", "gate"]) == 2
     assert f"no input for {DATES[6]}" in capsys.readouterr().err
     # A stage run alone needs the stages before it; nothing is recorded when they are missing.
@@ -215,16 +227,16 @@ def test_concurrent_launches_of_one_date_leave_one_complete_published_run(deploy
     pattern, root = deployment
     date = DATES[4]
     lock = os.path.join(root, "runs", date, runstate.LOCK_FILE)
-    first = _launch(pattern, root, date, "--window_days", "3")
+    # A window of three days against a one-day model: judge the gate loosely, it is not the point.
+    window = ["--window_days", "3", "--gate_tolerance", "0.2"]
+    first = _launch(pattern, root, date, *window)
     deadline = time.monotonic() + 120
     while not os.path.exists(lock) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert os.path.exists(lock), first.communicate()[1][-2000:]
-    waiting = _launch(pattern, root, date, "--window_days", "3", "--lock_wait", "600")
+    waiting = _launch(pattern, root, date, *window, "--lock_wait", "600")
     # A launch that does not wait exits at once with a clear message and status 75.
-    impatient = run_lib.main(
-        ["--date", date, "--input", pattern, "--root", root, *FLAGS, "--window_days", "3"]
-    )
+    impatient = run_lib.main(["--date", date, "--input", pattern, "--root", root, *FLAGS, *window])
     impatient_err = capsys.readouterr().err
     _, first_err = first.communicate(timeout=300)
     _, waiting_err = waiting.communicate(timeout=300)
@@ -250,7 +262,7 @@ def test_sigkilled_launch_leaves_no_complete_looking_run_and_its_lock_is_taken_o
     pattern, root = deployment
     date = DATES[5]
     published = runstate.published(root)
-    # Like 08-05, a window of three days, so that the gate judges like against like.
+    # Like 08-05, a window of three days; the gate is judged loosely, it is not the point.
     flags = ["--window_days", "3", "--gate_tolerance", "0.2"]
     process = _launch(pattern, root, date, *flags)
     deadline = time.monotonic() + 180
