@@ -20,8 +20,7 @@ HYPER = ["--num_iters", str(ITERS), "--latent_factors", "8", "--no_progress"]
 
 
 def workers(n: int) -> list[str]:
-    if n == 1:
-        return []
+    """DirectRunner flags for n worker processes (the portable harness of Dataflow and Flink)."""
     return ["--direct_running_mode", "multi_processing", "--direct_num_workers", str(n)]
 
 
@@ -31,7 +30,7 @@ def dataset(tmp_path_factory) -> str:
     sample = str(root / "sessions.json.gz")
     synthetic.write_sessions(sample, num_sessions=1200, seed=5)
     out = str(root / "preprocessed")
-    preprocess.run(["--input", sample, "--output_dir", out])
+    preprocess.run(["--input", sample, "--output_dir", out, "--holdout_visitors", "0.1"])
     return out
 
 
@@ -93,6 +92,13 @@ def test_distributed_training_equals_local_training(
     with open(os.path.join(local, task.METRICS_FILE)) as handle:
         expected = json.load(handle)
     assert metrics["wals"]["recall@20"] == pytest.approx(expected["wals"]["recall@20"], abs=0.01)
+    # New visitors (held out whole, folded in by a Beam step here) score like the local run's.
+    assert metrics["new_visitors"]["visitors"] == expected["new_visitors"]["visitors"] > 0
+    for model in ("wals", "popularity"):
+        for name in ("recall@20", "ndcg@20"):
+            assert metrics["new_visitors"][model][name] == pytest.approx(
+                expected["new_visitors"][model][name], abs=0.01
+            )
 
 
 def test_join_equals_broadcast_with_cg(dataset, tmp_path):
@@ -102,7 +108,7 @@ def test_join_equals_broadcast_with_cg(dataset, tmp_path):
         task.run(
             [
                 "--input_dir", dataset, "--output_dir", runs[exchange], *HYPER, "--solver", "cg",
-                "--distributed", "--block_rows", "50", "--factor_exchange", exchange,
+                "--distributed", "--block_rows", "50", "--factor_exchange", exchange, *workers(2),
             ]
         )  # fmt: skip
     assert_same_model(runs["broadcast"], runs["join"], rtol=1e-5)

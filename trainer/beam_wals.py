@@ -34,8 +34,10 @@ output, so a crashed run keeps them; the same command resumes from the last comp
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import threading
 
 import apache_beam as beam
 import numpy as np
@@ -323,6 +325,35 @@ class _Gramian(beam.CombineFn):
         return gram
 
 
+class _GramianAndTable(beam.CombineFn):
+    """RowBlock -> (G = Σ_blocks F_bᵀ F_b float64 [k, k], the whole table float32 [n, k]).
+
+    The broadcast exchange needs both of the fixed side; one combine makes them in one stage.
+    """
+
+    def __init__(self, n: int, k: int):
+        self._gramian = _Gramian(k)
+        self._table = _Table(n, k)
+
+    def create_accumulator(self):
+        return self._gramian.create_accumulator(), self._table.create_accumulator()
+
+    def add_input(self, accumulator, block: RowBlock):
+        gram, parts = accumulator
+        return self._gramian.add_input(gram, block), self._table.add_input(parts, block)
+
+    def merge_accumulators(self, accumulators):
+        grams, parts = zip(*accumulators)
+        return (
+            self._gramian.merge_accumulators(grams),
+            self._table.merge_accumulators(parts),
+        )
+
+    def extract_output(self, accumulator):
+        gram, parts = accumulator
+        return gram, self._table.extract_output(parts)
+
+
 class _Table(beam.CombineFn):
     """RowBlock -> the whole side's factor table, float32 [n, k] (the broadcast side input)."""
 
@@ -367,6 +398,31 @@ def _send(element, fixed_layout: blocks_lib.BlockLayout):
         yield destination, (rows, fixed.factors[fixed_layout.position(rows)])
 
 
+# A block's problem and plan are pure functions of (run, exchange, side, block), so a worker keeps
+# the ones it built: later sweeps over the same block skip `define_rows` and `plan_rows`. The
+# cache is bounded by padded tile slots (least recently used out first) and never changes a
+# result, so it is safe under retries and any assignment of blocks to workers.
+_PLAN_CACHE: collections.OrderedDict = collections.OrderedDict()
+_PLAN_CACHE_LOCK = threading.Lock()
+PLAN_CACHE_SLOTS = 1 << 27  # about 1.5 GB of float32 tiles per worker process
+
+
+def _cached(key, build):
+    """`build()` once per key and process, LRU-bounded by PLAN_CACHE_SLOTS."""
+    with _PLAN_CACHE_LOCK:
+        if key in _PLAN_CACHE:
+            _PLAN_CACHE.move_to_end(key)
+            return _PLAN_CACHE[key]
+    value = build()
+    with _PLAN_CACHE_LOCK:
+        _PLAN_CACHE[key] = value
+        total = sum(plan.padded_slots for _, plan in _PLAN_CACHE.values())
+        while total > PLAN_CACHE_SLOTS and len(_PLAN_CACHE) > 1:
+            _, (_, evicted) = _PLAN_CACHE.popitem(last=False)
+            total -= evicted.padded_slots
+    return value
+
+
 class _Solve(beam.DoFn):
     """Solves a block against the fixed side: RowBlock -> RowBlock with new factors.
 
@@ -381,20 +437,26 @@ class _Solve(beam.DoFn):
         self._loss = loss
         self._solve = solve
 
-    def process(self, element, gramian, item_counts, table=None):
+    def process(self, element, item_counts, gramian=None, table=None, fixed_state=None):
         spec, config = self._spec, self._spec.config
+        if fixed_state is not None:  # broadcast: (G, the whole fixed table)
+            gramian, table = fixed_state
         if spec.exchange == JOIN:
             block, table, rows = _joined(element)
         else:
             block, rows = element, element.rows
-        row_items = block.row_ids if self._side == problem.ITEMS else None
-        # Define the problem on global columns (f looks up c_i by item), then solve it against
-        # the gathered fixed rows.
-        defined = problem.define_rows(block.rows, self._side, item_counts, config, row_items)
-        local = dataclasses.replace(
-            defined,
-            targets=dataclasses.replace(defined.targets, indices=rows.indices, shape=rows.shape),
-        )
+
+        def build():
+            row_items = block.row_ids if self._side == problem.ITEMS else None
+            # Define the problem on global columns (f looks up c_i by item), then solve it
+            # against the gathered fixed rows.
+            defined = problem.define_rows(block.rows, self._side, item_counts, config, row_items)
+            targets = dataclasses.replace(defined.targets, indices=rows.indices, shape=rows.shape)
+            local = dataclasses.replace(defined, targets=targets)
+            return local, local.plan(config.solver)
+
+        key = (spec.fingerprint, spec.exchange, self._side, block.block_id)
+        local, plan = _cached(key, build)
         if self._loss:
             fixed = table if self._side == problem.USERS else None
             yield beam.pvalue.TaggedOutput("loss", problem.loss_sums(local, block.factors, fixed))
@@ -403,7 +465,6 @@ class _Solve(beam.DoFn):
         beam.metrics.Metrics.counter(_METRICS, f"solved_{_SIDE_NAMES[self._side]}").inc(
             block.row_ids.size
         )
-        plan = local.plan(config.solver)
         solved = wals_solver.solve_planned(
             plan,
             table,
@@ -458,16 +519,15 @@ class HalfSweep(beam.PTransform):
         spec = self._spec
         k = spec.config.latent_factors
         n_fixed = spec.side_shape(self._side)[1]
-        gramian = fixed | "Gramian" >> beam.CombineGlobally(_Gramian(k))
-        side_inputs = {
-            "gramian": beam.pvalue.AsSingleton(gramian),
-            "item_counts": beam.pvalue.AsSingleton(self._item_counts),
-        }
+        side_inputs = {"item_counts": beam.pvalue.AsSingleton(self._item_counts)}
         if spec.exchange == BROADCAST:
-            table = fixed | "FixedTable" >> beam.CombineGlobally(_Table(n_fixed, k))
-            side_inputs["table"] = beam.pvalue.AsSingleton(table)
+            state = fixed | "GramianAndTable" >> beam.CombineGlobally(_GramianAndTable(n_fixed, k))
+            gramian = state | "Gramian" >> beam.Map(lambda pair: pair[0])
+            side_inputs["fixed_state"] = beam.pvalue.AsSingleton(state)
             main = solving
         else:
+            gramian = fixed | "Gramian" >> beam.CombineGlobally(_Gramian(k))
+            side_inputs["gramian"] = beam.pvalue.AsSingleton(gramian)
             sent = (
                 {
                     "block": fixed | "KeyFixed" >> beam.Map(lambda b: (b.block_id, b)),
