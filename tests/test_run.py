@@ -323,3 +323,46 @@ def test_warm_start_reaches_the_cold_recall_in_fewer_iterations(deployment, tmp_
     assert needed(warm) < needed(cold)
     assert needed(warm) <= run_lib.WARM_NUM_ITERS
     assert warm["history"][0]["eval/recall@20"] > cold["history"][0]["eval/recall@20"]
+
+
+def test_a_full_disk_in_a_stage_leaves_no_run_that_looks_complete(
+    deployment, tmp_path, monkeypatch
+):
+    """The disk fills up while the SavedModel is being written: the run is recorded as failed,
+    nothing under the run looks finished, nothing is published; with space again, the rerun
+    redoes only that stage onwards and publishes."""
+    import errno
+
+    import tensorflow as tf
+
+    pattern, _ = deployment
+    root = str(tmp_path / "root")
+    argv = ["--date", DATES[0], "--input", pattern, "--root", root, *FLAGS]
+    real_save = tf.saved_model.save
+
+    def save_until_the_disk_is_full(module, export_dir, **kwargs):
+        os.makedirs(export_dir, exist_ok=True)
+        with open(os.path.join(export_dir, "saved_model.pb"), "wb") as handle:
+            handle.write(b"\0" * 1024)  # a partial file, as a full disk leaves one
+        raise OSError(errno.ENOSPC, "No space left on device", export_dir)
+
+    monkeypatch.setattr(tf.saved_model, "save", save_until_the_disk_is_full)
+    assert run_lib.main(argv) == 1
+    record = _record(root, DATES[0])
+    assert record["status"] == "failed"
+    assert record["stages"]["export"]["status"] == "failed"
+    assert "No space left on device" in record["error"]
+    assert runstate.published(root) is None
+    run_dir = os.path.join(root, "runs", DATES[0])
+    serving = os.path.join(run_dir, "serving")
+    assert not os.path.isdir(serving) or os.listdir(serving) == []  # no partial SavedModel
+    _no_partial_outputs(root, DATES[0])
+    done_before = {name: stage for name, stage in record["stages"].items() if name != "export"}
+
+    monkeypatch.setattr(tf.saved_model, "save", real_save)
+    assert run_lib.main(argv) == 0
+    record = _record(root, DATES[0])
+    assert record["status"] == "published" and record["stages"]["export"]["status"] == "done"
+    for name in ("preprocess", "train", "gate", "predict"):
+        assert record["stages"][name] == done_before[name]  # not redone
+    assert runstate.published(root) == f"runs/{DATES[0]}"
