@@ -6,8 +6,6 @@ import subprocess
 import threading
 import time
 
-import psutil
-
 
 def run_measured(command: list[str], env: dict | None = None, interval: float = 0.2) -> dict:
     """Runs command; returns {"seconds", "peak_rss_mb", "returncode", "stderr_tail"}.
@@ -15,6 +13,8 @@ def run_measured(command: list[str], env: dict | None = None, interval: float = 
     Peak RSS is the largest sum, over one sampling instant, of the RSS of the process and all
     its descendants (the DirectRunner's multi-processing workers included).
     """
+    import psutil  # the bench extra; imported here so that importing this module needs none
+
     start = time.monotonic()
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
