@@ -11,6 +11,9 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRODUCT_PACKAGES = ("pipeline", "transforms", "trainer")
+# The Airflow DAG runs in Airflow's own environment, with the pins of
+# pipeline/dags/requirements-airflow.txt (checked by tests/test_dag.py), not setup.py's.
+AIRFLOW_DAGS = ROOT / "pipeline" / "dags"
 
 
 def canonical(name: str) -> str:
@@ -37,6 +40,8 @@ def imported_top_level_modules() -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for package in PRODUCT_PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
+            if AIRFLOW_DAGS in path.parents:
+                continue
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
             for node in ast.walk(tree):
                 if isinstance(node, ast.Import):
@@ -48,6 +53,24 @@ def imported_top_level_modules() -> dict[str, list[str]]:
                 for name in names:
                     found.setdefault(name.split(".")[0], []).append(str(path.relative_to(ROOT)))
     return found
+
+
+def test_the_dags_imports_come_from_their_own_requirements():
+    """The DAG imports only Airflow (whose pins are in its requirements file) and the stdlib."""
+    pinned = (AIRFLOW_DAGS / "requirements-airflow.txt").read_text(encoding="utf-8")
+    assert "apache-airflow==" in pinned
+    for path in AIRFLOW_DAGS.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                top = node.module.split(".")[0]
+            elif isinstance(node, ast.Import):
+                top = node.names[0].name.split(".")[0]
+            else:
+                continue
+            assert top in ("airflow", "__future__") or top in sys.stdlib_module_names, (
+                f"{path.name} imports {top}, which Airflow's environment may not have"
+            )
 
 
 def third_party(modules: dict[str, list[str]]) -> dict[str, list[str]]:
