@@ -173,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--eval_every",
         type=int,
-        default=1,
+        default=None,
         help="evaluate on the eval split every N iterations for the history "
-        "(default 1; 0 = only at the end)",
+        "(default 1; 0 = only at the end; with --distributed only at the end)",
     )
     ev.add_argument(
         "--export_k",
@@ -263,7 +263,7 @@ def _train_distributed(
     args.checkpoint_dir = result.checkpoint_dir
     if args.eval_every:
         logger.warning("--eval_every is ignored with --distributed: metrics.json has final ones")
-        args.eval_every = 0
+    args.eval_every = 0
     return result.factors
 
 
@@ -418,6 +418,8 @@ def run(argv: list[str] | None = None) -> dict:
         raise cli.UsageError(str(error)) from None
     if args.loss_every < 0:
         raise cli.UsageError(f"--loss_every must be >= 0, got {args.loss_every}")
+    if args.eval_every is None:
+        args.eval_every = 0 if args.distributed else 1
     if args.eval_every < 0:
         raise cli.UsageError(f"--eval_every must be >= 0, got {args.eval_every}")
     if args.export_k <= 0:
