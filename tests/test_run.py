@@ -341,6 +341,8 @@ def test_a_full_disk_in_a_stage_leaves_no_run_that_looks_complete(
     real_save = tf.saved_model.save
 
     def save_until_the_disk_is_full(module, export_dir, **kwargs):
+        if f"{os.sep}serving{os.sep}" not in export_dir:  # TF Transform saves models too
+            return real_save(module, export_dir, **kwargs)
         os.makedirs(export_dir, exist_ok=True)
         with open(os.path.join(export_dir, "saved_model.pb"), "wb") as handle:
             handle.write(b"\0" * 1024)  # a partial file, as a full disk leaves one
