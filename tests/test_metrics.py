@@ -258,6 +258,65 @@ def test_top_k_validation():
     assert ids.tolist() == [[2]]
 
 
+def dense_top_k(scores: np.ndarray, excluded: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """Dense NumPy oracle: each row's eligible items by a stable sort on (-score), i.e. score
+    descending, ties to the lower id; padded with (-1, -inf)."""
+    masked = np.where(excluded, -np.inf, np.asarray(scores, dtype=np.float64))
+    ids = np.full((scores.shape[0], k), -1, dtype=np.int64)
+    top = np.full((scores.shape[0], k), -np.inf, dtype=np.float32)
+    for u in range(scores.shape[0]):
+        eligible = np.flatnonzero(~excluded[u])
+        ranked = eligible[np.argsort(-masked[u, eligible], kind="stable")][:k]
+        ids[u, : ranked.size] = ranked
+        top[u, : ranked.size] = scores[u, ranked]
+    return ids, top
+
+
+def wide_scores(rng: np.random.Generator, kind: str, n_rows: int, n_items: int) -> np.ndarray:
+    """Rows much wider than k, as real catalogues are: the chunk bound narrows the choice."""
+    if kind == "continuous":
+        return rng.standard_normal((n_rows, n_items)).astype(np.float32)
+    if kind == "few values":  # ties everywhere, rows with more than 8k candidates
+        return rng.integers(0, 3, size=(n_rows, n_items)).astype(np.float32)
+    if kind == "popularity":  # one shared row of counts, as the baseline scores, many ties
+        counts = np.sort(rng.zipf(1.5, n_items))[::-1].astype(np.float32)
+        return np.broadcast_to(counts, (n_rows, n_items))
+    scores = rng.standard_normal((n_rows, n_items))  # infinities of both signs, float64
+    scores[rng.random(scores.shape) < 0.4] = -np.inf
+    scores[rng.random(scores.shape) < 0.002] = np.inf
+    return scores
+
+
+@pytest.mark.parametrize("kind", ["continuous", "few values", "popularity", "infinities"])
+def test_top_k_on_wide_rows_matches_a_dense_sort(kind):
+    rng = np.random.default_rng(17)
+    n_rows, n_items = 30, 2_003  # not a multiple of the chunk count: a tail outside the chunks
+    scores = wide_scores(rng, kind, n_rows, n_items)
+    # From nothing to almost everything excluded, more often the popular (low) ids.
+    excluded = rng.random((n_rows, n_items)) < rng.random((n_rows, 1)) ** 3
+    excluded[0] = True
+    excluded[1, :-5] = True  # fewer eligible items than k
+    excluded[2] = False
+    exclude = CsrMatrix.from_triples(
+        *np.nonzero(excluded), np.ones(np.count_nonzero(excluded)), excluded.shape
+    )
+    for k in (1, 7, 50, 600):
+        ids, top = metrics.top_k_excluding(scores, exclude, k)
+        expected_ids, expected_top = dense_top_k(scores, excluded, k)
+        np.testing.assert_array_equal(ids, expected_ids, err_msg=f"k={k}")
+        np.testing.assert_array_equal(top, expected_top, err_msg=f"k={k}")
+
+
+def test_top_k_finds_nan_anywhere_in_a_wide_row():
+    for column in (0, 1_000, 2_002):  # in a chunk, and in the tail after the last full chunk
+        scores = np.zeros((3, 2_003), dtype=np.float32)
+        scores[1, column] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            metrics.top_k_excluding(scores, None, 10)
+        ids, _ = metrics.top_k_excluding(scores, ([0, 0, 1, 1], [column]), 10)
+        assert column not in ids[1]
+
+
 # evaluate, the popularity baseline and rmse
 
 
@@ -344,3 +403,58 @@ def test_rmse():
         metrics.rmse(np.ones(3), np.ones(2))
     with pytest.raises(ValueError, match="zero cells"):
         metrics.rmse(np.ones(0), np.ones(0))
+
+
+def test_evaluate_on_a_sample_of_users_matches_the_oracle_on_them():
+    rng = np.random.default_rng(23)
+    n_users, n_items = 60, 30
+    train, heldout = random_split(rng, n_users, n_items, 0.4, 0.3)
+    user_scores = rng.integers(0, 6, size=(n_users, n_items)).astype(np.float32)
+    train_sets, heldout_sets = row_sets(train), row_sets(heldout)
+    sample = metrics.sample_users(heldout, 20, seed=4)
+    assert sample.size == 20 and np.all(np.diff(sample) > 0)
+    assert all(heldout_sets[u] for u in sample)
+    np.testing.assert_array_equal(sample, metrics.sample_users(heldout, 20, seed=4))
+    assert not np.array_equal(sample, metrics.sample_users(heldout, 20, seed=5))
+    recommended = [oracle_top_k(user_scores[u].tolist(), train_sets[u], max(KS))[0] for u in sample]
+    expected = oracle_metrics(recommended, [heldout_sets[u] for u in sample], n_items, KS)
+    for batch_size in (3, 1024):
+        actual = metrics.evaluate(
+            lambda users: user_scores[users], train, heldout, KS, batch_size, users=sample
+        )
+        assert_metrics_equal(actual, expected)
+    # Users without held-out items are skipped; a sample larger than the population is all.
+    everyone = metrics.evaluate(lambda users: user_scores[users], train, heldout, KS)
+    assert_metrics_equal(
+        metrics.evaluate(lambda u: user_scores[u], train, heldout, KS, users=np.arange(n_users)),
+        everyone,
+    )
+    np.testing.assert_array_equal(
+        metrics.sample_users(heldout, 10_000, seed=4), np.flatnonzero(heldout.row_counts())
+    )
+    with pytest.raises(ValueError, match="row ids"):
+        metrics.evaluate(lambda u: user_scores[u], train, heldout, KS, users=np.array([n_users]))
+
+
+def test_per_iteration_evaluation_scores_a_fixed_sample_of_users():
+    from trainer import task, wals
+
+    rng = np.random.default_rng(29)
+    n_users, n_items = 80, 25
+    train, heldout = random_split(rng, n_users, n_items, 0.4, 0.3)
+    factors = wals.WALSFactors(
+        rng.standard_normal((n_users, 4)).astype(np.float32),
+        rng.standard_normal((n_items, 4)).astype(np.float32),
+    )
+    dense = factors.user_factors.astype(np.float64) @ factors.item_factors.T.astype(np.float64)
+    train_sets, heldout_sets = row_sets(train), row_sets(heldout)
+    evaluate = task.per_iteration_evaluator(train, heldout, KS, eval_users=15, seed=2)
+    sample = metrics.sample_users(heldout, 15, seed=2)
+    recommended = [oracle_top_k(dense[u].tolist(), train_sets[u], max(KS))[0] for u in sample]
+    expected = oracle_metrics(recommended, [heldout_sets[u] for u in sample], n_items, KS)
+    result = evaluate(factors)
+    assert result["users_evaluated"] == 15
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-9), key
+    everyone = task.per_iteration_evaluator(train, heldout, KS, eval_users=0, seed=2)(factors)
+    assert everyone["users_evaluated"] == np.count_nonzero(heldout.row_counts())

@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KS = (10, 20, 50)
 DEFAULT_BATCH_SIZE = 1024
+# top_k_excluding: each row's k-th best score is bounded below from the maxima of this many
+# chunks per list place (more chunks: a tighter bound, fewer candidates, a longer partition),
+# and rows with more than this many candidates per place are selected by a partition instead.
+_SELECTION_CHUNKS = 4
+_MAX_CANDIDATES = 8
 # The per-k metrics, in the order their keys appear in the result.
 METRIC_NAMES = ("recall", "ndcg", "map", "precision", "coverage")
 
@@ -107,9 +112,14 @@ def top_k_excluding(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best-scored items of each row, never returning an excluded item.
 
-    Rows are ranked by descending score, ties broken by the lower item id. Selection is
-    O(n_items) per row (np.argpartition); only the k chosen items are sorted. Rows whose k-th
-    place is shared by tied items outside the partition's pick are re-selected exactly.
+    Rows are ranked by descending score, ties broken by the lower item id. Excluded cells are
+    set to -inf in a copy of the scores; then, for each row, a lower bound t of its k-th best
+    score is the k-th largest of the maxima of `_SELECTION_CHUNKS`·k strided chunks of its items
+    (k distinct items score at least t), so the row's top k are among its items scoring >= t:
+    a few more than k, which are sorted by (score descending, id ascending). Every step is a
+    vectorised pass over the [b, n_items] block. Rows where this bound does not narrow the
+    choice (t = -inf, or more than `_MAX_CANDIDATES`·k items tie at or above it) are selected
+    by `_select_by_partition` instead, with the same result.
 
     Args:
         scores: float [b, n_items], the score of every item for each row; integer scores are
@@ -139,33 +149,74 @@ def top_k_excluding(
     rows, items = _exclusion_rows(exclude, b, n_items)
     masked = np.array(scores, copy=True)  # Also materialises broadcast views.
     masked[rows, items] = -np.inf
-    if np.isnan(masked).any():
-        raise ValueError("scores contain NaN at non-excluded items")
-
-    # The partition puts each row's k_eff largest masked scores last; threshold is the k_eff-th
-    # largest, which is -inf when fewer than k_eff items are eligible.
     k_eff = min(k, n_items)
-    chosen = np.argpartition(masked, n_items - k_eff, axis=1)[:, n_items - k_eff :]
-    threshold = np.take_along_axis(masked, chosen, axis=1).min(axis=1)
-    # With threshold > -inf every picked item is eligible (excluded cells are -inf); the pick is
-    # then exact unless an item outside it ties with the threshold, where lower ids must win.
-    n_at_least = (masked >= threshold[:, None]).sum(axis=1)
-    redo = np.flatnonzero((n_at_least != k_eff) | (threshold == -np.inf))
-    if redo.size:
-        # Only the rows to redo need the excluded cells as a mask: [r, n_items].
+    bound = _lower_bound_of_kth(masked, k_eff)
+
+    # Candidates: the cells scoring >= the row's bound, row-major (rows, then ids, ascending).
+    cand_rows, cand_items = np.nonzero(masked >= bound[:, None])
+    n_candidates = np.bincount(cand_rows, minlength=b)
+    hard = (bound == -np.inf) | (n_candidates > _MAX_CANDIDATES * k_eff)
+    if hard.any():
+        keep = ~hard[cand_rows]
+        cand_rows, cand_items = cand_rows[keep], cand_items[keep]
+        n_candidates[hard] = 0
+    cand_scores = masked[cand_rows, cand_items]
+    # Within each row, by score descending then id ascending (lexsort: the last key is primary).
+    order = np.lexsort((cand_items, -cand_scores, cand_rows))
+    starts = np.cumsum(n_candidates) - n_candidates
+    rank = np.arange(order.size) - np.repeat(starts, n_candidates)
+    listed = rank < k_eff
+    take, place = order[listed], rank[listed]
+    # An easy row has >= k_eff candidates, all eligible (their scores exceed -inf).
+    ids[cand_rows[take], place] = cand_items[take]
+    top_scores[cand_rows[take], place] = cand_scores[take]
+
+    if hard.any():
+        redo = np.flatnonzero(hard)
         in_redo = np.isin(rows, redo)
         excluded = np.zeros((redo.size, n_items), dtype=bool)
         excluded[np.searchsorted(redo, rows[in_redo]), items[in_redo]] = True
-        chosen[redo] = _select_with_ties(masked[redo], excluded, threshold[redo], k_eff)
+        ids[redo, :k_eff], top_scores[redo, :k_eff] = _select_by_partition(
+            masked[redo], excluded, k_eff
+        )
+    return ids, top_scores
 
+
+def _lower_bound_of_kth(masked: np.ndarray, k: int) -> np.ndarray:
+    """float [b]: for each row of masked float [b, n], a score that at least k of its cells
+    reach, hence <= its k-th largest: the k-th largest of the maxima of min(n, C·k) chunks
+    (C = `_SELECTION_CHUNKS`). Raises ValueError if the block holds NaN."""
+    b, n = masked.shape
+    n_chunks = min(n, _SELECTION_CHUNKS * k)
+    width = n // n_chunks
+    # Chunk j holds items j, j + n_chunks, j + 2·n_chunks, ...: strided, so that items of
+    # nearby ids (vocabularies are sorted by frequency) fall in different chunks.
+    maxima = masked[:, : width * n_chunks].reshape(b, width, n_chunks).max(axis=1)
+    if np.isnan(maxima).any() or np.isnan(masked[:, width * n_chunks :]).any():
+        raise ValueError("scores contain NaN at non-excluded items")
+    return np.partition(maxima, n_chunks - k, axis=1)[:, n_chunks - k]
+
+
+def _select_by_partition(
+    masked: np.ndarray, excluded: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top k of each row, whatever its ties and -inf cells: (ids int64 [r, k], -1
+    padded, scores float [r, k]), best first.
+
+    Args:
+        masked: float [r, n_items] scores, excluded cells -inf.
+        excluded: bool [r, n_items], the excluded cells.
+        k: <= n_items.
+    """
+    n_items = masked.shape[1]
+    threshold = np.partition(masked, n_items - k, axis=1)[:, n_items - k]  # the k-th largest
+    chosen = _select_with_ties(masked, excluded, threshold, k)
     padding = chosen < 0
     chosen_scores = np.take_along_axis(masked, np.maximum(chosen, 0), axis=1)
     chosen_scores[padding] = -np.inf
     # Sort by (padding last, score descending, id ascending); lexsort's last key is primary.
     order = np.lexsort((chosen, -chosen_scores, padding), axis=1)
-    ids[:, :k_eff] = np.take_along_axis(chosen, order, axis=1)
-    top_scores[:, :k_eff] = np.take_along_axis(chosen_scores, order, axis=1)
-    return ids, top_scores
+    return np.take_along_axis(chosen, order, axis=1), np.take_along_axis(chosen_scores, order, 1)
 
 
 def _select_with_ties(
@@ -379,6 +430,7 @@ def evaluate(
     ks: Sequence[int] = DEFAULT_KS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: ProgressFn | None = None,
+    users: np.ndarray | None = None,
 ) -> dict[str, float | int]:
     """Ranking metrics of a recommender on the held-out split, with training items excluded.
 
@@ -395,6 +447,8 @@ def evaluate(
         ks: the cut-offs, each > 0.
         batch_size: users scored at once; memory is O(batch_size · n_items).
         progress: called after each batch as progress(users_done, users_total).
+        users: int [n], the users to evaluate (e.g. `sample_users`); those without
+            held-out items are skipped. Default: every user.
 
     Returns:
         A flat dict: for each k ascending, "recall@k", "ndcg@k", "map@k", "precision@k",
@@ -406,7 +460,14 @@ def evaluate(
     if train.shape != heldout.shape:
         raise ValueError(f"train {train.shape} and heldout {heldout.shape} differ in shape")
     n_items = train.shape[1]
-    users = np.flatnonzero(heldout.row_counts() > 0).astype(np.int64)
+    has_heldout = heldout.row_counts() > 0
+    if users is None:
+        users = np.flatnonzero(has_heldout).astype(np.int64)
+    else:
+        users = np.asarray(users, dtype=np.int64)
+        if users.ndim != 1 or np.any(users < 0) or np.any(users >= train.shape[0]):
+            raise ValueError(f"users must be a 1-D array of row ids in [0, {train.shape[0]})")
+        users = users[has_heldout[users]]
     sums = RankingSums.zero(ks, n_items)
     for start in range(0, users.size, batch_size):
         batch = users[start : start + batch_size]
@@ -423,6 +484,17 @@ def evaluate(
             progress(done, int(users.size))
     warn_overlap(sums)
     return sums.result()
+
+
+def sample_users(heldout: CsrMatrix, n_users: int, seed: int) -> np.ndarray:
+    """A seeded sample of n_users of the users with >= 1 held-out item: int64 [m], ascending,
+    m = min(n_users, their number) (all of them when n_users >= their number)."""
+    n_users = _check_k(n_users, "n_users")
+    candidates = np.flatnonzero(heldout.row_counts() > 0).astype(np.int64)
+    if n_users >= candidates.size:
+        return candidates
+    rng = np.random.default_rng([seed, 19])
+    return np.sort(rng.choice(candidates, n_users, replace=False))
 
 
 def evaluate_popularity(
