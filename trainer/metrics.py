@@ -455,6 +455,22 @@ def evaluate(
         "coverage@k" (floats), then "users_evaluated" (int, the users with >= 1 held-out item).
         Means over zero users are NaN.
     """
+    sums = ranking_sums(score_fn, train, heldout, ks, batch_size, progress, users)
+    warn_overlap(sums)
+    return sums.result()
+
+
+def ranking_sums(
+    score_fn: ScoreFn,
+    train: CsrMatrix,
+    heldout: CsrMatrix,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: ProgressFn | None = None,
+    users: np.ndarray | None = None,
+) -> RankingSums:
+    """The `RankingSums` that `evaluate` reports (same arguments), batch by batch, so that
+    memory stays O(batch_size · n_items) however many users are scored."""
     ks = _check_ks(ks)
     batch_size = _check_k(batch_size, "batch_size")
     if train.shape != heldout.shape:
@@ -482,8 +498,7 @@ def evaluate(
         logger.debug("evaluated %d of %d users", done, users.size)
         if progress is not None:
             progress(done, int(users.size))
-    warn_overlap(sums)
-    return sums.result()
+    return sums
 
 
 def sample_users(heldout: CsrMatrix, n_users: int, seed: int) -> np.ndarray:
