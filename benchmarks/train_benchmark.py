@@ -14,21 +14,27 @@ on observed cells, preference 0 and weight 1 elsewhere; implicit is given the ma
 since it takes the weight itself; ours runs with `weighting="confidence"`, w0 = 1 and
 `binary_target=True`).
 
-Tuning: each model gets the same small grid (3 regularization values x 2 confidence scales α;
-see `GRIDS`), fitted with its CG solver (Spark: its only solver) on --size's training cells less
-a validation tenth and scored on that tenth (--tune_on validation, the default), or on the small
-matrix (--tune_on small); the setting with the best NDCG@20 is then used for the timed runs. Before
-that, every (model, solver) is warmed up (TensorFlow tracing, JVM JIT) by an untimed 2-iteration
-fit on the small matrix, and again by an untimed 1-iteration fit on the timed matrix (our CG
-kernel compiles once per tile shape; the warm-up's time is reported as warmup_seconds). Models
-run one after another, never concurrently.
+Tuning: each model gets an equal grid (4 regularization values half a decade apart x 3
+confidence scales α; see `GRIDS`), fitted with its CG solver (Spark: its only solver) on --size's
+training cells less a validation tenth and scored on that tenth (--tune_on validation, the
+default), or on the small matrix (--tune_on small); the setting with the best NDCG@20 is then
+used for the timed runs. A best point on the edge of an axis (`edge_axes`) is logged as a warning,
+flagged in the table and recorded in the result's "edges": the grid should then be widened.
+Tuning runs once; `--tune_only --json_out tuned.json` stops there and `--chosen_from tuned.json`
+times the chosen settings without tuning again, so that a long campaign can run in parts. Before
+tuning, every (model, solver) is warmed up (TensorFlow tracing, JVM JIT) by an untimed
+2-iteration fit on the small matrix, and again by an untimed 1-iteration fit on the timed matrix
+(our CG kernel compiles once per tile shape; the warm-up's time is reported as warmup_seconds).
+Models run one after another, never concurrently.
 
-Timing is the wall time of the fit call divided by the number of iterations, the fastest of
---repeats fits: for ours and implicit it includes their internal set-up (our row layout,
-weights and per-iteration loss, implicit's transpose); for Spark it starts from a cached,
-materialised DataFrame in an already running session and ends when both factor tables are
-materialised. Quality is `trainer.metrics.evaluate` on the held-out cells with training items
-excluded, the same code for every model: Recall@20 and NDCG@20.
+Timing is the wall time of the fit call divided by the number of iterations, over --repeats
+fits (default 3; fit r initialised with seed + r): every figure of a row (seconds per iteration,
+Recall@20, NDCG@20, new R@20, new N@20) is the median of the fits', with its minimum and maximum
+(`_min`, `_max` in the JSON). For ours and implicit it includes their internal set-up (our row
+layout and weights, implicit's transpose); for Spark it starts from a cached, materialised
+DataFrame in an already running session and ends when both factor tables are materialised.
+Quality is `trainer.metrics.evaluate` on the held-out cells with training items excluded, the
+same code for every model: Recall@20 and NDCG@20.
 
 Two protocols, on one split: before the per-cell split, a seeded --holdout_users share of the
 users (default 0.1) is held out whole ("strong generalization", Liang et al. 2018, Rendle et al.
@@ -40,8 +46,8 @@ part with its own exact row solve against its fixed item factors (ours:
 ones and is scored on the target part (new Recall@20, new NDCG@20), as is popularity.
 
     python -m benchmarks.train_benchmark --size small|large [--k 64] [--iters 10]
-        [--skip spark] [--skip implicit] [--repeats N] [--tune_on validation|small]
-        [--holdout_users 0.1] [--json_out results.json]
+        [--skip ours|implicit|spark ...] [--repeats 3] [--tune_on validation|small]
+        [--holdout_users 0.1] [--tune_only] [--chosen_from tuned.json] [--json_out results.json]
 """
 
 from __future__ import annotations
@@ -83,15 +89,17 @@ OURS = "ours"
 IMPLICIT = "implicit"
 SPARK = "spark"
 PEERS = (IMPLICIT, SPARK)
+MODELS = (OURS, *PEERS)
 
-# The tuning grid of each model: every combination is fitted once, 3 regularization values half
-# a decade apart x 2 confidence scales α. Ours is set up as the same model as implicit's (below),
-# so it gets implicit's grid; Spark scales λ by each row's count (ALS-WR), hence its own range.
-# Each range is centred on the best decade of one coarse scan (λ = 10^j) on the small matrix.
+# The tuning grid of each model: every combination is fitted once, regularization values half a
+# decade apart x confidence scales α. Ours is set up as the same model as implicit's (below), so
+# it gets implicit's grid; Spark scales λ by each row's count (ALS-WR), hence its own range. Each
+# axis is wide enough that the best point of the large benchmark's tuning lies inside it, not on
+# its edge (`edge_axes` checks this on every run and the result records it).
 GRIDS: dict[str, dict[str, Sequence[float]]] = {
-    OURS: {"regularization": (30.0, 100.0, 300.0), "alpha": (10.0, 40.0)},
-    IMPLICIT: {"regularization": (30.0, 100.0, 300.0), "alpha": (10.0, 40.0)},
-    SPARK: {"regularization": (0.3, 1.0, 3.0), "alpha": (10.0, 40.0)},
+    OURS: {"regularization": (100.0, 300.0, 1000.0, 3000.0), "alpha": (3.0, 10.0, 40.0)},
+    IMPLICIT: {"regularization": (100.0, 300.0, 1000.0, 3000.0), "alpha": (3.0, 10.0, 40.0)},
+    SPARK: {"regularization": (0.1, 0.3, 1.0, 3.0), "alpha": (3.0, 10.0, 40.0)},
 }
 # Our trainer's fixed settings: Hu, Koren & Volinsky's model, as the peers fit it: target 1 on
 # observed cells (binary_target), weight 1 + α r there (confidence weighting, w0 = 1) and 1
@@ -431,6 +439,16 @@ def grid_points(grid: dict[str, Sequence[float]]) -> list[dict[str, float]]:
     ]
 
 
+def edge_axes(params: dict[str, float], grid: dict[str, Sequence[float]]) -> list[str]:
+    """The axes of `grid` (with more than one value) whose smallest or largest value `params`
+    takes: where the best point may lie outside the grid, which should then be widened."""
+    return [
+        name
+        for name, values in grid.items()
+        if len(values) > 1 and params[name] in (min(values), max(values))
+    ]
+
+
 def tune(
     name: str,
     fit: FitFn,
@@ -441,7 +459,8 @@ def tune(
     iters: int,
     seed: int,
 ) -> tuple[dict, list[dict]]:
-    """Fits every point of GRIDS[name] and returns (best params, the grid with its metrics)."""
+    """Fits every point of GRIDS[name] and returns (best params, the grid with its metrics);
+    warns when the best point lies on an edge of the grid (`edge_axes`)."""
     results = []
     for params in grid_points(GRIDS[name]):
         fitted = fit(train, params, solver, k, iters, seed)
@@ -449,6 +468,15 @@ def tune(
         results.append({"params": params, **scores, "seconds": round(fitted.seconds, 3)})
         logger.info("tune %s %s: %s", name, params, scores)
     best = max(results, key=lambda result: result[PRIMARY_METRIC])
+    edges = edge_axes(best["params"], GRIDS[name])
+    if edges:
+        logger.warning(
+            "%s: the best point %s lies on the edge of the grid's %s axis; widen GRIDS[%r]",
+            name,
+            best["params"],
+            ", ".join(edges),
+            name,
+        )
     return best["params"], results
 
 
@@ -470,6 +498,17 @@ def _fitter(name: str) -> Iterator[FitFn]:
         yield {OURS: fit_ours, IMPLICIT: fit_implicit}[name]
 
 
+def spread(values: Sequence[float | None]) -> dict[str, float | None]:
+    """{"median", "min", "max"} of the runs' values (None when a value is missing)."""
+    if not values or any(value is None for value in values):
+        return {"median": None, "min": None, "max": None}
+    return {
+        "median": float(np.median(values)),
+        "min": float(min(values)),
+        "max": float(max(values)),
+    }
+
+
 def benchmark_model(
     name: str,
     splits: dict[str, tuple[CsrMatrix, CsrMatrix]],
@@ -479,6 +518,8 @@ def benchmark_model(
     repeats: int,
     seed: int,
     new_users: tuple[CsrMatrix, CsrMatrix] | None = None,
+    chosen: dict | None = None,
+    tune_only: bool = False,
 ) -> tuple[dict, list[dict], list[dict]]:
     """Warms up, tunes on the tuning split, then times and evaluates each solver on `size`.
 
@@ -489,23 +530,32 @@ def benchmark_model(
         size: the split to time on.
         k: latent factors.
         iters: iterations of every fit.
-        repeats: timed fits per solver; the fastest counts (the rest is the machine's noise).
-        seed: initialisation seed of every fit.
+        repeats: timed fits per solver; run r initialises with seed + r, and every figure of
+            the row is the median of the runs', with their minimum and maximum.
+        seed: initialisation seed of the tuning fits and of the first timed run.
         new_users: (fold-in rows, target rows) of the held-out users, or None.
+        chosen: params chosen by an earlier tuning (no tuning then), or None to tune.
+        tune_only: stop after tuning (no timed fits, no rows).
 
     Returns:
-        (chosen params, the tuning grid with its metrics, one table row per solver).
+        (chosen params, the tuning grid with its metrics ([] when `chosen` was given), one table
+        row per solver).
     """
     small_train, _ = splits["small"]
     tune_train, tune_heldout = splits["tune"]
     train, heldout = splits[size]
-    rows = []
+    rows, grid = [], []
     with _fitter(name) as fit:
-        for solver in SOLVERS[name]:
+        for solver in SOLVERS[name][: 1 if tune_only else None]:
             logger.info("warming up %s (%s)", name, solver)
             fit(small_train, grid_points(GRIDS[name])[0], solver, k, WARMUP_ITERS, seed)
-        logger.info("tuning %s", name)
-        chosen, grid = tune(name, fit, SOLVERS[name][0], tune_train, tune_heldout, k, iters, seed)
+        if chosen is None:
+            logger.info("tuning %s", name)
+            chosen, grid = tune(
+                name, fit, SOLVERS[name][0], tune_train, tune_heldout, k, iters, seed
+            )
+        if tune_only:
+            return chosen, grid, rows
         for solver in SOLVERS[name]:
             # One untimed iteration on this very matrix first, for every model alike: ours
             # XLA-compiles its CG kernel once per tile shape (about 4 s at the large size), a
@@ -513,19 +563,28 @@ def benchmark_model(
             warmup = fit(train, chosen, solver, k, 1, seed)
             logger.info("warm-up of %s (%s): %.2f s", name, solver, warmup.seconds)
             logger.info("timing %s (%s) on the %s matrix, %d run(s)", name, solver, size, repeats)
-            runs = [fit(train, chosen, solver, k, iters, seed) for _ in range(repeats)]
-            fastest = min(runs, key=lambda fitted: fitted.seconds)
-            row = {
-                "model": name,
-                "solver": solver,
-                "seconds_per_iter": fastest.seconds / iters,
-                **evaluate(fastest, train, heldout),
-                **(evaluate_new_users(fastest, train, *new_users) if new_users else {}),
-                "all_seconds": [round(fitted.seconds, 3) for fitted in runs],
-                "warmup_seconds": round(warmup.seconds, 3),
-            }
-            if fastest.loss_seconds is not None:
-                row["loss_seconds_per_iter"] = fastest.loss_seconds
+            runs = []
+            for run in range(repeats):
+                fitted = fit(train, chosen, solver, k, iters, seed + run)
+                runs.append(
+                    {
+                        "seconds_per_iter": fitted.seconds / iters,
+                        "loss_seconds_per_iter": fitted.loss_seconds,
+                        **evaluate(fitted, train, heldout),
+                        **(evaluate_new_users(fitted, train, *new_users) if new_users else {}),
+                    }
+                )
+                logger.info("%s (%s) run %d: %s", name, solver, run + 1, runs[-1])
+            row = {"model": name, "solver": solver}
+            for figure in runs[0]:
+                values = [run[figure] for run in runs]
+                if figure == "loss_seconds_per_iter" and values[0] is None:
+                    continue
+                summary = spread(values)
+                row[figure] = summary["median"]
+                row[f"{figure}_min"], row[f"{figure}_max"] = summary["min"], summary["max"]
+            row["all_seconds"] = [round(run["seconds_per_iter"] * iters, 3) for run in runs]
+            row["warmup_seconds"] = round(warmup.seconds, 3)
             logger.info("%s", row)
             rows.append(row)
     return chosen, grid, rows
@@ -540,6 +599,8 @@ def run_benchmark(
     seed: int = 0,
     tune_on: str = "validation",
     holdout_users: float = HOLDOUT_USERS,
+    chosen: dict[str, dict] | None = None,
+    tune_only: bool = False,
 ) -> dict:
     """Tunes every model, then times and evaluates them on `size`.
 
@@ -555,17 +616,22 @@ def run_benchmark(
         size: "small" or "large", a key of `matrices.SIZES`.
         k: latent factors of every model.
         iters: ALS iterations of every model.
-        skip: peers to leave out, from `PEERS`.
-        repeats: timed fits per (model, solver); the fastest is reported.
+        skip: models to leave out, from `MODELS`.
+        repeats: timed fits per (model, solver); each figure is their median, min and max.
         seed: seed of the matrix, the split and every model's initialisation.
         tune_on: "validation" or "small" (see above).
         holdout_users: the share of `size`'s users held out whole for the new-user protocol
             (0: only the per-cell protocol).
+        chosen: {model: params} of an earlier tuning (its result's "chosen", same size, seed
+            and tune_on): those models are not tuned again.
+        tune_only: only tune (the result has "chosen", "grids" and "edges", no rows).
 
     Returns:
-        The JSON-serialisable result: the matrix, settings, grids, chosen params and one row per
-        (model, solver) with seconds_per_iter, ratio_to_implicit_cg, recall@20 and ndcg@20 (ours
-        also loss_seconds_per_iter), then the popularity baseline's row.
+        The JSON-serialisable result: the matrix, settings, grids, chosen params, the grid axes
+        on whose edge each model's best point lies ("edges", empty lists when interior) and one
+        row per (model, solver) with seconds_per_iter, ratio_to_implicit_cg, recall@20 and
+        ndcg@20 (ours also loss_seconds_per_iter), each the median of the runs with its _min and
+        _max, then the popularity baseline's row.
     """
     _set_tensorflow_threads(THREADS)
     splits = {}
@@ -589,16 +655,38 @@ def run_benchmark(
     else:
         fit_train, validation = matrices.split_cells(splits[size][0], VALIDATION_FRACTION, seed + 1)
         splits["tune"] = (fit_train, _first_users(validation, TUNE_USERS, seed))
-    chosen, grids, rows = {}, {}, []
-    for name in (OURS, *PEERS):
+    given, chosen, grids, rows = dict(chosen or {}), {}, {}, []
+    for name in MODELS:
         if name in skip:
             continue
         chosen[name], grids[name], model_rows = benchmark_model(
-            name, splits, size, k, iters, repeats, seed, new_users
+            name, splits, size, k, iters, repeats, seed, new_users, given.get(name), tune_only
         )
         rows.extend(model_rows)
-
+    edges = {name: edge_axes(params, GRIDS[name]) for name, params in chosen.items()}
     train, heldout = splits[size]
+    settings = {
+        "size": size,
+        "shape": list(train.shape),
+        "train_nnz": train.nnz,
+        "heldout_nnz": heldout.nnz,
+        "k": k,
+        "iters": iters,
+        "threads": THREADS,
+        "repeats": repeats,
+        "skipped": sorted(skip),
+        "seed": seed,
+        "tuned_on": tune_on,
+        "holdout_users": holdout_users,
+        "new_users": 0 if new_users is None else new_users[0].shape[0],
+        "ours_fixed": OURS_FIXED,
+        "grids": grids,
+        "chosen": chosen,
+        "tuned_here": sorted(set(chosen) - set(given)),
+        "edges": edges,
+    }
+    if tune_only:
+        return {**settings, "rows": []}
     popularity = metrics.evaluate_popularity(train, heldout, ks=KS)
     rows.append(
         {
@@ -621,49 +709,39 @@ def run_benchmark(
     for row in rows:
         has_time = reference and row["seconds_per_iter"] is not None
         row["ratio_to_implicit_cg"] = row["seconds_per_iter"] / reference if has_time else None
-    return {
-        "size": size,
-        "shape": list(train.shape),
-        "train_nnz": train.nnz,
-        "heldout_nnz": heldout.nnz,
-        "k": k,
-        "iters": iters,
-        "threads": THREADS,
-        "repeats": repeats,
-        "skipped": sorted(skip),
-        "seed": seed,
-        "tuned_on": tune_on,
-        "holdout_users": holdout_users,
-        "new_users": 0 if new_users is None else new_users[0].shape[0],
-        "ours_fixed": OURS_FIXED,
-        "grids": grids,
-        "chosen": chosen,
-        "rows": rows,
-    }
+    return {**settings, "rows": rows}
 
 
 def format_table(result: dict) -> str:
-    """The result's rows as a fixed-width text table."""
+    """The result's rows as a fixed-width text table: each figure the median of the runs,
+    seconds per iteration and NDCG@20 with their range (min-max) over the runs."""
 
     def number(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
+    def ranged(row: dict, figure: str, spec: str) -> str:
+        low, high = row.get(f"{figure}_min"), row.get(f"{figure}_max")
+        if low is None or high is None:
+            return number(row[figure], spec)
+        return f"{row[figure]:{spec}} ({low:{spec}}-{high:{spec}})"
+
     header = (
-        f"{'model':<11} {'solver':<9} {'s/iter':>9} {'x implicit cg':>14} "
-        f"{'Recall@20':>10} {'NDCG@20':>9} {'new R@20':>9} {'new N@20':>9}"
+        f"{'model':<11} {'solver':<9} {'s/iter (min-max)':>25} {'x implicit cg':>14} "
+        f"{'Recall@20':>10} {'NDCG@20 (min-max)':>25} {'new R@20':>9} {'new N@20':>9}"
     )
     lines = [
         f"{result['size']} matrix {result['shape'][0]:,} x {result['shape'][1]:,}, "
         f"{result['train_nnz']:,} train / {result['heldout_nnz']:,} held-out cells, "
-        f"k={result['k']}, {result['iters']} iterations, {result['threads']} threads",
+        f"k={result['k']}, {result['iters']} iterations, {result['threads']} threads; "
+        f"medians of {result['repeats']} run(s)",
         header,
         "-" * len(header),
     ]
     for row in result["rows"]:
         lines.append(
-            f"{row['model']:<11} {row['solver']:<9} {number(row['seconds_per_iter'], '.4f'):>9} "
+            f"{row['model']:<11} {row['solver']:<9} {ranged(row, 'seconds_per_iter', '.4f'):>25} "
             f"{number(row['ratio_to_implicit_cg'], '.2f'):>14} {row['recall@20']:>10.4f} "
-            f"{row['ndcg@20']:>9.4f} {number(row.get('new_recall@20'), '.4f'):>9} "
+            f"{ranged(row, 'ndcg@20', '.4f'):>25} {number(row.get('new_recall@20'), '.4f'):>9} "
             f"{number(row.get('new_ndcg@20'), '.4f'):>9}"
         )
     if result.get("new_users"):
@@ -676,7 +754,15 @@ def format_table(result: dict) -> str:
     lines.append(f"chosen on {where} (best NDCG@20 of each grid):")
     for name, params in result["chosen"].items():
         grid = ", ".join(f"{key} {list(values)}" for key, values in GRIDS[name].items())
-        lines.append(f"  {name:<9} {params}   (grid: {grid})")
+        edges = result.get("edges", {}).get(name)
+        edge = f"; ON THE EDGE of {', '.join(edges)}" if edges else ""
+        lines.append(f"  {name:<9} {params}   (grid: {grid}{edge})")
+    for name, grid in result["grids"].items():
+        for point in grid:
+            lines.append(
+                f"    {name:<9} {point['params']}: NDCG@20 {point['ndcg@20']:.4f}, "
+                f"Recall@20 {point['recall@20']:.4f}, {point['seconds']:.1f} s"
+            )
     for row in result["rows"]:
         if row.get("loss_seconds_per_iter") is not None:
             loss = row["loss_seconds_per_iter"]
@@ -686,6 +772,20 @@ def format_table(result: dict) -> str:
                 f"every iteration, {loss:.4f} s (not in s/iter, as the peers compute none)"
             )
     return "\n".join(lines)
+
+
+def _read_chosen(path: str, args: argparse.Namespace) -> tuple[dict, dict]:
+    """({model: params}, {model: tuning grid}) of an earlier result (e.g. of --tune_only)
+    made with the same size, seed, k, iterations and tuning split."""
+    with open(path) as handle:
+        earlier = json.load(handle)
+    for flag in ("size", "seed", "k", "iters", "tune_on", "holdout_users"):
+        key = "tuned_on" if flag == "tune_on" else flag
+        if earlier.get(key) != getattr(args, flag):
+            raise ValueError(
+                f"{path} was tuned with --{flag} {earlier.get(key)}, not {getattr(args, flag)}"
+            )
+    return earlier["chosen"], earlier.get("grids", {})
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -700,12 +800,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--k", type=int, default=64, help="latent factors (default 64)")
     parser.add_argument("--iters", type=int, default=10, help="ALS iterations (default 10)")
     parser.add_argument(
-        "--skip", action="append", choices=PEERS, default=[], help="leave a peer out; repeatable"
+        "--skip", action="append", choices=MODELS, default=[], help="leave a model out; repeatable"
     )
     parser.add_argument(
         "--repeats",
         type=int,
-        help="timed fits per model and solver, fastest reported (default 3 on small, 1 on large)",
+        default=3,
+        help="timed fits per model and solver; each figure is their median, with min and max "
+        "(default 3)",
     )
     parser.add_argument("--seed", type=int, default=0, help="matrix, split and init seed")
     parser.add_argument(
@@ -720,26 +822,44 @@ def main(argv: list[str] | None = None) -> dict:
         default=HOLDOUT_USERS,
         help="share of users held out whole for the new-user protocol, in [0, 1) (default 0.1)",
     )
+    parser.add_argument(
+        "--tune_only", action="store_true", help="only tune; write the choice with --json_out"
+    )
+    parser.add_argument(
+        "--chosen_from",
+        metavar="JSON",
+        help="take the params of the models an earlier --json_out tuned (same --size, --seed, "
+        "--k, --iters, --tune_on, --holdout_users) instead of tuning them again",
+    )
     parser.add_argument("--json_out", help="also write the result as JSON to this path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    if args.k < 1 or args.iters < 1 or (args.repeats is not None and args.repeats < 1):
+    if args.k < 1 or args.iters < 1 or args.repeats < 1:
         parser.error("--k, --iters and --repeats must be >= 1")
     if not 0 <= args.holdout_users < 1:
         parser.error("--holdout_users must be in [0, 1)")
-    repeats = args.repeats or (3 if args.size == "small" else 1)
+    chosen, earlier_grids = {}, {}
+    if args.chosen_from:
+        try:
+            chosen, earlier_grids = _read_chosen(args.chosen_from, args)
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"--chosen_from: {error}")
     result = run_benchmark(
         args.size,
         args.k,
         args.iters,
         args.skip,
-        repeats,
+        args.repeats,
         args.seed,
         args.tune_on,
         args.holdout_users,
+        chosen,
+        args.tune_only,
     )
+    for name in set(chosen) & set(result["grids"]):
+        result["grids"][name] = earlier_grids.get(name, [])
     print(format_table(result))
     if args.json_out:
         with open(args.json_out, "w") as handle:

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import matrices
+from benchmarks import matrices, train_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (600, 200)
@@ -115,6 +115,76 @@ def test_split_cells_edges(matrix):
         matrices.split_cells(matrix, 1.5, seed=1)
 
 
+def test_grids_have_an_interior_on_every_axis_and_edges_are_found():
+    tb = train_benchmark
+
+    for name, grid in tb.GRIDS.items():
+        for axis, values in grid.items():
+            assert len(values) >= 3, (name, axis)  # else every point is on an edge
+            assert list(values) == sorted(set(values)), (name, axis)
+    grid = {"regularization": (1.0, 3.0, 10.0), "alpha": (3.0, 10.0, 40.0), "fixed": (2.0,)}
+    assert tb.edge_axes({"regularization": 3.0, "alpha": 10.0, "fixed": 2.0}, grid) == []
+    assert tb.edge_axes({"regularization": 10.0, "alpha": 10.0, "fixed": 2.0}, grid) == [
+        "regularization"
+    ]
+    assert tb.edge_axes({"regularization": 1.0, "alpha": 3.0, "fixed": 2.0}, grid) == [
+        "regularization",
+        "alpha",
+    ]
+
+
+def test_timed_rows_are_medians_of_the_repeats_and_tuning_is_skipped_when_chosen(monkeypatch):
+    """benchmark_model with a stub fit: each figure is the median of the runs, with min and max;
+    given chosen params, nothing is tuned; --tune_only stops after the tuning."""
+    import contextlib
+
+    tb = train_benchmark
+
+    train, heldout = matrices.split_cells(matrices.synthetic_matrix(60, 40, 600, seed=1), 0.2, 0)
+    splits = {"small": (train, heldout), "tune": (train, heldout), "large": (train, heldout)}
+    calls = []
+    # Seconds of the timed fits, in call order: CG's 3 runs, then Cholesky's.
+    timed_seconds = iter([3.0, 1.0, 2.0, 5.0, 4.0, 9.0])
+
+    def fit(matrix, params, solver, k, iters, seed):
+        calls.append((params["regularization"], solver, iters, seed))
+        timed = matrix is train and iters == 10 and len(calls) > 2 + 12
+        rng = np.random.default_rng(seed)
+        return tb.Fitted(
+            rng.standard_normal((matrix.shape[0], k)).astype(np.float32),
+            rng.standard_normal((matrix.shape[1], k)).astype(np.float32),
+            next(timed_seconds) if timed else 0.5,
+        )
+
+    monkeypatch.setattr(tb, "_fitter", lambda name: contextlib.nullcontext(fit))
+    chosen, grid, rows = tb.benchmark_model(tb.OURS, splits, "large", 4, 10, 3, seed=7)
+    n_points = len(tb.grid_points(tb.GRIDS[tb.OURS]))
+    assert len(grid) == n_points == 12
+    assert chosen == max(grid, key=lambda point: point["ndcg@20"])["params"]
+    cg, cholesky = rows
+    assert (cg["seconds_per_iter"], cg["seconds_per_iter_min"], cg["seconds_per_iter_max"]) == (
+        0.2,
+        0.1,
+        0.3,
+    )
+    assert cholesky["seconds_per_iter"] == 0.5 and cholesky["all_seconds"] == [5.0, 4.0, 9.0]
+    assert cg["ndcg@20_min"] <= cg["ndcg@20"] <= cg["ndcg@20_max"]
+    # The runs of a solver start from seeds 7, 8, 9.
+    assert [seed for _, solver, iters, seed in calls if iters == 10][-3:] == [7, 8, 9]
+
+    calls.clear()
+    timed_seconds = iter([1.0] * 6)
+    given = {"regularization": 300.0, "alpha": 10.0}
+    chosen, grid, rows = tb.benchmark_model(tb.OURS, splits, "large", 4, 10, 3, 7, chosen=given)
+    assert chosen == given and grid == [] and len(rows) == 2
+    assert {reg for reg, _, iters, _ in calls if iters == 10} == {300.0}
+
+    calls.clear()
+    chosen, grid, rows = tb.benchmark_model(tb.OURS, splits, "large", 4, 10, 3, 7, tune_only=True)
+    assert len(grid) == n_points and rows == []
+    assert len(calls) == 1 + n_points  # one warm-up, the grid, no timed fit
+
+
 def _run_benchmark(tmp_path, size: str) -> tuple[dict, dict, str]:
     """Runs the benchmark at `size`; returns ({(model, solver): row}, the result, stdout)."""
     pytest.importorskip("scipy")
@@ -154,7 +224,7 @@ def _run_benchmark(tmp_path, size: str) -> tuple[dict, dict, str]:
     assert set(rows) == expected
     assert set(result["chosen"]) == {model for model, _ in expected} - {"popularity"}
     for name, grid in result["grids"].items():
-        assert len(grid) == 6, name
+        assert len(grid) == len(train_benchmark.grid_points(train_benchmark.GRIDS[name])), name
 
     return rows, result, completed.stdout
 
@@ -175,7 +245,8 @@ def test_large_benchmark_bars(tmp_path):
     """On the 100K x 20K x 5M matrix (about 30 minutes, most of it Spark's tuning): ours (CG)
     at most 2x implicit CG's seconds per iteration, and NDCG@20 at least 95% of the best
     peer's."""
-    rows, _, stdout = _run_benchmark(tmp_path, "large")
+    rows, result, stdout = _run_benchmark(tmp_path, "large")
+    assert not any(result["edges"].values()), stdout  # every best point inside its grid
     assert rows["ours", "cg"]["ndcg@20"] >= 0.95 * _best_peer_ndcg(rows), stdout
     ours, theirs = rows["ours", "cg"], rows["implicit", "cg"]
     assert ours["seconds_per_iter"] <= 2 * theirs["seconds_per_iter"], stdout
