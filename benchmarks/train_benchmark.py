@@ -788,8 +788,8 @@ def _read_chosen(path: str, args: argparse.Namespace) -> tuple[dict, dict]:
     return earlier["chosen"], earlier.get("grids", {})
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Parses flags, runs the benchmark, prints the table and writes --json_out."""
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--size",
@@ -832,6 +832,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--k, --iters, --tune_on, --holdout_users) instead of tuning them again",
     )
     parser.add_argument("--json_out", help="also write the result as JSON to this path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parses flags, runs the benchmark, prints the table and writes --json_out."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

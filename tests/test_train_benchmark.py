@@ -250,3 +250,38 @@ def test_large_benchmark_bars(tmp_path):
     assert rows["ours", "cg"]["ndcg@20"] >= 0.95 * _best_peer_ndcg(rows), stdout
     ours, theirs = rows["ours", "cg"], rows["implicit", "cg"]
     assert ours["seconds_per_iter"] <= 2 * theirs["seconds_per_iter"], stdout
+
+
+def test_table_shows_medians_ranges_and_edges_and_chosen_from_checks_the_settings(tmp_path):
+    tb = train_benchmark
+    row = {"model": "ours", "solver": "cg", "seconds_per_iter": 1.5, "ratio_to_implicit_cg": 1.2}
+    row.update({"seconds_per_iter_min": 1.25, "seconds_per_iter_max": 2.0, "recall@20": 0.3})
+    row.update({"ndcg@20": 0.2, "ndcg@20_min": 0.19, "ndcg@20_max": 0.21})
+    result = {
+        "size": "large",
+        "shape": [10, 5],
+        "train_nnz": 30,
+        "heldout_nnz": 8,
+        "k": 4,
+        "iters": 10,
+        "threads": 2,
+        "repeats": 3,
+        "seed": 0,
+        "tuned_on": "validation",
+        "holdout_users": 0.1,
+        "chosen": {"ours": {"regularization": 3000.0, "alpha": 10.0}},
+        "edges": {"ours": ["regularization"]},
+        "grids": {"ours": []},
+        "rows": [row],
+    }
+    table = tb.format_table(result)
+    assert "medians of 3 run(s)" in table
+    assert "1.5000 (1.2500-2.0000)" in table and "0.2000 (0.1900-0.2100)" in table
+    assert "ON THE EDGE of regularization" in table
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(result))
+    args = ["--size", "large", "--k", "4", "--chosen_from", str(path)]
+    assert tb._read_chosen(str(path), tb.build_parser().parse_args(args))[0] == result["chosen"]
+    with pytest.raises(ValueError, match="--seed"):
+        tb._read_chosen(str(path), tb.build_parser().parse_args([*args, "--seed", "1"]))
