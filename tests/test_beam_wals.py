@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from pipeline import cli, preprocess, synthetic
-from trainer import checkpoints, task
+from trainer import beam_wals, checkpoints, task
+from trainer.sparse import CsrMatrix
 
 ITERS = 4
 HYPER = ["--num_iters", str(ITERS), "--latent_factors", "8", "--no_progress"]
@@ -99,6 +100,50 @@ def test_distributed_training_equals_local_training(
             assert metrics["new_visitors"][model][name] == pytest.approx(
                 expected["new_visitors"][model][name], abs=0.01
             )
+
+
+def test_workers_without_cached_problems_rebuild_them_from_the_stashed_rows(
+    dataset, local, tmp_path, monkeypatch
+):
+    # A cache of one entry evicts every block's problem before its next sweep, as a worker that
+    # restarts between sweeps would: each solve then rereads the block's rows file.
+    monkeypatch.setattr(beam_wals, "PLAN_CACHE_SLOTS", 0)
+    beam_wals._PLAN_CACHE.clear()
+    reads = []
+    read_rows_block = checkpoints.read_rows_block
+    monkeypatch.setattr(
+        checkpoints,
+        "read_rows_block",
+        lambda *args: reads.append(args[1:]) or read_rows_block(*args),
+    )
+    out = str(tmp_path / "model")
+    task.run(
+        [
+            "--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed",
+            "--block_rows", "128", "--factor_exchange", "join",
+        ]
+    )  # fmt: skip
+    assert_same_model(local, out)
+    # Every half-sweep rebuilt its blocks: at least one read per block and solve.
+    with open(os.path.join(dataset, "summary.json")) as handle:
+        summary = json.load(handle)
+    n_blocks = sum(-(-summary[n] // 128) for n in ("nusers", "nitems"))
+    assert len(reads) >= ITERS * n_blocks
+
+
+def test_block_rows_files_round_trip_and_a_corrupt_one_is_named(tmp_path):
+    rows = CsrMatrix.from_triples(
+        np.array([0, 0, 2]), np.array([5, 1, 3]), np.array([0.5, 1.0, 2.0]), (3, 7)
+    )
+    directory = str(tmp_path / "ckpt")
+    checkpoints.write_rows_block(directory, 1, 4, rows)
+    back = checkpoints.read_rows_block(directory, 1, 4)
+    np.testing.assert_array_equal(back.to_dense(), rows.to_dense())
+    assert back.shape == (3, 7)
+    path = tmp_path / "ckpt" / "rows" / "items" / "block-00004.npz"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(checkpoints.CheckpointError, match="block-00004.npz"):
+        checkpoints.read_rows_block(directory, 1, 4)
 
 
 def test_join_equals_broadcast_with_cg(dataset, tmp_path):

@@ -8,10 +8,16 @@ cells, so Beam's per-element cost is paid a few hundred times per sweep. Each ha
 every block of one side against the other side's factors, with the math of the local trainer:
 `trainer.problem.define_rows` per block, then `trainer.solver.solve_planned`.
 
+    once:   rows of each side | StashRows      (each block's ratings to the checkpoint dir)
     iteration t:
       users_t = users_{t-1} | SolveUsers(G = Σ_blocks Y_bᵀY_b,  Y = items_{t-1})
       items_t = items_{t-1} | SolveItems(G = Σ_blocks X_bᵀX_b,  X = users_t)
       users_t, items_t | WriteCheckpoint      (one file per block, the marker last)
+
+Only factors move between sweeps (`FactorBlock`: row IDs and float32 [b, k]); the ratings stay
+where they are, as Spark's ALS caches its in-blocks. A worker keeps each block's problem and solve
+plan after building it once (`_block_problem`) and rebuilds it from the stashed rows file on a
+miss (a new or restarted worker, or an evicted entry).
 
 The Gramian G is a CombineFn over factor blocks (k x k partial sums), a singleton side input of
 every solve. The fixed factors reach a solving block in one of two ways (`--factor_exchange`):
@@ -47,7 +53,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from trainer import blocks as blocks_lib
 from trainer import checkpoints, problem, seeding
 from trainer import solver as wals_solver
-from trainer.blocks import RowBlock
+from trainer.blocks import FactorBlock, RowBlock
 from trainer.config import WALSConfig
 from transforms import features
 
@@ -128,8 +134,8 @@ def _parse_record(
 class ReadRowBlocks(beam.PTransform):
     """Reads one side's rows from the preprocessed TFRecords into blocks.
 
-    Input: the pipeline root. Output: PCollection[RowBlock] without factors, one per block,
-    including blocks whose rows have no cells.
+    Input: the pipeline root. Output: PCollection[RowBlock], one per block, including blocks
+    whose rows have no cells.
     """
 
     def __init__(self, spec: TrainSpec, side: int):
@@ -193,15 +199,30 @@ class _CountItems(beam.CombineFn):
 # --- initialisation and checkpoints ------------------------------------------------------------
 
 
+class _StashRows(beam.DoFn):
+    """RowBlock -> its FactorBlock, after writing the block's ratings to the checkpoint
+    directory (`checkpoints.write_rows_block`): the sweeps then move only factors, and a worker
+    rebuilds a block's problem from that file when it has not cached it."""
+
+    def __init__(self, spec: TrainSpec):
+        self._spec = spec
+
+    def process(self, block: RowBlock):
+        checkpoints.write_rows_block(
+            self._spec.checkpoint_dir, block.side, block.block_id, block.rows
+        )
+        yield block.factor_block()
+
+
 class _InitFactors(beam.DoFn):
-    """RowBlock -> the same block with its initial factors: seeded (`trainer.seeding`), or a
-    warm start's."""
+    """FactorBlock -> the same block with its initial factors: seeded (`trainer.seeding`), or
+    a warm start's."""
 
     def __init__(self, spec: TrainSpec, side: int):
         self._spec = spec
         self._side = side
 
-    def process(self, block: RowBlock):
+    def process(self, block: FactorBlock):
         config = self._spec.config
         if self._spec.warm_start:
             yield block.with_factors(
@@ -225,14 +246,14 @@ class _InitFactors(beam.DoFn):
 
 
 class _LoadFactors(beam.DoFn):
-    """RowBlock -> the same block with its factors from a verified checkpoint."""
+    """FactorBlock -> the same block with its factors from a verified checkpoint."""
 
     def __init__(self, spec: TrainSpec, side: int, marker: dict):
         self._spec = spec
         self._side = side
         self._marker = marker
 
-    def process(self, block: RowBlock):
+    def process(self, block: FactorBlock):
         row_ids, factors = checkpoints.read_block(
             self._spec.checkpoint_dir, self._marker, block.block_id
         )
@@ -242,14 +263,15 @@ class _LoadFactors(beam.DoFn):
 
 
 class _WriteBlock(beam.DoFn):
-    """RowBlock -> (block_id, file record) after writing its factors (retry-safe: same bytes)."""
+    """FactorBlock -> (block_id, file record) after writing its factors (retry-safe: same
+    bytes)."""
 
     def __init__(self, spec: TrainSpec, iteration: int, side: int):
         self._spec = spec
         self._iteration = iteration
         self._side = side
 
-    def process(self, block: RowBlock):
+    def process(self, block: FactorBlock):
         yield checkpoints.write_block(
             self._spec.checkpoint_dir,
             self._iteration,
@@ -283,7 +305,7 @@ class _WriteMarker(beam.DoFn):
 
 
 class WriteCheckpoint(beam.PTransform):
-    """PCollection[RowBlock] -> PCollection[int] (the half-sweep's number, once complete).
+    """PCollection[FactorBlock] -> PCollection[int] (the half-sweep's number, once complete).
 
     Writes `iter-NNNN/<side>/block-NNNNN.npz` per block, then the marker `_COMPLETE` naming
     every file with its size and SHA-256, so a reader can tell a complete checkpoint.
@@ -306,7 +328,7 @@ class WriteCheckpoint(beam.PTransform):
 
 
 class _Gramian(beam.CombineFn):
-    """RowBlock -> G = Σ_blocks F_bᵀ F_b, float64 [k, k]."""
+    """FactorBlock -> G = Σ_blocks F_bᵀ F_b, float64 [k, k]."""
 
     def __init__(self, k: int):
         self._k = k
@@ -314,7 +336,7 @@ class _Gramian(beam.CombineFn):
     def create_accumulator(self):
         return np.zeros((self._k, self._k), dtype=np.float64)
 
-    def add_input(self, gram, block: RowBlock):
+    def add_input(self, gram, block: FactorBlock):
         f = block.factors.astype(np.float64)
         return gram + f.T @ f
 
@@ -326,7 +348,7 @@ class _Gramian(beam.CombineFn):
 
 
 class _GramianAndTable(beam.CombineFn):
-    """RowBlock -> (G = Σ_blocks F_bᵀ F_b float64 [k, k], the whole table float32 [n, k]).
+    """FactorBlock -> (G = Σ_blocks F_bᵀ F_b float64 [k, k], the whole table float32 [n, k]).
 
     The broadcast exchange needs both of the fixed side; one combine makes them in one stage.
     """
@@ -338,7 +360,7 @@ class _GramianAndTable(beam.CombineFn):
     def create_accumulator(self):
         return self._gramian.create_accumulator(), self._table.create_accumulator()
 
-    def add_input(self, accumulator, block: RowBlock):
+    def add_input(self, accumulator, block: FactorBlock):
         gram, parts = accumulator
         return self._gramian.add_input(gram, block), self._table.add_input(parts, block)
 
@@ -355,7 +377,8 @@ class _GramianAndTable(beam.CombineFn):
 
 
 class _Table(beam.CombineFn):
-    """RowBlock -> the whole side's factor table, float32 [n, k] (the broadcast side input)."""
+    """FactorBlock -> the whole side's factor table, float32 [n, k] (the broadcast side
+    input)."""
 
     def __init__(self, n: int, k: int):
         self._n = n
@@ -364,7 +387,7 @@ class _Table(beam.CombineFn):
     def create_accumulator(self):
         return []
 
-    def add_input(self, parts, block: RowBlock):
+    def add_input(self, parts, block: FactorBlock):
         parts.append((block.row_ids, block.factors))
         return parts
 
@@ -391,7 +414,8 @@ def _needs(block: RowBlock, fixed_layout: blocks_lib.BlockLayout):
 
 
 def _send(element, fixed_layout: blocks_lib.BlockLayout):
-    """(fixed block, {block, requests}) -> (solving block, (fixed rows, their factors))."""
+    """(fixed block, {block: [FactorBlock], requests}) -> (solving block, (fixed rows int64
+    [m], their factors float32 [m, k])) for each solving block that asked."""
     _, grouped = element
     (fixed,) = grouped["block"]
     for destination, rows in grouped["requests"]:
@@ -399,12 +423,29 @@ def _send(element, fixed_layout: blocks_lib.BlockLayout):
 
 
 # A block's problem and plan are pure functions of (run, exchange, side, block), so a worker keeps
-# the ones it built: later sweeps over the same block skip `define_rows` and `plan_rows`. The
-# cache is bounded by padded tile slots (least recently used out first) and never changes a
-# result, so it is safe under retries and any assignment of blocks to workers.
+# the ones it built: later sweeps over the same block skip reading its rows, `define_rows` and
+# `plan_rows`. The cache is bounded by padded tile slots (least recently used out first) and never
+# changes a result, so it is safe under retries and any assignment of blocks to workers.
 _PLAN_CACHE: collections.OrderedDict = collections.OrderedDict()
 _PLAN_CACHE_LOCK = threading.Lock()
 PLAN_CACHE_SLOTS = 1 << 27  # about 1.5 GB of float32 tiles per worker process
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockProblem:
+    """A block's problem, ready to solve.
+
+    Attributes:
+        problem: f, targets and λ of the block's rows; with the join exchange the targets'
+            columns are positions in `needed`, else global indices of the fixed side.
+        plan: the solver's tiles for `problem`.
+        needed: join: int64 [m], the fixed rows the block's cells touch, ascending (the rows
+            whose factors it receives); broadcast: None.
+    """
+
+    problem: problem.RowProblem
+    plan: wals_solver.RowPlan
+    needed: np.ndarray | None
 
 
 def _cached(key, build):
@@ -416,15 +457,40 @@ def _cached(key, build):
     value = build()
     with _PLAN_CACHE_LOCK:
         _PLAN_CACHE[key] = value
-        total = sum(plan.padded_slots for _, plan in _PLAN_CACHE.values())
+        total = sum(cached.plan.padded_slots for cached in _PLAN_CACHE.values())
         while total > PLAN_CACHE_SLOTS and len(_PLAN_CACHE) > 1:
-            _, (_, evicted) = _PLAN_CACHE.popitem(last=False)
-            total -= evicted.padded_slots
+            _, evicted = _PLAN_CACHE.popitem(last=False)
+            total -= evicted.plan.padded_slots
     return value
 
 
+def _block_problem(spec: TrainSpec, side: int, block_id: int, item_counts) -> _BlockProblem:
+    """The cached problem of a block, built from its rows file on a miss.
+
+    The problem is defined on global columns (f looks up c_i by item), then, with the join
+    exchange, its columns are renumbered to positions in the fixed rows it receives.
+    """
+
+    def build():
+        rows = checkpoints.read_rows_block(spec.checkpoint_dir, side, block_id)
+        row_items = spec.layout(side).rows_of(block_id) if side == problem.ITEMS else None
+        defined = problem.define_rows(rows, side, item_counts, spec.config, row_items)
+        needed = None
+        if spec.exchange == JOIN:
+            needed = np.unique(rows.indices).astype(np.int64)
+            targets = dataclasses.replace(
+                defined.targets,
+                indices=np.searchsorted(needed, rows.indices),
+                shape=(rows.shape[0], needed.size),
+            )
+            defined = dataclasses.replace(defined, targets=targets)
+        return _BlockProblem(defined, defined.plan(spec.config.solver), needed)
+
+    return _cached((spec.fingerprint, spec.exchange, side, block_id), build)
+
+
 class _Solve(beam.DoFn):
-    """Solves a block against the fixed side: RowBlock -> RowBlock with new factors.
+    """Solves a block against the fixed side: FactorBlock -> FactorBlock with new factors.
 
     With `loss` set, also emits (tag "loss") the block's `LossSums` of its *incoming* factors
     against the fixed factors: the observed and regularisation terms of the previous iteration.
@@ -442,31 +508,28 @@ class _Solve(beam.DoFn):
         if fixed_state is not None:  # broadcast: (G, the whole fixed table)
             gramian, table = fixed_state
         if spec.exchange == JOIN:
-            block, table, rows = _joined(element)
+            block, received, table = _joined(element)
+            solving = _block_problem(spec, self._side, block.block_id, item_counts)
+            if not np.array_equal(received, solving.needed):
+                raise RuntimeError(
+                    f"{_SIDE_NAMES[self._side]} block {block.block_id} received the factors of "
+                    f"{received.size} rows, but its cells touch {solving.needed.size}"
+                )
         else:
-            block, rows = element, element.rows
-
-        def build():
-            row_items = block.row_ids if self._side == problem.ITEMS else None
-            # Define the problem on global columns (f looks up c_i by item), then solve it
-            # against the gathered fixed rows.
-            defined = problem.define_rows(block.rows, self._side, item_counts, config, row_items)
-            targets = dataclasses.replace(defined.targets, indices=rows.indices, shape=rows.shape)
-            local = dataclasses.replace(defined, targets=targets)
-            return local, local.plan(config.solver)
-
-        key = (spec.fingerprint, spec.exchange, self._side, block.block_id)
-        local, plan = _cached(key, build)
+            block = element
+            solving = _block_problem(spec, self._side, block.block_id, item_counts)
         if self._loss:
             fixed = table if self._side == problem.USERS else None
-            yield beam.pvalue.TaggedOutput("loss", problem.loss_sums(local, block.factors, fixed))
+            yield beam.pvalue.TaggedOutput(
+                "loss", problem.loss_sums(solving.problem, block.factors, fixed)
+            )
         if not self._solve:
             return
         beam.metrics.Metrics.counter(_METRICS, f"solved_{_SIDE_NAMES[self._side]}").inc(
             block.row_ids.size
         )
         solved = wals_solver.solve_planned(
-            plan,
+            solving.plan,
             table,
             gramian.astype(np.float32),
             config.solver,
@@ -478,30 +541,26 @@ class _Solve(beam.DoFn):
 
 
 def _joined(element):
-    """(block_id, {block, parts}) -> (block, local fixed table, rows with local columns)."""
+    """(block_id, {block: [FactorBlock], parts: [(fixed rows, factors)]}) -> (the block, the
+    fixed rows it received int64 [m] ascending, their factors float32 [m, k])."""
     _, grouped = element
     (block,) = grouped["block"]
     parts = list(grouped["parts"])
-    k = block.factors.shape[1]
-    if parts:
-        ids = np.concatenate([rows for rows, _ in parts])
-        vectors = np.concatenate([factors for _, factors in parts])
-        order = np.argsort(ids, kind="stable")
-        ids, vectors = ids[order], vectors[order]
-    else:
-        ids, vectors = np.zeros(0, np.int64), np.zeros((0, k), np.float32)
-    local_cols = np.searchsorted(ids, block.rows.indices)
-    rows = dataclasses.replace(
-        block.rows, indices=local_cols, shape=(block.rows.shape[0], ids.size)
-    )
-    return block, vectors, rows
+    if not parts:
+        k = block.factors.shape[1]
+        return block, np.zeros(0, np.int64), np.zeros((0, k), np.float32)
+    ids = np.concatenate([rows for rows, _ in parts])
+    vectors = np.concatenate([factors for _, factors in parts])
+    order = np.argsort(ids, kind="stable")
+    return block, ids[order], vectors[order]
 
 
 class HalfSweep(beam.PTransform):
     """Solves every block of one side against the other side's current factors.
 
-    Inputs: (solving PCollection[RowBlock], fixed PCollection[RowBlock]); item_counts a
-    singleton int64 [n_items]. Output: (PCollection[RowBlock] with new factors,
+    Inputs: (solving PCollection[FactorBlock], fixed PCollection[FactorBlock]); item_counts a
+    singleton int64 [n_items]; with the join exchange, the solving side's requests
+    (`_needs`). Output: (PCollection[FactorBlock] with new factors,
     PCollection[LossSums] of the incoming factors, or None), and the fixed side's Gramian.
     """
 
@@ -566,9 +625,9 @@ def _sum_losses(parts):
     return total
 
 
-def _regularization_sums(block: RowBlock, spec: TrainSpec, item_counts) -> problem.LossSums:
-    defined = problem.define_rows(block.rows, block.side, item_counts, spec.config, block.row_ids)
-    return problem.loss_sums(defined, block.factors, None)
+def _regularization_sums(block: FactorBlock, spec: TrainSpec, item_counts) -> problem.LossSums:
+    solving = _block_problem(spec, block.side, block.block_id, item_counts)
+    return problem.loss_sums(solving.problem, block.factors, None)
 
 
 def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
@@ -582,24 +641,23 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
     """
     config = spec.config
     sides = {}
+    requests = {}
+    item_counts = None
     for side in problem.SIDES:
         name = _SIDE_NAMES[side].capitalize()
         rows = root | f"Read{name}" >> ReadRowBlocks(spec, side)
+        if side == problem.ITEMS:
+            item_counts = rows | "CountItems" >> beam.CombineGlobally(_CountItems(spec.shape[1]))
+        if spec.exchange == JOIN:
+            requests[side] = rows | f"Requests{name}" >> beam.FlatMap(_needs, spec.layout(1 - side))
+        stashed = rows | f"Stash{name}Rows" >> beam.ParDo(_StashRows(spec))
         if markers:
-            sides[side] = rows | f"Load{name}" >> beam.ParDo(
+            sides[side] = stashed | f"Load{name}" >> beam.ParDo(
                 _LoadFactors(spec, side, markers[side])
             )
         else:
-            sides[side] = rows | f"Init{name}" >> beam.ParDo(_InitFactors(spec, side))
+            sides[side] = stashed | f"Init{name}" >> beam.ParDo(_InitFactors(spec, side))
     users, items = sides[problem.USERS], sides[problem.ITEMS]
-    item_counts = items | "CountItems" >> beam.CombineGlobally(_CountItems(spec.shape[1]))
-    requests = {}
-    if spec.exchange == JOIN:
-        for side, solving in ((problem.USERS, users), (problem.ITEMS, items)):
-            name = _SIDE_NAMES[side].capitalize()
-            requests[side] = solving | f"Requests{name}" >> beam.FlatMap(
-                _needs, spec.layout(1 - side)
-            )
 
     gramian_users = None
     if spec.start_loss:

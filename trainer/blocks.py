@@ -3,8 +3,9 @@
 A side's rows (users, or items) are dealt into blocks by a deterministic function of the row's
 index, block = row mod B with B = ceil(n_rows / block_rows) (`BlockLayout`), so the layout
 depends only on the data and `block_rows`, never on the runner or the number of workers. A block
-carries its rows' observed cells (complete rows: `items_for_user` holds whole rows,
-`users_for_item` whole columns) and their current factors:
+holds its rows' observed cells (complete rows: `items_for_user` holds whole rows,
+`users_for_item` whole columns; `RowBlock`), read once per run, and their current factors
+(`FactorBlock`), which are what moves between sweeps:
 
     users (block_rows = 2, B = 2)       items (block_rows = 2, B = 2)
     u0: i1 i3   → user block 0          i0: u1 u2   → item block 0
@@ -103,7 +104,10 @@ class BlockLayout:
 
 @dataclasses.dataclass(frozen=True)
 class RowBlock:
-    """A block of whole rows of one side, and their factors.
+    """A block of whole rows of one side: their observed ratings.
+
+    Read once per run; the sweeps then move only `FactorBlock`s (a worker keeps the block's
+    problem, or reads the rows back from the checkpoint directory).
 
     Attributes:
         side: `trainer.problem.USERS` or `ITEMS`.
@@ -112,16 +116,35 @@ class RowBlock:
             (rows without cells included, so that the factor table is complete).
         rows: [b, n_fixed] the rows' observed ratings r_ui; columns are global indices of the
             other side.
-        factors: float32 [b, k], the rows' current factors (None before initialisation).
     """
 
     side: int
     block_id: int
     row_ids: np.ndarray
     rows: CsrMatrix
+
+    def factor_block(self) -> FactorBlock:
+        """The block without its ratings, and without factors yet."""
+        return FactorBlock(self.side, self.block_id, self.row_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorBlock:
+    """What moves between sweeps: a block's rows and their current factors, no ratings.
+
+    Attributes:
+        side: `trainer.problem.USERS` or `ITEMS`.
+        block_id: the block's number.
+        row_ids: int64 [b], the block's global row indices, ascending.
+        factors: float32 [b, k], the rows' current factors (None before initialisation).
+    """
+
+    side: int
+    block_id: int
+    row_ids: np.ndarray
     factors: np.ndarray | None = None
 
-    def with_factors(self, factors: np.ndarray) -> RowBlock:
+    def with_factors(self, factors: np.ndarray) -> FactorBlock:
         return dataclasses.replace(self, factors=np.asarray(factors, dtype=np.float32))
 
 

@@ -7,6 +7,9 @@ Layout, under `<output_dir>.checkpoints/` (outside the staged output, so a faile
                                    row's original ID, in block order (each block reads one range)
     init/users.f32, init/items.f32 with a warm start: the initial factors, float32 [n, k], in
                                    block order
+    rows/users/block-NNNNN.npz     a block's ratings (row_ids, CSR arrays), written once per
+                                   launch: sweeps move only factors, and a worker that has not
+                                   cached a block's problem reads its rows from here
     iter-NNNN/users/block-NNNNN.npz   a block's (row_ids, factors) after that half-sweep
     iter-NNNN/users/_COMPLETE         JSON naming every block file with its size and SHA-256;
                                       written last, so its presence means the half is complete
@@ -23,6 +26,7 @@ writer never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -33,6 +37,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from trainer import blocks as blocks_lib
 from trainer import problem
+from trainer.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +129,43 @@ def read_initial(
     path = f"{checkpoint_dir}/init/{_SIDE_NAMES[side]}.f32"
     data = _read_rows(path, layout, block_id, 4 * k)
     return np.frombuffer(data, dtype="<f4").reshape(-1, k).astype(np.float32)
+
+
+def _rows_path(checkpoint_dir: str, side: int, block_id: int) -> str:
+    return f"{checkpoint_dir}/rows/{_SIDE_NAMES[side]}/block-{block_id:05d}.npz"
+
+
+def write_rows_block(checkpoint_dir: str, side: int, block_id: int, rows: CsrMatrix) -> None:
+    """A block's ratings: CSR arrays, columns global. Deterministic bytes, so a retried or
+    relaunched writer finds the file already there (the run's fingerprint vouches for the data)
+    and leaves it."""
+    path = _rows_path(checkpoint_dir, side, block_id)
+    if FileSystems.exists(path):
+        return
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        indptr=rows.indptr,
+        indices=np.asarray(rows.indices, np.int64),
+        values=rows.values,
+        shape=np.asarray(rows.shape, np.int64),
+    )
+    _write_atomically(path, buffer.getvalue())
+
+
+def read_rows_block(checkpoint_dir: str, side: int, block_id: int) -> CsrMatrix:
+    """The ratings `write_rows_block` wrote for a block.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+    """
+    path = _rows_path(checkpoint_dir, side, block_id)
+    try:
+        with np.load(io.BytesIO(_read(path)), allow_pickle=False) as archive:
+            shape = tuple(int(n) for n in archive["shape"])
+            return CsrMatrix(archive["indptr"], archive["indices"], archive["values"], shape)
+    except Exception as error:  # a missing file, zipfile, KeyError, a bad CSR: all unusable
+        raise CheckpointError(f"cannot read the block rows {path}: {error}") from None
 
 
 def write_block(
