@@ -38,9 +38,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_KS = (10, 20, 50)
 DEFAULT_BATCH_SIZE = 1024
 # top_k_excluding: each row's k-th best score is bounded below from the maxima of this many
-# chunks per list place (more chunks: a tighter bound, fewer candidates, a longer partition),
+# chunks per list place (more chunks: fewer items gathered, a longer partition of the maxima),
 # and rows with more than this many candidates per place are selected by a partition instead.
-_SELECTION_CHUNKS = 4
+_SELECTION_CHUNKS = 32
 _MAX_CANDIDATES = 8
 # The per-k metrics, in the order their keys appear in the result.
 METRIC_NAMES = ("recall", "ndcg", "map", "precision", "coverage")
@@ -113,13 +113,15 @@ def top_k_excluding(
     """The k best-scored items of each row, never returning an excluded item.
 
     Rows are ranked by descending score, ties broken by the lower item id. Excluded cells are
-    set to -inf in a copy of the scores; then, for each row, a lower bound t of its k-th best
-    score is the k-th largest of the maxima of `_SELECTION_CHUNKS`·k strided chunks of its items
-    (k distinct items score at least t), so the row's top k are among its items scoring >= t:
-    a few more than k, which are sorted by (score descending, id ascending). Every step is a
-    vectorised pass over the [b, n_items] block. Rows where this bound does not narrow the
-    choice (t = -inf, or more than `_MAX_CANDIDATES`·k items tie at or above it) are selected
-    by `_select_by_partition` instead, with the same result.
+    set to -inf in a copy of the scores, and each row's items are dealt into C = min(n_items,
+    `_SELECTION_CHUNKS`·k) strided chunks (chunk j: items j, j + C, j + 2C, ...). The k-th
+    largest chunk maximum t is a lower bound of the row's k-th best score (k distinct items
+    reach it), so the row's top k lie in the chunks whose maximum reaches t (the k best chunks)
+    and in the < C items after the last whole chunk: only those items are gathered, and the ones
+    scoring >= t are sorted by (score descending, id ascending). The only passes over the whole
+    [b, n_items] block are the copy and the chunk maxima. Rows where the bound does not narrow
+    the choice (t = -inf, or more than `_MAX_CANDIDATES`·k candidates tie at or above it) are
+    selected by `_select_by_partition` instead, with the same result.
 
     Args:
         scores: float [b, n_items], the score of every item for each row; integer scores are
@@ -150,18 +152,32 @@ def top_k_excluding(
     masked = np.array(scores, copy=True)  # Also materialises broadcast views.
     masked[rows, items] = -np.inf
     k_eff = min(k, n_items)
-    bound = _lower_bound_of_kth(masked, k_eff)
+    n_chunks = min(n_items, _SELECTION_CHUNKS * k_eff)
+    width = n_items // n_chunks
+    chunks = masked[:, : width * n_chunks].reshape(b, width, n_chunks)  # [r, t, j]: t·C + j
+    maxima = chunks.max(axis=1)  # [b, C]
+    tail = masked[:, width * n_chunks :]  # [b, < C]: items width·C, ...
+    if np.isnan(maxima).any() or np.isnan(tail).any():
+        raise ValueError("scores contain NaN at non-excluded items")
+    bound = np.partition(maxima, n_chunks - k_eff, axis=1)[:, n_chunks - k_eff]
 
-    # Candidates: the cells scoring >= the row's bound, row-major (rows, then ids, ascending).
-    cand_rows, cand_items = np.nonzero(masked >= bound[:, None])
+    # Candidates (row, item, score): the items of the chunks reaching the bound, and of the tail,
+    # that score >= the bound.
+    chunk_rows, chunk_ids = np.nonzero(maxima >= bound[:, None])
+    gathered = chunks[chunk_rows, :, chunk_ids]  # [n_chunks chosen, width]
+    in_chunk = gathered >= bound[chunk_rows, None]
+    slot, offset = np.nonzero(in_chunk)
+    tail_rows, tail_ids = np.nonzero(tail >= bound[:, None])
+    cand_rows = np.concatenate([chunk_rows[slot], tail_rows])
+    cand_items = np.concatenate([chunk_ids[slot] + offset * n_chunks, tail_ids + width * n_chunks])
+    cand_scores = np.concatenate([gathered[in_chunk], tail[tail_rows, tail_ids]])
     n_candidates = np.bincount(cand_rows, minlength=b)
     hard = (bound == -np.inf) | (n_candidates > _MAX_CANDIDATES * k_eff)
     if hard.any():
         keep = ~hard[cand_rows]
-        cand_rows, cand_items = cand_rows[keep], cand_items[keep]
+        cand_rows, cand_items, cand_scores = cand_rows[keep], cand_items[keep], cand_scores[keep]
         n_candidates[hard] = 0
-    cand_scores = masked[cand_rows, cand_items]
-    # Within each row, by score descending then id ascending (lexsort: the last key is primary).
+    # By row, then score descending, then id ascending (lexsort: the last key is primary).
     order = np.lexsort((cand_items, -cand_scores, cand_rows))
     starts = np.cumsum(n_candidates) - n_candidates
     rank = np.arange(order.size) - np.repeat(starts, n_candidates)
@@ -180,21 +196,6 @@ def top_k_excluding(
             masked[redo], excluded, k_eff
         )
     return ids, top_scores
-
-
-def _lower_bound_of_kth(masked: np.ndarray, k: int) -> np.ndarray:
-    """float [b]: for each row of masked float [b, n], a score that at least k of its cells
-    reach, hence <= its k-th largest: the k-th largest of the maxima of min(n, C·k) chunks
-    (C = `_SELECTION_CHUNKS`). Raises ValueError if the block holds NaN."""
-    b, n = masked.shape
-    n_chunks = min(n, _SELECTION_CHUNKS * k)
-    width = n // n_chunks
-    # Chunk j holds items j, j + n_chunks, j + 2·n_chunks, ...: strided, so that items of
-    # nearby ids (vocabularies are sorted by frequency) fall in different chunks.
-    maxima = masked[:, : width * n_chunks].reshape(b, width, n_chunks).max(axis=1)
-    if np.isnan(maxima).any() or np.isnan(masked[:, width * n_chunks :]).any():
-        raise ValueError("scores contain NaN at non-excluded items")
-    return np.partition(maxima, n_chunks - k, axis=1)[:, n_chunks - k]
 
 
 def _select_by_partition(
