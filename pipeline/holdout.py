@@ -48,11 +48,25 @@ def is_foldin(visitor_id: str, content_id: str, foldin_fraction: float) -> bool:
     return _unit_hash(f"{FOLDIN_SALT}\x1f{visitor_id}\x1f{content_id}") < foldin_fraction
 
 
-class SplitHeldOutVisitors(beam.PTransform):
-    """Pairs -> (pairs of known visitors, pairs of held-out visitors), by a hash of the visitor.
+HELDOUT_TAG = "heldout"
 
-    Input: PCollection[tuple[str, str, float]] (visitorId, contentId, value).
-    Output: a pair of PCollections of the same type.
+
+def _split_batch(pairs: list, fraction: float):
+    known, heldout = [], []
+    for pair in pairs:
+        (heldout if is_heldout_visitor(pair[0], fraction) else known).append(pair)
+    if known:
+        yield known
+    if heldout:
+        yield beam.pvalue.TaggedOutput(HELDOUT_TAG, heldout)
+
+
+class SplitHeldOutVisitors(beam.PTransform):
+    """Pair batches -> (pairs of known visitors, pairs of held-out visitors), by a hash of the
+    visitor.
+
+    Input: PCollection[list[tuple[str, str, float]]] (visitorId, contentId, value) batches.
+    Output: a pair of PCollections of the same type, each input pair in exactly one of them.
     """
 
     def __init__(self, fraction: float):
@@ -60,10 +74,10 @@ class SplitHeldOutVisitors(beam.PTransform):
         self._fraction = fraction
 
     def expand(self, pairs):
-        fraction = self._fraction
-        return pairs | "Partition" >> beam.Partition(
-            lambda pair, _: int(is_heldout_visitor(pair[0], fraction)), 2
+        split = pairs | "Split" >> beam.FlatMap(_split_batch, self._fraction).with_outputs(
+            HELDOUT_TAG, main="known"
         )
+        return split["known"], split[HELDOUT_TAG]
 
 
 class _TransformBatch(beam.DoFn):
@@ -115,7 +129,7 @@ class _TransformBatch(beam.DoFn):
 class TransformHeldOut(beam.PTransform):
     """Held-out pairs -> their cells in the train vocabulary, scaled like train, split in parts.
 
-    Input: PCollection[tuple[str, str, float]] (visitorId, contentId, value).
+    Input: PCollection[list[tuple[str, str, float]]] (visitorId, contentId, value) batches.
     Output: PCollection[tuple[str, tuple[str, int, float, float]]]
         (visitorId, (part "foldin" | "target", itemId, rating, value)).
 
@@ -133,6 +147,7 @@ class TransformHeldOut(beam.PTransform):
     def expand(self, pairs):
         return (
             pairs
+            | "Unbatch" >> beam.FlatMap(lambda batch: batch)
             | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
             | "Transform"
             >> beam.ParDo(

@@ -5,10 +5,11 @@ r"""The preprocessing pipeline: GA360 sessions -> TF Transform -> sparse rating-
         [--eval_fraction 0.1] [--holdout_visitors 0] [--scaling median|log1p|unit|raw] \
         [any Beam pipeline option]
 
-Graph:
+Graph (the collections hold batches: lists of events or pairs, Arrow RecordBatches, arrays):
     ReadInput | ParseEvents -> events, rejected
     events | SumPerPair [| SplitHeldOutVisitors] -> pairs[, held-out pairs]
     pairs | SplitTrainEval -> train pairs, eval pairs
+    each split | ToRecordBatches -> raw rows (TF Transform's TFXIO input)
     train | AnalyzeAndTransform (vocabularies, median) -> transformed train, transform_fn
     eval | TransformEval (with the train transform_fn) -> transformed eval
     each split | DropOutOfVocabulary | WriteSparseMatrix -> items_for_user-*, users_for_item-*
@@ -31,6 +32,7 @@ import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from pipeline import cli, events, holdout, records, staging
 from pipeline import options as preprocess_options
@@ -51,8 +53,31 @@ def _first(values):
     return next((value for value in values if value is not None), None)
 
 
-def _scale_stats(row: dict) -> dict:
-    return {name: float(row[key]) for key, name in _STAT_NAMES.items() if key in row}
+def _scale_stats(batch_and_passthrough) -> dict | None:
+    """The scaling statistics of a transformed batch: those of its first row (all rows hold the
+    same), or None for an empty batch."""
+    batch = batch_and_passthrough[0]
+    if batch.num_rows == 0:
+        return None
+    stats = {}
+    for key, name in _STAT_NAMES.items():
+        index = batch.schema.get_field_index(key)
+        if index >= 0:
+            column = batch.column(index)
+            if hasattr(column, "flatten"):
+                column = column.flatten()
+            stats[name] = float(column[0].as_py())
+    return stats
+
+
+def spreads_work(options) -> bool:
+    """Whether the pipeline runs on more than one worker (anything but a one-worker DirectRunner),
+    so that parsing is worth redistributing."""
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    if name is None or name.lower() in ("direct", "directrunner", "bundlebasedirectrunner"):
+        return options.view_as(DirectOptions).direct_num_workers != 1
+    return True
 
 
 class ReadInput(beam.PTransform):
@@ -90,8 +115,12 @@ def build_pipeline(
     p: beam.Pipeline,
     opts: preprocess_options.PreprocessOptions,
     output_dir: str,
+    redistribute: bool = False,
 ) -> None:
-    """Adds the whole preprocessing graph to `p`, writing under `output_dir`."""
+    """Adds the whole preprocessing graph to `p`, writing under `output_dir`.
+
+    `redistribute`: spread the parsing of input lines over the workers (see `spreads_work`).
+    """
     session_config = records.SessionConfig(
         content_id_source=opts.content_id_source,
         max_time_gap_ms=opts.max_time_gap_s * 1000.0,
@@ -106,7 +135,9 @@ def build_pipeline(
         quantile_epsilon=opts.quantile_epsilon,
     )
     lines = p | "ReadInput" >> ReadInput(opts)
-    parsed = lines | "ParseEvents" >> events.ParseEvents(opts.input_format, session_config)
+    parsed = lines | "ParseEvents" >> events.ParseEvents(
+        opts.input_format, session_config, redistribute
+    )
     _ = parsed[events.REJECTED_TAG] | "WriteRejected" >> beam.io.WriteToText(
         f"{output_dir}/{features.REJECTED_DIR}/rejected", file_name_suffix=".jsonl"
     )
@@ -117,21 +148,21 @@ def build_pipeline(
             opts.holdout_visitors
         )
     train_pairs, eval_pairs = pairs | "SplitTrainEval" >> events.SplitTrainEval(opts.eval_fraction)
-    train_rows = train_pairs | "TrainToRawRows" >> beam.Map(events.to_raw_row)
-    eval_rows = eval_pairs | "EvalToRawRows" >> beam.Map(events.to_raw_row)
+    train_rows = train_pairs | "TrainToRecordBatches" >> beam.Map(preprocessing.raw_record_batch)
+    eval_rows = eval_pairs | "EvalToRecordBatches" >> beam.Map(preprocessing.raw_record_batch)
 
-    metadata = preprocessing.raw_metadata()
+    raw_config = preprocessing.raw_tensor_adapter_config()
     with tft_beam.Context(temp_dir=f"{output_dir}/tmp", force_tf_compat_v1=False):
         transformed_train, transform_fn = (
             train_rows,
-            metadata,
+            raw_config,
         ) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
-            preprocessing.make_preprocessing_fn(transform_config)
+            preprocessing.make_preprocessing_fn(transform_config), output_record_batches=True
         )
         transformed_eval = (
-            (eval_rows, metadata),
+            (eval_rows, raw_config),
             transform_fn,
-        ) | "TransformEval" >> tft_beam.TransformDataset()
+        ) | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True)
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
 
     train_data, _ = transformed_train
@@ -243,7 +274,7 @@ def run(argv: list[str] | None = None) -> dict:
     try:
         with staging.staged_output(opts.output_dir, opts.overwrite, features.SUMMARY_FILE) as out:
             pipeline = beam.Pipeline(options=options)
-            build_pipeline(pipeline, opts, out)
+            build_pipeline(pipeline, opts, out, spreads_work(options))
             result = pipeline.run()
             result.wait_until_finish()
             counters = query_counters(result)

@@ -41,7 +41,7 @@ def test_parse_events_and_rejected():
     with TestPipeline() as p:
         parsed = p | beam.Create(LINES) | events.ParseEvents("ga360", CONFIG)
         assert_that(
-            parsed[events.EVENTS_TAG],
+            parsed[events.EVENTS_TAG] | "Unbatch" >> beam.FlatMap(lambda batch: batch),
             equal_to(
                 [("v1", "a", 1000.0), ("v1", "b", 500.0), ("v1", "a", 250.0), ("v2", "b", 100.0)]
             ),
@@ -56,18 +56,22 @@ def test_rejected_record_keeps_the_line_losslessly():
     assert record == {"reason": "bad_encoding", "line": "\\xffab\n"}
 
 
+def _unbatch(batches, label=""):
+    return batches | f"Unbatch{label}" >> beam.FlatMap(lambda batch: batch)
+
+
 def test_sum_per_pair_over_visits_drops_nonpositive():
     evts = [("v1", "a", 1000.0), ("v1", "a", 250.0), ("v1", "b", 0.0), ("v2", "b", 3.0)]
     with TestPipeline() as p:
-        pairs = p | beam.Create(evts) | events.SumPerPair("ga360")
-        assert_that(pairs, equal_to([("v1", "a", 1250.0), ("v2", "b", 3.0)]))
+        pairs = p | beam.Create([evts[:2], evts[2:]]) | events.SumPerPair("ga360")
+        assert_that(_unbatch(pairs), equal_to([("v1", "a", 1250.0), ("v2", "b", 3.0)]))
 
 
 def test_movielens_keeps_latest_rating():
     evts = [("u", "m", (10.0, 2.0)), ("u", "m", (20.0, 4.5)), ("u", "n", (5.0, 1.0))]
     with TestPipeline() as p:
-        pairs = p | beam.Create(evts) | events.SumPerPair("movielens")
-        assert_that(pairs, equal_to([("u", "m", 4.5), ("u", "n", 1.0)]))
+        pairs = p | beam.Create([evts[1:], evts[:1]]) | events.SumPerPair("movielens")
+        assert_that(_unbatch(pairs), equal_to([("u", "m", 4.5), ("u", "n", 1.0)]))
 
 
 # The first 8 bytes of sha256(visitorId + "\x1f" + contentId), computed once and pasted here, so a
@@ -128,10 +132,13 @@ def test_split_train_eval_partitions_every_pair_once():
     pairs = [(f"v{i}", "c", 1.0) for i in range(200)]
     expected_eval = [pair for pair in pairs if events.is_eval(pair[0], pair[1], 0.25)]
     with TestPipeline() as p:
-        train, evaluation = p | beam.Create(pairs) | events.SplitTrainEval(0.25)
-        assert_that(evaluation, equal_to(expected_eval), label="Eval")
+        batches = [pairs[:70], pairs[70:71], pairs[71:]]
+        train, evaluation = p | beam.Create(batches) | events.SplitTrainEval(0.25)
+        assert_that(_unbatch(evaluation, "Eval"), equal_to(expected_eval), label="Eval")
         assert_that(
-            train, equal_to([pair for pair in pairs if pair not in expected_eval]), label="Train"
+            _unbatch(train, "Train"),
+            equal_to([pair for pair in pairs if pair not in expected_eval]),
+            label="Train",
         )
 
 
@@ -140,28 +147,79 @@ def test_parse_events_rejects_unknown_format():
         events.ParseEvents("parquet", CONFIG)
 
 
+def _transformed(rows):
+    """TF Transform's output with output_record_batches=True: (RecordBatch, passthrough)."""
+    import pyarrow as pa
+
+    columns = {
+        "userId": pa.array([r[0] for r in rows], pa.int64()),
+        "itemId": pa.array([r[1] for r in rows], pa.int64()),
+        "rating": pa.array([r[2] for r in rows], pa.float32()),
+    }
+    return pa.RecordBatch.from_arrays(list(columns.values()), list(columns)), {}
+
+
 def test_write_sparse_matrix_rows_and_columns(tmp_path):
-    rows = [
-        {"userId": 0, "itemId": 1, "rating": 0.5},
-        {"userId": 0, "itemId": 0, "rating": 0.25},
-        {"userId": 1, "itemId": 1, "rating": 1.0},
-        {"userId": -1, "itemId": 1, "rating": 1.0},
-        {"userId": 1, "itemId": -1, "rating": 1.0},
-    ]
+    # Row 33 shares GROUP_SHARDS shard 1 with row 1; rows and columns span both batches.
+    first = [(0, 1, 0.5), (33, 0, 0.75), (-1, 1, 1.0)]
+    second = [(0, 0, 0.25), (1, 1, 1.0), (1, -1, 1.0), (33, 2, 0.125)]
+    assert 33 % matrix_io.GROUP_SHARDS == 1
     with TestPipeline() as p:
-        cells = p | beam.Create(rows) | matrix_io.DropOutOfVocabulary("train")
+        batches = p | beam.Create([_transformed(first), _transformed(second)])
+        cells = batches | matrix_io.DropOutOfVocabulary("train")
         _ = cells | matrix_io.WriteSparseMatrix(str(tmp_path))
+    result = p.result.metrics().query()["counters"]
+    counts = {c.key.metric.name: c.committed for c in result}
+    assert counts["train_interactions"] == 5
+    assert counts["train_dropped_out_of_vocabulary"] == 2
 
     def read(name):
         out = {}
         for path in glob.glob(str(tmp_path / f"{name}-*.tfrecord.gz")):
             for record in _tfrecords(path):
                 key, indices, values = matrix_io.parse_sparse_example(record)
+                assert key not in out
                 out[key] = (indices.tolist(), values.tolist())
         return out
 
-    assert read("items_for_user") == {0: ([0, 1], [0.25, 0.5]), 1: ([1], [1.0])}
-    assert read("users_for_item") == {0: ([0], [0.25]), 1: ([0, 1], [0.5, 1.0])}
+    assert read("items_for_user") == {
+        0: ([0, 1], [0.25, 0.5]),
+        1: ([1], [1.0]),
+        33: ([0, 2], [0.75, 0.125]),
+    }
+    assert read("users_for_item") == {
+        0: ([0, 33], [0.25, 0.75]),
+        1: ([0, 1], [0.5, 1.0]),
+        2: ([33], [0.125]),
+    }
+
+
+def test_sparse_examples_equal_one_sparse_example_per_key():
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    cells = {
+        (int(k), int(o)): float(np.float32(rng.random())) for k, o in rng.integers(0, 40, (300, 2))
+    }
+    keys = np.array([k for k, _ in cells], dtype=np.int64)
+    others = np.array([o for _, o in cells], dtype=np.int64)
+    values = np.array(list(cells.values()), dtype=np.float32)
+    order = rng.permutation(len(keys))
+    encoded = matrix_io.sparse_examples(keys[order], others[order], values[order])
+
+    expected: dict[int, list] = {}
+    for (key, other), value in cells.items():
+        expected.setdefault(key, []).append((other, value))
+    assert len(encoded) == len(expected)
+    for record in encoded:
+        key, indices, got_values = matrix_io.parse_sparse_example(record)
+        want = sorted(expected[key])
+        assert indices.tolist() == [other for other, _ in want]
+        assert got_values.tolist() == [value for _, value in want]
+        assert tf.train.Example.FromString(record) == tf.train.Example.FromString(
+            matrix_io.sparse_example(key, want)
+        )
 
 
 def _tfrecords(path):

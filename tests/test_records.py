@@ -194,7 +194,8 @@ def test_gzip_input_reads_like_the_plain_file(tmp_path):
                 | f"Read {name}" >> preprocess.ReadInput(opts)
                 | f"Parse {name}" >> ParseEvents("ga360", CONFIG)
             )
-            assert_that(parsed[EVENTS_TAG], equal_to(expected), label=f"Events {name}")
+            events = parsed[EVENTS_TAG] | f"Unbatch {name}" >> beam.FlatMap(lambda batch: batch)
+            assert_that(events, equal_to(expected), label=f"Events {name}")
             reasons = parsed[REJECTED_TAG] | f"Reasons {name}" >> beam.Map(
                 lambda record: json.loads(record)["reason"]
             )

@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
 import tensorflow as tf
 import tensorflow_transform as tft
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+from tfx_bsl.tfxio import tensor_adapter
 
 from transforms import features, scaling
 
@@ -32,6 +35,46 @@ OUT_OF_VOCABULARY = -1
 def raw_metadata() -> dataset_metadata.DatasetMetadata:
     """The raw rows' schema, for `AnalyzeAndTransformDataset`."""
     return dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(RAW_FEATURE_SPEC))
+
+
+# The raw rows as TF Transform's TFXIO input (Apache Arrow): one row per pair, each column a
+# large_list holding exactly one value per row, as tfx_bsl decodes tf.Examples of RAW_FEATURE_SPEC.
+_RAW_ARROW_TYPES = {
+    features.VISITOR_ID: pa.large_binary(),
+    features.CONTENT_ID: pa.large_binary(),
+    features.VALUE: pa.float32(),
+}
+
+
+def raw_tensor_adapter_config() -> tensor_adapter.TensorAdapterConfig:
+    """The raw rows' Arrow schema and tensor representations, for `AnalyzeAndTransformDataset`
+    and `TransformDataset` fed with `raw_record_batch`es."""
+    from tfx_bsl.tfxio import tensor_representation_util
+
+    schema = raw_metadata().schema
+    arrow_schema = pa.schema(
+        [pa.field(name, pa.large_list(kind)) for name, kind in sorted(_RAW_ARROW_TYPES.items())]
+    )
+    representations = tensor_representation_util.InferTensorRepresentationsFromSchema(schema)
+    return tensor_adapter.TensorAdapterConfig(arrow_schema, representations)
+
+
+def _one_per_row(values: pa.Array) -> pa.LargeListArray:
+    return pa.LargeListArray.from_arrays(np.arange(len(values) + 1, dtype=np.int64), values)
+
+
+def raw_record_batch(pairs: list) -> pa.RecordBatch:
+    """A batch of (visitorId, contentId, value) pairs -> a RecordBatch of raw rows.
+
+    Columns as `raw_tensor_adapter_config()` describes: visitorId and contentId as UTF-8 bytes,
+    value as float32.
+    """
+    visitors = pa.array([pair[0] for pair in pairs], pa.large_string()).cast(pa.large_binary())
+    contents = pa.array([pair[1] for pair in pairs], pa.large_string()).cast(pa.large_binary())
+    values = pa.array(np.array([pair[2] for pair in pairs], dtype=np.float32))
+    columns = {features.VISITOR_ID: visitors, features.CONTENT_ID: contents, features.VALUE: values}
+    names = sorted(columns)
+    return pa.RecordBatch.from_arrays([_one_per_row(columns[name]) for name in names], names)
 
 
 @dataclass(frozen=True)
