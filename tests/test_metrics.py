@@ -274,7 +274,7 @@ def dense_top_k(scores: np.ndarray, excluded: np.ndarray, k: int) -> tuple[np.nd
 
 def wide_scores(rng: np.random.Generator, kind: str, n_rows: int, n_items: int) -> np.ndarray:
     """Rows much wider than k, as real catalogues are: the chunk bound narrows the choice."""
-    if kind == "continuous":
+    if kind in ("continuous", "NaN where excluded"):
         return rng.standard_normal((n_rows, n_items)).astype(np.float32)
     if kind == "few values":  # ties everywhere, rows with more than 8k candidates
         return rng.integers(0, 3, size=(n_rows, n_items)).astype(np.float32)
@@ -287,7 +287,9 @@ def wide_scores(rng: np.random.Generator, kind: str, n_rows: int, n_items: int) 
     return scores
 
 
-@pytest.mark.parametrize("kind", ["continuous", "few values", "popularity", "infinities"])
+@pytest.mark.parametrize(
+    "kind", ["continuous", "few values", "popularity", "infinities", "NaN where excluded"]
+)
 def test_top_k_on_wide_rows_matches_a_dense_sort(kind):
     rng = np.random.default_rng(17)
     n_rows, n_items = 30, 2_003  # not a multiple of the chunk count: a tail outside the chunks
@@ -297,6 +299,8 @@ def test_top_k_on_wide_rows_matches_a_dense_sort(kind):
     excluded[0] = True
     excluded[1, :-5] = True  # fewer eligible items than k
     excluded[2] = False
+    if kind == "NaN where excluded":  # never looked at
+        scores[excluded & (rng.random(excluded.shape) < 0.5)] = np.nan
     exclude = CsrMatrix.from_triples(
         *np.nonzero(excluded), np.ones(np.count_nonzero(excluded)), excluded.shape
     )

@@ -36,7 +36,7 @@ from trainer.sparse import CsrMatrix
 logger = logging.getLogger(__name__)
 
 DEFAULT_KS = (10, 20, 50)
-DEFAULT_BATCH_SIZE = 1024
+DEFAULT_BATCH_SIZE = 256
 # top_k_excluding: each row's k-th best score is bounded below from the maxima of this many
 # chunks per list place (more chunks: fewer items gathered, a longer partition of the maxima),
 # and rows with more than this many candidates per place are selected by a partition instead.
@@ -112,16 +112,17 @@ def top_k_excluding(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best-scored items of each row, never returning an excluded item.
 
-    Rows are ranked by descending score, ties broken by the lower item id. Excluded cells are
-    set to -inf in a copy of the scores, and each row's items are dealt into C = min(n_items,
-    `_SELECTION_CHUNKS`·k) strided chunks (chunk j: items j, j + C, j + 2C, ...). The k-th
-    largest chunk maximum t is a lower bound of the row's k-th best score (k distinct items
-    reach it), so the row's top k lie in the chunks whose maximum reaches t (the k best chunks)
-    and in the < C items after the last whole chunk: only those items are gathered, and the ones
-    scoring >= t are sorted by (score descending, id ascending). The only passes over the whole
-    [b, n_items] block are the copy and the chunk maxima. Rows where the bound does not narrow
-    the choice (t = -inf, or more than `_MAX_CANDIDATES`·k candidates tie at or above it) are
-    selected by `_select_by_partition` instead, with the same result.
+    Rows are ranked by descending score, ties broken by the lower item id. Each row's items are
+    dealt into C = min(n_items, `_SELECTION_CHUNKS`·k) strided chunks (chunk j: items j, j + C,
+    j + 2C, ...), excluded cells counting as -inf. The k-th largest chunk maximum t is a lower
+    bound of the row's k-th best eligible score (k distinct items reach it), so the row's top k
+    lie in the chunks whose maximum reaches t (the k best chunks) and in the < C items after
+    the last whole chunk: only those are gathered, and the ones scoring >= t are sorted by
+    (score descending, id ascending). The one pass over the whole [b, n_items] block is the
+    chunk maxima; the scores are not copied (the chunks holding excluded cells are re-gathered
+    with those cells at -inf). Rows where the bound does not narrow the choice (t = -inf, or
+    more than `_MAX_CANDIDATES`·k candidates at or above it) are selected by
+    `_select_by_partition` instead, with the same result.
 
     Args:
         scores: float [b, n_items], the score of every item for each row; integer scores are
@@ -149,14 +150,21 @@ def top_k_excluding(
         return ids, top_scores
 
     rows, items = _exclusion_rows(exclude, b, n_items)
-    masked = np.array(scores, copy=True)  # Also materialises broadcast views.
-    masked[rows, items] = -np.inf
     k_eff = min(k, n_items)
     n_chunks = min(n_items, _SELECTION_CHUNKS * k_eff)
     width = n_items // n_chunks
-    chunks = masked[:, : width * n_chunks].reshape(b, width, n_chunks)  # [r, t, j]: t·C + j
+    # The scores are not copied: the chunks holding excluded cells get their maxima recomputed,
+    # and the excluded cells among the gathered items are set to -inf there.
+    chunks = scores[:, : width * n_chunks].reshape(b, width, n_chunks)  # [r, t, j]: item t·C + j
+    in_body = items < width * n_chunks
+    excluded_keys = rows[in_body] * n_chunks + items[in_body] % n_chunks  # (row, chunk) keys
+    excluded_places = items[in_body] // n_chunks
     maxima = chunks.max(axis=1)  # [b, C]
-    tail = masked[:, width * n_chunks :]  # [b, < C]: items width·C, ...
+    fixed = np.unique(excluded_keys)
+    values = _gather_chunks(chunks, fixed, excluded_keys, excluded_places, n_chunks)
+    maxima[fixed // n_chunks, fixed % n_chunks] = values.max(axis=1, initial=-np.inf)
+    tail = np.array(scores[:, width * n_chunks :], copy=True)  # [b, < C]: items width·C, ...
+    tail[rows[~in_body], items[~in_body] - width * n_chunks] = -np.inf
     if np.isnan(maxima).any() or np.isnan(tail).any():
         raise ValueError("scores contain NaN at non-excluded items")
     bound = np.partition(maxima, n_chunks - k_eff, axis=1)[:, n_chunks - k_eff]
@@ -164,7 +172,8 @@ def top_k_excluding(
     # Candidates (row, item, score): the items of the chunks reaching the bound, and of the tail,
     # that score >= the bound.
     chunk_rows, chunk_ids = np.nonzero(maxima >= bound[:, None])
-    gathered = chunks[chunk_rows, :, chunk_ids]  # [n_chunks chosen, width]
+    chosen = chunk_rows * n_chunks + chunk_ids  # ascending
+    gathered = _gather_chunks(chunks, chosen, excluded_keys, excluded_places, n_chunks)
     in_chunk = gathered >= bound[chunk_rows, None]
     slot, offset = np.nonzero(in_chunk)
     tail_rows, tail_ids = np.nonzero(tail >= bound[:, None])
@@ -192,10 +201,32 @@ def top_k_excluding(
         in_redo = np.isin(rows, redo)
         excluded = np.zeros((redo.size, n_items), dtype=bool)
         excluded[np.searchsorted(redo, rows[in_redo]), items[in_redo]] = True
-        ids[redo, :k_eff], top_scores[redo, :k_eff] = _select_by_partition(
-            masked[redo], excluded, k_eff
-        )
+        masked = np.where(excluded, -np.inf, scores[redo])
+        ids[redo, :k_eff], top_scores[redo, :k_eff] = _select_by_partition(masked, excluded, k_eff)
     return ids, top_scores
+
+
+def _gather_chunks(
+    chunks: np.ndarray,
+    keys: np.ndarray,
+    excluded_keys: np.ndarray,
+    excluded_places: np.ndarray,
+    n_chunks: int,
+) -> np.ndarray:
+    """The scores of some chunks with their excluded cells at -inf: float [len(keys), width].
+
+    Args:
+        chunks: float [b, width, n_chunks], chunk j of row r is chunks[r, :, j].
+        keys: int, ascending unique row · n_chunks + j of the chunks to gather.
+        excluded_keys: int [e], the chunk key of each excluded cell (of the chunked items).
+        excluded_places: int [e], each excluded cell's place t in its chunk.
+    """
+    gathered = chunks[keys // n_chunks, :, keys % n_chunks]
+    if keys.size and excluded_keys.size:
+        found = np.minimum(np.searchsorted(keys, excluded_keys), keys.size - 1)
+        hit = keys[found] == excluded_keys
+        gathered[found[hit], excluded_places[hit]] = -np.inf
+    return gathered
 
 
 def _select_by_partition(
