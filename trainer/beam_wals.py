@@ -440,7 +440,8 @@ class _BlockProblem:
             columns are positions in `needed`, else global indices of the fixed side.
         plan: the solver's tiles for `problem`.
         needed: join: int64 [m], the fixed rows the block's cells touch, ascending (the rows
-            whose factors it receives); broadcast: None.
+            whose factors it receives; the problem's column count is `_padded_length(m)`);
+            broadcast: None.
     """
 
     problem: problem.RowProblem
@@ -481,7 +482,7 @@ def _block_problem(spec: TrainSpec, side: int, block_id: int, item_counts) -> _B
             targets = dataclasses.replace(
                 defined.targets,
                 indices=np.searchsorted(needed, rows.indices),
-                shape=(rows.shape[0], needed.size),
+                shape=(rows.shape[0], _padded_length(needed.size)),
             )
             defined = dataclasses.replace(defined, targets=targets)
         return _BlockProblem(defined, defined.plan(spec.config.solver), needed)
@@ -515,6 +516,7 @@ class _Solve(beam.DoFn):
                     f"{_SIDE_NAMES[self._side]} block {block.block_id} received the factors of "
                     f"{received.size} rows, but its cells touch {solving.needed.size}"
                 )
+            table = _pad_rows(table, solving.problem.targets.shape[1])
         else:
             block = element
             solving = _block_problem(spec, self._side, block.block_id, item_counts)
@@ -538,6 +540,25 @@ class _Solve(beam.DoFn):
             jit_compile=True,
         )
         yield block.with_factors(solved.numpy())
+
+
+def _padded_length(m: int) -> int:
+    """The join's local fixed table length for m received rows: the next power of two ≥ m.
+
+    The XLA-compiled kernel is specialised to its inputs' shapes, the fixed table's included:
+    each join block receives a table of its own length, and unpadded every block would compile
+    its own kernels (seconds each). Its columns index only the first m rows, so zero rows
+    after them change nothing.
+    """
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def _pad_rows(table: np.ndarray, length: int) -> np.ndarray:
+    """float32 [m, k] -> [length, k], the added rows zero."""
+    m, k = table.shape
+    if length == m:
+        return table
+    return np.concatenate([table, np.zeros((length - m, k), table.dtype)])
 
 
 def _joined(element):
