@@ -122,24 +122,32 @@ class ParseEvents(beam.PTransform):
     lines_rejected.
 
     Args:
+        batched: the input is already batches of lines, PCollection[list[bytes]].
         redistribute: spread the batches of lines over the workers before parsing them. A gzip
             file is read whole by one worker, which would then parse every line of it too.
     """
 
     def __init__(
-        self, input_format: str, session_config: records.SessionConfig, redistribute: bool = False
+        self,
+        input_format: str,
+        session_config: records.SessionConfig,
+        batched: bool = False,
+        redistribute: bool = False,
     ):
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"unknown input format {input_format!r}; expected {INPUT_FORMATS}")
         self._format = input_format
         self._config = session_config
+        self._batched = batched
         self._redistribute = redistribute
 
     def expand(self, lines):
-        batches = lines | "BatchLines" >> beam.BatchElements(
-            min_batch_size=LINES_PER_BATCH, max_batch_size=LINES_PER_BATCH
-        )
+        batches = lines
+        if not self._batched:
+            batches = lines | "BatchLines" >> beam.BatchElements(
+                min_batch_size=LINES_PER_BATCH, max_batch_size=LINES_PER_BATCH
+            )
         if self._redistribute:
             batches = batches | "Redistribute" >> beam.Reshuffle()
         return batches | "Parse" >> beam.ParDo(_ParseFn(self._format, self._config)).with_outputs(

@@ -5,7 +5,8 @@ r"""The preprocessing pipeline: GA360 sessions -> TF Transform -> sparse rating-
         [--eval_fraction 0.1] [--holdout_visitors 0] [--scaling median|log1p|unit|raw] \
         [any Beam pipeline option]
 
-Graph (the collections hold batches: lists of events or pairs, Arrow RecordBatches, arrays):
+Graph (the collections hold batches: lists of lines, events or pairs, Arrow RecordBatches,
+arrays):
     ReadInput | ParseEvents -> events, rejected
     events | SumPerPair [| SplitHeldOutVisitors] -> pairs[, held-out pairs]
     pairs | SplitTrainEval -> train pairs, eval pairs
@@ -22,14 +23,17 @@ complete).
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import os
 import sys
 import time
 
 import apache_beam as beam
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
@@ -70,14 +74,84 @@ def _scale_stats(batch_and_passthrough) -> dict | None:
     return stats
 
 
-def spreads_work(options) -> bool:
-    """Whether the pipeline runs on more than one worker (anything but a one-worker DirectRunner),
-    so that parsing is worth redistributing."""
+def local_workers(options) -> int | None:
+    """The DirectRunner's number of workers, or None on any other runner."""
     runner = options.view_as(StandardOptions).runner
     name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
     if name is None or name.lower() in ("direct", "directrunner", "bundlebasedirectrunner"):
-        return options.view_as(DirectOptions).direct_num_workers != 1
-    return True
+        workers = options.view_as(DirectOptions).direct_num_workers
+        return workers if workers > 0 else (os.cpu_count() or 1)
+    return None
+
+
+def _lines_of(handle):
+    """The lines of a binary file without their endings, \\n or \\r\\n, as ReadFromText
+    splits them (a lone \\r stays inside its line)."""
+    for line in handle:
+        if line.endswith(b"\n"):
+            line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        yield line
+
+
+def _open_lines(path: str):
+    """The lines of one file, gzip or plain by its name (other compressions through Beam)."""
+    kind = CompressionTypes.detect_compression_type(path)
+    if kind == CompressionTypes.GZIP:
+        raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+        return raw, _lines_of(gzip.GzipFile(fileobj=raw, mode="rb"))
+    handle = FileSystems.open(path, compression_type=kind)
+    return handle, _lines_of(iter(handle.readline, b""))
+
+
+class _ReadStridedFn(beam.DoFn):
+    """Reader k of n: every line of every file, kept in batches b with b mod n == k."""
+
+    def __init__(self, patterns: list[str], readers: int):
+        self._patterns = patterns
+        self._readers = readers
+
+    def process(self, reader: int):
+        paths = []
+        for match in FileSystems.match(self._patterns):
+            paths += sorted(metadata.path for metadata in match.metadata_list)
+        if not paths:
+            raise OSError(f"no input file matches {self._patterns}")
+        index, batch = 0, []
+        for path in paths:
+            handle, lines = _open_lines(path)
+            with handle:
+                for line in lines:
+                    batch.append(line)
+                    if len(batch) == events.LINES_PER_BATCH:
+                        if index % self._readers == reader:
+                            yield batch
+                        index, batch = index + 1, []
+        if batch and index % self._readers == reader:
+            yield batch
+
+
+class ReadLineBatches(beam.PTransform):
+    """--input files -> batches of their lines, read by `readers` workers side by side.
+
+    Input: the pipeline root. Output: PCollection[list[bytes]], lists of events.LINES_PER_BATCH
+    lines (fewer in the last one) without their line endings, each line of the files in exactly
+    one batch: the same lines as `ReadInput`.
+
+    A gzip file cannot be split, so reader k of n decompresses every file whole and keeps the
+    batches b with b mod n == k: decompressing and splitting lines in C costs little next to
+    parsing, and each worker then parses only its share, without a shuffle of the lines.
+    """
+
+    def __init__(self, patterns: list[str], readers: int):
+        super().__init__()
+        self._patterns = patterns
+        self._readers = readers
+
+    def expand(self, root):
+        readers = root | "Readers" >> beam.Create(range(self._readers))
+        if self._readers > 1:
+            readers = readers | "SpreadReaders" >> beam.Reshuffle()
+        return readers | "ReadStrided" >> beam.ParDo(_ReadStridedFn(self._patterns, self._readers))
 
 
 class ReadInput(beam.PTransform):
@@ -115,11 +189,13 @@ def build_pipeline(
     p: beam.Pipeline,
     opts: preprocess_options.PreprocessOptions,
     output_dir: str,
-    redistribute: bool = False,
+    workers: int | None = 1,
 ) -> None:
     """Adds the whole preprocessing graph to `p`, writing under `output_dir`.
 
-    `redistribute`: spread the parsing of input lines over the workers (see `spreads_work`).
+    `workers`: the DirectRunner's number of workers (`local_workers`), or None on a distributed
+    runner. Locally, --input files are read by `ReadLineBatches` with one reader per worker;
+    elsewhere by `ReadInput`, and batches of lines are redistributed before parsing.
     """
     session_config = records.SessionConfig(
         content_id_source=opts.content_id_source,
@@ -134,10 +210,14 @@ def build_pipeline(
         item_min_count=opts.item_min_count,
         quantile_epsilon=opts.quantile_epsilon,
     )
-    lines = p | "ReadInput" >> ReadInput(opts)
-    parsed = lines | "ParseEvents" >> events.ParseEvents(
-        opts.input_format, session_config, redistribute
-    )
+    patterns = preprocess_options.input_patterns(opts)
+    if patterns and workers is not None:
+        lines = p | "ReadInput" >> ReadLineBatches(patterns, workers)
+        parse = events.ParseEvents(opts.input_format, session_config, batched=True)
+    else:
+        lines = p | "ReadInput" >> ReadInput(opts)
+        parse = events.ParseEvents(opts.input_format, session_config, redistribute=True)
+    parsed = lines | "ParseEvents" >> parse
     _ = parsed[events.REJECTED_TAG] | "WriteRejected" >> beam.io.WriteToText(
         f"{output_dir}/{features.REJECTED_DIR}/rejected", file_name_suffix=".jsonl"
     )
@@ -274,7 +354,7 @@ def run(argv: list[str] | None = None) -> dict:
     try:
         with staging.staged_output(opts.output_dir, opts.overwrite, features.SUMMARY_FILE) as out:
             pipeline = beam.Pipeline(options=options)
-            build_pipeline(pipeline, opts, out, spreads_work(options))
+            build_pipeline(pipeline, opts, out, local_workers(options))
             result = pipeline.run()
             result.wait_until_finish()
             counters = query_counters(result)
