@@ -285,3 +285,19 @@ def test_table_shows_medians_ranges_and_edges_and_chosen_from_checks_the_setting
     assert tb._read_chosen(str(path), tb.build_parser().parse_args(args))[0] == result["chosen"]
     with pytest.raises(ValueError, match="--seed"):
         tb._read_chosen(str(path), tb.build_parser().parse_args([*args, "--seed", "1"]))
+
+
+@pytest.mark.slow
+def test_per_iteration_evaluation_costs_at_most_a_fifth_of_an_iteration(tmp_path):
+    """On the 100K x 20K x 5M matrix (about 2 minutes): trainer.task's per-iteration evaluation
+    (its default sample of users) takes at most 20% of a training iteration of the same run."""
+    out = tmp_path / "eval_speed.json"
+    command = [sys.executable, "-m", "benchmarks.eval_speed", "--json_out", str(out)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    completed = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    iteration, evaluation = result["iteration"]["median"], result["eval_sampled"]["median"]
+    assert evaluation <= 0.2 * iteration, completed.stdout

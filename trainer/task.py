@@ -50,9 +50,9 @@ from trainer import model as model_lib
 logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 # Users of the per-iteration evaluation: ranking every item for every user costs the product
-# X Yᵀ and a top-K per user, several training iterations at 100K users x 20K items (about 60 µs
-# a user there), so the history follows a fixed sample; benchmarks/eval_speed.py measures it.
-EVAL_USERS = 2_000
+# X Yᵀ and a top-K per user, about 10 training iterations at 100K users x 20K items (65 µs a
+# user there), so the history follows a fixed sample; benchmarks/eval_speed.py measures it.
+EVAL_USERS = 1_000
 
 
 def _ks(text: str) -> tuple[int, ...]:
