@@ -14,12 +14,13 @@ The matrix is `benchmarks.matrices.synthetic_matrix` (the train benchmark's, def
 power law in both users and items (`power_law_matrix`). Ours is timed as `trainer.wals.fit`
 runs it: `solve_planned` on plans built once (the planning is timed separately), the Gramian,
 and both factor tables copied to NumPy. implicit's is its solver function
-(`_als.least_squares_cg` or `_als.least_squares`, BLAS pinned to 1 thread) on both sides, as its `fit` runs it. Each
-solver is warmed up by one untimed iteration (tracing and XLA compiles for ours), then the
-solvers take turns for --repeats rounds, so that a slow spell of the machine hits them alike;
-the table gives the median, min and max seconds per iteration, our time divided by implicit's
-CG time in the same round, and the loss (`trainer.problem.loss`, the same objective for both)
-at each one's factors after the same number of iterations from the same start.
+(`_als.least_squares_cg` or `_als.least_squares`, BLAS pinned to 1 thread) on both sides, as
+its `fit` runs it. Each solver is warmed up by one untimed iteration (tracing and XLA compiles
+for ours), then the solvers take turns for --repeats rounds, so that a slow spell of the
+machine hits them alike. The table gives the median, min and max seconds per iteration, our
+time divided by implicit's CG time in the same round, and the loss (`trainer.problem.loss`,
+the same objective for both) at each one's factors after the same number of iterations from
+the same start.
 """
 
 from __future__ import annotations
@@ -150,8 +151,8 @@ def ours(matrix: CsrMatrix, args, solver: str, x0: np.ndarray, y0: np.ndarray) -
         len(user_plan.tiles),
         len(item_plan.tiles),
         len(user_plan.tile_shapes | item_plan.tile_shapes),
-        100.0 * (user_plan.padded_slots / matrix.nnz - 1),
-        100.0 * (item_plan.padded_slots / matrix.nnz - 1),
+        100.0 * (user_plan.solved_slots / matrix.nnz - 1),
+        100.0 * (item_plan.solved_slots / matrix.nnz - 1),
     )
     state = {"x": tf.constant(x0), "y": tf.constant(y0)}
     solve = {"solver": solver, "cg_steps": args.cg_steps}

@@ -41,9 +41,14 @@ and a per-line row index folds the lines back into rows. For max_width = 4:
     row 2: items 1                                 [0 1 2 3], [5 P P P]]  line rows [0 0 1 1]
     row 3: items 0 1 2 3 5        tile W=1: lines [[1]]               line rows [0]
 
-The kernels gather the factors of a tile into [B, W, k] and use batched matmuls; two tiles are
-in flight at a time. Tile shapes come from a small set (W a power of two, B fixed per W), so
-the CG kernel is XLA-compiled once per shape and reused for every tile and iteration.
+These tiles of lines are sub-tiles: sub-tiles of one shape are stacked T at a time into a tile,
+arrays [T, B, W], and the CG kernel solves a tile in one call, looping over its sub-tiles: it
+gathers one sub-tile's factors into [B, W, k] (sized to stay in the L2 cache), runs every CG
+step on its rows with batched matmuls, and moves on. So the gathered factors are read from
+cache by the steps, and a call (whose fixed cost is about that of solving one sub-tile) is paid
+once per T sub-tiles. The exact solver takes one sub-tile per tile. Two tiles are in flight at
+a time. Tile shapes come from a small set (W a power of two, B and T fixed per W), so the CG
+kernel is XLA-compiled once per shape and reused for every tile and iteration.
 
 All kernels are plain TensorFlow ops without device placement: they run on a GPU when one is
 visible and on the CPU otherwise.
@@ -71,11 +76,12 @@ SOLVERS = (CHOLESKY, CG)
 DEFAULT_CHUNK_ROWS = 1 << 18
 # Entries per step when computing the loss.
 _LOSS_CHUNK = 1 << 18
-# Tiles solved concurrently by default. A tile's kernel keeps about 1.3 of 2 cores busy (its
-# small ops run on one thread); two in flight fill both. Each tile's result does not depend on
+# Tiles solved concurrently by default. On 2 cores one CG tile at a time takes 1.4 times as long
+# as two (its small ops run on one thread). Each tile's result does not depend on
 # this; pass `tiles_in_flight` to `solve_planned` on larger machines.
 DEFAULT_TILES_IN_FLIGHT = 2
-# A tile smaller than a full one is padded to at least this fraction of it (see _group_rows).
+# A (sub-)tile smaller than a full one is padded to at least this fraction of it (see
+# _group_rows and _stack_tiles).
 _MIN_TILE_FRACTION = 8
 # CG kernels with at most this many steps are unrolled; longer ones loop.
 _MAX_UNROLLED_CG_STEPS = 8
@@ -90,27 +96,38 @@ class TileShape:
     Attributes:
         max_width: W of the lines of rows longer than this; shorter rows get one line of width
             next_power_of_two(n_u). A power of two.
-        tile_slots: about B · W padded entries per tile.
-        max_rows: at most this many rows per tile (bounds the [rows, k, k] normal equations).
+        tile_slots: about B · W padded entries per sub-tile.
+        max_rows: at most this many rows per sub-tile (bounds the [rows, k, k] normal
+            equations).
+        stack_slots: about T · B · W entries per tile: up to this many slots of sub-tiles of
+            one shape are stacked into one tile, which the CG kernel solves in one call, one
+            sub-tile after the other (so that each sub-tile's gathered factors stay in cache
+            across the CG steps). 0 stacks nothing (T = 1).
     """
 
     max_width: int
     tile_slots: int
     max_rows: int
+    stack_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.max_width < 1 or self.max_width & (self.max_width - 1):
             raise ValueError(f"max_width must be a power of two, got {self.max_width}")
         if self.tile_slots < 2 * self.max_width or self.max_rows < 1:
             raise ValueError("tile_slots must be >= 2 * max_width and max_rows >= 1")
+        if self.stack_slots < 0:
+            raise ValueError(f"stack_slots must be >= 0, got {self.stack_slots}")
 
 
-# Measured on a 2-core AVX-512 CPU at k = 64 (benchmarks/solver_speed.py). CG streams the
-# gathered [B, W, k] factors 8 times per tile, so its tiles are 8 MiB and stay in the L3 cache;
-# the exact solver is bound by forming A, a [k, W] x [W, k] matmul per line, so it uses wider
-# lines, and few rows per tile to bound the [rows, k, k] equations.
+# Measured on a 2-core AVX-512 CPU at k = 64 (benchmarks/solver_speed.py). CG reads the gathered
+# [B, W, k] factors of a sub-tile 8 times, so its sub-tiles hold 4096 entries (1 MiB of float32
+# factors, the size of the L2 cache) and 64 of them are stacked into one kernel call (a call
+# costs about as much as solving a sub-tile). Its lines are 32 wide: wider lines waste more on
+# each long row's last line, narrower ones add per-line work. The exact solver is bound by
+# forming A, a [k, W] x [W, k] matmul per line, so it uses wider lines, one sub-tile per tile,
+# and few rows per tile to bound the [rows, k, k] equations.
 DEFAULT_TILES = {
-    CG: TileShape(max_width=64, tile_slots=1 << 15, max_rows=4096),
+    CG: TileShape(max_width=32, tile_slots=1 << 12, max_rows=1 << 12, stack_slots=1 << 18),
     CHOLESKY: TileShape(max_width=256, tile_slots=1 << 16, max_rows=1024),
 }
 
@@ -142,21 +159,28 @@ def gramian(factors: FloatArray, dtype: tf.DType = tf.float32) -> tf.Tensor:
     return tf.matmul(factors, factors, transpose_a=True)
 
 
+# Attributes a Tile computes on first use and does not pickle.
+_CACHED = ("_tensors", "_flat")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tile:
-    """B lines of width W holding the entries of R rows of the block.
+    """T sub-tiles of one shape, each B lines of width W holding the entries of R rows.
 
     NumPy arrays only, so that a plan pickles (a Beam worker can build or receive one); the
-    kernels turn them into tensors when they run.
+    kernels turn them into tensors the first time they run and keep those (not pickled).
+    Sub-tiles `count` to T - 1 are padding: no rows, skipped by the CG kernel.
 
     Attributes:
-        rows: int32 [R], the block row of each tile row; n_rows for padding rows.
-        cols: int32 [B, W], the column of each entry; n_other (the zero row) on padding.
-        f: [B, W], f_ui of each entry, 0 on padding.
-        c: [B, W], (w0 + f_ui) · r_ui of each entry, 0 on padding.
-        line_rows: int32 [B], the tile row (in [0, R)) each line belongs to.
-        reg: [R], λ_u of each tile row; 1 on padding rows so that their A stays invertible.
-        multi_line: whether some row spans several lines (else line j is tile row j).
+        rows: int32 [T, R], the block row of each sub-tile row; n_rows for padding rows.
+        cols: int32 [T, B, W], the column of each entry; n_other (the zero row) on padding.
+        f: [T, B, W], f_ui of each entry, 0 on padding.
+        c: [T, B, W], (w0 + f_ui) · r_ui of each entry, 0 on padding.
+        line_rows: int32 [T, B], the sub-tile row (in [0, R)) each line belongs to.
+        reg: [T, R], λ_u of each sub-tile row; 1 on padding rows so that their A stays
+            invertible.
+        multi_line: whether some row spans several lines (else line j is sub-tile row j).
+        count: the sub-tiles holding rows, the first `count` of the T.
     """
 
     rows: np.ndarray
@@ -166,6 +190,45 @@ class Tile:
     line_rows: np.ndarray
     reg: np.ndarray
     multi_line: bool
+    count: int
+
+    def __getstate__(self) -> dict:
+        """Pickles the arrays only, not the cached tensors."""
+        return {name: value for name, value in self.__dict__.items() if name not in _CACHED}
+
+    def _cached(self, name: str, make):
+        """self.<name>, made once by make() (two threads may both make it; either wins)."""
+        value = self.__dict__.get(name)
+        if value is None:
+            value = make()
+            object.__setattr__(self, name, value)
+        return value
+
+    def tensors(self) -> dict[str, tf.Tensor]:
+        """The arrays as tensors, converted on first use and kept."""
+        names = ("rows", "cols", "f", "c", "line_rows", "reg")
+        return self._cached(
+            "_tensors", lambda: {name: tf.convert_to_tensor(getattr(self, name)) for name in names}
+        )
+
+    def flat(self) -> Tile:
+        """The same entries as one sub-tile (T = 1) of T · B lines and T · R rows; kept."""
+        return self._cached("_flat", self._flatten)
+
+    def _flatten(self) -> Tile:
+        n_tiles, n_lines, width = self.cols.shape
+        n_rows = self.reg.shape[1]
+        offsets = (np.arange(n_tiles, dtype=np.int32) * n_rows)[:, None]
+        return Tile(
+            rows=self.rows.reshape(1, -1),
+            cols=self.cols.reshape(1, n_tiles * n_lines, width),
+            f=self.f.reshape(1, n_tiles * n_lines, width),
+            c=self.c.reshape(1, n_tiles * n_lines, width),
+            line_rows=(self.line_rows + offsets).reshape(1, -1),
+            reg=self.reg.reshape(1, -1),
+            multi_line=self.multi_line or n_lines != n_rows,
+            count=1,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,13 +260,18 @@ class RowPlan:
 
     @property
     def padded_slots(self) -> int:
-        """Σ over tiles of B · W: gathered entries, padding included."""
-        return int(sum(int(np.prod(tile.cols.shape)) for tile in self.tiles))
+        """Σ over tiles of T · B · W: stored entries, padding included (the plan's size)."""
+        return int(sum(tile.cols.size for tile in self.tiles))
 
     @property
-    def tile_shapes(self) -> set[tuple[int, int, int]]:
-        """The distinct (B, W, R) of the tiles; the CG kernel compiles once per shape."""
-        return {(*tile.cols.shape, int(tile.reg.shape[0])) for tile in self.tiles}
+    def solved_slots(self) -> int:
+        """Σ over tiles of count · B · W: entries the kernels gather, padding included."""
+        return int(sum(tile.count * tile.cols[0].size for tile in self.tiles))
+
+    @property
+    def tile_shapes(self) -> set[tuple[int, int, int, int]]:
+        """The distinct (T, B, W, R) of the tiles; the CG kernel compiles once per shape."""
+        return {(*tile.cols.shape, int(tile.reg.shape[1])) for tile in self.tiles}
 
 
 def _next_power_of_two(n: np.ndarray | int) -> np.ndarray:
@@ -289,7 +357,7 @@ def _make_tile(
     size: int,
     n_tile_rows: int,
 ) -> Tile:
-    """Builds one padded tile; f, c and reg already have the kernels' NumPy dtype."""
+    """Builds one padded sub-tile (T = 1); f, c and reg already have the kernels' dtype."""
     n_rows, n_other = rows.shape
     line_row = np.repeat(np.arange(members.size, dtype=np.int64), n_lines)
     first_line = np.cumsum(n_lines) - n_lines
@@ -301,19 +369,19 @@ def _make_tile(
     position = np.where(mask, position, 0)
     n_used = line_row.size
 
-    cols = np.full((size, width), n_other, dtype=np.int32)
-    cols[:n_used] = np.where(mask, rows.indices[position], n_other)
-    tile_f = np.zeros((size, width), dtype=f.dtype)
-    tile_f[:n_used] = np.where(mask, f[position], 0)
-    tile_c = np.zeros((size, width), dtype=c.dtype)
-    tile_c[:n_used] = np.where(mask, c[position], 0)
+    cols = np.full((1, size, width), n_other, dtype=np.int32)
+    cols[0, :n_used] = np.where(mask, rows.indices[position], n_other)
+    tile_f = np.zeros((1, size, width), dtype=f.dtype)
+    tile_f[0, :n_used] = np.where(mask, f[position], 0)
+    tile_c = np.zeros((1, size, width), dtype=c.dtype)
+    tile_c[0, :n_used] = np.where(mask, c[position], 0)
     # Padding lines hold no entries, so they may point at any tile row: use row 0.
-    line_rows = np.zeros(size, dtype=np.int32)
-    line_rows[:n_used] = line_row
-    tile_rows = np.full(n_tile_rows, n_rows, dtype=np.int32)
-    tile_rows[: members.size] = members
-    tile_reg = np.ones(n_tile_rows, dtype=reg.dtype)
-    tile_reg[: members.size] = reg[members]
+    line_rows = np.zeros((1, size), dtype=np.int32)
+    line_rows[0, :n_used] = line_row
+    tile_rows = np.full((1, n_tile_rows), n_rows, dtype=np.int32)
+    tile_rows[0, : members.size] = members
+    tile_reg = np.ones((1, n_tile_rows), dtype=reg.dtype)
+    tile_reg[0, : members.size] = reg[members]
     return Tile(
         rows=tile_rows,
         cols=cols,
@@ -322,7 +390,58 @@ def _make_tile(
         line_rows=line_rows,
         reg=tile_reg,
         multi_line=bool(n_used != members.size),
+        count=1,
     )
+
+
+def _stack(parts: list[Tile], n_tiles: int, n_rows: int, n_other: int) -> Tile:
+    """Stacks sub-tiles of one shape into a tile of T = n_tiles, padded with empty sub-tiles."""
+    padding = n_tiles - len(parts)
+
+    def stacked(name: str, fill) -> np.ndarray:
+        arrays = [getattr(part, name) for part in parts]
+        if padding:
+            arrays.append(np.full((padding, *arrays[0].shape[1:]), fill, arrays[0].dtype))
+        return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+
+    return Tile(
+        rows=stacked("rows", n_rows),
+        cols=stacked("cols", n_other),
+        f=stacked("f", 0),
+        c=stacked("c", 0),
+        line_rows=stacked("line_rows", 0),
+        reg=stacked("reg", 1),
+        multi_line=parts[0].multi_line,
+        count=len(parts),
+    )
+
+
+def _stack_tiles(parts: list[Tile], shape: TileShape, n_rows: int, n_other: int) -> list[Tile]:
+    """Stacks runs of consecutive sub-tiles of one shape into tiles of about stack_slots.
+
+    A run of at least one full tile of sub-tiles pads its last tile to the full T (the padding
+    sub-tiles are skipped, not solved); shorter runs round T up to a power of two and to at
+    least 1/_MIN_TILE_FRACTION of a full tile, so T takes few values (one compile each).
+    """
+    tiles = []
+    start = 0
+    while start < len(parts):
+        key = (parts[start].cols.shape, parts[start].reg.shape, parts[start].multi_line)
+        stop = start + 1
+        while stop < len(parts) and (
+            (parts[stop].cols.shape, parts[stop].reg.shape, parts[stop].multi_line) == key
+        ):
+            stop += 1
+        capacity = max(1, shape.stack_slots // parts[start].cols.size)
+        run = stop - start
+        for first in range(start, stop, capacity):
+            group = parts[first : min(first + capacity, stop)]
+            n_tiles = capacity
+            if run < capacity:
+                n_tiles = max(int(_next_power_of_two(run)), capacity // _MIN_TILE_FRACTION, 1)
+            tiles.append(_stack(group, n_tiles, n_rows, n_other))
+        start = stop
+    return tiles
 
 
 def plan_rows(
@@ -381,14 +500,17 @@ def plan_rows(
         chunk_lengths = lengths[chunk_start : chunk_start + chunk_rows]
         order = np.argsort(-chunk_lengths, kind="stable")
         order = order[chunk_lengths[order] > 0] + chunk_start
-        for members, n_lines, width, size, n_tile_rows in _group_rows(
-            order, lengths[order], tile_shape
-        ):
-            tiles.append(_make_tile(rows, f, c, reg, members, n_lines, width, size, n_tile_rows))
+        parts = [
+            _make_tile(rows, f, c, reg, members, n_lines, width, size, n_tile_rows)
+            for members, n_lines, width, size, n_tile_rows in _group_rows(
+                order, lengths[order], tile_shape
+            )
+        ]
+        tiles.extend(_stack_tiles(parts, tile_shape, n_rows, n_other))
     gather_index = np.empty(n_rows, dtype=np.int64)
     offset = 0
     for tile in tiles:
-        tile_rows = tile.rows
+        tile_rows = tile.rows.ravel()
         real = tile_rows < n_rows
         gather_index[tile_rows[real]] = offset + np.flatnonzero(real)
         offset += tile_rows.size
@@ -445,30 +567,84 @@ def _per_line(x: tf.Tensor, line_rows: tf.Tensor, multi_line: bool) -> tf.Tensor
     return tf.gather(x, line_rows) if multi_line else x
 
 
+def _cg_steps(
+    y: tf.Tensor,
+    f: tf.Tensor,
+    c: tf.Tensor,
+    line_rows: tf.Tensor,
+    reg: tf.Tensor,
+    x: tf.Tensor,
+    w0_gramian: tf.Tensor,
+    multi_line: bool,
+    steps: int | tf.Tensor,
+) -> tf.Tensor:
+    """`steps` CG steps on the rows of one sub-tile, from x.
+
+    Args:
+        y: [B, W, k] the gathered fixed factors of the lines' entries.
+        f, c: [B, W] f_ui and (w0 + f_ui) r_ui of the entries (0 on padding).
+        line_rows: int32 [B] the row of each line; reg [R] λ_u; x [R, k] the warm start.
+        w0_gramian: [k, k] w0·G.
+        multi_line: whether some row spans several lines.
+        steps: a Python int (unrolled) or a scalar tensor (a loop).
+
+    Returns:
+        [R, k] x after the steps.
+    """
+    n_rows = tf.shape(reg)[0]
+    reg = reg[:, None]
+
+    def apply(p):
+        # A p = w0·G p + Σ_i f_i y_i (y_i·p) + λ p   (G symmetric: G p = (pᵀ G)ᵀ).
+        yp = tf.einsum("bwk,bk->bw", y, _per_line(p, line_rows, multi_line))
+        observed = _observed_product(y, f * yp, line_rows, multi_line, n_rows)
+        return observed + tf.matmul(p, w0_gramian) + reg * p
+
+    # r = b − A x = Σ_i y_i (c_i − f_i y_i·x) − w0·G x − λ x.
+    yx = tf.einsum("bwk,bk->bw", y, _per_line(x, line_rows, multi_line))
+    r = _observed_product(y, c - f * yx, line_rows, multi_line, n_rows)
+    r = r - tf.matmul(x, w0_gramian) - reg * x
+    p = r
+    rs = tf.reduce_sum(r * r, axis=1, keepdims=True)
+    for _ in range(steps) if isinstance(steps, int) else tf.range(steps):
+        ap = apply(p)
+        alpha = tf.math.divide_no_nan(rs, tf.reduce_sum(p * ap, axis=1, keepdims=True))
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = tf.reduce_sum(r * r, axis=1, keepdims=True)
+        p = r + tf.math.divide_no_nan(rs_new, rs) * p
+        rs = rs_new
+    return x
+
+
 @functools.cache
 def _kernel(dtype: tf.DType, solver: str, multi_line: bool, cg_steps: int, jit_compile: bool):
     """The traced tile kernel for one configuration; shapes are dynamic.
 
-    With `jit_compile`, the CG kernel is XLA-compiled once per tile shape: XLA fuses the gathers
-    and elementwise work around the two [B, W, k] contractions of each step, about twice as
-    fast as running them as separate ops. Up to `_MAX_UNROLLED_CG_STEPS` steps are unrolled;
-    more steps use a loop so that compile time stays flat. The exact solver never uses XLA (its
-    Cholesky factorisation is much slower there).
+    The CG kernel loops over a tile's sub-tiles: it gathers one sub-tile's factors ([B, W, k],
+    512 KiB by default, so they stay in the L2 cache), runs the CG steps on its rows and moves
+    on, so a call costs one launch however many sub-tiles it holds. With `jit_compile` it is
+    XLA-compiled once per tile shape; XLA fuses the gathers and the elementwise work around
+    the two [B, W, k] contractions of each step, and the loop reuses one buffer for the
+    gathered factors. Up to `_MAX_UNROLLED_CG_STEPS` steps are unrolled; more steps use a loop
+    so that compile time stays flat. The exact solver never uses XLA (its Cholesky
+    factorisation is much slower there) and takes one sub-tile (`Tile.flat`).
     """
     specs = [
         tf.TensorSpec([None, None], dtype),  # fixed_ext [n_other + 1, k]
         tf.TensorSpec([None, None], dtype),  # w0 · G [k, k]
-        tf.TensorSpec([None, None], tf.int32),  # cols [B, W]
-        tf.TensorSpec([None, None], dtype),  # f [B, W]
-        tf.TensorSpec([None, None], dtype),  # c [B, W]
-        tf.TensorSpec([None], tf.int32),  # line_rows [B]
-        tf.TensorSpec([None], dtype),  # reg [R]
+        tf.TensorSpec([None, None, None], tf.int32),  # cols [T, B, W]
+        tf.TensorSpec([None, None, None], dtype),  # f [T, B, W]
+        tf.TensorSpec([None, None, None], dtype),  # c [T, B, W]
+        tf.TensorSpec([None, None], tf.int32),  # line_rows [T, B]
+        tf.TensorSpec([None, None], dtype),  # reg [T, R]
     ]
 
     if solver == CHOLESKY:
 
         @tf.function(input_signature=specs)
         def cholesky_tile(fixed_ext, w0_gramian, cols, f, c, line_rows, reg):
+            cols, f, c, line_rows, reg = cols[0], f[0], c[0], line_rows[0], reg[0]
             n_rows = tf.shape(reg)[0]
             y = tf.gather(fixed_ext, cols)  # [B, W, k]
             a = observed_gramians(y, f)  # [B, k, k]
@@ -480,44 +656,32 @@ def _kernel(dtype: tf.DType, solver: str, multi_line: bool, cg_steps: int, jit_c
         return cholesky_tile
 
     specs = specs + [
-        tf.TensorSpec([None, None], dtype),  # x0 [R, k]
+        tf.TensorSpec([None, None], tf.int32),  # rows [T, R], indices into x0_ext
+        tf.TensorSpec([None, None], dtype),  # x0_ext [n_rows + 1, k]
+        tf.TensorSpec([], tf.int32),  # count: sub-tiles to solve, the first of the T
     ]
-    steps = range(cg_steps) if cg_steps <= _MAX_UNROLLED_CG_STEPS else tf.range(cg_steps)
+    steps = cg_steps if cg_steps <= _MAX_UNROLLED_CG_STEPS else tf.constant(cg_steps)
 
     @tf.function(input_signature=specs, jit_compile=jit_compile)
-    def cg_tile(fixed_ext, w0_gramian, cols, f, c, line_rows, reg, x):
-        n_rows = tf.shape(reg)[0]
-        y = tf.gather(fixed_ext, cols)  # [B, W, k]
-        reg = reg[:, None]
+    def cg_tile(fixed_ext, w0_gramian, cols, f, c, line_rows, reg, rows, x0_ext, count):
+        n_tiles = tf.shape(cols)[0]
+        solutions = tf.TensorArray(dtype, size=n_tiles, element_shape=[None, None])
 
-        def apply(p):
-            # A p = w0·G p + Σ_i f_i y_i (y_i·p) + λ p   (G symmetric: G p = (pᵀ G)ᵀ).
-            yp = tf.einsum("bwk,bk->bw", y, _per_line(p, line_rows, multi_line))
-            observed = _observed_product(y, f * yp, line_rows, multi_line, n_rows)
-            return observed + tf.matmul(p, w0_gramian) + reg * p
+        def solve_one(t, solutions):
+            y = tf.gather(fixed_ext, cols[t])  # [B, W, k]
+            x = tf.gather(x0_ext, rows[t])  # [R, k]
+            x = _cg_steps(y, f[t], c[t], line_rows[t], reg[t], x, w0_gramian, multi_line, steps)
+            return t + 1, solutions.write(t, x)
 
-        # r = b − A x = Σ_i y_i (c_i − f_i y_i·x) − w0·G x − λ x.
-        yx = tf.einsum("bwk,bk->bw", y, _per_line(x, line_rows, multi_line))
-        r = _observed_product(y, c - f * yx, line_rows, multi_line, n_rows)
-        r = r - tf.matmul(x, w0_gramian) - reg * x
-        p = r
-        rs = tf.reduce_sum(r * r, axis=1, keepdims=True)
-        for _ in steps:
-            ap = apply(p)
-            alpha = tf.math.divide_no_nan(rs, tf.reduce_sum(p * ap, axis=1, keepdims=True))
-            x = x + alpha * p
-            r = r - alpha * ap
-            rs_new = tf.reduce_sum(r * r, axis=1, keepdims=True)
-            p = r + tf.math.divide_no_nan(rs_new, rs) * p
-            rs = rs_new
-        return x
+        _, solutions = tf.while_loop(lambda t, _: t < count, solve_one, (0, solutions))
+        return solutions.stack()  # [T, R, k]; sub-tiles from count on are zeros
 
     return cg_tile
 
 
 def _short(tile: Tile, k: int) -> bool:
     """Whether the exact solver takes the Woodbury path for a tile: one line of <= k/2."""
-    return not tile.multi_line and 2 * int(tile.cols.shape[1]) <= k
+    return not tile.multi_line and 2 * int(tile.cols.shape[2]) <= k
 
 
 @functools.cache
@@ -595,21 +759,35 @@ def solve_planned(
             raise ValueError(f"x0 must be [{n_rows}, {k}], got {x0.shape}")
         x0_ext = tf.concat([x0, tf.zeros([1, k], dtype)], axis=0)
     woodbury = solver == CHOLESKY and plan.min_reg > 0
-    if woodbury and any(_short(tile, k) for tile in plan.tiles):
+    if woodbury and any(_short(tile.flat(), k) for tile in plan.tiles):
         eigenvalues, basis = tf.linalg.eigh(w0_gramian)
         eigenvalues = tf.maximum(eigenvalues, 0)  # G is positive semi-definite
         fixed_rotated = tf.matmul(fixed_ext, basis)
 
     def solve_tile(tile: Tile) -> tf.Tensor:
+        """[T · R, k] the solutions of a tile's rows, sub-tile after sub-tile."""
+        if solver == CG:
+            arrays = tile.tensors()
+            kernel = _kernel(dtype, CG, tile.multi_line, int(cg_steps), jit_compile)
+            # Without XLA the padding sub-tiles are solved too (to 0): the loop writes all T.
+            count = tile.count if jit_compile else int(tile.cols.shape[0])
+            solutions = kernel(
+                fixed_ext,
+                w0_gramian,
+                *(arrays[name] for name in ("cols", "f", "c", "line_rows", "reg", "rows")),
+                x0_ext,
+                tf.constant(count, tf.int32),
+            )
+            return tf.reshape(solutions, [-1, k])
+        tile = tile.flat()
+        arrays = tile.tensors()
         if woodbury and _short(tile, k):
             kernel = _woodbury_kernel(dtype)
-            return kernel(fixed_rotated, eigenvalues, basis, tile.cols, tile.f, tile.c, tile.reg)
-        steps = int(cg_steps) if solver == CG else 0
-        kernel = _kernel(dtype, solver, tile.multi_line, steps, jit_compile)
-        args = (fixed_ext, w0_gramian, tile.cols, tile.f, tile.c, tile.line_rows, tile.reg)
-        if solver == CG:
-            args = args + (tf.gather(x0_ext, tile.rows),)
-        return kernel(*args)
+            cols, f, c, reg = (arrays[name][0] for name in ("cols", "f", "c", "reg"))
+            return kernel(fixed_rotated, eigenvalues, basis, cols, f, c, reg)
+        kernel = _kernel(dtype, CHOLESKY, tile.multi_line, 0, False)
+        names = ("cols", "f", "c", "line_rows", "reg")
+        return kernel(fixed_ext, w0_gramian, *(arrays[name] for name in names))
 
     if tiles_in_flight < 1:
         raise ValueError(f"tiles_in_flight must be >= 1, got {tiles_in_flight}")

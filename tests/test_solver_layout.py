@@ -1,0 +1,115 @@
+"""The stacked tile layout of `trainer.solver` (sub-tiles stacked T at a time, padding sub-tiles
+skipped) against the dense NumPy oracle in `dense_wals.py` and against other layouts.
+
+Every fast path is checked: the XLA-compiled CG kernel with its loop over sub-tiles (and its
+early stop at `count`), the same kernel without XLA, and the exact solvers on stacked tiles.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import dense_wals  # tests/ is on sys.path (pytest's rootdir-less "prepend" import mode)
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import solver, weights
+from trainer.sparse import CsrMatrix
+
+F64 = tf.float64
+# Small sub-tiles stacked a few at a time: long rows span several lines, runs of sub-tiles
+# fill several tiles, and the last tile of a run holds padding sub-tiles.
+STACKED = solver.TileShape(max_width=4, tile_slots=16, max_rows=4, stack_slots=64)
+UNSTACKED = solver.TileShape(max_width=4, tile_slots=16, max_rows=4)
+
+
+def power_law(n: int = 60, m: int = 25, seed: int = 0) -> CsrMatrix:
+    """A random matrix whose row lengths span 0 to m: rows of 1 to a few lines of width 4."""
+    rng = np.random.default_rng(seed)
+    density = np.clip(rng.pareto(1.0, n)[:, None] * 0.1, 0, 1)
+    dense = np.where(rng.random((n, m)) < density, rng.uniform(0.1, 1.0, (n, m)), 0.0)
+    dense[3] = 0.0  # an empty row
+    dense[5] = rng.uniform(0.1, 1.0, m)  # a full row: 7 lines of width 4
+    rows, cols = np.nonzero(dense)
+    return CsrMatrix.from_triples(rows, cols, dense[rows, cols], dense.shape)
+
+
+@pytest.fixture(scope="module")
+def problem_data():
+    matrix = power_law()
+    rng = np.random.default_rng(1)
+    k, w0 = 3, 0.3
+    a, alpha = weights.item_terms(matrix.col_counts(), "confidence", confidence_alpha=3.0)
+    f = weights.entry_weights(matrix.indices, matrix.values, a, alpha)
+    reg = rng.uniform(0.05, 0.5, matrix.shape[0])
+    y = rng.normal(size=(matrix.shape[1], k))
+    x0 = rng.normal(size=(matrix.shape[0], k))
+    w = np.full(matrix.shape, w0)
+    w[matrix.row_ids(), matrix.indices] += f.astype(np.float64)
+    exact = dense_wals.solve_rows(matrix.to_dense(), w, y, reg)
+    return matrix, f, reg, w0, y, x0, exact
+
+
+def test_the_stacked_layout_has_several_sub_tiles_per_tile_and_padding(problem_data):
+    matrix, f, reg, w0, *_ = problem_data
+    plan = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
+    assert any(tile.count > 1 for tile in plan.tiles)
+    assert any(tile.count < tile.cols.shape[0] for tile in plan.tiles)  # padding sub-tiles
+    assert any(tile.multi_line for tile in plan.tiles)
+    # Every non-empty row is in exactly one sub-tile, with all of its entries.
+    rows = np.concatenate([tile.rows.ravel() for tile in plan.tiles])
+    real = rows[rows < matrix.shape[0]]
+    np.testing.assert_array_equal(np.sort(real), np.flatnonzero(matrix.row_counts()))
+    assert sum(int((tile.f > 0).sum()) for tile in plan.tiles) == int((f > 0).sum())
+    assert plan.solved_slots <= plan.padded_slots
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_stacked_cg_reaches_the_dense_solution(problem_data, jit_compile):
+    matrix, f, reg, w0, y, x0, exact = problem_data
+    plan = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
+    g = solver.gramian(y, F64)
+    x = solver.solve_planned(plan, y, g, "cg", x0, 30, jit_compile).numpy()
+    np.testing.assert_allclose(x, exact, rtol=1e-8, atol=1e-10)
+    assert np.all(x[3] == 0)
+
+
+@pytest.mark.parametrize("name", solver.SOLVERS)
+def test_stacking_and_tiles_in_flight_do_not_change_the_solution(problem_data, name):
+    matrix, f, reg, w0, y, x0, exact = problem_data
+    g = solver.gramian(y, F64)
+
+    def solve(shape, jit_compile=False, in_flight=2):
+        plan = solver.plan_rows(matrix, f, reg, w0, name, F64, tile_shape=shape)
+        return solver.solve_planned(plan, y, g, name, x0, 3, jit_compile, in_flight).numpy()
+
+    reference = solve(UNSTACKED)
+    np.testing.assert_allclose(solve(STACKED), reference, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(solve(STACKED, True, 1), reference, rtol=1e-10, atol=1e-12)
+    if name == solver.CHOLESKY:
+        np.testing.assert_allclose(reference, exact, rtol=1e-8, atol=1e-12)
+
+
+def test_default_float32_cg_plan_matches_float64(problem_data):
+    """The default (large) tile shapes on a small block: one padded tile per shape."""
+    matrix, f, reg, w0, y, x0, _ = problem_data
+    g64 = solver.gramian(y, F64)
+    plan64 = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=UNSTACKED)
+    reference = solver.solve_planned(plan64, y, g64, "cg", x0, 3, False).numpy()
+    plan = solver.plan_rows(matrix, f, reg, w0, "cg")
+    y32 = y.astype(np.float32)
+    x = solver.solve_planned(plan, y32, solver.gramian(y32), "cg", x0.astype(np.float32), 3)
+    assert x.dtype == tf.float32
+    np.testing.assert_allclose(x.numpy(), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_a_plan_pickles_without_its_cached_tensors(problem_data):
+    matrix, f, reg, w0, y, x0, _ = problem_data
+    plan = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
+    g = solver.gramian(y, F64)
+    before = solver.solve_planned(plan, y, g, "cg", x0, 3, False).numpy()
+    assert all("_tensors" in tile.__dict__ for tile in plan.tiles)
+    copy = pickle.loads(pickle.dumps(plan))
+    assert not any("_tensors" in tile.__dict__ for tile in copy.tiles)
+    np.testing.assert_array_equal(solver.solve_planned(copy, y, g, "cg", x0, 3, False), before)
