@@ -203,7 +203,8 @@ def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):7.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[float]]:
+    """Runs the benchmark and prints its table; returns {(library, solver): s per iteration}."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrix", choices=("synthetic", "power_law"), default="synthetic")
     parser.add_argument("--users", type=int, default=100_000)
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         if reference is not None:
             ratio = _summary([a / b for a, b in zip(c.seconds, reference.seconds, strict=True)])
         print(f"{c.library:<9} {c.solver:<9} {_summary(c.seconds):>22} {ratio:>26} {loss:14.8g}")
+    return {(c.library, c.solver): c.seconds for c in contestants}
 
 
 if __name__ == "__main__":
