@@ -11,6 +11,11 @@ REQUIRED = [
     "apache-beam[gcp]>=2.77,<2.78",
     "tensorflow-transform>=1.21,<1.22",
     "tensorflow>=2.21,<2.22",
+    # TF Transform's own companions, imported directly: TFXIO feeds it Arrow RecordBatches
+    # (transforms/preprocessing.py), and tfx_bsl's C++ coder encodes the matrix's Examples
+    # (pipeline/matrix_io.py). Same ranges as tensorflow-transform 1.21 requires.
+    "tfx-bsl>=1.21,<1.22",
+    "pyarrow>14",
     # tf.summary.scalar needs it; TF 2.21 no longer installs it.
     "tensorboard>=2.20",
     "numpy>=1.26",
