@@ -1,10 +1,13 @@
-"""Wall time and peak resident memory of a command and all of its child processes."""
+"""Measuring helpers: wall time and peak resident memory of a command and all of its child
+processes; a cap on NumPy's BLAS threads for peers that ask for one."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 
 def run_measured(command: list[str], env: dict | None = None, interval: float = 0.2) -> dict:
@@ -51,3 +54,15 @@ def run_measured(command: list[str], env: dict | None = None, interval: float = 
         "returncode": process.returncode,
         "stderr_tail": "\n".join(stderr.splitlines()[-15:]),
     }
+
+
+@contextlib.contextmanager
+def blas_threads(threads: int) -> Iterator[None]:
+    """Limits NumPy's BLAS thread pool inside the block (when threadpoolctl is installed)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield

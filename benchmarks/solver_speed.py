@@ -26,16 +26,16 @@ the same start.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 
 from benchmarks import matrices
+from benchmarks.measure import blas_threads
 from trainer.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
@@ -78,18 +78,6 @@ def power_law_matrix(n_users: int, n_items: int, nnz: int, exponent: float, seed
     rows, cols = keys // n_items, keys % n_items
     values = rng.uniform(0.0, 1.0, size=rows.size) + 1e-3
     return CsrMatrix.from_triples(rows, cols, values, (n_users, n_items))
-
-
-@contextlib.contextmanager
-def _blas_threads(threads: int) -> Iterator[None]:
-    """Limits NumPy's BLAS thread pool inside the block (when threadpoolctl is installed)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=threads, user_api="blas"):
-        yield
 
 
 @dataclasses.dataclass
@@ -191,7 +179,7 @@ def implicit_als(matrix: CsrMatrix, args, solver: str, x0: np.ndarray, y0: np.nd
             _als.least_squares(cui, rows, fixed, args.regularization, THREADS)
 
     def iterate() -> None:
-        with _blas_threads(1):
+        with blas_threads(1):
             sweep(confidence, x, y)
             sweep(transposed, y, x)
 

@@ -66,6 +66,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from benchmarks import matrices
+from benchmarks.measure import blas_threads
 from trainer import metrics
 from trainer.sparse import CsrMatrix
 
@@ -152,18 +153,6 @@ def _set_tensorflow_threads(threads: int) -> None:
         )
 
 
-@contextlib.contextmanager
-def _blas_threads(threads: int) -> Iterator[None]:
-    """Limits NumPy's BLAS thread pool inside the block (when threadpoolctl is installed)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=threads, user_api="blas"):
-        yield
-
-
 def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, seed: int) -> Fitted:
     """Fits `trainer.wals` with `OURS_FIXED` and confidence weighting f = α r.
 
@@ -188,7 +177,7 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
         seed=seed,
         **OURS_FIXED,
     )
-    with _blas_threads(THREADS):
+    with blas_threads(THREADS):
         start = time.perf_counter()
         # Like the peers (implicit's calculate_training_loss=False), no loss per iteration.
         factors = wals.fit(train, config, show_progress=False, compute_loss=False)
@@ -244,7 +233,7 @@ def fit_implicit(
     from implicit.cpu.als import AlternatingLeastSquares
 
     confidence = to_scipy(train, 1.0 + params["alpha"] * train.values)
-    with _blas_threads(1):
+    with blas_threads(1):
         model = AlternatingLeastSquares(
             factors=k,
             iterations=iters,
@@ -259,7 +248,7 @@ def fit_implicit(
 
     def fold_in(rows: CsrMatrix) -> np.ndarray:
         # recommend(..., recalculate_user=True) solves one user so; this is its batched form.
-        with _blas_threads(1):
+        with blas_threads(1):
             users = np.arange(rows.shape[0])
             return model.recalculate_user(
                 users, to_scipy(rows, 1.0 + params["alpha"] * rows.values)
