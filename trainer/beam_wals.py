@@ -9,26 +9,33 @@ every block of one side against the other side's factors, with the math of the l
 `trainer.problem.define_rows` per block, then `trainer.solver.solve_planned`.
 
     once:   rows of each side | StashRows      (each block's ratings to the checkpoint dir)
+            initial factors of each block       (iter-0000 files)
     iteration t:
-      users_t = users_{t-1} | SolveUsers(G = Σ_blocks Y_bᵀY_b,  Y = items_{t-1})
-      items_t = items_{t-1} | SolveItems(G = Σ_blocks X_bᵀX_b,  X = users_t)
-      users_t, items_t | WriteCheckpoint      (one file per block, the marker last)
+      users_t = users_{t-1} | SolveUsers(G = Σ_b Y_bᵀY_b,  Y = items_{t-1})  | CheckpointUsers
+      items_t = items_{t-1} | SolveItems(G = Σ_b X_bᵀX_b,  X = users_t)      | CheckpointItems
 
-Only factors move between sweeps (`FactorBlock`: row IDs and float32 [b, k]); the ratings stay
-where they are, as Spark's ALS caches its in-blocks. A worker keeps each block's problem and solve
-plan after building it once (`_block_problem`) and rebuilds it from the stashed rows file on a
-miss (a new or restarted worker, or an evicted entry).
+Factors travel through the checkpoint files, which every half-sweep writes anyway: a solve
+writes its block's new factors to `iter-NNNN/<side>/block-NNNNN-<sha>.npz` and emits only a
+`FactorRef` (the file's name, size and SHA-256, and the block's Gramian term F_bᵀF_b, k x k).
+So Beam moves a few kilobytes per block between stages, never factor tables, and a reader checks
+every file it reads against its SHA-256. The ratings stay where they are, as Spark's ALS caches
+its in-blocks: a worker keeps each block's problem and solve plan after building it once
+(`_block_problem`) and rebuilds it from the stashed rows file on a miss (a new or restarted
+worker, or an evicted entry).
 
-The Gramian G is a CombineFn over factor blocks (k x k partial sums), a singleton side input of
-every solve. The fixed factors reach a solving block in one of two ways (`--factor_exchange`):
+After each half-sweep, `Checkpoint` combines the side's references into a `SideState`: the
+Gramian G = Σ_b F_bᵀF_b (k x k partial sums, merged) and every block's file record. It writes
+the half-sweep's completion marker and is the singleton side input of every solve of the other
+side. The fixed factors reach a solving block in one of two ways (`--factor_exchange`):
 
-    broadcast   the whole fixed table ([n_fixed, k] float32) is a singleton side input; every
-                worker holds one copy. Simple and fast while n_fixed · k · 4 bytes fits easily.
+    broadcast   every worker reads the whole fixed table ([n_fixed, k] float32) from the block
+                files the state names, once per process and half-sweep, and holds one copy.
+                Simple and fast while n_fixed · k · 4 bytes fits easily in a worker.
     join        Spark ALS's block join: once per run, each solving block lists the fixed rows
                 its cells touch, grouped by the fixed block that owns them. Every sweep, each
-                fixed block sends exactly those vectors to the solving blocks that asked, and
-                a CoGroupByKey joins them with the solving block. Shuffles Σ_b |cols(b)| · k · 4
-                bytes per sweep; no worker needs the whole table.
+                fixed block reads its own file and sends exactly those vectors to the solving
+                blocks that asked, and a CoGroupByKey joins them with the solving block.
+                Shuffles Σ_b |cols(b)| · k · 4 bytes per sweep; no worker needs the whole table.
 
 Every DoFn is a pure function of its inputs (initial factors are keyed by the rows' original IDs,
 `trainer.seeding`), so bundle retries cannot double count and the result does not depend on the
@@ -53,7 +60,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from trainer import blocks as blocks_lib
 from trainer import checkpoints, problem, seeding
 from trainer import solver as wals_solver
-from trainer.blocks import FactorBlock, RowBlock
+from trainer.blocks import FactorRef, RowBlock
 from trainer.config import WALSConfig
 from transforms import features
 
@@ -199,8 +206,26 @@ class _CountItems(beam.CombineFn):
 # --- initialisation and checkpoints ------------------------------------------------------------
 
 
+def _publish(
+    spec: TrainSpec, iteration: int, side: int, block_id: int, row_ids, factors
+) -> FactorRef:
+    """Writes a block's factors of `iteration` to the checkpoint directory; returns the
+    reference the next sweeps read them by. Same inputs, same bytes: safe to retry."""
+    factors = np.asarray(factors, dtype=np.float32)
+    record = checkpoints.write_block(
+        spec.checkpoint_dir, iteration, side, block_id, row_ids, factors
+    )
+    wide = factors.astype(np.float64)
+    return FactorRef(side, block_id, iteration, record, wide.T @ wide)
+
+
+def _read_ref(spec: TrainSpec, ref: FactorRef) -> tuple[np.ndarray, np.ndarray]:
+    """(row_ids int64 [b], factors float32 [b, k]) of a reference, its SHA-256 checked."""
+    return checkpoints.read_record(spec.checkpoint_dir, ref.iteration, ref.side, ref.record)
+
+
 class _StashRows(beam.DoFn):
-    """RowBlock -> its FactorBlock, after writing the block's ratings to the checkpoint
+    """RowBlock -> (block_id, row_ids), after writing the block's ratings to the checkpoint
     directory (`checkpoints.write_rows_block`): the sweeps then move only factors, and a worker
     rebuilds a block's problem from that file when it has not cached it."""
 
@@ -211,197 +236,182 @@ class _StashRows(beam.DoFn):
         checkpoints.write_rows_block(
             self._spec.checkpoint_dir, block.side, block.block_id, block.rows
         )
-        yield block.factor_block()
+        yield block.block_id, block.row_ids
 
 
 class _InitFactors(beam.DoFn):
-    """FactorBlock -> the same block with its initial factors: seeded (`trainer.seeding`), or
-    a warm start's."""
+    """(block_id, row_ids) -> the FactorRef of the block's initial factors (iteration 0):
+    seeded (`trainer.seeding`), or a warm start's."""
 
     def __init__(self, spec: TrainSpec, side: int):
         self._spec = spec
         self._side = side
 
-    def process(self, block: FactorBlock):
-        config = self._spec.config
-        if self._spec.warm_start:
-            yield block.with_factors(
-                checkpoints.read_initial(
-                    self._spec.checkpoint_dir,
-                    self._side,
-                    self._spec.layout(self._side),
-                    block.block_id,
-                    config.latent_factors,
-                )
+    def process(self, element):
+        block_id, row_ids = element
+        spec, config, side = self._spec, self._spec.config, self._side
+        if spec.warm_start:
+            initial = checkpoints.read_initial(
+                spec.checkpoint_dir, side, spec.layout(side), block_id, config.latent_factors
             )
-            return
-        keys = checkpoints.read_keys(
-            self._spec.checkpoint_dir, self._side, self._spec.layout(self._side), block.block_id
-        )
-        yield block.with_factors(
-            seeding.initial_factors(
-                keys, config.latent_factors, config.init_stddev, config.seed, self._side
+        else:
+            keys = checkpoints.read_keys(spec.checkpoint_dir, side, spec.layout(side), block_id)
+            initial = seeding.initial_factors(
+                keys, config.latent_factors, config.init_stddev, config.seed, side
             )
-        )
+        yield _publish(spec, 0, side, block_id, row_ids, initial)
 
 
 class _LoadFactors(beam.DoFn):
-    """FactorBlock -> the same block with its factors from a verified checkpoint."""
+    """(block_id, row_ids) -> the FactorRef of the block in a verified checkpoint."""
 
     def __init__(self, spec: TrainSpec, side: int, marker: dict):
         self._spec = spec
         self._side = side
         self._marker = marker
 
-    def process(self, block: FactorBlock):
-        row_ids, factors = checkpoints.read_block(
-            self._spec.checkpoint_dir, self._marker, block.block_id
+    def process(self, element):
+        block_id, row_ids = element
+        records = {record["block"]: record for record in self._marker["blocks"]}
+        stored_ids, factors = checkpoints.read_block(
+            self._spec.checkpoint_dir, self._marker, block_id
         )
-        if not np.array_equal(row_ids, block.row_ids):
-            raise ValueError(f"checkpoint block {block.block_id} holds other rows")
-        yield block.with_factors(factors)
-
-
-class _WriteBlock(beam.DoFn):
-    """FactorBlock -> (block_id, file record) after writing its factors (retry-safe: same
-    bytes)."""
-
-    def __init__(self, spec: TrainSpec, iteration: int, side: int):
-        self._spec = spec
-        self._iteration = iteration
-        self._side = side
-
-    def process(self, block: FactorBlock):
-        yield checkpoints.write_block(
-            self._spec.checkpoint_dir,
-            self._iteration,
-            self._side,
-            block.block_id,
-            block.row_ids,
-            block.factors,
+        if not np.array_equal(stored_ids, row_ids):
+            raise ValueError(f"checkpoint block {block_id} holds other rows")
+        wide = factors.astype(np.float64)
+        yield FactorRef(
+            self._side, block_id, self._spec.start_iteration, records[block_id], wide.T @ wide
         )
 
 
-class _WriteMarker(beam.DoFn):
-    """[file records] -> writes the half-sweep's completion marker, last."""
+@dataclasses.dataclass(frozen=True)
+class SideState:
+    """One side's factors after a half-sweep, as the other side's solves see them.
 
-    def __init__(self, spec: TrainSpec, iteration: int, side: int):
-        self._spec = spec
-        self._iteration = iteration
-        self._side = side
+    A singleton side input of a few kilobytes per block: the Gramian and where the factors are.
 
-    def process(self, records: list[dict]):
-        spec = self._spec
-        expected = spec.layout(self._side).n_blocks
-        if len(records) != expected:
-            raise RuntimeError(f"{len(records)} of {expected} blocks written")
-        checkpoints.write_marker(
-            spec.checkpoint_dir, self._iteration, self._side, spec.fingerprint, records
-        )
-        sweep = 2 * self._iteration - (1 if self._side == problem.USERS else 0)
-        if spec.fail_after and sweep == spec.fail_after:
-            raise RuntimeError(f"test fault injected after half-sweep {sweep}")
-        yield sweep
-
-
-class WriteCheckpoint(beam.PTransform):
-    """PCollection[FactorBlock] -> PCollection[int] (the half-sweep's number, once complete).
-
-    Writes `iter-NNNN/<side>/block-NNNNN.npz` per block, then the marker `_COMPLETE` naming
-    every file with its size and SHA-256, so a reader can tell a complete checkpoint.
+    Attributes:
+        side: USERS or ITEMS.
+        iteration: the iteration of the factors (0: initial).
+        records: the checkpoint records of every block's file, by block.
+        gramian: float64 [k, k], G = Σ_b F_bᵀ F_b.
     """
 
-    def __init__(self, spec: TrainSpec, iteration: int, side: int):
-        super().__init__()
-        self._args = (spec, iteration, side)
-
-    def expand(self, blocks):
-        return (
-            blocks
-            | "WriteBlocks" >> beam.ParDo(_WriteBlock(*self._args))
-            | "Gather" >> beam.combiners.ToList()
-            | "WriteMarker" >> beam.ParDo(_WriteMarker(*self._args))
-        )
+    side: int
+    iteration: int
+    records: tuple[dict, ...]
+    gramian: np.ndarray
 
 
-# --- the sweeps --------------------------------------------------------------------------------
-
-
-class _Gramian(beam.CombineFn):
-    """FactorBlock -> G = Σ_blocks F_bᵀ F_b, float64 [k, k]."""
+class _CombineState(beam.CombineFn):
+    """FactorRef -> SideState: the blocks' records gathered and their Gramian terms added."""
 
     def __init__(self, k: int):
         self._k = k
 
     def create_accumulator(self):
-        return np.zeros((self._k, self._k), dtype=np.float64)
+        return [], np.zeros((self._k, self._k), dtype=np.float64)
 
-    def add_input(self, gram, block: FactorBlock):
-        f = block.factors.astype(np.float64)
-        return gram + f.T @ f
-
-    def merge_accumulators(self, accumulators):
-        return sum(accumulators, np.zeros((self._k, self._k), dtype=np.float64))
-
-    def extract_output(self, gram):
-        return gram
-
-
-class _GramianAndTable(beam.CombineFn):
-    """FactorBlock -> (G = Σ_blocks F_bᵀ F_b float64 [k, k], the whole table float32 [n, k]).
-
-    The broadcast exchange needs both of the fixed side; one combine makes them in one stage.
-    """
-
-    def __init__(self, n: int, k: int):
-        self._gramian = _Gramian(k)
-        self._table = _Table(n, k)
-
-    def create_accumulator(self):
-        return self._gramian.create_accumulator(), self._table.create_accumulator()
-
-    def add_input(self, accumulator, block: FactorBlock):
-        gram, parts = accumulator
-        return self._gramian.add_input(gram, block), self._table.add_input(parts, block)
+    def add_input(self, accumulator, ref: FactorRef):
+        refs, gram = accumulator
+        refs.append((ref.side, ref.iteration, ref.record))
+        return refs, gram + ref.gramian
 
     def merge_accumulators(self, accumulators):
-        grams, parts = zip(*accumulators)
-        return (
-            self._gramian.merge_accumulators(grams),
-            self._table.merge_accumulators(parts),
-        )
+        refs, gram = [], np.zeros((self._k, self._k), dtype=np.float64)
+        for more, part in accumulators:
+            refs.extend(more)
+            gram = gram + part
+        return refs, gram
 
     def extract_output(self, accumulator):
-        gram, parts = accumulator
-        return gram, self._table.extract_output(parts)
+        refs, gram = accumulator
+        halves = {(side, iteration) for side, iteration, _ in refs}
+        if len(halves) != 1:
+            raise RuntimeError(f"one side state from the factors of {sorted(halves)}")
+        ((side, iteration),) = halves
+        records = tuple(sorted((record for _, _, record in refs), key=lambda r: r["block"]))
+        return SideState(side, iteration, records, gram)
 
 
-class _Table(beam.CombineFn):
-    """FactorBlock -> the whole side's factor table, float32 [n, k] (the broadcast side
-    input)."""
+class _WriteMarker(beam.DoFn):
+    """SideState -> writes the half-sweep's completion marker (every block file is written
+    before its reference reaches the state)."""
 
-    def __init__(self, n: int, k: int):
-        self._n = n
-        self._k = k
+    def __init__(self, spec: TrainSpec):
+        self._spec = spec
 
-    def create_accumulator(self):
-        return []
+    def process(self, state: SideState):
+        spec = self._spec
+        expected = spec.layout(state.side).n_blocks
+        if len(state.records) != expected:
+            raise RuntimeError(f"{len(state.records)} of {expected} blocks written")
+        checkpoints.write_marker(
+            spec.checkpoint_dir, state.iteration, state.side, spec.fingerprint, state.records
+        )
+        sweep = 2 * state.iteration - (1 if state.side == problem.USERS else 0)
+        if spec.fail_after and sweep == spec.fail_after:
+            raise RuntimeError(f"test fault injected after half-sweep {sweep}")
+        yield sweep
 
-    def add_input(self, parts, block: FactorBlock):
-        parts.append((block.row_ids, block.factors))
-        return parts
 
-    def merge_accumulators(self, accumulators):
-        return [part for parts in accumulators for part in parts]
+class Checkpoint(beam.PTransform):
+    """PCollection[FactorRef] of one side after a half-sweep -> PCollection[SideState], one
+    element, the other side's side input; with `marker`, also writes the half-sweep's
+    completion marker `iter-NNNN/<side>/_COMPLETE` naming every block file with its size and
+    SHA-256, so that a reader can tell a complete checkpoint.
+    """
 
-    def extract_output(self, parts):
-        table = np.zeros((self._n, self._k), dtype=np.float32)
+    def __init__(self, spec: TrainSpec, marker: bool = True):
+        super().__init__()
+        self._spec = spec
+        self._marker = marker
+
+    def expand(self, refs):
+        state = (
+            refs
+            | "State"
+            >> beam.CombineGlobally(
+                _CombineState(self._spec.config.latent_factors)
+            ).without_defaults()
+        )
+        if self._marker:
+            _ = state | "WriteMarker" >> beam.ParDo(_WriteMarker(self._spec))
+        return state
+
+
+# --- the sweeps --------------------------------------------------------------------------------
+
+# The broadcast exchange's fixed tables: each worker process reads a side's whole table from the
+# checkpoint files once per half-sweep and keeps the newest few (one per side is in use).
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+_TABLES_LOCK = threading.Lock()
+TABLES_KEPT = 2
+
+
+def _fixed_table(spec: TrainSpec, state: SideState) -> np.ndarray:
+    """The whole table of `state`'s side, float32 [n, k], read from its block files."""
+    key = (spec.checkpoint_dir, state.side, state.iteration) + tuple(
+        record["sha256"] for record in state.records
+    )
+    with _TABLES_LOCK:
+        if key in _TABLES:
+            _TABLES.move_to_end(key)
+            return _TABLES[key]
+        n = spec.side_shape(state.side)[0]
+        table = np.zeros((n, spec.config.latent_factors), dtype=np.float32)
         seen = 0
-        for row_ids, factors in parts:
+        for record in state.records:
+            row_ids, factors = checkpoints.read_record(
+                spec.checkpoint_dir, state.iteration, state.side, record
+            )
             table[row_ids] = factors
             seen += row_ids.size
-        if seen != self._n:
-            raise RuntimeError(f"factor table has {seen} of {self._n} rows")
+        if seen != n:
+            raise RuntimeError(f"{_SIDE_NAMES[state.side]} factor table has {seen} of {n} rows")
+        _TABLES[key] = table
+        while len(_TABLES) > TABLES_KEPT:
+            _TABLES.popitem(last=False)
         return table
 
 
@@ -413,13 +423,17 @@ def _needs(block: RowBlock, fixed_layout: blocks_lib.BlockLayout):
         yield int(owner), (block.block_id, cols[owners == owner])
 
 
-def _send(element, fixed_layout: blocks_lib.BlockLayout):
-    """(fixed block, {block: [FactorBlock], requests}) -> (solving block, (fixed rows int64
+def _send(element, spec: TrainSpec, fixed_layout: blocks_lib.BlockLayout):
+    """(fixed block, {block: [FactorRef], requests}) -> (solving block, (fixed rows int64
     [m], their factors float32 [m, k])) for each solving block that asked."""
     _, grouped = element
     (fixed,) = grouped["block"]
-    for destination, rows in grouped["requests"]:
-        yield destination, (rows, fixed.factors[fixed_layout.position(rows)])
+    requests = list(grouped["requests"])
+    if not requests:
+        return
+    _, factors = _read_ref(spec, fixed)
+    for destination, rows in requests:
+        yield destination, (rows, factors[fixed_layout.position(rows)])
 
 
 # A block's problem and plan are pure functions of (run, exchange, side, block), so a worker keeps
@@ -491,55 +505,57 @@ def _block_problem(spec: TrainSpec, side: int, block_id: int, item_counts) -> _B
 
 
 class _Solve(beam.DoFn):
-    """Solves a block against the fixed side: FactorBlock -> FactorBlock with new factors.
+    """Solves a block against the fixed side: FactorRef -> the FactorRef of its new factors
+    (written to the checkpoint directory as iteration `iteration`).
 
     With `loss` set, also emits (tag "loss") the block's `LossSums` of its *incoming* factors
     against the fixed factors: the observed and regularisation terms of the previous iteration.
     With `solve` off, emits only those sums.
     """
 
-    def __init__(self, spec: TrainSpec, side: int, loss: bool, solve: bool = True):
+    def __init__(self, spec: TrainSpec, side: int, iteration: int, loss: bool, solve: bool):
         self._spec = spec
         self._side = side
+        self._iteration = iteration
         self._loss = loss
         self._solve = solve
 
-    def process(self, element, item_counts, gramian=None, table=None, fixed_state=None):
+    def process(self, element, item_counts, fixed_state: SideState):
         spec, config = self._spec, self._spec.config
-        if fixed_state is not None:  # broadcast: (G, the whole fixed table)
-            gramian, table = fixed_state
         if spec.exchange == JOIN:
-            block, received, table = _joined(element)
-            solving = _block_problem(spec, self._side, block.block_id, item_counts)
+            ref, received, table = _joined(element, config.latent_factors)
+            solving = _block_problem(spec, self._side, ref.block_id, item_counts)
             if not np.array_equal(received, solving.needed):
                 raise RuntimeError(
-                    f"{_SIDE_NAMES[self._side]} block {block.block_id} received the factors of "
+                    f"{_SIDE_NAMES[self._side]} block {ref.block_id} received the factors of "
                     f"{received.size} rows, but its cells touch {solving.needed.size}"
                 )
             table = _pad_rows(table, solving.problem.targets.shape[1])
         else:
-            block = element
-            solving = _block_problem(spec, self._side, block.block_id, item_counts)
+            ref = element
+            table = _fixed_table(spec, fixed_state)
+            solving = _block_problem(spec, self._side, ref.block_id, item_counts)
+        row_ids, factors = _read_ref(spec, ref)
         if self._loss:
             fixed = table if self._side == problem.USERS else None
             yield beam.pvalue.TaggedOutput(
-                "loss", problem.loss_sums(solving.problem, block.factors, fixed)
+                "loss", problem.loss_sums(solving.problem, factors, fixed)
             )
         if not self._solve:
             return
         beam.metrics.Metrics.counter(_METRICS, f"solved_{_SIDE_NAMES[self._side]}").inc(
-            block.row_ids.size
+            row_ids.size
         )
         solved = wals_solver.solve_planned(
             solving.plan,
             table,
-            gramian.astype(np.float32),
+            fixed_state.gramian.astype(np.float32),
             config.solver,
-            x0=block.factors,
+            x0=factors,
             cg_steps=config.cg_steps,
             jit_compile=True,
         )
-        yield block.with_factors(solved.numpy())
+        yield _publish(spec, self._iteration, self._side, ref.block_id, row_ids, solved.numpy())
 
 
 def _padded_length(m: int) -> int:
@@ -561,69 +577,66 @@ def _pad_rows(table: np.ndarray, length: int) -> np.ndarray:
     return np.concatenate([table, np.zeros((length - m, k), table.dtype)])
 
 
-def _joined(element):
-    """(block_id, {block: [FactorBlock], parts: [(fixed rows, factors)]}) -> (the block, the
-    fixed rows it received int64 [m] ascending, their factors float32 [m, k])."""
+def _joined(element, k: int):
+    """(block_id, {block: [FactorRef], parts: [(fixed rows, factors)]}) -> (the reference,
+    the fixed rows it received int64 [m] ascending, their factors float32 [m, k])."""
     _, grouped = element
-    (block,) = grouped["block"]
+    (ref,) = grouped["block"]
     parts = list(grouped["parts"])
     if not parts:
-        k = block.factors.shape[1]
-        return block, np.zeros(0, np.int64), np.zeros((0, k), np.float32)
+        return ref, np.zeros(0, np.int64), np.zeros((0, k), np.float32)
     ids = np.concatenate([rows for rows, _ in parts])
     vectors = np.concatenate([factors for _, factors in parts])
     order = np.argsort(ids, kind="stable")
-    return block, ids[order], vectors[order]
+    return ref, ids[order], vectors[order]
 
 
 class HalfSweep(beam.PTransform):
     """Solves every block of one side against the other side's current factors.
 
-    Inputs: (solving PCollection[FactorBlock], fixed PCollection[FactorBlock]); item_counts a
-    singleton int64 [n_items]; with the join exchange, the solving side's requests
-    (`_needs`). Output: (PCollection[FactorBlock] with new factors,
-    PCollection[LossSums] of the incoming factors, or None), and the fixed side's Gramian.
+    Inputs: (solving PCollection[FactorRef], fixed PCollection[FactorRef], the fixed side's
+    PCollection[SideState] (one element)); item_counts a singleton int64 [n_items]; with the
+    join exchange, the solving side's requests (`_needs`). Output: (PCollection[FactorRef] of
+    the new factors, PCollection[LossSums] of the incoming factors, or None).
+
+    broadcast: each worker reads the fixed table from the files the state names (once per
+    process and half-sweep, `_fixed_table`). join: each fixed block reads its own file and
+    sends the solving blocks the rows they asked for.
     """
 
-    def __init__(self, spec, side, item_counts, requests=None, loss=False, solve=True):
+    def __init__(self, spec, side, iteration, item_counts, requests=None, loss=False, solve=True):
         super().__init__()
         self._spec = spec
         self._side = side
+        self._iteration = iteration
         self._item_counts = item_counts
         self._requests = requests
         self._loss = loss
         self._solve = solve
 
     def expand(self, pcolls):
-        solving, fixed = pcolls
+        solving, fixed, fixed_state = pcolls
         spec = self._spec
-        k = spec.config.latent_factors
-        n_fixed = spec.side_shape(self._side)[1]
-        side_inputs = {"item_counts": beam.pvalue.AsSingleton(self._item_counts)}
-        if spec.exchange == BROADCAST:
-            state = fixed | "GramianAndTable" >> beam.CombineGlobally(_GramianAndTable(n_fixed, k))
-            gramian = state | "Gramian" >> beam.Map(lambda pair: pair[0])
-            side_inputs["fixed_state"] = beam.pvalue.AsSingleton(state)
-            main = solving
-        else:
-            gramian = fixed | "Gramian" >> beam.CombineGlobally(_Gramian(k))
-            side_inputs["gramian"] = beam.pvalue.AsSingleton(gramian)
+        main = solving
+        if spec.exchange == JOIN:
             sent = (
                 {
-                    "block": fixed | "KeyFixed" >> beam.Map(lambda b: (b.block_id, b)),
+                    "block": fixed | "KeyFixed" >> beam.Map(lambda ref: (ref.block_id, ref)),
                     "requests": self._requests,
                 }
                 | "MatchRequests" >> beam.CoGroupByKey()
-                | "SendFactors" >> beam.FlatMap(_send, spec.layout(1 - self._side))
+                | "SendFactors" >> beam.FlatMap(_send, spec, spec.layout(1 - self._side))
             )
             main = {
-                "block": solving | "KeySolving" >> beam.Map(lambda b: (b.block_id, b)),
+                "block": solving | "KeySolving" >> beam.Map(lambda ref: (ref.block_id, ref)),
                 "parts": sent,
             } | "JoinFactors" >> beam.CoGroupByKey()
         outputs = main | "Solve" >> beam.ParDo(
-            _Solve(spec, self._side, self._loss, self._solve), **side_inputs
+            _Solve(spec, self._side, self._iteration, self._loss, self._solve),
+            item_counts=beam.pvalue.AsSingleton(self._item_counts),
+            fixed_state=beam.pvalue.AsSingleton(fixed_state),
         ).with_outputs("loss", main="blocks")
-        return outputs.blocks, (outputs.loss if self._loss else None), gramian
+        return outputs.blocks, (outputs.loss if self._loss else None)
 
 
 class _FinishLoss(beam.DoFn):
@@ -633,8 +646,8 @@ class _FinishLoss(beam.DoFn):
         self._spec = spec
         self._iteration = iteration
 
-    def process(self, sums, gramian_users, gramian_items):
-        loss = sums.finish(gramian_users, gramian_items, self._spec.config.unobserved_weight)
+    def process(self, sums, users: SideState, items: SideState):
+        loss = sums.finish(users.gramian, items.gramian, self._spec.config.unobserved_weight)
         checkpoints.write_loss(self._spec.checkpoint_dir, self._iteration, loss)
         yield loss
 
@@ -646,9 +659,10 @@ def _sum_losses(parts):
     return total
 
 
-def _regularization_sums(block: FactorBlock, spec: TrainSpec, item_counts) -> problem.LossSums:
-    solving = _block_problem(spec, block.side, block.block_id, item_counts)
-    return problem.loss_sums(solving.problem, block.factors, None)
+def _regularization_sums(ref: FactorRef, spec: TrainSpec, item_counts) -> problem.LossSums:
+    solving = _block_problem(spec, ref.side, ref.block_id, item_counts)
+    _, factors = _read_ref(spec, ref)
+    return problem.loss_sums(solving.problem, factors, None)
 
 
 def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
@@ -668,7 +682,11 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
         name = _SIDE_NAMES[side].capitalize()
         rows = root | f"Read{name}" >> ReadRowBlocks(spec, side)
         if side == problem.ITEMS:
-            item_counts = rows | "CountItems" >> beam.CombineGlobally(_CountItems(spec.shape[1]))
+            item_counts = (
+                rows
+                | "CountItems"
+                >> beam.CombineGlobally(_CountItems(spec.shape[1])).without_defaults()
+            )
         if spec.exchange == JOIN:
             requests[side] = rows | f"Requests{name}" >> beam.FlatMap(_needs, spec.layout(1 - side))
         stashed = rows | f"Stash{name}Rows" >> beam.ParDo(_StashRows(spec))
@@ -679,11 +697,11 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
         else:
             sides[side] = stashed | f"Init{name}" >> beam.ParDo(_InitFactors(spec, side))
     users, items = sides[problem.USERS], sides[problem.ITEMS]
-
-    gramian_users = None
+    start = "Resume" if markers else "Initial"
+    items_state = items | f"{start}ItemsState" >> Checkpoint(spec, marker=False)
+    users_state = None
     if spec.start_loss:
-        k = config.latent_factors
-        gramian_users = users | "StartGramian" >> beam.CombineGlobally(_Gramian(k))
+        users_state = users | f"{start}UsersState" >> Checkpoint(spec, marker=False)
     for iteration in range(spec.start_iteration + 1, config.num_iters + 2):
         last = iteration == config.num_iters + 1
         # The loss of iteration t is computed while solving users in iteration t + 1 (from the
@@ -694,9 +712,10 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
         if last and not previous_loss:
             break
         label = "FinalLoss" if last else f"Iter{iteration:04d}"
-        new_users, sums, gramian_items = (users, items) | f"{label}/SolveUsers" >> HalfSweep(
+        new_users, sums = (users, items, items_state) | f"{label}/SolveUsers" >> HalfSweep(
             spec,
             problem.USERS,
+            iteration,
             item_counts,
             requests.get(problem.USERS),
             loss=previous_loss,
@@ -709,19 +728,19 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
             (
                 (sums, regs)
                 | f"{label}/FlattenLoss" >> beam.Flatten()
-                | f"{label}/SumLoss" >> beam.CombineGlobally(_sum_losses)
+                | f"{label}/SumLoss" >> beam.CombineGlobally(_sum_losses).without_defaults()
                 | f"{label}/WriteLoss"
                 >> beam.ParDo(
                     _FinishLoss(spec, iteration - 1),
-                    beam.pvalue.AsSingleton(gramian_users),
-                    beam.pvalue.AsSingleton(gramian_items),
+                    beam.pvalue.AsSingleton(users_state),
+                    beam.pvalue.AsSingleton(items_state),
                 )
             )
         if last:
             break
         users = new_users
-        _ = users | f"{label}/CheckpointUsers" >> WriteCheckpoint(spec, iteration, problem.USERS)
-        items, _, gramian_users = (items, users) | f"{label}/SolveItems" >> HalfSweep(
-            spec, problem.ITEMS, item_counts, requests.get(problem.ITEMS)
+        users_state = users | f"{label}/CheckpointUsers" >> Checkpoint(spec)
+        items, _ = (items, users, users_state) | f"{label}/SolveItems" >> HalfSweep(
+            spec, problem.ITEMS, iteration, item_counts, requests.get(problem.ITEMS)
         )
-        _ = items | f"{label}/CheckpointItems" >> WriteCheckpoint(spec, iteration, problem.ITEMS)
+        items_state = items | f"{label}/CheckpointItems" >> Checkpoint(spec)

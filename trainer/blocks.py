@@ -5,7 +5,7 @@ index, block = row mod B with B = ceil(n_rows / block_rows) (`BlockLayout`), so 
 depends only on the data and `block_rows`, never on the runner or the number of workers. A block
 holds its rows' observed cells (complete rows: `items_for_user` holds whole rows,
 `users_for_item` whole columns; `RowBlock`), read once per run, and their current factors
-(`FactorBlock`), which are what moves between sweeps:
+(checkpoint files named by a `FactorRef`), which are what moves between sweeps:
 
     users (block_rows = 2, B = 2)       items (block_rows = 2, B = 2)
     u0: i1 i3   → user block 0          i0: u1 u2   → item block 0
@@ -106,8 +106,8 @@ class BlockLayout:
 class RowBlock:
     """A block of whole rows of one side: their observed ratings.
 
-    Read once per run; the sweeps then move only `FactorBlock`s (a worker keeps the block's
-    problem, or reads the rows back from the checkpoint directory).
+    Read once per run; the sweeps then move only factors (`FactorRef`; a worker keeps the
+    block's problem, or reads the rows back from the checkpoint directory).
 
     Attributes:
         side: `trainer.problem.USERS` or `ITEMS`.
@@ -123,29 +123,30 @@ class RowBlock:
     row_ids: np.ndarray
     rows: CsrMatrix
 
-    def factor_block(self) -> FactorBlock:
-        """The block without its ratings, and without factors yet."""
-        return FactorBlock(self.side, self.block_id, self.row_ids)
-
 
 @dataclasses.dataclass(frozen=True)
-class FactorBlock:
-    """What moves between sweeps: a block's rows and their current factors, no ratings.
+class FactorRef:
+    """What moves between sweeps: where a block's current factors are, not the factors.
+
+    Every half-sweep writes each block's factors to a checkpoint file anyway
+    (`trainer.checkpoints.write_block`), so the factors travel through those files and Beam
+    carries only this reference: no stage ships factor tables through the runner's data plane
+    or shuffle. The reader checks the file against the SHA-256 in `record`.
 
     Attributes:
         side: `trainer.problem.USERS` or `ITEMS`.
         block_id: the block's number.
-        row_ids: int64 [b], the block's global row indices, ascending.
-        factors: float32 [b, k], the rows' current factors (None before initialisation).
+        iteration: the iteration the factors belong to (0: the initial factors).
+        record: the checkpoint record of the block's file, {block, file, bytes, sha256}.
+        gramian: float64 [k, k], F_bᵀ F_b of the block's factors F_b: its term of the side's
+            Gramian G = Σ_b F_bᵀ F_b.
     """
 
     side: int
     block_id: int
-    row_ids: np.ndarray
-    factors: np.ndarray | None = None
-
-    def with_factors(self, factors: np.ndarray) -> FactorBlock:
-        return dataclasses.replace(self, factors=np.asarray(factors, dtype=np.float32))
+    iteration: int
+    record: dict
+    gramian: np.ndarray
 
 
 def assemble(

@@ -10,7 +10,10 @@ Layout, under `<output_dir>.checkpoints/` (outside the staged output, so a faile
     rows/users/block-NNNNN.npz     a block's ratings (row_ids, CSR arrays), written once per
                                    launch: sweeps move only factors, and a worker that has not
                                    cached a block's problem reads its rows from here
-    iter-NNNN/users/block-NNNNN.npz   a block's (row_ids, factors) after that half-sweep
+    iter-NNNN/users/block-NNNNN-<sha>.npz
+                                   a block's (row_ids, factors) after that half-sweep, named by
+                                   its content (iter-0000: the initial factors); the sweeps
+                                   read each other's factors from these files
     iter-NNNN/users/_COMPLETE         JSON naming every block file with its size and SHA-256;
                                       written last, so its presence means the half is complete
     iter-NNNN/items/...
@@ -176,16 +179,18 @@ def write_block(
     row_ids: np.ndarray,
     factors: np.ndarray,
 ) -> dict:
-    """Writes one block's factors; returns its marker record {block, file, bytes, sha256}."""
+    """Writes one block's factors; returns its marker record {block, file, bytes, sha256}.
+
+    The file is named by its content, `block-NNNNN-<first 16 hex of its SHA-256>.npz`: two
+    attempts of the same solve (a retried or speculative bundle) whose float round-off differs
+    write two files, and each record names its own, so no reader ever finds bytes other than
+    the ones its record vouches for.
+    """
     data = blocks_lib.to_bytes(row_ids, factors)
-    name = f"block-{block_id:05d}.npz"
+    digest = hashlib.sha256(data).hexdigest()
+    name = f"block-{block_id:05d}-{digest[:16]}.npz"
     _write_atomically(f"{_half_dir(checkpoint_dir, iteration, side)}/{name}", data)
-    return {
-        "block": int(block_id),
-        "file": name,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+    return {"block": int(block_id), "file": name, "bytes": len(data), "sha256": digest}
 
 
 def write_marker(
@@ -202,7 +207,8 @@ def write_marker(
 
 
 def read_block(checkpoint_dir: str, marker: dict, block_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """A block's (row_ids, factors), checked against the marker's SHA-256.
+    """A block's (row_ids, factors) from a marker read by `find_resume`, checked against the
+    marker's SHA-256.
 
     Raises:
         CheckpointError: the block is not in the marker, or its bytes are not the ones written.
@@ -210,9 +216,27 @@ def read_block(checkpoint_dir: str, marker: dict, block_id: int) -> tuple[np.nda
     records = {record["block"]: record for record in marker["blocks"]}
     if block_id not in records:
         raise CheckpointError(f"checkpoint {marker['_dir']} has no block {block_id}")
-    path = f"{marker['_dir']}/{records[block_id]['file']}"
-    data = _read(path)
-    if hashlib.sha256(data).hexdigest() != records[block_id]["sha256"]:
+    return _read_verified(f"{marker['_dir']}/{records[block_id]['file']}", records[block_id])
+
+
+def read_record(
+    checkpoint_dir: str, iteration: int, side: int, record: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (row_ids, factors) of the file `write_block` described by `record`, checked against
+    its SHA-256 (how the distributed trainer's sweeps pass factors to each other).
+
+    Raises:
+        CheckpointError: the file is missing, or its bytes are not the ones written.
+    """
+    return _read_verified(f"{_half_dir(checkpoint_dir, iteration, side)}/{record['file']}", record)
+
+
+def _read_verified(path: str, record: dict) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        data = _read(path)
+    except OSError as error:  # Beam's FileSystems raise BeamIOError, an IOError
+        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from None
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise CheckpointError(f"corrupt checkpoint file {path}: its SHA-256 does not match")
     try:
         return blocks_lib.from_bytes(data)
