@@ -17,6 +17,7 @@ import zlib
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from pipeline import records
 
@@ -44,7 +45,8 @@ def rejected_record(line, reason: str) -> str:
 
 LINES_PER_BATCH = 1024  # Input lines parsed per element of ParseEvents.
 PAIRS_PER_BATCH = 8192  # Pairs per element of SumPerPair's output.
-SUM_BUCKETS = 16  # Keys of SumPerPair's shuffle: crc32(visitorId) mod SUM_BUCKETS.
+SUM_BUCKETS = 16  # Default keys of SumPerPair's shuffle: crc32(visitorId) mod buckets.
+MAX_BUFFERED_PAIRS = 1 << 20  # Pairs summed in one bundle before they go to the shuffle.
 
 
 class _ParseFn(beam.DoFn):
@@ -155,67 +157,102 @@ class ParseEvents(beam.PTransform):
         )
 
 
-def _bucket(visitor_id: str) -> int:
-    """The SumPerPair shuffle key of a visitor: crc32 of its UTF-8 bytes mod SUM_BUCKETS (stable
+def _bucket(visitor_id: str, buckets: int) -> int:
+    """The SumPerPair shuffle key of a visitor: crc32 of its UTF-8 bytes mod `buckets` (stable
     across processes, unlike hash())."""
-    return zlib.crc32(visitor_id.encode("utf-8", "surrogatepass")) % SUM_BUCKETS
+    return zlib.crc32(visitor_id.encode("utf-8", "surrogatepass")) % buckets
 
 
-def _by_bucket(events: list):
-    """An event batch -> (bucket, events of that bucket) for each bucket present."""
-    parts: dict[int, list] = {}
-    for event in events:
-        bucket = _bucket(event[0])
-        part = parts.get(bucket)
-        if part is None:
-            parts[bucket] = [event]
-        else:
-            part.append(event)
-    yield from parts.items()
+def _add_events(totals: dict, events, latest: bool) -> None:
+    """Adds (visitor, content, value) events to {(visitor, content): total} in place: the sum of
+    the values, or for MovieLens the latest rating (max of (timestamp, rating): ties go to the
+    highest rating)."""
+    get = totals.get
+    if latest:
+        for visitor, content, stamped in events:
+            key = (visitor, content)
+            previous = get(key)
+            if previous is None or stamped > previous:
+                totals[key] = stamped
+    else:
+        for visitor, content, value in events:
+            key = (visitor, content)
+            totals[key] = get(key, 0.0) + value
 
 
-class _PairTotalsFn(beam.CombineFn):
-    """Event batches -> {(visitorId, contentId): value}: the sum of the values, or for MovieLens
-    the latest rating (max of (timestamp, rating): ties go to the highest rating)."""
+def _merge_totals(totals: dict, other: dict, latest: bool) -> None:
+    """Adds the totals of `other` to `totals` in place (the same rule as `_add_events`)."""
+    get = totals.get
+    if latest:
+        for key, stamped in other.items():
+            previous = get(key)
+            if previous is None or stamped > previous:
+                totals[key] = stamped
+    else:
+        for key, value in other.items():
+            totals[key] = get(key, 0.0) + value
 
-    def __init__(self, latest: bool):
+
+class _PartialSumsFn(beam.DoFn):
+    """Event batches -> (bucket, {(visitor, content): partial total}) for each visitor bucket.
+
+    Sums every event of a bundle into one dict and emits it split by bucket when the bundle ends,
+    or earlier once it holds MAX_BUFFERED_PAIRS pairs: the shuffle then moves a few coarse dicts
+    per bundle, however many buckets there are (a CombinePerKey would add each batch's events
+    per bucket, and with thousands of buckets a batch of 1,024 lines splits into hundreds of
+    elements of a few events each).
+    """
+
+    def __init__(self, latest: bool, buckets: int):
         self._latest = latest
+        self._buckets = buckets
+        self._totals: dict = {}
 
-    def create_accumulator(self) -> dict:
-        return {}
+    def start_bundle(self):
+        self._totals = {}
 
-    def add_input(self, totals: dict, events: list) -> dict:
-        get = totals.get
-        if self._latest:
-            for visitor, content, stamped in events:
-                key = (visitor, content)
-                previous = get(key)
-                if previous is None or stamped > previous:
-                    totals[key] = stamped
-        else:
-            for visitor, content, value in events:
-                key = (visitor, content)
-                totals[key] = get(key, 0.0) + value
-        return totals
+    def process(self, events: list):
+        _add_events(self._totals, events, self._latest)
+        if len(self._totals) >= MAX_BUFFERED_PAIRS:
+            yield from self._flush()
 
-    def merge_accumulators(self, accumulators) -> dict:
-        accumulators = sorted(accumulators, key=len, reverse=True)
-        merged = accumulators[0]
-        for other in accumulators[1:]:
-            self.add_input(merged, [(v, c, x) for (v, c), x in other.items()])
-        return merged
+    def finish_bundle(self):
+        for part in self._flush():
+            yield GlobalWindows.windowed_value(part)
 
-    def extract_output(self, totals: dict) -> dict:
-        return totals
+    def _flush(self):
+        totals, self._totals = self._totals, {}
+        if self._buckets == 1:
+            if totals:
+                yield 0, totals
+            return
+        parts: dict[int, dict] = {}
+        last_visitor, part = None, None
+        for key, total in totals.items():
+            if key[0] != last_visitor:  # A visitor's pairs mostly come one after the other.
+                last_visitor = key[0]
+                bucket = _bucket(last_visitor, self._buckets)
+                part = parts.get(bucket)
+                if part is None:
+                    part = parts[bucket] = {}
+            part[key] = total
+        yield from parts.items()
 
 
 _nonpositive = Metrics.counter(METRICS_NAMESPACE, "pairs_dropped_nonpositive")
 
 
-def _pair_batches(bucket_totals, latest: bool):
-    """(bucket, {(visitor, content): total}) -> batches of at most PAIRS_PER_BATCH
-    (visitor, content, float) pairs; non-positive sums dropped and counted."""
-    _, totals = bucket_totals
+def _pair_batches(bucket_partials, latest: bool):
+    """(bucket, iterable of {(visitor, content): partial total}) -> batches of at most
+    PAIRS_PER_BATCH (visitor, content, float) pairs of the bucket's totals; non-positive sums
+    dropped and counted."""
+    _, partials = bucket_partials
+    totals: dict = {}
+    for partial in partials:
+        if not totals:
+            totals = partial  # Our own partial: the first one is merged into in place.
+        else:
+            _merge_totals(totals, partial, latest)
     batch: list = []
     dropped = 0
     for (visitor, content), total in totals.items():
@@ -243,21 +280,26 @@ class SumPerPair(beam.PTransform):
     page summed over all visits, pairs with sums <= 0 dropped (counter
     pairs_dropped_nonpositive); for MovieLens the latest rating.
 
-    The sums are a CombinePerKey over SUM_BUCKETS visitor buckets, so the runner adds up each
-    bundle's events before the shuffle (combiner lifting) and the shuffle moves a few dicts
-    instead of one element per event.
+    Each bundle's events are summed per pair before the shuffle (`_PartialSumsFn`), which then
+    groups the partial sums by `buckets` visitor buckets (crc32(visitorId) mod buckets); each
+    bucket's totals are one dict in one worker's memory, so a bucket should hold at most a few
+    million pairs (`pipeline.options.shuffle_keys` picks the count). The result does not depend
+    on `buckets`.
     """
 
-    def __init__(self, input_format: str):
+    def __init__(self, input_format: str, buckets: int = SUM_BUCKETS):
         super().__init__()
+        if buckets < 1:
+            raise ValueError(f"buckets must be >= 1, got {buckets}")
         self._format = input_format
+        self._buckets = buckets
 
     def expand(self, events):
         latest = self._format == FORMAT_MOVIELENS
         return (
             events
-            | "KeyByBucket" >> beam.FlatMap(_by_bucket)
-            | "SumPerBucket" >> beam.CombinePerKey(_PairTotalsFn(latest))
+            | "SumInBundle" >> beam.ParDo(_PartialSumsFn(latest, self._buckets))
+            | "GroupByBucket" >> beam.GroupByKey()
             | "ToPairBatches" >> beam.FlatMap(_pair_batches, latest)
         )
 

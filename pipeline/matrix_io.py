@@ -13,6 +13,7 @@ import pyarrow as pa
 import tensorflow as tf
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 from tfx_bsl.coders import example_coder
 
 from pipeline.events import METRICS_NAMESPACE
@@ -20,7 +21,8 @@ from transforms import features
 
 # (userId int64 [n], itemId int64 [n], rating float32 [n]): a batch of cells of the matrix.
 CellBatch = tuple[np.ndarray, np.ndarray, np.ndarray]
-GROUP_SHARDS = 32  # Keys of WriteSparseMatrix's shuffles.
+GROUP_SHARDS = 32  # Default keys of WriteSparseMatrix's shuffles: row (column) index mod shards.
+MAX_BUFFERED_CELLS = 1 << 21  # Cells (40 MB) buffered in one bundle before they are shuffled.
 
 
 def sparse_example(key: int, entries) -> bytes:
@@ -131,12 +133,56 @@ class DropOutOfVocabulary(beam.PTransform):
 
 
 def _by_shard(cells: CellBatch, key_index: int, shards: int):
-    """A cell batch -> (shard, (keys, others, values)) with shard = key mod `shards`."""
+    """A cell batch -> (shard, (keys, others, values)) for each shard present, with
+    shard = key mod `shards` (one stable sort, however many shards)."""
     keys, others, values = cells[key_index], cells[1 - key_index], cells[2]
+    if shards == 1:
+        yield 0, (keys, others, values)
+        return
     shard_of = keys % shards
-    for shard in np.unique(shard_of):
-        mask = shard_of == shard
-        yield int(shard), (keys[mask], others[mask], values[mask])
+    order = np.argsort(shard_of, kind="stable")
+    shard_of = shard_of[order]
+    starts = np.flatnonzero(np.r_[True, shard_of[1:] != shard_of[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        part = order[start:end]
+        yield int(shard_of[start]), (keys[part], others[part], values[part])
+
+
+class _ShardInBundleFn(beam.DoFn):
+    """Cell batches -> (shard, (keys, others, values)) with shard = key mod `shards`.
+
+    Buffers a bundle's batches and splits them by shard when the bundle ends, or earlier once it
+    holds MAX_BUFFERED_CELLS cells: the shuffle then moves a few coarse arrays per bundle and
+    shard, however many shards there are (split batch by batch, thousands of shards would cut
+    each batch into elements of a few cells).
+    """
+
+    def __init__(self, key_index: int, shards: int):
+        self._key_index = key_index
+        self._shards = shards
+        self._batches: list[CellBatch] = []
+        self._cells = 0
+
+    def start_bundle(self):
+        self._batches, self._cells = [], 0
+
+    def process(self, cells: CellBatch):
+        self._batches.append(cells)
+        self._cells += len(cells[0])
+        if self._cells >= MAX_BUFFERED_CELLS:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for part in self._flush():
+            yield GlobalWindows.windowed_value(part)
+
+    def _flush(self):
+        batches, self._batches, self._cells = self._batches, [], 0
+        if not batches:
+            return
+        cells = tuple(np.concatenate([batch[i] for batch in batches]) for i in range(3))
+        yield from _by_shard(cells, self._key_index, self._shards)
 
 
 def _encode_shard(shard: int, parts) -> list[bytes]:
@@ -151,20 +197,26 @@ class WriteSparseMatrix(beam.PTransform):
     cell in one batch once.
     Output: the PCollections of written file names (rows, columns).
 
-    Cells are grouped by GROUP_SHARDS keys (row or column index mod GROUP_SHARDS), so that the
-    shuffle moves a few arrays per batch rather than one element per cell; each group then sorts
-    its cells and encodes its rows (columns) in one `sparse_examples` call.
+    Cells are grouped by `groups` keys (row or column index mod `groups`), split per group once
+    per bundle (`_ShardInBundleFn`) so that the shuffle moves a few arrays per bundle rather than
+    one element per cell; each group then sorts its cells and encodes its rows (columns) in one
+    `sparse_examples` call. A group is held in one worker's memory, so it should hold at most a
+    few million cells (`pipeline.options.shuffle_keys` picks the count). The records written do
+    not depend on `groups`.
     """
 
-    def __init__(self, directory: str, num_shards: int = 0):
+    def __init__(self, directory: str, num_shards: int = 0, groups: int = GROUP_SHARDS):
         super().__init__()
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
         self._directory = directory.rstrip("/")
         self._num_shards = num_shards
+        self._groups = groups
 
     def _write(self, cells, name: str, label: str, key_index: int):
         return (
             cells
-            | f"ShardBy{label}" >> beam.FlatMap(_by_shard, key_index, GROUP_SHARDS)
+            | f"ShardBy{label}" >> beam.ParDo(_ShardInBundleFn(key_index, self._groups))
             | f"GroupBy{label}" >> beam.GroupByKey()
             | f"Encode{label}" >> beam.FlatMapTuple(_encode_shard)
             | f"Write{label}"

@@ -2,13 +2,35 @@
 
 from __future__ import annotations
 
+import math
+
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import records
 from pipeline.cli import UsageError
-from pipeline.events import FORMAT_GA360, FORMAT_MOVIELENS, INPUT_FORMATS
+from pipeline.events import (
+    FORMAT_CSV,
+    FORMAT_GA360,
+    FORMAT_MOVIELENS,
+    INPUT_FORMATS,
+    SUM_BUCKETS,
+)
+from pipeline.matrix_io import GROUP_SHARDS
 from transforms import features
+
+# --shuffle_keys 0: one key per PAIRS_PER_SHUFFLE_KEY pairs. A SumPerPair key holds the totals of
+# its pairs as a Python dict (about 300 bytes a pair), a WriteSparseMatrix group its cells as
+# arrays (20 bytes a cell, a few copies while sorting and encoding): 1M pairs keep both well inside
+# a Dataflow worker's memory per core (3.75 GB on n1-standard-1, 4 GB on n2-standard-4).
+PAIRS_PER_SHUFFLE_KEY = 1_000_000
+# Fewest input bytes per (visitor, content) pair, to estimate pairs from the input's size: an
+# overestimate of pairs only adds keys. Synthetic GA360 sessions (pipeline.synthetic), whose hits
+# hold far fewer fields than a real export's, take 69 gzip bytes a pair; a CSV or MovieLens line
+# takes 20-50 bytes, 5-6 gzipped.
+MIN_INPUT_BYTES_PER_PAIR = {FORMAT_GA360: 32, FORMAT_CSV: 4, FORMAT_MOVIELENS: 4}
+MAX_SHUFFLE_KEYS = 1 << 16  # The most keys --shuffle_keys 0 picks.
+BIGQUERY_SHUFFLE_KEYS = 1024  # Keys of --shuffle_keys 0 for BigQuery input (size unknown).
 
 
 class PreprocessOptions(PipelineOptions):
@@ -112,6 +134,16 @@ class PreprocessOptions(PipelineOptions):
             help="Shards per TFRecord output (default 0: the runner decides).",
         )
         group.add_argument(
+            "--shuffle_keys",
+            type=int,
+            default=0,
+            help="Keys of each grouping shuffle (the per-pair sums by visitor bucket, the rows and "
+            "columns by index): each key's data is held in one worker's memory. Default 0: "
+            f"about one key per {PAIRS_PER_SHUFFLE_KEY:,} pairs, estimated from the input's size "
+            f"(at least {SUM_BUCKETS} and {GROUP_SHARDS}; {BIGQUERY_SHUFFLE_KEYS} for BigQuery "
+            "input).",
+        )
+        group.add_argument(
             "--overwrite",
             action="store_true",
             default=False,
@@ -132,6 +164,34 @@ def effective_scaling(options: PreprocessOptions) -> str:
 def input_patterns(options: PreprocessOptions) -> list[str]:
     """The file patterns of --input: one, or several separated by commas."""
     return [pattern for pattern in (options.input or "").split(",") if pattern]
+
+
+def auto_shuffle_keys(input_bytes: int, input_format: str) -> int:
+    """Keys per shuffle for an input of `input_bytes`: about one per PAIRS_PER_SHUFFLE_KEY pairs
+    of its largest possible number of pairs, at most MAX_SHUFFLE_KEYS (the floors are applied by
+    `shuffle_keys`)."""
+    pairs = input_bytes / MIN_INPUT_BYTES_PER_PAIR[input_format]
+    return min(MAX_SHUFFLE_KEYS, max(1, math.ceil(pairs / PAIRS_PER_SHUFFLE_KEY)))
+
+
+def shuffle_keys(options: PreprocessOptions) -> tuple[int, int]:
+    """(SumPerPair's visitor buckets, WriteSparseMatrix's row and column groups).
+
+    --shuffle_keys N gives N to both; 0 derives them from the total size of the --input files
+    (`auto_shuffle_keys`), at least SUM_BUCKETS and GROUP_SHARDS (the counts that are fastest
+    on one machine), or BIGQUERY_SHUFFLE_KEYS for BigQuery input. The output does not depend on
+    them.
+    """
+    if options.shuffle_keys:
+        return options.shuffle_keys, options.shuffle_keys
+    patterns = input_patterns(options)
+    if patterns:
+        matches = FileSystems.match(patterns)
+        size = sum(m.size_in_bytes for match in matches for m in match.metadata_list)
+        keys = auto_shuffle_keys(size, options.input_format)
+    else:
+        keys = BIGQUERY_SHUFFLE_KEYS
+    return max(SUM_BUCKETS, keys), max(GROUP_SHARDS, keys)
 
 
 def validate(options: PreprocessOptions) -> None:
@@ -171,7 +231,7 @@ def validate(options: PreprocessOptions) -> None:
         value = getattr(options, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag} must be >= 1, got {value}")
-    for flag in ("user_min_count", "item_min_count", "num_shards"):
+    for flag in ("user_min_count", "item_min_count", "num_shards", "shuffle_keys"):
         if getattr(options, flag) < 0:
             raise UsageError(f"--{flag} must be >= 0, got {getattr(options, flag)}")
     if not options.max_time_gap_s > 0:

@@ -210,6 +210,12 @@ def build_pipeline(
         item_min_count=opts.item_min_count,
         quantile_epsilon=opts.quantile_epsilon,
     )
+    sum_buckets, write_groups = preprocess_options.shuffle_keys(opts)
+    logger.info(
+        "shuffle keys: %d visitor buckets for the per-pair sums, %d row and column groups",
+        sum_buckets,
+        write_groups,
+    )
     patterns = preprocess_options.input_patterns(opts)
     if patterns and workers is not None:
         lines = p | "ReadInput" >> ReadLineBatches(patterns, workers)
@@ -221,7 +227,9 @@ def build_pipeline(
     _ = parsed[events.REJECTED_TAG] | "WriteRejected" >> beam.io.WriteToText(
         f"{output_dir}/{features.REJECTED_DIR}/rejected", file_name_suffix=".jsonl"
     )
-    pairs = parsed[events.EVENTS_TAG] | "SumPerPair" >> events.SumPerPair(opts.input_format)
+    pairs = parsed[events.EVENTS_TAG] | "SumPerPair" >> events.SumPerPair(
+        opts.input_format, sum_buckets
+    )
     heldout_pairs = None
     if opts.holdout_visitors > 0:
         pairs, heldout_pairs = pairs | "HoldOutVisitors" >> holdout.SplitHeldOutVisitors(
@@ -251,7 +259,7 @@ def build_pipeline(
         label = split.capitalize()
         cells = data | f"DropOutOfVocabulary{label}" >> DropOutOfVocabulary(split)
         _ = cells | f"Write{label}Matrix" >> WriteSparseMatrix(
-            f"{output_dir}/{split}", opts.num_shards
+            f"{output_dir}/{split}", opts.num_shards, write_groups
         )
     if heldout_pairs is not None:
         transform_fn_dir, _ = transform_fn

@@ -74,6 +74,43 @@ def test_movielens_keeps_latest_rating():
         assert_that(_unbatch(pairs), equal_to([("u", "m", 4.5), ("u", "n", 1.0)]))
 
 
+def _random_events(seed: int, count: int, latest: bool = False) -> list[list]:
+    """Batches of random events over few enough pairs that most pairs repeat."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    evts = [
+        (
+            f"v{rng.integers(300)}",
+            f"c{rng.integers(40)}",
+            (float(rng.integers(100)), float(rng.integers(1, 6)))
+            if latest
+            else float(rng.integers(-50, 1000)),
+        )
+        for _ in range(count)
+    ]
+    return [evts[start : start + 97] for start in range(0, count, 97)]
+
+
+@pytest.mark.parametrize("input_format", ["ga360", "movielens"])
+def test_sum_per_pair_does_not_depend_on_buckets(monkeypatch, input_format):
+    latest = input_format == "movielens"
+    batches = _random_events(7, 3000, latest)
+    expected: dict = {}
+    for batch in batches:
+        events._add_events(expected, batch, latest)
+    want = [
+        (v, c, float(t[1]) if latest else t) for (v, c), t in expected.items() if latest or t > 0
+    ]
+    # A bundle's partial sums go to the shuffle every 50 pairs, not only at its end.
+    monkeypatch.setattr(events, "MAX_BUFFERED_PAIRS", 50)
+    with TestPipeline() as p:
+        source = p | beam.Create(batches)
+        for buckets in (1, 3, 16, 1000):
+            pairs = source | f"Sum{buckets}" >> events.SumPerPair(input_format, buckets)
+            assert_that(_unbatch(pairs, buckets), equal_to(want), label=f"Pairs{buckets}")
+
+
 # The first 8 bytes of sha256(visitorId + "\x1f" + contentId), computed once and pasted here, so a
 # change of the split rule (hash, separator, encoding, byte order) fails the tests: it would move
 # pairs between train and eval in every existing dataset.
@@ -192,6 +229,51 @@ def test_write_sparse_matrix_rows_and_columns(tmp_path):
         1: ([0, 1], [0.5, 1.0]),
         2: ([33], [0.125]),
     }
+
+
+def _rows_by_file(directory) -> dict[str, list[tuple]]:
+    """{file name: its records parsed to (key, indices, values) lists, sorted} of the TFRecords
+    in directory (parsed: the encoder's byte order of an Example's features may vary)."""
+    import os
+
+    written = {}
+    for path in sorted(glob.glob(f"{directory}/*.tfrecord.gz")):
+        parsed = (matrix_io.parse_sparse_example(record) for record in _tfrecords(path))
+        written[os.path.basename(path)] = sorted(
+            (key, indices.tolist(), values.tolist()) for key, indices, values in parsed
+        )
+    return written
+
+
+def test_write_sparse_matrix_does_not_depend_on_groups(tmp_path, monkeypatch):
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    cells = {(int(u), int(i)): float(rng.random()) for u, i in rng.integers(0, 300, (4000, 2))}
+    rows = [(u, i, value) for (u, i), value in cells.items()]
+    batches = [_transformed(rows[start : start + 500]) for start in range(0, len(rows), 500)]
+    # A bundle's cells go to the shuffle every 700 cells, not only at its end.
+    monkeypatch.setattr(matrix_io, "MAX_BUFFERED_CELLS", 700)
+    counts = (1, 7, 32, 5000)
+    with TestPipeline() as p:
+        cells_in = p | beam.Create(batches) | matrix_io.DropOutOfVocabulary("train")
+        for groups in counts:
+            _ = cells_in | f"Write{groups}" >> matrix_io.WriteSparseMatrix(
+                str(tmp_path / str(groups)), groups=groups
+            )
+    written = {groups: _rows_by_file(tmp_path / str(groups)) for groups in counts}
+    assert sorted(written[1]) == [
+        "items_for_user-00000-of-00001.tfrecord.gz",
+        "users_for_item-00000-of-00001.tfrecord.gz",
+    ]
+    for groups in counts[1:]:
+        assert written[groups] == written[1], groups
+    by_row = {
+        (key, i, v)
+        for key, ii, vv in written[1]["items_for_user-00000-of-00001.tfrecord.gz"]
+        for i, v in zip(ii, vv)
+    }
+    assert by_row == {(u, i, float(np.float32(v))) for (u, i), v in cells.items()}
 
 
 def test_sparse_examples_equal_one_sparse_example_per_key():

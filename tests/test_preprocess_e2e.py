@@ -15,7 +15,8 @@ import pytest
 import reference
 from conftest import read_cells, read_sparse_records, read_vocabulary
 
-from pipeline import cli, preprocess, synthetic
+from pipeline import cli, matrix_io, preprocess, synthetic
+from pipeline import options as preprocess_options
 from transforms import features
 
 EVAL_FRACTION = 0.2
@@ -135,6 +136,61 @@ def test_multiprocessing_runner_gives_identical_output(sample, preprocessed, tmp
         assert read_cells(out2, split) == read_cells(out, split)
 
 
+def _written_rows(out: str) -> dict[str, list[tuple]]:
+    """{split/file name: its records as (key, indices, values) lists, sorted} of a dataset's
+    matrix TFRecords."""
+    import tensorflow as tf
+
+    written = {}
+    for split in (features.TRAIN_DIR, features.EVAL_DIR):
+        for name in sorted(os.listdir(os.path.join(out, split))):
+            dataset = tf.data.TFRecordDataset(os.path.join(out, split, name), "GZIP")
+            parsed = (matrix_io.parse_sparse_example(record.numpy()) for record in dataset)
+            written[f"{split}/{name}"] = sorted(
+                (key, indices.tolist(), values.tolist()) for key, indices, values in parsed
+            )
+    return written
+
+
+def test_shuffle_keys_do_not_change_the_output(sample, preprocessed, tmp_path):
+    out, summary = preprocessed
+    assert preprocess_options.shuffle_keys(_options(sample)) == (16, 32)
+    # More keys than visitors: every visitor, row and column its own key.
+    out2 = str(tmp_path / "keys")
+    summary2 = _run(sample, out2, "--shuffle_keys", "997")
+    assert summary2["counters"] == summary["counters"]
+    for name in (features.USER_VOCAB, features.ITEM_VOCAB):
+        assert read_vocabulary(out2, name) == read_vocabulary(out, name)
+    written = _written_rows(out)
+    assert written == _written_rows(out2)
+    assert len(written) == 4 and all(written.values())
+
+
+def _options(sample: str, *extra: str) -> preprocess_options.PreprocessOptions:
+    return cli.parse_options(
+        ["--input", sample, "--output_dir", "/tmp/x", *extra], preprocess_options.PreprocessOptions
+    ).view_as(preprocess_options.PreprocessOptions)
+
+
+def test_shuffle_keys_scale_with_the_input():
+    auto = preprocess_options.auto_shuffle_keys
+    assert auto(0, "ga360") == 1
+    assert auto(53_157_667, "ga360") == 2  # The 1M-PAGE-hit benchmark input: 0.77M pairs.
+    assert auto(100 * 10**9, "ga360") == 3125  # 100 GB: at most 3.1e9 pairs, 1M per key.
+    assert auto(10**9, "csv") == 250
+    assert auto(10**15, "movielens") == preprocess_options.MAX_SHUFFLE_KEYS
+
+
+def test_shuffle_keys_flag_and_bigquery_default(sample):
+    assert preprocess_options.shuffle_keys(_options(sample, "--shuffle_keys", "5")) == (5, 5)
+    bigquery = cli.parse_options(
+        ["--bigquery_table", "p:d.t", "--output_dir", "/tmp/x"],
+        preprocess_options.PreprocessOptions,
+    ).view_as(preprocess_options.PreprocessOptions)
+    keys = preprocess_options.BIGQUERY_SHUFFLE_KEYS
+    assert preprocess_options.shuffle_keys(bigquery) == (keys, keys)
+
+
 def test_csv_input_with_page_path_free_format(tmp_path):
     path = tmp_path / "events.csv"
     rows = ["visitorId,contentId,session_duration"]
@@ -206,6 +262,10 @@ def test_movielens_unit_scaling(tmp_path):
         (
             ["--input", "{sample}", "--output_dir", "/tmp/x", "--evalfraction", "0.5"],
             "unknown flag",
+        ),
+        (
+            ["--input", "{sample}", "--output_dir", "/tmp/x", "--shuffle_keys", "-1"],
+            "--shuffle_keys must be >= 0",
         ),
     ],
 )
