@@ -1,12 +1,14 @@
 """Beam composites from input lines to the (visitor, content, value) pairs of the rating matrix.
 
 lines | ParseEvents(format) -> event batches, rejected
-event batches | SumPerPair(format) -> pair batches
+event batches | SumPerPair(format, buckets) -> pair batches
 pair batches | SplitTrainEval(f) -> train pair batches, eval pair batches
 
 The collections between these steps hold batches (lists) of events or pairs rather than single
 ones: Beam's cost per element, not the parsing or the sums, dominated the pipeline's time when
-each of the 0.8M events of 1M PAGE hits was an element of its own.
+each of the 0.8M events of 1M PAGE hits was an element of its own. SumPerPair's shuffle has
+`buckets` keys, and the pairs of one bucket are held in one worker's memory:
+`pipeline.options.shuffle_keys` scales the count with the input.
 """
 
 from __future__ import annotations
