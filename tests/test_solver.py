@@ -107,6 +107,19 @@ def test_transpose_round_trips_and_carries_per_entry_arrays():
     np.testing.assert_array_equal(tagged[perm][np.argsort(perm)], tagged)
 
 
+@pytest.mark.parametrize("n_cols", [5, 1 << 16, (1 << 16) + 3, 1 << 20])
+def test_transpose_orders_like_a_stable_sort_at_any_width(n_cols):
+    """The transpose sorts column indices 16 bits at a time; it must equal a stable sort."""
+    rng = np.random.default_rng(n_cols)
+    rows = rng.integers(0, 50, 3000)
+    cols = np.concatenate([rng.integers(0, n_cols, 2990), np.full(10, n_cols - 1)])
+    m = CsrMatrix.from_triples(rows, cols, rng.uniform(0.1, 1.0, rows.size), (50, n_cols))
+    t, perm = m.transpose_with_perm()
+    np.testing.assert_array_equal(perm, np.argsort(m.indices, kind="stable"))
+    np.testing.assert_array_equal(t.indices, m.row_ids()[perm])
+    np.testing.assert_array_equal(t.row_counts(), m.col_counts())
+
+
 def test_row_slice():
     m = from_dense(SMALL)
     part = m.row_slice(1, 4)

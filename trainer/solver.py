@@ -346,42 +346,66 @@ def _group_rows(
     return tiles
 
 
-def _make_tile(
+def _is_multi_line(part: tuple[np.ndarray, np.ndarray, int, int, int]) -> bool:
+    """Whether some row of a sub-tile spec (from `_group_rows`) spans several lines."""
+    members, n_lines = part[0], part[1]
+    return bool(int(n_lines.sum()) != members.size)
+
+
+def _build_tile(
     rows: CsrMatrix,
     f: np.ndarray,
     c: np.ndarray,
     reg: np.ndarray,
-    members: np.ndarray,
-    n_lines: np.ndarray,
-    width: int,
-    size: int,
-    n_tile_rows: int,
+    parts: list[tuple[np.ndarray, np.ndarray, int, int, int]],
+    n_tiles: int,
+    multi_line: bool,
 ) -> Tile:
-    """Builds one padded sub-tile (T = 1); f, c and reg already have the kernels' dtype."""
+    """Builds a tile of T = n_tiles sub-tiles of one shape from `_group_rows` specs, in one pass.
+
+    Sub-tile t holds the rows of parts[t] (t < len(parts)); sub-tiles from len(parts) on are
+    padding. f, c and reg already have the kernels' dtype.
+    """
     n_rows, n_other = rows.shape
+    width, size, n_tile_rows = parts[0][2], parts[0][3], parts[0][4]
+    members = np.concatenate([part[0] for part in parts])
+    n_lines = np.concatenate([part[1] for part in parts]).astype(np.int64, copy=False)
+    rows_per_part = np.array([part[0].size for part in parts], dtype=np.int64)
+    lines_per_part = np.array([int(part[1].sum()) for part in parts], dtype=np.int64)
+    part_of_row = np.repeat(np.arange(len(parts), dtype=np.int64), rows_per_part)
+    # Each row's place in its sub-tile, and each line's row, place in its row and in its sub-tile.
+    row_in_part = (
+        np.arange(members.size, dtype=np.int64)
+        - (np.cumsum(rows_per_part) - rows_per_part)[part_of_row]
+    )
     line_row = np.repeat(np.arange(members.size, dtype=np.int64), n_lines)
-    first_line = np.cumsum(n_lines) - n_lines
-    line_in_row = np.arange(line_row.size, dtype=np.int64) - first_line[line_row]
+    line_in_row = (
+        np.arange(line_row.size, dtype=np.int64) - (np.cumsum(n_lines) - n_lines)[line_row]
+    )
+    part_of_line = part_of_row[line_row]
+    line_in_part = (
+        np.arange(line_row.size, dtype=np.int64)
+        - (np.cumsum(lines_per_part) - lines_per_part)[part_of_line]
+    )
     start = rows.indptr[members][line_row] + line_in_row * width
     stop = rows.indptr[members + 1][line_row]
     position = start[:, None] + np.arange(width, dtype=np.int64)[None, :]
     mask = position < stop[:, None]
     position = np.where(mask, position, 0)
-    n_used = line_row.size
 
-    cols = np.full((1, size, width), n_other, dtype=np.int32)
-    cols[0, :n_used] = np.where(mask, rows.indices[position], n_other)
-    tile_f = np.zeros((1, size, width), dtype=f.dtype)
-    tile_f[0, :n_used] = np.where(mask, f[position], 0)
-    tile_c = np.zeros((1, size, width), dtype=c.dtype)
-    tile_c[0, :n_used] = np.where(mask, c[position], 0)
-    # Padding lines hold no entries, so they may point at any tile row: use row 0.
-    line_rows = np.zeros((1, size), dtype=np.int32)
-    line_rows[0, :n_used] = line_row
-    tile_rows = np.full((1, n_tile_rows), n_rows, dtype=np.int32)
-    tile_rows[0, : members.size] = members
-    tile_reg = np.ones((1, n_tile_rows), dtype=reg.dtype)
-    tile_reg[0, : members.size] = reg[members]
+    cols = np.full((n_tiles, size, width), n_other, dtype=np.int32)
+    cols[part_of_line, line_in_part] = np.where(mask, rows.indices[position], n_other)
+    tile_f = np.zeros((n_tiles, size, width), dtype=f.dtype)
+    tile_f[part_of_line, line_in_part] = np.where(mask, f[position], 0)
+    tile_c = np.zeros((n_tiles, size, width), dtype=c.dtype)
+    tile_c[part_of_line, line_in_part] = np.where(mask, c[position], 0)
+    # Padding lines hold no entries, so they may point at any sub-tile row: use row 0.
+    line_rows = np.zeros((n_tiles, size), dtype=np.int32)
+    line_rows[part_of_line, line_in_part] = row_in_part[line_row]
+    tile_rows = np.full((n_tiles, n_tile_rows), n_rows, dtype=np.int32)
+    tile_rows[part_of_row, row_in_part] = members
+    tile_reg = np.ones((n_tiles, n_tile_rows), dtype=reg.dtype)
+    tile_reg[part_of_row, row_in_part] = reg[members]
     return Tile(
         rows=tile_rows,
         cols=cols,
@@ -389,57 +413,42 @@ def _make_tile(
         c=tile_c,
         line_rows=line_rows,
         reg=tile_reg,
-        multi_line=bool(n_used != members.size),
-        count=1,
-    )
-
-
-def _stack(parts: list[Tile], n_tiles: int, n_rows: int, n_other: int) -> Tile:
-    """Stacks sub-tiles of one shape into a tile of T = n_tiles, padded with empty sub-tiles."""
-    padding = n_tiles - len(parts)
-
-    def stacked(name: str, fill) -> np.ndarray:
-        arrays = [getattr(part, name) for part in parts]
-        if padding:
-            arrays.append(np.full((padding, *arrays[0].shape[1:]), fill, arrays[0].dtype))
-        return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-
-    return Tile(
-        rows=stacked("rows", n_rows),
-        cols=stacked("cols", n_other),
-        f=stacked("f", 0),
-        c=stacked("c", 0),
-        line_rows=stacked("line_rows", 0),
-        reg=stacked("reg", 1),
-        multi_line=parts[0].multi_line,
+        multi_line=multi_line,
         count=len(parts),
     )
 
 
-def _stack_tiles(parts: list[Tile], shape: TileShape, n_rows: int, n_other: int) -> list[Tile]:
+def _build_tiles(
+    rows: CsrMatrix,
+    f: np.ndarray,
+    c: np.ndarray,
+    reg: np.ndarray,
+    parts: list[tuple[np.ndarray, np.ndarray, int, int, int]],
+    shape: TileShape,
+) -> list[Tile]:
     """Stacks runs of consecutive sub-tiles of one shape into tiles of about stack_slots.
 
-    A run of at least one full tile of sub-tiles pads its last tile to the full T (the padding
-    sub-tiles are skipped, not solved); shorter runs round T up to a power of two and to at
-    least 1/_MIN_TILE_FRACTION of a full tile, so T takes few values (one compile each).
+    `parts` are the sub-tile specs of `_group_rows`. A run of at least one full tile of
+    sub-tiles pads its last tile to the full T (the padding sub-tiles are skipped, not
+    solved); shorter runs round T up to a power of two and to at least 1/_MIN_TILE_FRACTION of
+    a full tile, so T takes few values (one compile each).
     """
+    keys = [(part[2], part[3], part[4], _is_multi_line(part)) for part in parts]
     tiles = []
     start = 0
     while start < len(parts):
-        key = (parts[start].cols.shape, parts[start].reg.shape, parts[start].multi_line)
         stop = start + 1
-        while stop < len(parts) and (
-            (parts[stop].cols.shape, parts[stop].reg.shape, parts[stop].multi_line) == key
-        ):
+        while stop < len(parts) and keys[stop] == keys[start]:
             stop += 1
-        capacity = max(1, shape.stack_slots // parts[start].cols.size)
+        width, size = keys[start][0], keys[start][1]
+        capacity = max(1, shape.stack_slots // (size * width))
         run = stop - start
         for first in range(start, stop, capacity):
             group = parts[first : min(first + capacity, stop)]
             n_tiles = capacity
             if run < capacity:
                 n_tiles = max(int(_next_power_of_two(run)), capacity // _MIN_TILE_FRACTION, 1)
-            tiles.append(_stack(group, n_tiles, n_rows, n_other))
+            tiles.append(_build_tile(rows, f, c, reg, group, n_tiles, keys[start][3]))
         start = stop
     return tiles
 
@@ -500,13 +509,8 @@ def plan_rows(
         chunk_lengths = lengths[chunk_start : chunk_start + chunk_rows]
         order = np.argsort(-chunk_lengths, kind="stable")
         order = order[chunk_lengths[order] > 0] + chunk_start
-        parts = [
-            _make_tile(rows, f, c, reg, members, n_lines, width, size, n_tile_rows)
-            for members, n_lines, width, size, n_tile_rows in _group_rows(
-                order, lengths[order], tile_shape
-            )
-        ]
-        tiles.extend(_stack_tiles(parts, tile_shape, n_rows, n_other))
+        parts = _group_rows(order, lengths[order], tile_shape)
+        tiles.extend(_build_tiles(rows, f, c, reg, parts, tile_shape))
     gather_index = np.empty(n_rows, dtype=np.int64)
     offset = 0
     for tile in tiles:

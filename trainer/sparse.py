@@ -27,6 +27,23 @@ import dataclasses
 import numpy as np
 
 
+def _stable_argsort(keys: np.ndarray, bound: int) -> np.ndarray:
+    """np.argsort(keys, kind="stable") for integer keys in [0, bound), as int64 [n].
+
+    NumPy's stable sort is a radix sort for 16-bit keys and a merge sort (several times
+    slower) for wider ones, so keys below 2^32 are sorted 16 bits at a time, least
+    significant half first (an LSD radix sort: each pass is stable, so ties keep their order).
+    """
+    if bound <= 1 << 16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    if bound > 1 << 32:
+        return np.argsort(keys, kind="stable")
+    keys = keys.astype(np.uint32, copy=False)
+    low = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+    high = np.argsort((keys[low] >> 16).astype(np.uint16), kind="stable")
+    return low[high]
+
+
 @dataclasses.dataclass(frozen=True)
 class CsrMatrix:
     """A sparse matrix in CSR layout.
@@ -97,7 +114,7 @@ class CsrMatrix:
             `a[perm]`, and back with `a_t[np.argsort(perm)]`.
         """
         n_rows, n_cols = self.shape
-        perm = np.argsort(self.indices, kind="stable")
+        perm = _stable_argsort(self.indices, n_cols)
         indptr = np.zeros(n_cols + 1, dtype=np.int64)
         np.cumsum(self.col_counts(), out=indptr[1:])
         index_dtype = np.int32 if n_rows <= np.iinfo(np.int32).max else np.int64

@@ -12,6 +12,7 @@ the weighting schemes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -126,13 +127,20 @@ def fit(
     if loss_every < 1:
         raise ValueError(f"loss_every must be >= 1, got {loss_every}")
     start = time.perf_counter()
-    item_counts = matrix.col_counts()
-    transposed = matrix.transpose()
-    users = problem.define_rows(matrix, USERS, item_counts, config)
-    items = problem.define_rows(transposed, ITEMS, item_counts, config)
-    plan_args = {"solver": config.solver, "dtype": dtype, "chunk_rows": chunk_rows}
-    user_plan = users.plan(**plan_args)
-    item_plan = items.plan(**plan_args)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # The seeded initial factors (hashing the keys, mostly) are computed on a second
+        # thread while this one lays the rows out; both are NumPy work of similar size.
+        if initial is None:
+            seeded = pool.submit(_seeded_factors, n_users, n_items, config, user_keys, item_keys)
+        item_counts = matrix.col_counts()
+        transposed = matrix.transpose()
+        users = problem.define_rows(matrix, USERS, item_counts, config)
+        items = problem.define_rows(transposed, ITEMS, item_counts, config)
+        plan_args = {"solver": config.solver, "dtype": dtype, "chunk_rows": chunk_rows}
+        user_plan = users.plan(**plan_args)
+        item_plan = items.plan(**plan_args)
+        if initial is None:
+            initial = seeded.result()
     logger.info(
         "WALS on %d users x %d items, %d entries, k=%d, solver %s: laid out in %.2f s",
         n_users,
@@ -142,15 +150,6 @@ def fit(
         config.solver,
         time.perf_counter() - start,
     )
-    if initial is None:
-        user_keys = seeding.index_keys(n_users) if user_keys is None else user_keys
-        item_keys = seeding.index_keys(n_items) if item_keys is None else item_keys
-        if len(user_keys) != n_users or len(item_keys) != n_items:
-            raise ValueError("user_keys and item_keys must have one key per row and column")
-        initial = WALSFactors(
-            seeding.initial_factors(user_keys, k, config.init_stddev, config.seed, USERS),
-            seeding.initial_factors(item_keys, k, config.init_stddev, config.seed, ITEMS),
-        )
     if initial.user_factors.shape != (n_users, k) or initial.item_factors.shape != (n_items, k):
         raise ValueError(
             f"initial factors {initial.user_factors.shape} and {initial.item_factors.shape} "
@@ -158,7 +157,7 @@ def fit(
         )
     x = tf.constant(initial.user_factors, dtype)
     y = tf.constant(initial.item_factors, dtype)
-    factors = WALSFactors(x.numpy(), y.numpy(), list(initial.history))
+    history = list(initial.history)
     bar = tqdm.tqdm(
         range(start_iteration + 1, config.num_iters + 1),
         desc="WALS",
@@ -172,19 +171,37 @@ def fit(
         start = time.perf_counter()
         x = wals_solver.solve_planned(user_plan, y, wals_solver.gramian(y, dtype), x0=x, **solve)
         y = wals_solver.solve_planned(item_plan, x, wals_solver.gramian(x, dtype), x0=y, **solve)
-        factors = WALSFactors(x.numpy(), y.numpy(), factors.history)
         seconds = time.perf_counter() - start
         loss = None
         due = iteration % loss_every == 0 or iteration == config.num_iters
         if compute_loss and due:
             loss = {"iteration": iteration, **problem.loss(users, items, x, y, dtype)}
-            factors.history.append(loss)
+            history.append(loss)
             _report(bar, show_progress, iteration, config.num_iters, seconds, loss)
         elif not show_progress:
             logger.info("iteration %d/%d (%.2f s)", iteration, config.num_iters, seconds)
         if callback is not None:
-            callback(iteration, factors, loss)
-    return factors
+            callback(iteration, WALSFactors(x.numpy(), y.numpy(), history), loss)
+    return WALSFactors(x.numpy(), y.numpy(), history)
+
+
+def _seeded_factors(
+    n_users: int,
+    n_items: int,
+    config: WALSConfig,
+    user_keys: np.ndarray | None,
+    item_keys: np.ndarray | None,
+) -> WALSFactors:
+    """The seeded initial factors of `trainer.seeding`, keyed by ID (by row index when None)."""
+    k = config.latent_factors
+    user_keys = seeding.index_keys(n_users) if user_keys is None else user_keys
+    item_keys = seeding.index_keys(n_items) if item_keys is None else item_keys
+    if len(user_keys) != n_users or len(item_keys) != n_items:
+        raise ValueError("user_keys and item_keys must have one key per row and column")
+    return WALSFactors(
+        seeding.initial_factors(user_keys, k, config.init_stddev, config.seed, USERS),
+        seeding.initial_factors(item_keys, k, config.init_stddev, config.seed, ITEMS),
+    )
 
 
 def fold_in(
