@@ -38,7 +38,7 @@ with cores = os.cpu_count() (every configuration here can use all of them). The 
 the README predicts sweep times on a cluster from that figure.
 
     python -m benchmarks.distributed_benchmark --size small|large [--work_dir DIR]
-        [--iters_low 1] [--iters_high 6] [--local_iters_high 21] [--repeats 1] [--block_rows 4096]
+        [--iters_low 1] [--iters_high 6] [--local_iters_high 21] [--repeats 1] [--block_rows 16384]
         [--only local,broadcast-2,...] [--json_out results.json]
 
 On a shared machine, --repeats N takes the fastest of N runs of each iteration count; the load
@@ -62,7 +62,7 @@ import tensorflow as tf
 
 from benchmarks import matrices, measure
 from pipeline.matrix_io import sparse_example
-from trainer import data
+from trainer import blocks, data
 from trainer.sparse import CsrMatrix
 from transforms import features
 
@@ -279,7 +279,7 @@ def join_volume(data_dir: str, block_rows: int) -> dict:
     train = data.load_dataset(data_dir).train
     shares = {}
     for side, matrix in (("users", train), ("items", train.transpose())):
-        block = matrix.row_ids() // block_rows
+        block = blocks.BlockLayout(matrix.shape[0], block_rows).block_of(matrix.row_ids())
         pairs = np.unique(block.astype(np.int64) * matrix.shape[1] + matrix.indices).size
         shares[side] = pairs / max(matrix.nnz, 1)
     return shares
@@ -338,7 +338,12 @@ def run(argv: list[str] | None = None) -> dict:
         help="--iters_high of the local trainer, whose iterations are short next to the noise "
         "of its start-up (XLA compilation)",
     )
-    parser.add_argument("--block_rows", type=int, default=4096, help="rows per block (Beam)")
+    parser.add_argument(
+        "--block_rows",
+        type=int,
+        default=blocks.DEFAULT_TRAIN_BLOCK_ROWS,
+        help="rows per block (Beam)",
+    )
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs per iteration count; the fastest counts"
     )

@@ -1,7 +1,7 @@
 """The distributed WALS trainer: one Beam pipeline that unrolls every iteration.
 
     python -m trainer.task --distributed --input_dir D --output_dir M \
-        [--factor_exchange broadcast|join] [--block_rows 4096] [any Beam pipeline option]
+        [--factor_exchange broadcast|join] [--block_rows 16384] [any Beam pipeline option]
 
 Elements are blocks of thousands of whole rows (`trainer.blocks.RowBlock`), never single rows or
 cells, so Beam's per-element cost is paid a few hundred times per sweep. Each half-sweep solves
@@ -48,7 +48,9 @@ output, so a crashed run keeps them; the same command resumes from the last comp
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import gc
 import logging
 import threading
 
@@ -546,16 +548,35 @@ class _Solve(beam.DoFn):
         beam.metrics.Metrics.counter(_METRICS, f"solved_{_SIDE_NAMES[self._side]}").inc(
             row_ids.size
         )
-        solved = wals_solver.solve_planned(
-            solving.plan,
-            table,
-            fixed_state.gramian.astype(np.float32),
-            config.solver,
-            x0=factors,
-            cg_steps=config.cg_steps,
-            jit_compile=True,
-        )
-        yield _publish(spec, self._iteration, self._side, ref.block_id, row_ids, solved.numpy())
+        with _gc_paused():
+            solved = wals_solver.solve_planned(
+                solving.plan,
+                table,
+                fixed_state.gramian.astype(np.float32),
+                config.solver,
+                x0=factors,
+                cg_steps=config.cg_steps,
+                jit_compile=True,
+            ).numpy()
+        yield _publish(spec, self._iteration, self._side, ref.block_id, row_ids, solved)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pauses Python's cyclic garbage collector during a block's solve.
+
+    A solve allocates many small objects (eager tensors, futures), which trigger collections,
+    and in a Beam worker a full collection walks the harness's half a million objects: with it
+    paused, the block solves of the large benchmark took 20% less time (in-memory DirectRunner).
+    Reference counting still frees what a solve drops; collection resumes right after.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _padded_length(m: int) -> int:

@@ -52,7 +52,7 @@ def train(
     output_dir: str,
     beam_argv: list[str],
     exchange: str = beam_wals.BROADCAST,
-    block_rows: int = blocks_lib.DEFAULT_BLOCK_ROWS,
+    block_rows: int = blocks_lib.DEFAULT_TRAIN_BLOCK_ROWS,
     loss_every: int = 1,
     fail_after: int = 0,
     warm_start=None,

@@ -223,14 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--factor_exchange",
         default=beam_wals.BROADCAST,
         choices=beam_wals.EXCHANGES,
-        help="how solving blocks get the fixed side's factors: broadcast the whole table as a "
-        "side input, or join only the rows each block needs (default broadcast)",
+        help="how solving blocks get the fixed side's factors: broadcast (every worker reads the "
+        "whole table) or join (each block receives only the rows it needs; default broadcast)",
     )
     dist.add_argument(
         "--block_rows",
         type=int,
-        default=blocks.DEFAULT_BLOCK_ROWS,
-        help=f"rows per block (default {blocks.DEFAULT_BLOCK_ROWS})",
+        default=blocks.DEFAULT_TRAIN_BLOCK_ROWS,
+        help=f"rows per training block (default {blocks.DEFAULT_TRAIN_BLOCK_ROWS})",
     )
     # Test-only fault injection: fail after writing the checkpoint of this half-sweep.
     dist.add_argument("--test_fail_after_sweep", type=int, default=0, help=argparse.SUPPRESS)
@@ -372,7 +372,7 @@ def train_and_evaluate(
         if args.distributed:
             # Beam combiners over blocks of users, reading the model just saved.
             evaluated = beam_evaluate.evaluate_model_distributed(
-                out, args.input_dir, beam_argv, ks=args.eval_ks, block_rows=args.block_rows
+                out, args.input_dir, beam_argv, ks=args.eval_ks
             )
         else:
             rows = heldout.row_ids()
