@@ -129,6 +129,13 @@ def test_row_slice():
         m.row_slice(3, 9)
 
 
+def test_take_rows_picks_rows_in_the_given_order():
+    m = from_dense(SMALL)
+    order = np.array([4, 0, 1, 4])
+    np.testing.assert_array_equal(m.take_rows(order).to_dense(), m.to_dense()[order])
+    assert m.take_rows(np.array([], dtype=np.int64)).shape == (0, m.shape[1])
+
+
 def test_csr_validation():
     with pytest.raises(ValueError, match="indptr"):
         CsrMatrix(np.array([0, 2]), np.array([0]), np.array([1.0]), (1, 3))
@@ -395,6 +402,26 @@ def test_fit_is_deterministic_and_independent_of_chunking(matrix):
         matrix, dataclasses.replace(config, seed=8), show_progress=False, dtype=F64, **NO_XLA
     )
     assert not np.allclose(other.user_factors, first.user_factors)
+
+
+@pytest.mark.parametrize("name", solver.SOLVERS)
+def test_fit_returns_rows_in_the_matrix_order_whatever_it_is(matrix, name):
+    """fit sweeps the users in its own order (by count); shuffling the matrix's rows, with
+    their seeding keys, must shuffle the user factors alike and leave the items alone."""
+    config = dataclasses.replace(CONFIG, solver=name, num_iters=3)
+    keys = seeding.index_keys(matrix.shape[0])
+    shuffle = np.random.default_rng(5).permutation(matrix.shape[0])
+    first = wals.fit(matrix, config, show_progress=False, dtype=F64, user_keys=keys, **NO_XLA)
+    moved = wals.fit(
+        matrix.take_rows(shuffle),
+        config,
+        show_progress=False,
+        dtype=F64,
+        user_keys=keys[shuffle],
+        **NO_XLA,
+    )
+    np.testing.assert_allclose(moved.user_factors, first.user_factors[shuffle], rtol=1e-9)
+    np.testing.assert_allclose(moved.item_factors, first.item_factors, rtol=1e-9, atol=1e-12)
 
 
 def test_fit_without_loss_gives_the_same_factors_and_no_history(matrix):

@@ -141,6 +141,26 @@ class CsrMatrix:
             (stop - start, self.shape[1]),
         )
 
+    def take_rows(self, order: np.ndarray) -> CsrMatrix:
+        """Rows order[0], order[1], ... as a CsrMatrix of shape (len(order), n_cols).
+
+        Args:
+            order: int [m], row indices in [0, n_rows) (a permutation, or any selection).
+
+        Returns:
+            Row j is self's row order[j], with its entries in the same order.
+        """
+        order = np.asarray(order, dtype=np.int64)
+        counts = self.row_counts()[order]
+        indptr = np.zeros(order.size + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        source = np.arange(indptr[-1], dtype=np.int64) + np.repeat(
+            self.indptr[order] - indptr[:-1], counts
+        )
+        return CsrMatrix(
+            indptr, self.indices[source], self.values[source], (order.size, self.shape[1])
+        )
+
     def to_dense(self) -> np.ndarray:
         """The dense float64 [n_rows, n_cols] matrix; for tests and small matrices only."""
         dense = np.zeros(self.shape, dtype=np.float64)

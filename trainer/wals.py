@@ -127,20 +127,32 @@ def fit(
     if loss_every < 1:
         raise ValueError(f"loss_every must be >= 1, got {loss_every}")
     start = time.perf_counter()
+    # The sweeps run on the users in descending order of their counts (ties by index), so
+    # that the column sweep's gathers of user factors (one per cell) fall mostly on a compact,
+    # cache-resident block of X: the most active users' rows. Rows are solved independently,
+    # so the order changes results only by round-off; factors come back in the matrix's order.
+    user_order = np.argsort(-matrix.row_counts(), kind="stable")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # The seeded initial factors (hashing the keys, mostly) are computed on a second
         # thread while this one lays the rows out; both are NumPy work of similar size.
         if initial is None:
-            seeded = pool.submit(_seeded_factors, n_users, n_items, config, user_keys, item_keys)
+            seeded = pool.submit(
+                _seeded_factors, n_users, n_items, config, user_keys, item_keys, user_order
+            )
+        ordered = matrix.take_rows(user_order)
         item_counts = matrix.col_counts()
-        transposed = matrix.transpose()
-        users = problem.define_rows(matrix, USERS, item_counts, config)
+        transposed = ordered.transpose()
+        users = problem.define_rows(ordered, USERS, item_counts, config)
         items = problem.define_rows(transposed, ITEMS, item_counts, config)
         plan_args = {"solver": config.solver, "dtype": dtype, "chunk_rows": chunk_rows}
         user_plan = users.plan(**plan_args)
         item_plan = items.plan(**plan_args)
         if initial is None:
             initial = seeded.result()
+        elif initial.user_factors.shape == (n_users, k):
+            initial = dataclasses.replace(
+                initial, user_factors=np.asarray(initial.user_factors)[user_order]
+            )
     logger.info(
         "WALS on %d users x %d items, %d entries, k=%d, solver %s: laid out in %.2f s",
         n_users,
@@ -155,9 +167,16 @@ def fit(
             f"initial factors {initial.user_factors.shape} and {initial.item_factors.shape} "
             f"do not match {n_users} users x {n_items} items at k={k}"
         )
-    x = tf.constant(initial.user_factors, dtype)
+    x = tf.constant(initial.user_factors, dtype)  # users in user_order
     y = tf.constant(initial.item_factors, dtype)
     history = list(initial.history)
+
+    def factors() -> WALSFactors:
+        """The current factors, users back in the matrix's order."""
+        user_factors = np.empty((n_users, k), dtype=dtype.as_numpy_dtype)
+        user_factors[user_order] = x.numpy()
+        return WALSFactors(user_factors, y.numpy(), history)
+
     bar = tqdm.tqdm(
         range(start_iteration + 1, config.num_iters + 1),
         desc="WALS",
@@ -181,8 +200,8 @@ def fit(
         elif not show_progress:
             logger.info("iteration %d/%d (%.2f s)", iteration, config.num_iters, seconds)
         if callback is not None:
-            callback(iteration, WALSFactors(x.numpy(), y.numpy(), history), loss)
-    return WALSFactors(x.numpy(), y.numpy(), history)
+            callback(iteration, factors(), loss)
+    return factors()
 
 
 def _seeded_factors(
@@ -191,13 +210,16 @@ def _seeded_factors(
     config: WALSConfig,
     user_keys: np.ndarray | None,
     item_keys: np.ndarray | None,
+    user_order: np.ndarray,
 ) -> WALSFactors:
-    """The seeded initial factors of `trainer.seeding`, keyed by ID (by row index when None)."""
+    """The seeded initial factors of `trainer.seeding`, keyed by ID (by row index when None),
+    with the users in `user_order`."""
     k = config.latent_factors
     user_keys = seeding.index_keys(n_users) if user_keys is None else user_keys
     item_keys = seeding.index_keys(n_items) if item_keys is None else item_keys
     if len(user_keys) != n_users or len(item_keys) != n_items:
         raise ValueError("user_keys and item_keys must have one key per row and column")
+    user_keys = np.asarray(user_keys)[user_order]
     return WALSFactors(
         seeding.initial_factors(user_keys, k, config.init_stddev, config.seed, USERS),
         seeding.initial_factors(item_keys, k, config.init_stddev, config.seed, ITEMS),
