@@ -146,6 +146,23 @@ def test_block_rows_files_round_trip_and_a_corrupt_one_is_named(tmp_path):
         checkpoints.read_rows_block(directory, 1, 4)
 
 
+def test_join_requests_files_round_trip_and_a_corrupt_one_is_named(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    requests = [(3, np.array([7, 9])), (0, np.array([], np.int64)), (1, np.array([2]))]
+    record = checkpoints.write_requests(directory, 0, 2, requests)
+    back = checkpoints.read_requests(directory, 0, 2, record)
+    assert [block for block, _ in back] == [0, 1, 3]  # by solving block
+    for (block, rows), (expected_block, expected) in zip(
+        back, sorted(requests, key=lambda r: r[0])
+    ):
+        assert block == expected_block
+        np.testing.assert_array_equal(rows, expected)
+    path = tmp_path / "ckpt" / "requests" / "users" / "block-00002.npz"
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    with pytest.raises(checkpoints.CheckpointError, match="block-00002.npz"):
+        checkpoints.read_requests(directory, 0, 2, record)
+
+
 def test_join_equals_broadcast_with_cg(dataset, tmp_path):
     runs = {}
     for exchange in ("broadcast", "join"):

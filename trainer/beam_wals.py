@@ -31,10 +31,11 @@ side. The fixed factors reach a solving block in one of two ways (`--factor_exch
     broadcast   every worker reads the whole fixed table ([n_fixed, k] float32) from the block
                 files the state names, once per process and half-sweep, and holds one copy.
                 Simple and fast while n_fixed · k · 4 bytes fits easily in a worker.
-    join        Spark ALS's block join: once per run, each solving block lists the fixed rows
-                its cells touch, grouped by the fixed block that owns them. Every sweep, each
-                fixed block reads its own file and sends exactly those vectors to the solving
-                blocks that asked, and a CoGroupByKey joins them with the solving block.
+    join        Spark ALS's block join: once per launch, each solving block lists the fixed rows
+                its cells touch, grouped by the fixed block that owns them (a requests file
+                per fixed block). Every sweep, each fixed block reads its own factors and
+                requests and sends exactly those vectors to the solving blocks that asked, in
+                the stage that solved it; a GroupByKey gathers each solving block's vectors.
                 Shuffles Σ_b |cols(b)| · k · 4 bytes per sweep; no worker needs the whole table.
 
 Every DoFn is a pure function of its inputs (initial factors are keyed by the rows' original IDs,
@@ -418,24 +419,49 @@ def _fixed_table(spec: TrainSpec, state: SideState) -> np.ndarray:
 
 
 def _needs(block: RowBlock, fixed_layout: blocks_lib.BlockLayout):
-    """RowBlock -> (fixed block, (solving block, fixed rows it needs)) for the join exchange."""
+    """RowBlock -> (fixed block, (solving block, fixed rows it needs)) for the join exchange.
+
+    A block without cells asks fixed block 0 for nothing, so that it still receives one
+    (empty) part and is solved (to zeros) and checkpointed like every other block.
+    """
     cols = np.unique(block.rows.indices).astype(np.int64)
+    if cols.size == 0:
+        yield 0, (block.block_id, cols)
+        return
     owners = fixed_layout.block_of(cols)
     for owner in np.unique(owners):
         yield int(owner), (block.block_id, cols[owners == owner])
 
 
-def _send(element, spec: TrainSpec, fixed_layout: blocks_lib.BlockLayout):
-    """(fixed block, {block: [FactorRef], requests}) -> (solving block, (fixed rows int64
-    [m], their factors float32 [m, k])) for each solving block that asked."""
-    _, grouped = element
-    (fixed,) = grouped["block"]
-    requests = list(grouped["requests"])
-    if not requests:
+class _WriteRequests(beam.DoFn):
+    """(fixed block, [(solving block, rows)]) -> (fixed block, the record of its requests file
+    `checkpoints.write_requests`), once per launch."""
+
+    def __init__(self, spec: TrainSpec, solving_side: int):
+        self._spec = spec
+        self._solving_side = solving_side
+
+    def process(self, element):
+        fixed_block, requests = element
+        yield (
+            fixed_block,
+            checkpoints.write_requests(
+                self._spec.checkpoint_dir, self._solving_side, fixed_block, list(requests)
+            ),
+        )
+
+
+def _send(ref: FactorRef, spec: TrainSpec, request_records: dict):
+    """A fixed block's FactorRef -> (solving block, (fixed rows int64 [m], their factors float32
+    [m, k])) for each solving block that asked (its requests file, read with its factors)."""
+    record = request_records.get(ref.block_id)
+    if record is None:
         return
-    _, factors = _read_ref(spec, fixed)
+    requests = checkpoints.read_requests(spec.checkpoint_dir, 1 - ref.side, ref.block_id, record)
+    _, factors = _read_ref(spec, ref)
+    position = spec.layout(ref.side).position
     for destination, rows in requests:
-        yield destination, (rows, factors[fixed_layout.position(rows)])
+        yield destination, (rows, factors[position(rows)])
 
 
 # A block's problem and plan are pure functions of (run, exchange, side, block), so a worker keeps
@@ -522,10 +548,10 @@ class _Solve(beam.DoFn):
         self._loss = loss
         self._solve = solve
 
-    def process(self, element, item_counts, fixed_state: SideState):
+    def process(self, element, item_counts, fixed_state: SideState, solving_refs=None):
         spec, config = self._spec, self._spec.config
         if spec.exchange == JOIN:
-            ref, received, table = _joined(element, config.latent_factors)
+            ref, received, table = _joined(element, solving_refs, config.latent_factors)
             solving = _block_problem(spec, self._side, ref.block_id, item_counts)
             if not np.array_equal(received, solving.needed):
                 raise RuntimeError(
@@ -598,12 +624,12 @@ def _pad_rows(table: np.ndarray, length: int) -> np.ndarray:
     return np.concatenate([table, np.zeros((length - m, k), table.dtype)])
 
 
-def _joined(element, k: int):
-    """(block_id, {block: [FactorRef], parts: [(fixed rows, factors)]}) -> (the reference,
-    the fixed rows it received int64 [m] ascending, their factors float32 [m, k])."""
-    _, grouped = element
-    (ref,) = grouped["block"]
-    parts = list(grouped["parts"])
+def _joined(element, solving_refs: dict, k: int):
+    """(block_id, [(fixed rows, factors)]) -> (the block's reference, the fixed rows it received
+    int64 [m] ascending, their factors float32 [m, k])."""
+    block_id, parts = element
+    ref = solving_refs[block_id]
+    parts = list(parts)
     if not parts:
         return ref, np.zeros(0, np.int64), np.zeros((0, k), np.float32)
     ids = np.concatenate([rows for rows, _ in parts])
@@ -617,12 +643,15 @@ class HalfSweep(beam.PTransform):
 
     Inputs: (solving PCollection[FactorRef], fixed PCollection[FactorRef], the fixed side's
     PCollection[SideState] (one element)); item_counts a singleton int64 [n_items]; with the
-    join exchange, the solving side's requests (`_needs`). Output: (PCollection[FactorRef] of
-    the new factors, PCollection[LossSums] of the incoming factors, or None).
+    join exchange, the records of the solving side's requests files, (fixed block, record).
+    Output: (PCollection[FactorRef] of the new factors, PCollection[LossSums] of the incoming
+    factors, or None).
 
     broadcast: each worker reads the fixed table from the files the state names (once per
-    process and half-sweep, `_fixed_table`). join: each fixed block reads its own file and
-    sends the solving blocks the rows they asked for.
+    process and half-sweep, `_fixed_table`). join: each fixed block reads its own file and its
+    requests file and sends every solving block the rows it asked for (fused into the stage
+    that produced the fixed block); one GroupByKey by solving block gathers them, and the
+    solving blocks' references come as a side input, so the only shuffle is the vectors.
     """
 
     def __init__(self, spec, side, iteration, item_counts, requests=None, loss=False, solve=True):
@@ -639,23 +668,20 @@ class HalfSweep(beam.PTransform):
         solving, fixed, fixed_state = pcolls
         spec = self._spec
         main = solving
+        side_inputs = {
+            "item_counts": beam.pvalue.AsSingleton(self._item_counts),
+            "fixed_state": beam.pvalue.AsSingleton(fixed_state),
+        }
         if spec.exchange == JOIN:
-            sent = (
-                {
-                    "block": fixed | "KeyFixed" >> beam.Map(lambda ref: (ref.block_id, ref)),
-                    "requests": self._requests,
-                }
-                | "MatchRequests" >> beam.CoGroupByKey()
-                | "SendFactors" >> beam.FlatMap(_send, spec, spec.layout(1 - self._side))
+            main = (
+                fixed
+                | "SendFactors" >> beam.FlatMap(_send, spec, beam.pvalue.AsDict(self._requests))
+                | "JoinFactors" >> beam.GroupByKey()
             )
-            main = {
-                "block": solving | "KeySolving" >> beam.Map(lambda ref: (ref.block_id, ref)),
-                "parts": sent,
-            } | "JoinFactors" >> beam.CoGroupByKey()
+            keyed = solving | "KeySolving" >> beam.Map(lambda ref: (ref.block_id, ref))
+            side_inputs["solving_refs"] = beam.pvalue.AsDict(keyed)
         outputs = main | "Solve" >> beam.ParDo(
-            _Solve(spec, self._side, self._iteration, self._loss, self._solve),
-            item_counts=beam.pvalue.AsSingleton(self._item_counts),
-            fixed_state=beam.pvalue.AsSingleton(fixed_state),
+            _Solve(spec, self._side, self._iteration, self._loss, self._solve), **side_inputs
         ).with_outputs("loss", main="blocks")
         return outputs.blocks, (outputs.loss if self._loss else None)
 
@@ -709,7 +735,12 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
                 >> beam.CombineGlobally(_CountItems(spec.shape[1])).without_defaults()
             )
         if spec.exchange == JOIN:
-            requests[side] = rows | f"Requests{name}" >> beam.FlatMap(_needs, spec.layout(1 - side))
+            requests[side] = (
+                rows
+                | f"Requests{name}" >> beam.FlatMap(_needs, spec.layout(1 - side))
+                | f"GroupRequests{name}" >> beam.GroupByKey()
+                | f"WriteRequests{name}" >> beam.ParDo(_WriteRequests(spec, side))
+            )
         stashed = rows | f"Stash{name}Rows" >> beam.ParDo(_StashRows(spec))
         if markers:
             sides[side] = stashed | f"Load{name}" >> beam.ParDo(

@@ -10,6 +10,9 @@ Layout, under `<output_dir>.checkpoints/` (outside the staged output, so a faile
     rows/users/block-NNNNN.npz     a block's ratings (row_ids, CSR arrays), written once per
                                    launch: sweeps move only factors, and a worker that has not
                                    cached a block's problem reads its rows from here
+    requests/users/block-NNNNN.npz with the join exchange: the item rows that the user blocks
+                                   need from item block NNNNN (and requests/items/... the
+                                   user rows the item blocks need), written once per launch
     iter-NNNN/users/block-NNNNN-<sha>.npz
                                    a block's (row_ids, factors) after that half-sweep, named by
                                    its content (iter-0000: the initial factors); the sweeps
@@ -169,6 +172,59 @@ def read_rows_block(checkpoint_dir: str, side: int, block_id: int) -> CsrMatrix:
             return CsrMatrix(archive["indptr"], archive["indices"], archive["values"], shape)
     except Exception as error:  # a missing file, zipfile, KeyError, a bad CSR: all unusable
         raise CheckpointError(f"cannot read the block rows {path}: {error}") from None
+
+
+def _requests_path(checkpoint_dir: str, solving_side: int, fixed_block: int) -> str:
+    return f"{checkpoint_dir}/requests/{_SIDE_NAMES[solving_side]}/block-{fixed_block:05d}.npz"
+
+
+def write_requests(
+    checkpoint_dir: str,
+    solving_side: int,
+    fixed_block: int,
+    requests: list[tuple[int, np.ndarray]],
+) -> dict:
+    """What the blocks of `solving_side` need from one fixed block (the join exchange):
+    [(solving block, fixed rows int64 [m] ascending)], stored by solving block. Returns its
+    record {block, file, bytes, sha256}."""
+    requests = sorted(requests, key=lambda request: request[0])
+    rows = [np.asarray(needed, np.int64) for _, needed in requests]
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        destinations=np.asarray([block for block, _ in requests], np.int64),
+        offsets=np.cumsum([0] + [needed.size for needed in rows]).astype(np.int64),
+        rows=np.concatenate(rows) if rows else np.zeros(0, np.int64),
+    )
+    data = buffer.getvalue()
+    path = _requests_path(checkpoint_dir, solving_side, fixed_block)
+    _write_atomically(path, data)
+    return {
+        "block": int(fixed_block),
+        "file": path.rsplit("/", 1)[-1],
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def read_requests(
+    checkpoint_dir: str, solving_side: int, fixed_block: int, record: dict
+) -> list[tuple[int, np.ndarray]]:
+    """The [(solving block, fixed rows)] `write_requests` stored, its SHA-256 checked.
+
+    Raises:
+        CheckpointError: the file is missing, or its bytes are not the ones written.
+    """
+    path = _requests_path(checkpoint_dir, solving_side, fixed_block)
+    try:
+        data = _read(path)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from None
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise CheckpointError(f"corrupt file {path}: its SHA-256 does not match")
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        destinations, offsets, rows = archive["destinations"], archive["offsets"], archive["rows"]
+    return [(int(block), rows[offsets[i] : offsets[i + 1]]) for i, block in enumerate(destinations)]
 
 
 def write_block(
