@@ -20,7 +20,7 @@ from trainer.sparse import CsrMatrix
 F64 = tf.float64
 # Small sub-tiles stacked a few at a time: long rows span several lines, runs of sub-tiles
 # fill several tiles, and the last tile of a run holds padding sub-tiles.
-STACKED = solver.TileShape(max_width=4, tile_slots=16, max_rows=4, stack_slots=64)
+STACKED = solver.TileShape(max_width=4, tile_slots=16, max_rows=4, stack_slots=128)
 UNSTACKED = solver.TileShape(max_width=4, tile_slots=16, max_rows=4)
 
 
@@ -113,3 +113,40 @@ def test_a_plan_pickles_without_its_cached_tensors(problem_data):
     copy = pickle.loads(pickle.dumps(plan))
     assert not any("_tensors" in tile.__dict__ for tile in copy.tiles)
     np.testing.assert_array_equal(solver.solve_planned(copy, y, g, "cg", x0, 3, False), before)
+
+
+def test_rows_longer_than_a_sub_tile_are_packed_and_solved_exactly():
+    """Rows of more than one sub-tile's lines share sub-tiles (first-fit decreasing) up to
+    _LONG_BIN sub-tiles' lines; longer ones get their own, padded by 1.5x steps."""
+    rng = np.random.default_rng(3)
+    n, m, k, w0 = 12, 120, 3, 0.3
+    lengths = [100, 70, 40, 33, 30, 24, 20, 18, 17, 9, 3, 0]  # entries; lines of width 4
+    dense = np.zeros((n, m))
+    for row, length in enumerate(lengths):
+        dense[row, rng.choice(m, length, replace=False)] = rng.uniform(0.1, 1.0, length)
+    rows, cols = np.nonzero(dense)
+    matrix = CsrMatrix.from_triples(rows, cols, dense[rows, cols], dense.shape)
+    f = rng.uniform(0.0, 2.0, matrix.nnz)
+    reg = rng.uniform(0.05, 0.5, n)
+    y = rng.normal(size=(m, k))
+    x0 = rng.normal(size=(n, k))
+    w = np.full(matrix.shape, w0)
+    w[matrix.row_ids(), matrix.indices] += f
+    exact = dense_wals.solve_rows(matrix.to_dense(), w, y, reg)
+    g = solver.gramian(y, F64)
+    plan = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
+    line_cap = STACKED.tile_slots // STACKED.max_width
+    bin_lines = solver._LONG_BIN * line_cap
+    packed = [tile for tile in plan.tiles if tile.reg.shape[1] == solver._LONG_BIN]
+    assert sum(tile.count for tile in packed) >= 2  # rows of 17 to 64 entries, several bins
+    assert any(((tile.rows[0] < n).sum() > 1) for tile in packed)  # rows share a sub-tile
+    own = {tile.cols.shape[1] for tile in plan.tiles if tile.cols.shape[1] > bin_lines}
+    assert own == {24, 32}  # 100 and 70 entries: 25 and 18 lines, 1.5x steps above 16
+    assert all(tile.cols.shape[1] <= bin_lines for tile in packed)
+    for jit_compile in (False, True):
+        x = solver.solve_planned(plan, y, g, "cg", x0, 40, jit_compile).numpy()
+        np.testing.assert_allclose(x, exact, rtol=1e-8, atol=1e-10)
+        assert np.all(x[n - 1] == 0)
+    plan = solver.plan_rows(matrix, f, reg, w0, "cholesky", F64, tile_shape=STACKED)
+    x = solver.solve_planned(plan, y, g, "cholesky").numpy()
+    np.testing.assert_allclose(x, exact, rtol=1e-8, atol=1e-10)

@@ -34,7 +34,9 @@ Layout. A block of rows is sorted by length and cut into tiles of "lines": a lin
 entries of one row, padded with the zero row appended to the fixed factors (f = 0, r = 0, so
 padding adds exactly nothing). A row with at most `max_width` entries takes one line of width
 W = the next power of two; a longer row takes ceil(n_u / max_width) lines of width max_width,
-and a per-line row index folds the lines back into rows. For max_width = 4:
+and a per-line row index folds the lines back into rows (rows with more lines than a
+sub-tile holds share larger sub-tiles, packed first-fit decreasing; see `_pack_longest`).
+For max_width = 4:
 
     row 0: items 3 7              tile W=2: lines [[3 7]]             line rows [0]
     row 1: items 2 4 5 6 8 9      tile W=4: lines [[2 4 5 6], [8 9 P P],
@@ -83,6 +85,9 @@ DEFAULT_TILES_IN_FLIGHT = 2
 # A (sub-)tile smaller than a full one is padded to at least this fraction of it (see
 # _group_rows and _stack_tiles).
 _MIN_TILE_FRACTION = 8
+# Rows longer than one sub-tile are packed several to a sub-tile of this many times its lines
+# (see _pack_longest); at most this many rows fit, as each has more lines than a sub-tile.
+_LONG_BIN = 4
 # CG kernels with at most this many steps are unrolled; longer ones loop.
 _MAX_UNROLLED_CG_STEPS = 8
 
@@ -315,16 +320,12 @@ def _group_rows(
         n_lines = -(-lengths[~short] // wide)
         line_cap = shape.tile_slots // wide
         row_cap = max(1, min(line_cap // 2, shape.max_rows))
+        longest = n_lines > line_cap
+        tiles.extend(_pack_longest(long_rows[longest], n_lines[longest], wide, line_cap))
+        long_rows, n_lines = long_rows[~longest], n_lines[~longest]
         full = n_lines.sum() >= line_cap
         start = 0
         while start < long_rows.size:
-            if n_lines[start] > line_cap:
-                size = int(_next_power_of_two(n_lines[start]))
-                tiles.append(
-                    (long_rows[start : start + 1], n_lines[start : start + 1], wide, size, 1)
-                )
-                start += 1
-                continue
             stop = start
             used = 0
             while (
@@ -343,6 +344,61 @@ def _group_rows(
                 )
             tiles.append((long_rows[start:stop], n_lines[start:stop], wide, size, n_tile_rows))
             start = stop
+    return tiles
+
+
+def _step_up(n: int, base: int) -> int:
+    """The smallest of base · (1, 1.5, 2, 3, 4, 6, 8, ...) that is >= n (base >= 2)."""
+    size = base
+    while True:
+        if size >= n:
+            return size
+        if size * 3 // 2 >= n:
+            return size * 3 // 2
+        size *= 2
+
+
+def _pack_longest(
+    rows: np.ndarray, n_lines: np.ndarray, width: int, line_cap: int
+) -> list[tuple[np.ndarray, np.ndarray, int, int, int]]:
+    """Sub-tiles of the rows longer than one sub-tile (more than line_cap lines of `width`).
+
+    Rows of up to _LONG_BIN · line_cap lines are packed first-fit decreasing into sub-tiles of
+    that many lines and _LONG_BIN rows (each row has more than line_cap lines, so fewer fit);
+    only the last, least filled, sub-tile shrinks, to a 1.5x step above line_cap. A longer row
+    gets a sub-tile of its own, of a 1.5x step above that size. Padding a row to the next
+    power of two instead wastes a quarter of its slots on average.
+
+    Args:
+        rows: int [m], rows sorted by descending length.
+        n_lines: int [m], their lines, each > line_cap.
+        width: W.
+        line_cap: lines of a full ordinary sub-tile.
+
+    Returns:
+        (rows, lines per row, W, B, R) per sub-tile, as `_group_rows`.
+    """
+    bin_lines = _LONG_BIN * line_cap
+    tiles = []
+    bins: list[list[int]] = []  # row positions of each open sub-tile
+    used: list[int] = []
+    for position, lines in enumerate(n_lines.tolist()):
+        if lines > bin_lines:
+            size = _step_up(lines, bin_lines)
+            one = slice(position, position + 1)
+            tiles.append((rows[one], n_lines[one], width, size, 1))
+            continue
+        for slot, members in enumerate(bins):
+            if used[slot] + lines <= bin_lines and len(members) < _LONG_BIN:
+                members.append(position)
+                used[slot] += lines
+                break
+        else:
+            bins.append([position])
+            used.append(lines)
+    for slot, members in enumerate(bins):
+        size = bin_lines if slot < len(bins) - 1 else _step_up(used[slot], line_cap)
+        tiles.append((rows[members], n_lines[members], width, min(size, bin_lines), _LONG_BIN))
     return tiles
 
 
