@@ -20,16 +20,19 @@ Then every configuration trains on it as its own `python -m trainer.task` subpro
     broadcast x 2 workers   --distributed, DirectRunner multi_processing, 2 workers
     join x 1, join x 2      the same with --factor_exchange join
 
-Seconds per iteration remove fixed start-up cost (Beam's pipeline construction and worker
-start, reading the TFRecords into blocks, TensorFlow's tracing): each configuration trains twice,
-with --iters_low and --iters_high iterations (1 and 6 by default; the local trainer, whose
-iterations are short next to the noise of its XLA compilation, 1 and --local_iters_high = 21),
-and
+Seconds per iteration leave out the fixed start-up cost (Beam's pipeline construction and
+worker start, reading the TFRecords into blocks, TensorFlow's tracing and XLA compilation): each
+configuration trains once with --iters iterations (6 by default; the local trainer, whose
+iterations are short, --local_iters = 21), and
 
-    s/iter = (train_seconds(high) − train_seconds(low)) / (high − low)
+    s/iter = mean of metrics.json's iteration_seconds (every iteration after the first)
 
-where train_seconds is the trainer's own timing in metrics.json (loading the dataset, evaluation
-and export are not in it). The table gives the ratio to the local trainer and the solve
+which the trainers measure themselves: the local one between its iteration callbacks, the Beam
+one between the checkpoint markers of consecutive iterations' user halves (one whole iteration,
+every stage of it). An earlier version took the difference of a 1- and a 6-iteration run, whose
+start-up (20 s and more, varying by ±2 s) swamped the difference.
+
+The table gives the ratio to the local trainer and the solve
 throughput per core: an iteration is two half-sweeps, each touching every training cell once, so
 
     cells/s/core = 2 · nnz_train / (s/iter · cores)   (rows/s/core: n_users + n_items per s/iter)
@@ -38,10 +41,10 @@ with cores = os.cpu_count() (every configuration here can use all of them). The 
 the README predicts sweep times on a cluster from that figure.
 
     python -m benchmarks.distributed_benchmark --size small|large [--work_dir DIR]
-        [--iters_low 1] [--iters_high 6] [--local_iters_high 21] [--repeats 1] [--block_rows 16384]
+        [--iters 6] [--local_iters 21] [--repeats 1] [--block_rows 16384]
         [--only local,broadcast-2,...] [--json_out results.json]
 
-On a shared machine, --repeats N takes the fastest of N runs of each iteration count; the load
+On a shared machine, --repeats N takes the fastest of N runs of each configuration; the load
 average is printed with the table. It also prints the `join` exchange's shuffle per half-sweep as
 distinct (solving block, fixed row) pairs per training cell.
 """
@@ -237,39 +240,37 @@ def train_once(data_dir: str, out_dir: str, config: Config, iters: int, block_ro
         measured["seconds"],
         measured["peak_rss_mb"],
     )
+    steady = [row["seconds"] for row in result.get("iteration_seconds", [])]
+    if not steady:
+        raise RuntimeError(f"{config.name}: metrics.json has no iteration_seconds")
     return {
         "train_seconds": result["train_seconds"],
         "process_seconds": measured["seconds"],
         "peak_rss_mb": measured["peak_rss_mb"],
+        "iteration_seconds": steady,
     }
 
 
 def measure_config(
-    data_dir: str,
-    work_dir: str,
-    config: Config,
-    low: int,
-    high: int,
-    block_rows: int,
-    repeats: int = 1,
+    data_dir: str, work_dir: str, config: Config, iters: int, block_rows: int, repeats: int = 1
 ) -> dict:
-    """Seconds per iteration (the difference of a `high` and a `low` iteration run, each the
-    fastest of `repeats` runs, which discounts other load on the machine) and peak RSS."""
+    """Seconds per iteration, the mean of the trainer's own `iteration_seconds` (every iteration
+    after the first, start-up and compilation excluded; the fastest of `repeats` runs, which
+    discounts other load on the machine), and peak RSS."""
     out_dir = os.path.join(work_dir, f"model-{config.name}")
-    runs = {
-        iters: [train_once(data_dir, out_dir, config, iters, block_rows) for _ in range(repeats)]
-        for iters in (low, high)
-    }
-    fastest = {iters: min(run["train_seconds"] for run in tries) for iters, tries in runs.items()}
-    per_iter = (fastest[high] - fastest[low]) / (high - low)
+    runs = [train_once(data_dir, out_dir, config, iters, block_rows) for _ in range(repeats)]
+    means = [float(np.mean(run["iteration_seconds"])) for run in runs]
+    best = runs[int(np.argmin(means))]
+    per_iter = min(means)
     return {
         "config": config.name,
         "exchange": config.exchange,
         "workers": config.workers,
         "seconds_per_iteration": per_iter,
-        "startup_seconds": fastest[low] - low * per_iter,
-        "train_seconds": {str(iters): seconds for iters, seconds in fastest.items()},
-        "peak_rss_mb": max(run["peak_rss_mb"] for tries in runs.values() for run in tries),
+        "iteration_seconds": best["iteration_seconds"],
+        "startup_seconds": best["train_seconds"] - iters * per_iter,
+        "train_seconds": best["train_seconds"],
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
     }
 
 
@@ -329,14 +330,14 @@ def run(argv: list[str] | None = None) -> dict:
         help="where the dataset and models go (default: a temporary directory); "
         "a dataset already there is reused",
     )
-    parser.add_argument("--iters_low", type=int, default=1)
-    parser.add_argument("--iters_high", type=int, default=6)
     parser.add_argument(
-        "--local_iters_high",
+        "--iters", type=int, default=6, help="iterations per run (the first is not timed)"
+    )
+    parser.add_argument(
+        "--local_iters",
         type=int,
         default=21,
-        help="--iters_high of the local trainer, whose iterations are short next to the noise "
-        "of its start-up (XLA compilation)",
+        help="iterations of the local trainer's run, whose iterations are short",
     )
     parser.add_argument(
         "--block_rows",
@@ -345,15 +346,15 @@ def run(argv: list[str] | None = None) -> dict:
         help="rows per block (Beam)",
     )
     parser.add_argument(
-        "--repeats", type=int, default=1, help="runs per iteration count; the fastest counts"
+        "--repeats", type=int, default=1, help="runs per configuration; the fastest counts"
     )
     parser.add_argument(
         "--only", help="comma-separated configurations to run (default all; local is always run)"
     )
     parser.add_argument("--json_out", help="also write the results here")
     args = parser.parse_args(argv)
-    if not 0 < args.iters_low < min(args.iters_high, args.local_iters_high):
-        parser.error("need 0 < --iters_low < --iters_high, --local_iters_high")
+    if min(args.iters, args.local_iters) < 2:
+        parser.error("need --iters and --local_iters >= 2: the first iteration is not timed")
     configs = list(CONFIGS)
     if args.only:
         wanted = set(args.only.split(",")) | {"local"}
@@ -369,8 +370,7 @@ def run(argv: list[str] | None = None) -> dict:
             data_dir,
             work_dir,
             config,
-            args.iters_low,
-            args.local_iters_high if config.exchange is None else args.iters_high,
+            args.local_iters if config.exchange is None else args.iters,
             args.block_rows,
             args.repeats,
         )
@@ -386,8 +386,8 @@ def run(argv: list[str] | None = None) -> dict:
         "solver": "cg",
         "block_rows": args.block_rows,
         "cores": cores,
-        "iters": [args.iters_low, args.iters_high],
-        "local_iters": [args.iters_low, args.local_iters_high],
+        "iters": args.iters,
+        "local_iters": args.local_iters,
         "rows": rows,
         "join_rows_shipped_per_cell": shares,
         "load_average": os.getloadavg(),
@@ -395,9 +395,8 @@ def run(argv: list[str] | None = None) -> dict:
     n_users, n_items, _ = summary["benchmark_size"]
     print(
         f"{n_users:,} users x {n_items:,} items, {summary['train_interactions']:,} training cells, "
-        f"k={K}, CG, block_rows={args.block_rows}, {cores} cores; s/iter = (t(high) - t(low)) / "
-        f"(high - low), iterations {args.iters_low} and {args.iters_high} (local: "
-        f"{args.local_iters_high}), fastest of {args.repeats}"
+        f"k={K}, CG, block_rows={args.block_rows}, {cores} cores; s/iter = mean wall time of "
+        f"iterations 2-{args.iters} (local: 2-{args.local_iters}), fastest of {args.repeats}"
     )
     print(format_table(rows))
     print(

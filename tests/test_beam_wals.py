@@ -93,6 +93,11 @@ def test_distributed_training_equals_local_training(
     with open(os.path.join(local, task.METRICS_FILE)) as handle:
         expected = json.load(handle)
     assert metrics["wals"]["recall@20"] == pytest.approx(expected["wals"]["recall@20"], abs=0.01)
+    # Both trainers time every iteration after the first (the Beam one by its checkpoints).
+    for timed in (metrics, expected):
+        steps = timed["iteration_seconds"]
+        assert [step["iteration"] for step in steps] == list(range(2, ITERS + 1))
+        assert all(step["seconds"] > 0 for step in steps)
     # New visitors (held out whole, folded in by a Beam step here) score like the local run's.
     assert metrics["new_visitors"]["visitors"] == expected["new_visitors"]["visitors"] > 0
     for model in ("wals", "popularity"):

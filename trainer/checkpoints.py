@@ -36,6 +36,7 @@ import io
 import json
 import logging
 import re
+import time
 import uuid
 
 import numpy as np
@@ -256,10 +257,27 @@ def write_marker(
         "iteration": iteration,
         "side": _SIDE_NAMES[side],
         "fingerprint": run_fingerprint,
+        "written_at": time.time(),  # the writer's wall clock: iteration times, not identity
         "blocks": sorted(records, key=lambda record: record["block"]),
     }
     path = f"{_half_dir(checkpoint_dir, iteration, side)}/{MARKER}"
     _write_atomically(path, json.dumps(marker, indent=1).encode("utf-8"))
+
+
+def iteration_seconds(checkpoint_dir: str, first: int, last: int) -> dict[int, float]:
+    """{t: wall seconds of iteration t} for t in (first, last]: the time between the markers
+    of the user halves of iterations t − 1 and t (one whole iteration, start-up excluded).
+    Iterations whose markers are missing or carry no time are left out."""
+    written = {}
+    for iteration in range(first, last + 1):
+        marker = _read_marker(_half_dir(checkpoint_dir, iteration, problem.USERS))
+        if marker is not None and "written_at" in marker:
+            written[iteration] = float(marker["written_at"])
+    return {
+        t: written[t] - written[t - 1]
+        for t in range(first + 1, last + 1)
+        if t in written and t - 1 in written
+    }
 
 
 def read_block(checkpoint_dir: str, marker: dict, block_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -31,11 +31,14 @@ class DistributedResult:
         factors: the final factors, with the loss history (one dict per evaluated iteration).
         resumed_from: the iteration the run resumed from (0 for a fresh run).
         checkpoint_dir: where the checkpoints are (removed by the caller once published).
+        iteration_seconds: {t: wall seconds of iteration t} for the iterations after the first
+            of this launch (`checkpoints.iteration_seconds`): the steady-state speed.
     """
 
     factors: WALSFactors
     resumed_from: int
     checkpoint_dir: str
+    iteration_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
 def _fingerprint_config(config: WALSConfig) -> dict:
@@ -167,4 +170,5 @@ def train(
         for loss in checkpoints.read_losses(checkpoint_dir)
         if loss["iteration"] <= config.num_iters
     ]
-    return DistributedResult(WALSFactors(x, y, history), start, checkpoint_dir)
+    seconds = checkpoints.iteration_seconds(checkpoint_dir, start + 1, config.num_iters)
+    return DistributedResult(WALSFactors(x, y, history), start, checkpoint_dir, seconds)

@@ -268,7 +268,7 @@ def per_iteration_evaluator(
 
 def _train_distributed(
     args, config, dataset, beam_argv: list[str], out: str, warm
-) -> wals.WALSFactors:
+) -> distributed.DistributedResult:
     """Runs the Beam trainer; per-iteration evaluation needs the factors of every iteration,
     which the distributed run does not keep, so the history holds the losses only."""
     result = distributed.train(
@@ -287,7 +287,7 @@ def _train_distributed(
     if args.eval_every:
         logger.warning("--eval_every is ignored with --distributed: metrics.json has final ones")
     args.eval_every = 0
-    return result.factors
+    return result
 
 
 def train_and_evaluate(
@@ -301,7 +301,14 @@ def train_and_evaluate(
     history = []
     evaluate = per_iteration_evaluator(train, heldout, args.eval_ks, args.eval_users, args.seed)
 
+    # Wall seconds of each iteration after the first (which also holds the set-up and the
+    # kernels' compilation), the callback's own work (evaluation) left out.
+    iteration_seconds = {}
+    last_end = [None]
+
     def on_iteration(iteration: int, factors, loss: dict | None) -> None:
+        if last_end[0] is not None and not args.distributed:
+            iteration_seconds[iteration] = time.monotonic() - last_end[0]
         record = {"iteration": iteration}
         if loss is not None:
             record.update({f"loss/{k}": float(v) for k, v in loss.items() if k != "iteration"})
@@ -309,6 +316,7 @@ def train_and_evaluate(
             record.update({f"eval/{k}": v for k, v in evaluate(factors).items()})
         history.append(record)
         _summaries(writer, iteration, {k: v for k, v in record.items() if k != "iteration"}, "wals")
+        last_end[0] = time.monotonic()
 
     warm = None
     if args.warm_start_from:
@@ -318,7 +326,9 @@ def train_and_evaluate(
             raise cli.UsageError(f"--warm_start_from {args.warm_start_from}: {error}") from None
     start = time.monotonic()
     if args.distributed:
-        factors = _train_distributed(args, config, dataset, beam_argv, out, warm)
+        trained = _train_distributed(args, config, dataset, beam_argv, out, warm)
+        factors = trained.factors
+        iteration_seconds.update(trained.iteration_seconds)
         for loss in factors.history:
             on_iteration(loss["iteration"], factors, loss)
     else:
@@ -338,6 +348,9 @@ def train_and_evaluate(
     result = {
         "train_seconds": round(train_seconds, 3),
         "seconds_per_iteration": round(train_seconds / max(config.num_iters, 1), 4),
+        "iteration_seconds": [
+            {"iteration": t, "seconds": round(s, 4)} for t, s in sorted(iteration_seconds.items())
+        ],
         "nusers": train.shape[0],
         "nitems": train.shape[1],
         "train_interactions": train.nnz,
