@@ -1,7 +1,8 @@
-"""The distributed trainer's benchmark: its dataset loads like a preprocessed one (fast), and its
-small size meets issue 7's targets (slow).
+"""The distributed trainer's benchmark: its dataset loads like a preprocessed one (fast), and on
+the trainer benchmark's large matrix (100K x 20K x 5M) it meets issue 7's targets (slow, about
+10 minutes).
 
-The slow test runs `python -m benchmarks.distributed_benchmark --size small` in a subprocess,
+The slow test runs `python -m benchmarks.distributed_benchmark --size large` in a subprocess,
 the real entry point, and checks that the Beam trainer's seconds per iteration stay within 3x
 the local trainer's with the broadcast exchange and within 5x with join, for 1 and 2 workers:
 
@@ -43,15 +44,15 @@ def test_the_benchmark_dataset_is_a_preprocessed_dataset(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_benchmark_meets_the_targets(tmp_path):
+def test_large_benchmark_meets_the_targets(tmp_path):
     pytest.importorskip("psutil")
-    out = tmp_path / "small.json"
+    out = tmp_path / "large.json"
     command = [
         sys.executable,
         "-m",
         "benchmarks.distributed_benchmark",
         "--size",
-        "small",
+        "large",
         "--work_dir",
         str(tmp_path / "work"),
         "--json_out",
@@ -59,7 +60,7 @@ def test_small_benchmark_meets_the_targets(tmp_path):
     ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     completed = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(out.read_text())
