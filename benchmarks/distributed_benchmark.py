@@ -28,7 +28,7 @@ iterations are short, --local_iters = 21), and
     s/iter = mean of metrics.json's iteration_seconds (every iteration after the first)
 
 which the trainers measure themselves: the local one between its iteration callbacks, the Beam
-one between the checkpoint markers of consecutive iterations' user halves (one whole iteration,
+one between the checkpoint markers of consecutive iterations' item halves (one whole iteration,
 every stage of it). An earlier version took the difference of a 1- and a 6-iteration run, whose
 start-up (20 s and more, varying by ±2 s) swamped the difference.
 

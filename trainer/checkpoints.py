@@ -266,11 +266,12 @@ def write_marker(
 
 def iteration_seconds(checkpoint_dir: str, first: int, last: int) -> dict[int, float]:
     """{t: wall seconds of iteration t} for t in (first, last]: the time between the markers
-    of the user halves of iterations t − 1 and t (one whole iteration, start-up excluded).
-    Iterations whose markers are missing or carry no time are left out."""
+    of the item halves of iterations t − 1 and t, i.e. both half-sweeps of iteration t (the
+    first iteration, with the start-up and the first compilation of both sides' kernels, is
+    left out). Iterations whose markers are missing or carry no time are left out too."""
     written = {}
     for iteration in range(first, last + 1):
-        marker = _read_marker(_half_dir(checkpoint_dir, iteration, problem.USERS))
+        marker = _read_marker(_half_dir(checkpoint_dir, iteration, problem.ITEMS))
         if marker is not None and "written_at" in marker:
             written[iteration] = float(marker["written_at"])
     return {
