@@ -512,27 +512,11 @@ def _block_problem(spec: TrainSpec, side: int, block_id: int, item_counts) -> _B
 
     The problem is defined on global columns (f looks up c_i by item), then, with the join
     exchange, its columns are renumbered to positions in the fixed rows it receives.
-
-    Every block of a side gets the same number of rows, `_uniform_length`: the last rows of a
-    shorter block are empty (solved to zeros, dropped by the caller). The XLA-compiled kernel
-    is specialised to the shape of the block's factors too, and round-robin blocks differ by one
-    row, so unpadded each worker would compile every tile shape once per row count (seconds each
-    time it first meets a block of the other count).
     """
 
     def build():
-        layout = spec.layout(side)
         rows = checkpoints.read_rows_block(spec.checkpoint_dir, side, block_id)
-        n = _uniform_length(layout)
-        extra = n - rows.shape[0]
-        rows = dataclasses.replace(
-            rows,
-            indptr=np.concatenate([rows.indptr, np.full(extra, rows.indptr[-1], np.int64)]),
-            shape=(n, rows.shape[1]),
-        )
-        row_items = None
-        if side == problem.ITEMS:  # empty padding rows: any item index will do
-            row_items = np.concatenate([layout.rows_of(block_id), np.zeros(extra, np.int64)])
+        row_items = spec.layout(side).rows_of(block_id) if side == problem.ITEMS else None
         defined = problem.define_rows(rows, side, item_counts, spec.config, row_items)
         needed = None
         if spec.exchange == JOIN:
@@ -546,11 +530,6 @@ def _block_problem(spec: TrainSpec, side: int, block_id: int, item_counts) -> _B
         return _BlockProblem(defined, defined.plan(spec.config.solver), needed)
 
     return _cached((spec.fingerprint, spec.exchange, side, block_id), build)
-
-
-def _uniform_length(layout: blocks_lib.BlockLayout) -> int:
-    """The rows of every block's problem: the most any block of the layout holds."""
-    return -(-layout.n_rows // max(layout.n_blocks, 1))
 
 
 class _Solve(beam.DoFn):
@@ -585,7 +564,6 @@ class _Solve(beam.DoFn):
             table = _fixed_table(spec, fixed_state)
             solving = _block_problem(spec, self._side, ref.block_id, item_counts)
         row_ids, factors = _read_ref(spec, ref)
-        factors = _pad_rows(factors, solving.problem.targets.shape[0])
         if self._loss:
             fixed = table if self._side == problem.USERS else None
             yield beam.pvalue.TaggedOutput(
@@ -605,7 +583,7 @@ class _Solve(beam.DoFn):
                 x0=factors,
                 cg_steps=config.cg_steps,
                 jit_compile=True,
-            ).numpy()[: row_ids.size]
+            ).numpy()
         yield _publish(spec, self._iteration, self._side, ref.block_id, row_ids, solved)
 
 
@@ -731,9 +709,7 @@ def _sum_losses(parts):
 def _regularization_sums(ref: FactorRef, spec: TrainSpec, item_counts) -> problem.LossSums:
     solving = _block_problem(spec, ref.side, ref.block_id, item_counts)
     _, factors = _read_ref(spec, ref)
-    return problem.loss_sums(
-        solving.problem, _pad_rows(factors, solving.problem.targets.shape[0]), None
-    )
+    return problem.loss_sums(solving.problem, factors, None)
 
 
 def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
