@@ -218,8 +218,13 @@ def _publish(
     record = checkpoints.write_block(
         spec.checkpoint_dir, iteration, side, block_id, row_ids, factors
     )
-    wide = factors.astype(np.float64)
-    return FactorRef(side, block_id, iteration, record, wide.T @ wide)
+    return FactorRef(side, block_id, iteration, record, _gramian_term(factors))
+
+
+def _gramian_term(factors: np.ndarray) -> np.ndarray:
+    """A block's term of its side's Gramian: F_bᵀ F_b, float64 [k, k]."""
+    wide = np.asarray(factors, dtype=np.float64)
+    return wide.T @ wide
 
 
 def _read_ref(spec: TrainSpec, ref: FactorRef) -> tuple[np.ndarray, np.ndarray]:
@@ -281,9 +286,12 @@ class _LoadFactors(beam.DoFn):
         )
         if not np.array_equal(stored_ids, row_ids):
             raise ValueError(f"checkpoint block {block_id} holds other rows")
-        wide = factors.astype(np.float64)
         yield FactorRef(
-            self._side, block_id, self._spec.start_iteration, records[block_id], wide.T @ wide
+            self._side,
+            block_id,
+            self._spec.start_iteration,
+            records[block_id],
+            _gramian_term(factors),
         )
 
 

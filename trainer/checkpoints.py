@@ -200,12 +200,29 @@ def write_requests(
     data = buffer.getvalue()
     path = _requests_path(checkpoint_dir, solving_side, fixed_block)
     _write_atomically(path, data)
-    return {
-        "block": int(fixed_block),
-        "file": path.rsplit("/", 1)[-1],
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+    return _record(fixed_block, path.rsplit("/", 1)[-1], data)
+
+
+def _record(block_id: int, name: str, data: bytes, digest: str | None = None) -> dict:
+    """A written file's record {block, file, bytes, sha256}, what readers check it against."""
+    digest = digest or hashlib.sha256(data).hexdigest()
+    return {"block": int(block_id), "file": name, "bytes": len(data), "sha256": digest}
+
+
+def _read_checked(path: str, record: dict) -> bytes:
+    """The bytes of `path`, checked against the SHA-256 of its `record`.
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, or its bytes are not the ones
+            written.
+    """
+    try:
+        data = _read(path)
+    except OSError as error:  # Beam's FileSystems raise BeamIOError, an IOError
+        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from None
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise CheckpointError(f"corrupt checkpoint file {path}: its SHA-256 does not match")
+    return data
 
 
 def read_requests(
@@ -216,13 +233,7 @@ def read_requests(
     Raises:
         CheckpointError: the file is missing, or its bytes are not the ones written.
     """
-    path = _requests_path(checkpoint_dir, solving_side, fixed_block)
-    try:
-        data = _read(path)
-    except OSError as error:
-        raise CheckpointError(f"cannot read {path}: {error}") from None
-    if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise CheckpointError(f"corrupt file {path}: its SHA-256 does not match")
+    data = _read_checked(_requests_path(checkpoint_dir, solving_side, fixed_block), record)
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         destinations, offsets, rows = archive["destinations"], archive["offsets"], archive["rows"]
     return [(int(block), rows[offsets[i] : offsets[i + 1]]) for i, block in enumerate(destinations)]
@@ -247,7 +258,7 @@ def write_block(
     digest = hashlib.sha256(data).hexdigest()
     name = f"block-{block_id:05d}-{digest[:16]}.npz"
     _write_atomically(f"{_half_dir(checkpoint_dir, iteration, side)}/{name}", data)
-    return {"block": int(block_id), "file": name, "bytes": len(data), "sha256": digest}
+    return _record(block_id, name, data, digest)
 
 
 def write_marker(
@@ -307,12 +318,7 @@ def read_record(
 
 
 def _read_verified(path: str, record: dict) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        data = _read(path)
-    except OSError as error:  # Beam's FileSystems raise BeamIOError, an IOError
-        raise CheckpointError(f"cannot read checkpoint file {path}: {error}") from None
-    if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise CheckpointError(f"corrupt checkpoint file {path}: its SHA-256 does not match")
+    data = _read_checked(path, record)
     try:
         return blocks_lib.from_bytes(data)
     except ValueError as error:

@@ -443,16 +443,9 @@ def popularity_scores(train: CsrMatrix) -> np.ndarray:
 
 
 def take_rows(matrix: CsrMatrix, rows: np.ndarray) -> CsrMatrix:
-    """The given rows of `matrix`, in the given order: shape (len(rows), n_cols)."""
-    counts = matrix.row_counts()[rows]
-    indptr = np.zeros(rows.size + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    entries = np.arange(indptr[-1], dtype=np.int64) + np.repeat(
-        matrix.indptr[rows] - indptr[:-1], counts
-    )
-    return CsrMatrix(
-        indptr, matrix.indices[entries], matrix.values[entries], (rows.size, matrix.shape[1])
-    )
+    """The given rows of `matrix`, in the given order: shape (len(rows), n_cols)
+    (`CsrMatrix.take_rows`)."""
+    return matrix.take_rows(rows)
 
 
 def evaluate(
