@@ -20,7 +20,7 @@ from trainer.sparse import CsrMatrix
 F64 = tf.float64
 # Small sub-tiles stacked a few at a time: long rows span several lines, runs of sub-tiles
 # fill several tiles, and the last tile of a run holds padding sub-tiles.
-STACKED = solver.TileShape(max_width=4, tile_slots=16, max_rows=4, stack_slots=128)
+STACKED = solver.TileShape(max_width=4, tile_slots=16, max_rows=4, stack_slots=256)
 UNSTACKED = solver.TileShape(max_width=4, tile_slots=16, max_rows=4)
 
 
@@ -63,6 +63,28 @@ def test_the_stacked_layout_has_several_sub_tiles_per_tile_and_padding(problem_d
     np.testing.assert_array_equal(np.sort(real), np.flatnonzero(matrix.row_counts()))
     assert sum(int((tile.f > 0).sum()) for tile in plan.tiles) == int((f > 0).sum())
     assert plan.solved_slots <= plan.padded_slots
+
+
+def test_tile_shapes_do_not_depend_on_the_block():
+    """Each tile shape is one XLA compile per process, so the shapes of a block's tiles must
+    come from a set shared by all blocks: blocks of any rows and row count stack each sub-tile
+    shape (B, W, R) T = full or T = full / 8 at a time, never a count of their own."""
+    matrix = power_law(n=400, m=40, seed=5)
+    f = np.ones(matrix.nnz, np.float32)
+    rng = np.random.default_rng(6)
+    stacks = {}
+    for n_rows in (37, 101, 163, 250, 400):
+        rows = np.sort(rng.choice(matrix.shape[0], n_rows, replace=False))
+        block = matrix.take_rows(rows)
+        plan = solver.plan_rows(
+            block, f[: block.nnz], np.ones(n_rows), 0.3, "cg", F64, tile_shape=STACKED
+        )
+        for n_tiles, *sub_tile in plan.tile_shapes:
+            stacks.setdefault(tuple(sub_tile), set()).add(n_tiles)
+    assert len(stacks) > 3
+    for (size, width, _), counts in stacks.items():
+        full = STACKED.stack_slots // (size * width)
+        assert counts <= {full, max(1, full // 8)}, (size, width, counts)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

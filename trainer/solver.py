@@ -62,6 +62,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -69,6 +70,25 @@ import tensorflow as tf
 from trainer.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
+
+# XLA's CPU backend optimises with LLVM at level 3 by default. Level 2 compiles the CG kernels
+# faster and runs them faster: on the large benchmark (2 AVX-512 cores, k = 64) a CG iteration
+# took 0.37 s against 0.51 s, with the same loss (benchmarks/solver_speed.py), and an item
+# block compiled in 2.8 s against 3.1 s. A level given in XLA_FLAGS is left as it is.
+XLA_OPTIMIZATION_LEVEL = 2
+
+
+def _set_xla_optimization_level() -> None:
+    """Adds --xla_backend_optimization_level to XLA_FLAGS, unless it is set already. XLA reads
+    the variable when it first compiles, so importing this module is early enough, in the
+    trainer's process and in every Beam worker that unpickles a solve."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        option = f"--xla_backend_optimization_level={XLA_OPTIMIZATION_LEVEL}"
+        os.environ["XLA_FLAGS"] = f"{flags} {option}".strip()
+
+
+_set_xla_optimization_level()
 
 CHOLESKY = "cholesky"
 CG = "cg"
@@ -484,10 +504,12 @@ def _build_tiles(
 ) -> list[Tile]:
     """Stacks runs of consecutive sub-tiles of one shape into tiles of about stack_slots.
 
-    `parts` are the sub-tile specs of `_group_rows`. A run of at least one full tile of
-    sub-tiles pads its last tile to the full T (the padding sub-tiles are skipped, not
-    solved); shorter runs round T up to a power of two and to at least 1/_MIN_TILE_FRACTION of
-    a full tile, so T takes few values (one compile each).
+    `parts` are the sub-tile specs of `_group_rows`. A sub-tile shape stacks into tiles of two
+    sizes only, T = the full capacity or T = 1/_MIN_TILE_FRACTION of it, whatever the block:
+    each tile shape is one XLA compile per process, and a worker of the distributed trainer
+    that meets a new block then finds its shapes compiled. A run fills full tiles; what is left
+    goes into one more full tile if it fills more than half of one, else into small tiles.
+    Padding sub-tiles are skipped, not solved.
     """
     keys = [(part[2], part[3], part[4], _is_multi_line(part)) for part in parts]
     tiles = []
@@ -498,13 +520,14 @@ def _build_tiles(
             stop += 1
         width, size = keys[start][0], keys[start][1]
         capacity = max(1, shape.stack_slots // (size * width))
-        run = stop - start
-        for first in range(start, stop, capacity):
-            group = parts[first : min(first + capacity, stop)]
-            n_tiles = capacity
-            if run < capacity:
-                n_tiles = max(int(_next_power_of_two(run)), capacity // _MIN_TILE_FRACTION, 1)
+        small = max(1, capacity // _MIN_TILE_FRACTION)
+        first = start
+        while first < stop:
+            left = stop - first
+            n_tiles = capacity if 2 * left > capacity else small
+            group = parts[first : first + min(n_tiles, left)]
             tiles.append(_build_tile(rows, f, c, reg, group, n_tiles, keys[start][3]))
+            first += len(group)
         start = stop
     return tiles
 
@@ -716,21 +739,19 @@ def _kernel(dtype: tf.DType, solver: str, multi_line: bool, cg_steps: int, jit_c
         return cholesky_tile
 
     specs = specs + [
-        tf.TensorSpec([None, None], tf.int32),  # rows [T, R], indices into x0_ext
-        tf.TensorSpec([None, None], dtype),  # x0_ext [n_rows + 1, k]
+        tf.TensorSpec([None, None, None], dtype),  # x0 [T, R, k], the sub-tile rows' warm start
         tf.TensorSpec([], tf.int32),  # count: sub-tiles to solve, the first of the T
     ]
     steps = cg_steps if cg_steps <= _MAX_UNROLLED_CG_STEPS else tf.constant(cg_steps)
 
     @tf.function(input_signature=specs, jit_compile=jit_compile)
-    def cg_tile(fixed_ext, w0_gramian, cols, f, c, line_rows, reg, rows, x0_ext, count):
+    def cg_tile(fixed_ext, w0_gramian, cols, f, c, line_rows, reg, x0, count):
         n_tiles = tf.shape(cols)[0]
         solutions = tf.TensorArray(dtype, size=n_tiles, element_shape=[None, None])
 
         def solve_one(t, solutions):
             y = tf.gather(fixed_ext, cols[t])  # [B, W, k]
-            x = tf.gather(x0_ext, rows[t])  # [R, k]
-            x = _cg_steps(y, f[t], c[t], line_rows[t], reg[t], x, w0_gramian, multi_line, steps)
+            x = _cg_steps(y, f[t], c[t], line_rows[t], reg[t], x0[t], w0_gramian, multi_line, steps)
             return t + 1, solutions.write(t, x)
 
         _, solutions = tf.while_loop(lambda t, _: t < count, solve_one, (0, solutions))
@@ -831,11 +852,14 @@ def solve_planned(
             kernel = _kernel(dtype, CG, tile.multi_line, int(cg_steps), jit_compile)
             # Without XLA the padding sub-tiles are solved too (to 0): the loop writes all T.
             count = tile.count if jit_compile else int(tile.cols.shape[0])
+            # The warm start is gathered here, not in the kernel: the kernel's shapes are then
+            # the tile's alone, not the block's row count, so a worker compiles each tile shape
+            # once for all the blocks it solves.
             solutions = kernel(
                 fixed_ext,
                 w0_gramian,
-                *(arrays[name] for name in ("cols", "f", "c", "line_rows", "reg", "rows")),
-                x0_ext,
+                *(arrays[name] for name in ("cols", "f", "c", "line_rows", "reg")),
+                tf.gather(x0_ext, arrays["rows"]),
                 tf.constant(count, tf.int32),
             )
             return tf.reshape(solutions, [-1, k])
