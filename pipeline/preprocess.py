@@ -38,7 +38,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-from pipeline import cli, events, holdout, records, staging
+from pipeline import cli, events, holdout, records, staging, worker_threads
 from pipeline import options as preprocess_options
 from pipeline.matrix_io import DropOutOfVocabulary, WriteSparseMatrix
 from transforms import features, preprocessing
@@ -363,8 +363,9 @@ def run(argv: list[str] | None = None) -> dict:
         with staging.staged_output(opts.output_dir, opts.overwrite, features.SUMMARY_FILE) as out:
             pipeline = beam.Pipeline(options=options)
             build_pipeline(pipeline, opts, out, local_workers(options))
-            result = pipeline.run()
-            result.wait_until_finish()
+            with worker_threads.local_budget(options):
+                result = pipeline.run()
+                result.wait_until_finish()
             counters = query_counters(result)
             summary = make_summary(opts, out, counters, time.monotonic() - start)
             if summary["train_interactions"] == 0:

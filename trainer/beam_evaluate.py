@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
-from pipeline import matrix_io, staging
+from pipeline import matrix_io, staging, worker_threads
 from trainer import blocks as blocks_lib
 from trainer import metrics
 from trainer import model as model_lib
@@ -338,7 +338,10 @@ def evaluate_model_distributed(
     if pipeline_options is None or isinstance(pipeline_options, list):
         pipeline_options = PipelineOptions(pipeline_options or [])
     scratch = _scratch_dir(pipeline_options)
-    with beam.Pipeline(options=pipeline_options) as pipeline:
+    with (
+        worker_threads.local_budget(pipeline_options),
+        beam.Pipeline(options=pipeline_options) as pipeline,
+    ):
         blocks = pipeline | "ReadEvalBlocks" >> ReadEvalBlocks(
             source, dataset_dir, shape, block_rows
         )

@@ -38,7 +38,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import staging
+from pipeline import staging, worker_threads
 from trainer import batch_predict, metrics
 from trainer import blocks as blocks_lib
 from trainer import model as model_lib
@@ -436,10 +436,12 @@ def write_predictions(spec: PredictSpec, output_dir: str, beam_argv: list[str]) 
         raise ValueError(f"k and block_rows must be > 0, got {spec.k} and {spec.block_rows}")
     _check_model(spec)
     with staging.staged_output(output_dir, overwrite=True, marker=MARKER) as staged:
-        pipeline = beam.Pipeline(options=PipelineOptions(beam_argv))
+        options = PipelineOptions(beam_argv)
+        pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, spec, f"{staged}/{SHARD_PREFIX}")
-        result = pipeline.run()
-        result.wait_until_finish()
+        with worker_threads.local_budget(options):
+            result = pipeline.run()
+            result.wait_until_finish()
         lines = _counter(result, "lines")
         shards = sorted(
             m.path.rsplit("/", 1)[-1]

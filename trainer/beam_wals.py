@@ -222,9 +222,9 @@ def _publish(
 
 
 def _gramian_term(factors: np.ndarray) -> np.ndarray:
-    """A block's term of its side's Gramian: F_bᵀ F_b, float64 [k, k]."""
-    wide = np.asarray(factors, dtype=np.float64)
-    return wide.T @ wide
+    """A block's term of its side's Gramian: F_bᵀ F_b, float64 [k, k] (the solver's kernel,
+    on TensorFlow's thread pool rather than NumPy's BLAS)."""
+    return wals_solver.gramian(factors, tf.float64).numpy()
 
 
 def _read_ref(spec: TrainSpec, ref: FactorRef) -> tuple[np.ndarray, np.ndarray]:

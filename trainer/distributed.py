@@ -15,6 +15,7 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline import worker_threads
 from trainer import beam_wals, checkpoints, problem, seeding
 from trainer import blocks as blocks_lib
 from trainer.config import WALSConfig
@@ -143,7 +144,8 @@ def train(
             PipelineOptions(beam_argv).get_all_options().get("runner") or "DirectRunner",
         )
         began = time.monotonic()
-        with beam.Pipeline(options=PipelineOptions(beam_argv)) as pipeline:
+        options = PipelineOptions(beam_argv)
+        with worker_threads.local_budget(options), beam.Pipeline(options=options) as pipeline:
             beam_wals.build(pipeline, spec, markers)
         logger.info("the Beam pipeline took %.1f s", time.monotonic() - began)
     final, markers = checkpoints.find_resume(

@@ -40,7 +40,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
-from pipeline import staging
+from pipeline import staging, worker_threads
 from pipeline.holdout import parse_heldout_example
 from trainer import metrics, problem
 from trainer import model as model_lib
@@ -396,7 +396,10 @@ def evaluate_distributed(
     scratch = _scratch_dir(pipeline_options)
     start = time.perf_counter()
     factors_path = f"{model_dir.rstrip('/')}/{model_lib.MODEL_SUBDIR}/item_factors.npy"
-    with beam.Pipeline(options=pipeline_options) as pipeline:
+    with (
+        worker_threads.local_budget(pipeline_options),
+        beam.Pipeline(options=pipeline_options) as pipeline,
+    ):
         item_factors = (
             pipeline
             | "ItemFactorsPath" >> beam.Create([factors_path])
