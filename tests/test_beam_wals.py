@@ -136,6 +136,43 @@ def test_workers_without_cached_problems_rebuild_them_from_the_stashed_rows(
     assert len(reads) >= ITERS * n_blocks
 
 
+@pytest.mark.parametrize("exchange", ["broadcast", "join"])
+def test_workers_compile_every_tile_shape_they_solve_before_the_first_solve(
+    dataset, tmp_path, monkeypatch, exchange
+):
+    """The kernel shapes `_StashRows` collects per side cover every tile that any block's solve
+    runs, against the fixed table length it runs with: a worker that warmed up compiles nothing
+    when it meets a new block."""
+    beam_wals._WARMED.clear()
+    beam_wals._PLAN_CACHE.clear()
+    warmed, solved = {}, []
+    warm_up, solve_planned = beam_wals._warm_up, beam_wals.wals_solver.solve_planned
+
+    def record_warm_up(spec, side, kernels):
+        warmed.setdefault(side, kernels)
+        return warm_up(spec, side, kernels)
+
+    def record_solve(plan, fixed, gramian, solver, *args, **kwargs):
+        if solver == "cg":  # the training sweeps (new visitors are folded in exactly)
+            solved.append((plan, int(np.shape(fixed)[0])))
+        return solve_planned(plan, fixed, gramian, solver, *args, **kwargs)
+
+    monkeypatch.setattr(beam_wals, "_warm_up", record_warm_up)
+    monkeypatch.setattr(beam_wals.wals_solver, "solve_planned", record_solve)
+    task.run(
+        [
+            "--input_dir", dataset, "--output_dir", str(tmp_path / "model"), *HYPER,
+            "--solver", "cg", "--distributed", "--block_rows", "50",
+            "--factor_exchange", exchange,
+        ]
+    )  # fmt: skip
+    assert set(warmed) == {0, 1} and solved
+    for plan, n_other in solved:
+        assert {(n_other, *shape) for shape in plan.kernel_shapes} <= warmed[0] | warmed[1]
+    # Different blocks have different shapes (else there would be nothing to warm up).
+    assert len({plan.kernel_shapes for plan, _ in solved}) > 1
+
+
 def test_block_rows_files_round_trip_and_a_corrupt_one_is_named(tmp_path):
     rows = CsrMatrix.from_triples(
         np.array([0, 0, 2]), np.array([5, 1, 3]), np.array([0.5, 1.0, 2.0]), (3, 7)

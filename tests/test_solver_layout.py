@@ -87,6 +87,30 @@ def test_tile_shapes_do_not_depend_on_the_block():
         assert counts <= {full, max(1, full // 8)}, (size, width, counts)
 
 
+@pytest.mark.parametrize("tile_shape", [STACKED, UNSTACKED, None])
+@pytest.mark.parametrize("chunk_rows", [7, 1 << 18])
+def test_kernel_shapes_from_the_lengths_alone_are_the_plans(tile_shape, chunk_rows):
+    """`kernel_shapes` (what a Beam worker compiles ahead) must be exactly the shapes the plan
+    of the same rows has, or a worker would compile too little or too much."""
+    matrix = power_law(n=300, m=60, seed=7)
+    f = np.ones(matrix.nnz, np.float32)
+    plan = solver.plan_rows(
+        matrix, f, np.ones(300), 0.3, "cg", chunk_rows=chunk_rows, tile_shape=tile_shape
+    )
+    shapes = solver.kernel_shapes(matrix.row_counts(), "cg", chunk_rows, tile_shape)
+    assert shapes == plan.kernel_shapes
+    assert any(multi_line for *_, multi_line in shapes)
+
+
+def test_warmed_up_kernels_solve_as_before(problem_data):
+    matrix, f, reg, w0, y, x0, _ = problem_data
+    plan = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
+    g = solver.gramian(y, F64)
+    before = solver.solve_planned(plan, y, g, "cg", x0, 3).numpy()
+    solver.warm_up(plan.kernel_shapes, matrix.shape[1], y.shape[1], F64, cg_steps=3)
+    np.testing.assert_array_equal(solver.solve_planned(plan, y, g, "cg", x0, 3).numpy(), before)
+
+
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_stacked_cg_reaches_the_dense_solution(problem_data, jit_compile):
     matrix, f, reg, w0, y, x0, exact = problem_data

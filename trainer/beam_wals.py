@@ -54,6 +54,7 @@ import dataclasses
 import gc
 import logging
 import threading
+import time
 
 import apache_beam as beam
 import numpy as np
@@ -235,16 +236,67 @@ def _read_ref(spec: TrainSpec, ref: FactorRef) -> tuple[np.ndarray, np.ndarray]:
 class _StashRows(beam.DoFn):
     """RowBlock -> (block_id, row_ids), after writing the block's ratings to the checkpoint
     directory (`checkpoints.write_rows_block`): the sweeps then move only factors, and a worker
-    rebuilds a block's problem from that file when it has not cached it."""
+    rebuilds a block's problem from that file when it has not cached it.
+
+    With the CG solver, also emits (tag "kernels") the block's CG kernel shapes, a frozenset
+    of (n_other, T, B, W, R, multi_line), n_other the length of the fixed table it is solved
+    against (`_warm_up`).
+    """
 
     def __init__(self, spec: TrainSpec):
         self._spec = spec
 
     def process(self, block: RowBlock):
-        checkpoints.write_rows_block(
-            self._spec.checkpoint_dir, block.side, block.block_id, block.rows
-        )
+        spec = self._spec
+        checkpoints.write_rows_block(spec.checkpoint_dir, block.side, block.block_id, block.rows)
         yield block.block_id, block.row_ids
+        if spec.config.solver == wals_solver.CG:
+            n_other = spec.side_shape(block.side)[1]
+            if spec.exchange == JOIN:
+                n_other = _padded_length(np.unique(block.rows.indices).size)
+            shapes = wals_solver.kernel_shapes(block.rows.row_counts(), wals_solver.CG)
+            yield beam.pvalue.TaggedOutput(
+                "kernels", frozenset((n_other, *shape) for shape in shapes)
+            )
+
+
+def _union(sets) -> frozenset:
+    return frozenset().union(*sets)
+
+
+# Sides whose kernels this process has compiled: {(fingerprint, exchange, side)}.
+_WARMED: set = set()
+_WARMED_LOCK = threading.Lock()
+
+
+def _warm_up(spec: TrainSpec, side: int, kernels: frozenset) -> None:
+    """Compiles the CG kernel for every tile shape of every block of `side`, once per process.
+
+    Each tile shape costs an XLA compile (about 0.3 s) the first time a process meets it. Beam
+    hands a worker different blocks in different sweeps, and blocks have some shapes of their
+    own, so compiling on demand put a second of compiles into whichever later sweep first gave
+    a worker a new block. Compiling the side's whole set (about ten shapes) before the first
+    solve moves that cost to the first iteration, where it is paid once.
+    """
+    key = (spec.fingerprint, spec.exchange, side)
+    with _WARMED_LOCK:
+        if key in _WARMED:
+            return
+        began = time.perf_counter()
+        by_length = collections.defaultdict(set)
+        for n_other, *shape in kernels:
+            by_length[n_other].add(tuple(shape))
+        for n_other, shapes in sorted(by_length.items()):
+            wals_solver.warm_up(
+                shapes, n_other, spec.config.latent_factors, tf.float32, spec.config.cg_steps
+            )
+        _WARMED.add(key)
+    logger.info(
+        "compiled %d %s kernel shapes in %.1f s",
+        len(kernels),
+        _SIDE_NAMES[side],
+        time.perf_counter() - began,
+    )
 
 
 class _InitFactors(beam.DoFn):
@@ -556,8 +608,12 @@ class _Solve(beam.DoFn):
         self._loss = loss
         self._solve = solve
 
-    def process(self, element, item_counts, fixed_state: SideState, solving_refs=None):
+    def process(
+        self, element, item_counts, fixed_state: SideState, kernels=frozenset(), solving_refs=None
+    ):
         spec, config = self._spec, self._spec.config
+        if self._solve and kernels:
+            _warm_up(spec, self._side, kernels)
         if spec.exchange == JOIN:
             ref, received, table = _joined(element, solving_refs, config.latent_factors)
             solving = _block_problem(spec, self._side, ref.block_id, item_counts)
@@ -650,8 +706,10 @@ class HalfSweep(beam.PTransform):
     """Solves every block of one side against the other side's current factors.
 
     Inputs: (solving PCollection[FactorRef], fixed PCollection[FactorRef], the fixed side's
-    PCollection[SideState] (one element)); item_counts a singleton int64 [n_items]; with the
-    join exchange, the records of the solving side's requests files, (fixed block, record).
+    PCollection[SideState] (one element)); item_counts a singleton int64 [n_items]; kernels a
+    singleton, the solving side's CG kernel shapes (`_StashRows`; empty for Cholesky), which
+    every worker compiles before its first solve of the side (`_warm_up`); with the join
+    exchange, the records of the solving side's requests files, (fixed block, record).
     Output: (PCollection[FactorRef] of the new factors, PCollection[LossSums] of the incoming
     factors, or None).
 
@@ -662,12 +720,23 @@ class HalfSweep(beam.PTransform):
     solving blocks' references come as a side input, so the only shuffle is the vectors.
     """
 
-    def __init__(self, spec, side, iteration, item_counts, requests=None, loss=False, solve=True):
+    def __init__(
+        self,
+        spec,
+        side,
+        iteration,
+        item_counts,
+        kernels,
+        requests=None,
+        loss=False,
+        solve=True,
+    ):
         super().__init__()
         self._spec = spec
         self._side = side
         self._iteration = iteration
         self._item_counts = item_counts
+        self._kernels = kernels
         self._requests = requests
         self._loss = loss
         self._solve = solve
@@ -679,6 +748,7 @@ class HalfSweep(beam.PTransform):
         side_inputs = {
             "item_counts": beam.pvalue.AsSingleton(self._item_counts),
             "fixed_state": beam.pvalue.AsSingleton(fixed_state),
+            "kernels": beam.pvalue.AsSingleton(self._kernels),
         }
         if spec.exchange == JOIN:
             main = (
@@ -732,6 +802,7 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
     config = spec.config
     sides = {}
     requests = {}
+    kernels = {}
     item_counts = None
     for side in problem.SIDES:
         name = _SIDE_NAMES[side].capitalize()
@@ -749,7 +820,11 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
                 | f"GroupRequests{name}" >> beam.GroupByKey()
                 | f"WriteRequests{name}" >> beam.ParDo(_WriteRequests(spec, side))
             )
-        stashed = rows | f"Stash{name}Rows" >> beam.ParDo(_StashRows(spec))
+        stash = rows | f"Stash{name}Rows" >> beam.ParDo(_StashRows(spec)).with_outputs(
+            "kernels", main="stashed"
+        )
+        stashed = stash.stashed
+        kernels[side] = stash.kernels | f"{name}Kernels" >> beam.CombineGlobally(_union)
         if markers:
             sides[side] = stashed | f"Load{name}" >> beam.ParDo(
                 _LoadFactors(spec, side, markers[side])
@@ -777,6 +852,7 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
             problem.USERS,
             iteration,
             item_counts,
+            kernels[problem.USERS],
             requests.get(problem.USERS),
             loss=previous_loss,
             solve=not last,
@@ -801,6 +877,11 @@ def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
         users = new_users
         users_state = users | f"{label}/CheckpointUsers" >> Checkpoint(spec)
         items, _ = (items, users, users_state) | f"{label}/SolveItems" >> HalfSweep(
-            spec, problem.ITEMS, iteration, item_counts, requests.get(problem.ITEMS)
+            spec,
+            problem.ITEMS,
+            iteration,
+            item_counts,
+            kernels[problem.ITEMS],
+            requests.get(problem.ITEMS),
         )
         items_state = items | f"{label}/CheckpointItems" >> Checkpoint(spec)

@@ -103,7 +103,7 @@ _LOSS_CHUNK = 1 << 18
 # this; pass `tiles_in_flight` to `solve_planned` on larger machines.
 DEFAULT_TILES_IN_FLIGHT = 2
 # A (sub-)tile smaller than a full one is padded to at least this fraction of it (see
-# _group_rows and _stack_tiles).
+# _group_rows and _stacks).
 _MIN_TILE_FRACTION = 8
 # Rows longer than one sub-tile are packed several to a sub-tile of this many times its lines
 # (see _pack_longest); at most this many rows fit, as each has more lines than a sub-tile.
@@ -297,6 +297,13 @@ class RowPlan:
     def tile_shapes(self) -> set[tuple[int, int, int, int]]:
         """The distinct (T, B, W, R) of the tiles; the CG kernel compiles once per shape."""
         return {(*tile.cols.shape, int(tile.reg.shape[1])) for tile in self.tiles}
+
+    @property
+    def kernel_shapes(self) -> frozenset[tuple[int, int, int, int, bool]]:
+        """The distinct (T, B, W, R, multi_line) of the tiles: one CG kernel compile each."""
+        return frozenset(
+            (*tile.cols.shape, int(tile.reg.shape[1]), tile.multi_line) for tile in self.tiles
+        )
 
 
 def _next_power_of_two(n: np.ndarray | int) -> np.ndarray:
@@ -494,29 +501,22 @@ def _build_tile(
     )
 
 
-def _build_tiles(
-    rows: CsrMatrix,
-    f: np.ndarray,
-    c: np.ndarray,
-    reg: np.ndarray,
-    parts: list[tuple[np.ndarray, np.ndarray, int, int, int]],
-    shape: TileShape,
-) -> list[Tile]:
-    """Stacks runs of consecutive sub-tiles of one shape into tiles of about stack_slots.
+def _stacks(keys: list[tuple[int, int, int, bool]], shape: TileShape) -> list[tuple[int, int, int]]:
+    """How runs of sub-tiles of one shape stack into tiles: (first, count, T) per tile.
 
-    `parts` are the sub-tile specs of `_group_rows`. A sub-tile shape stacks into tiles of two
-    sizes only, T = the full capacity or T = 1/_MIN_TILE_FRACTION of it, whatever the block:
-    each tile shape is one XLA compile per process, and a worker of the distributed trainer
-    that meets a new block then finds its shapes compiled. A run fills full tiles; what is left
-    goes into one more full tile if it fills more than half of one, else into small tiles.
-    Padding sub-tiles are skipped, not solved.
+    `keys` are the sub-tiles' (W, B, R, multi_line), in order. A sub-tile shape stacks into
+    tiles of two sizes only, T = the full capacity (about stack_slots / (B · W)) or T =
+    1/_MIN_TILE_FRACTION of it, whatever the block: each tile shape is one XLA compile per
+    process, and a worker of the distributed trainer that meets a new block then finds its
+    shapes compiled. A run fills full tiles; what is left goes into one more full tile if it
+    fills more than half of one, else into small tiles. Padding sub-tiles are skipped, not
+    solved.
     """
-    keys = [(part[2], part[3], part[4], _is_multi_line(part)) for part in parts]
-    tiles = []
+    stacks = []
     start = 0
-    while start < len(parts):
+    while start < len(keys):
         stop = start + 1
-        while stop < len(parts) and keys[stop] == keys[start]:
+        while stop < len(keys) and keys[stop] == keys[start]:
             stop += 1
         width, size = keys[start][0], keys[start][1]
         capacity = max(1, shape.stack_slots // (size * width))
@@ -525,11 +525,91 @@ def _build_tiles(
         while first < stop:
             left = stop - first
             n_tiles = capacity if 2 * left > capacity else small
-            group = parts[first : first + min(n_tiles, left)]
-            tiles.append(_build_tile(rows, f, c, reg, group, n_tiles, keys[start][3]))
-            first += len(group)
+            stacks.append((first, min(n_tiles, left), n_tiles))
+            first += min(n_tiles, left)
         start = stop
-    return tiles
+    return stacks
+
+
+def _sub_tile_key(part: tuple[np.ndarray, np.ndarray, int, int, int]) -> tuple[int, int, int, bool]:
+    """(W, B, R, multi_line) of a `_group_rows` sub-tile spec."""
+    return part[2], part[3], part[4], _is_multi_line(part)
+
+
+def _build_tiles(
+    rows: CsrMatrix,
+    f: np.ndarray,
+    c: np.ndarray,
+    reg: np.ndarray,
+    parts: list[tuple[np.ndarray, np.ndarray, int, int, int]],
+    shape: TileShape,
+) -> list[Tile]:
+    """The tiles of `_stacks` over the sub-tile specs of `_group_rows`."""
+    keys = [_sub_tile_key(part) for part in parts]
+    return [
+        _build_tile(rows, f, c, reg, parts[first : first + count], n_tiles, keys[first][3])
+        for first, count, n_tiles in _stacks(keys, shape)
+    ]
+
+
+def _chunk_parts(lengths: np.ndarray, chunk_rows: int, tile_shape: TileShape):
+    """The `_group_rows` sub-tile specs of each chunk of `chunk_rows` rows, chunk by chunk."""
+    for chunk_start in range(0, lengths.size, chunk_rows):
+        chunk_lengths = lengths[chunk_start : chunk_start + chunk_rows]
+        order = np.argsort(-chunk_lengths, kind="stable")
+        order = order[chunk_lengths[order] > 0] + chunk_start
+        yield _group_rows(order, lengths[order], tile_shape)
+
+
+def kernel_shapes(
+    lengths: np.ndarray,
+    solver: str = CG,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    tile_shape: TileShape | None = None,
+) -> frozenset[tuple[int, int, int, int, bool]]:
+    """The (T, B, W, R, multi_line) of the tiles `plan_rows` lays rows of these lengths out in
+    (`RowPlan.kernel_shapes`), from the lengths alone, without building the tiles.
+
+    Args:
+        lengths: int [n_rows], the number of entries of each row.
+        solver, chunk_rows, tile_shape: as for `plan_rows`.
+    """
+    tile_shape = tile_shape or DEFAULT_TILES[solver]
+    shapes = set()
+    for parts in _chunk_parts(np.asarray(lengths, np.int64), chunk_rows, tile_shape):
+        keys = [_sub_tile_key(part) for part in parts]
+        for first, _, n_tiles in _stacks(keys, tile_shape):
+            width, size, n_rows, multi_line = keys[first]
+            shapes.add((n_tiles, size, width, n_rows, multi_line))
+    return frozenset(shapes)
+
+
+def warm_up(
+    shapes,
+    n_other: int,
+    k: int,
+    dtype: tf.DType = tf.float32,
+    cg_steps: int = 3,
+) -> None:
+    """XLA-compiles the CG kernel for tiles of `shapes` ((T, B, W, R, multi_line), from
+    `kernel_shapes`) against n_other fixed rows of k factors, by running it on zeros with no
+    sub-tile to solve. A process that solves many blocks (a Beam worker) compiles every shape
+    of a side at once, rather than one block's shapes each time it meets a new block."""
+    fixed_ext = tf.zeros([n_other + 1, k], dtype)
+    w0_gramian = tf.zeros([k, k], dtype)
+    for n_tiles, size, width, n_rows, multi_line in sorted(shapes):
+        kernel = _kernel(dtype, CG, bool(multi_line), int(cg_steps), True)
+        kernel(
+            fixed_ext,
+            w0_gramian,
+            tf.zeros([n_tiles, size, width], tf.int32),
+            tf.zeros([n_tiles, size, width], dtype),
+            tf.zeros([n_tiles, size, width], dtype),
+            tf.zeros([n_tiles, size], tf.int32),
+            tf.ones([n_tiles, n_rows], dtype),
+            tf.zeros([n_tiles, n_rows, k], dtype),
+            tf.constant(0, tf.int32),
+        )
 
 
 def plan_rows(
@@ -584,11 +664,7 @@ def plan_rows(
     reg = reg.astype(np_dtype)
     lengths = rows.row_counts()
     tiles = []
-    for chunk_start in range(0, n_rows, chunk_rows):
-        chunk_lengths = lengths[chunk_start : chunk_start + chunk_rows]
-        order = np.argsort(-chunk_lengths, kind="stable")
-        order = order[chunk_lengths[order] > 0] + chunk_start
-        parts = _group_rows(order, lengths[order], tile_shape)
+    for parts in _chunk_parts(lengths, chunk_rows, tile_shape):
         tiles.extend(_build_tiles(rows, f, c, reg, parts, tile_shape))
     gather_index = np.empty(n_rows, dtype=np.int64)
     offset = 0
