@@ -23,6 +23,7 @@ complete).
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import logging
@@ -55,6 +56,34 @@ SCALE_STATS_FILE = "scale_stats.json"
 
 def _first(values):
     return next((value for value in values if value is not None), None)
+
+
+def freeze_long_lived() -> None:
+    """Takes every object alive now out of the cyclic garbage collector's sight (`gc.freeze`).
+
+    A process that imported TF Transform holds about 460,000 GC-tracked objects (modules,
+    functions, TensorFlow's registries) that live until it exits. Every full collection during
+    the run traverses all of them (0.25 s each), and so does the interpreter's shutdown: after
+    `import tensorflow_transform.beam`, exiting took 1.2 s more than with them frozen (4.4 s
+    against 3.3 s). A local multi-process run pays that once per worker process, one after the
+    other, and the launcher once more. Frozen objects are still freed by reference counting;
+    only cyclic garbage among them would stay until exit.
+
+    Called by the launcher once the pipeline is built, and in each worker by
+    `_ScaleStatsFn.setup`, which runs after TF Transform has loaded TensorFlow there.
+    """
+    gc.freeze()
+
+
+class _ScaleStatsFn(beam.DoFn):
+    """A transformed batch -> its scaling statistics (`_scale_stats`); its setup freezes the
+    worker's long-lived objects (`freeze_long_lived`), TensorFlow's among them."""
+
+    def setup(self):
+        freeze_long_lived()
+
+    def process(self, batch_and_passthrough):
+        yield _scale_stats(batch_and_passthrough)
 
 
 def _scale_stats(batch_and_passthrough) -> dict | None:
@@ -272,7 +301,7 @@ def build_pipeline(
         )
     _ = (
         train_data
-        | "ExtractScaleStats" >> beam.Map(_scale_stats)
+        | "ExtractScaleStats" >> beam.ParDo(_ScaleStatsFn())
         | "TakeOneScaleStats" >> beam.CombineGlobally(_first)
         | "EncodeScaleStats" >> beam.Map(json.dumps)
         | "WriteScaleStats"
@@ -363,6 +392,7 @@ def run(argv: list[str] | None = None) -> dict:
         with staging.staged_output(opts.output_dir, opts.overwrite, features.SUMMARY_FILE) as out:
             pipeline = beam.Pipeline(options=options)
             build_pipeline(pipeline, opts, out, local_workers(options))
+            freeze_long_lived()
             with worker_threads.local_budget(options):
                 result = pipeline.run()
                 result.wait_until_finish()

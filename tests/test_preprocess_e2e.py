@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import gc
 import gzip
 import json
 import os
@@ -134,6 +135,15 @@ def test_multiprocessing_runner_gives_identical_output(sample, preprocessed, tmp
     assert summary2["counters"] == summary["counters"]
     for split in (features.TRAIN_DIR, features.EVAL_DIR):
         assert read_cells(out2, split) == read_cells(out, split)
+
+
+def test_scale_stats_fn_freezes_the_workers_long_lived_objects():
+    gc.unfreeze()
+    try:
+        preprocess._ScaleStatsFn().setup()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def _written_rows(out: str) -> dict[str, list[tuple]]:
