@@ -4,9 +4,42 @@ Each bar is a ratio measured within one repeat (the pipeline against the bare Be
 2 workers against 1), so that the load of the machine cancels out.
 """
 
+import sys
+
 import pytest
 
 pytest.importorskip("psutil")
+
+_HOLD_50_MB = "import time; held = b'x' * (50 * 2**20); time.sleep(1.0)"
+
+
+def test_run_measured_sums_rss_and_pss_over_the_process_tree():
+    from benchmarks.measure import run_measured
+
+    parent = (
+        "import subprocess, sys; "
+        f"child = subprocess.Popen([sys.executable, '-c', {_HOLD_50_MB!r}]); "
+        f"{_HOLD_50_MB}; child.wait()"
+    )
+    result = run_measured([sys.executable, "-c", parent], pss_interval=0.1)
+    assert result["returncode"] == 0
+    # Two processes hold 50 MB of private pages each; PSS counts the interpreter's shared pages
+    # once, RSS once per process.
+    assert result["peak_rss_mb"] >= 100
+    assert 100 <= result["peak_pss_mb"] <= result["peak_rss_mb"]
+    assert "peak_pss_mb" not in run_measured([sys.executable, "-c", "pass"])
+
+
+def test_rows_keep_the_largest_rss_and_pss_of_their_repeats():
+    from benchmarks import preprocess_benchmark as bench
+
+    runs = [
+        {"seconds": 2.0, "peak_rss_mb": 900.0, "peak_pss_mb": 800.0},
+        {"seconds": 1.0, "peak_rss_mb": 1000.0, "peak_pss_mb": 700.0},
+    ]
+    row = bench.summarize(bench.SINGLE, runs)
+    assert (row["peak_rss_mb"], row["peak_pss_mb"]) == (1000.0, 800.0)
+    assert row["seconds"] == 1.5 and row["seconds_range"] == (1.0, 2.0)
 
 
 @pytest.fixture(scope="module")
