@@ -315,6 +315,22 @@ def test_loss_via_the_gramian_equals_the_dense_loss(matrix):
     assert parts["rmse"] == pytest.approx(np.sqrt(np.mean(residual[observed] ** 2)), rel=1e-10)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 8, 1 << 20])
+def test_observed_sums_do_not_depend_on_the_chunking(matrix, chunk, monkeypatch):
+    """Chunks of one length, the last one padded and masked: the sums equal the oracle's for
+    chunks that divide the cells, that do not, and a single padded chunk."""
+    monkeypatch.setattr(solver, "_LOSS_CHUNK", chunk)
+    rng = np.random.default_rng(8)
+    f = rng.uniform(0.0, 2.0, matrix.nnz)
+    x = rng.normal(size=(matrix.shape[0], 3))
+    y = rng.normal(size=(matrix.shape[1], 3))
+    rows, cols = matrix.row_ids(), matrix.indices
+    prediction = np.sum(x[rows] * y[cols], axis=1)
+    squared = (matrix.values.astype(np.float64) - prediction) ** 2
+    expected = (squared.sum(), (f.astype(np.float32) * squared).sum(), (prediction**2).sum())
+    np.testing.assert_allclose(solver.observed_sums(matrix, f, x, y, F64), expected, rtol=1e-10)
+
+
 # --- trainer ------------------------------------------------------------------------------------
 
 CONFIG = wals.WALSConfig(

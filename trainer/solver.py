@@ -97,7 +97,7 @@ SOLVERS = (CHOLESKY, CG)
 # Rows sorted and tiled together; bounds the memory of building a plan.
 DEFAULT_CHUNK_ROWS = 1 << 18
 # Entries per step when computing the loss.
-_LOSS_CHUNK = 1 << 18
+_LOSS_CHUNK = 1 << 20
 # Tiles solved concurrently by default. On 2 cores one CG tile at a time takes 1.4 times as long
 # as two (its small ops run on one thread). Each tile's result does not depend on
 # this; pass `tiles_in_flight` to `solve_planned` on larger machines.
@@ -1000,21 +1000,30 @@ def solve_rows(
 
 @functools.cache
 def _loss_kernel(dtype: tf.DType):
-    """Per-chunk sums of the observed loss terms, accumulated in float64."""
+    """Per-chunk sums of the observed loss terms, accumulated in float64.
+
+    XLA-compiled, so that the two gathers fuse with the products instead of materialising
+    [chunk, k] twice (0.25 s -> 0.12 s for 4.5M cells at k = 64 on 2 cores). Every chunk has
+    _LOSS_CHUNK entries, the last one padded and masked by `count`, so there is one compile per
+    pair of factor table shapes.
+    """
 
     @tf.function(
         input_signature=[
             tf.TensorSpec([None, None], dtype),  # X
             tf.TensorSpec([None, None], dtype),  # Y
-            tf.TensorSpec([None], tf.int64),  # row of each entry
+            tf.TensorSpec([None], tf.int32),  # row of each entry
             tf.TensorSpec([None], tf.int32),  # column of each entry
             tf.TensorSpec([None], tf.float32),  # r
             tf.TensorSpec([None], tf.float32),  # f
-        ]
+            tf.TensorSpec([], tf.int32),  # count: the entries that are real, the first ones
+        ],
+        jit_compile=True,
     )
-    def observed_sums(x, y, row_ids, col_ids, r, f):
+    def observed_sums(x, y, row_ids, col_ids, r, f, count):
         prediction = tf.reduce_sum(tf.gather(x, row_ids) * tf.gather(y, col_ids), axis=1)
-        prediction = tf.cast(prediction, tf.float64)
+        real = tf.range(tf.shape(r)[0]) < count
+        prediction = tf.where(real, tf.cast(prediction, tf.float64), 0.0)
         squared = tf.square(tf.cast(r, tf.float64) - prediction)
         f = tf.cast(f, tf.float64)
         return (
@@ -1049,16 +1058,24 @@ def observed_sums(
     y = _as_tensor(fixed, dtype)
     if x.shape[0] != rows.shape[0] or y.shape[0] != rows.shape[1]:
         raise ValueError(f"factors {x.shape} and {y.shape} do not match the block {rows.shape}")
-    if rows.shape[1] > np.iinfo(np.int32).max:
-        raise ValueError(f"at most {np.iinfo(np.int32).max} columns, got {rows.shape[1]}")
+    if max(rows.shape) > np.iinfo(np.int32).max:
+        raise ValueError(f"at most {np.iinfo(np.int32).max} rows and columns, got {rows.shape}")
     kernel = _loss_kernel(dtype)
-    row_ids = rows.row_ids()
-    col_ids = rows.indices.astype(np.int32, copy=False)
-    f = np.asarray(f, dtype=np.float32)
+    entries = (
+        rows.row_ids().astype(np.int32),
+        rows.indices.astype(np.int32, copy=False),
+        rows.values,
+        np.asarray(f, dtype=np.float32),
+    )
+    # Chunks of one length (a power of two for small blocks): one compile per table shapes.
+    chunk = min(_LOSS_CHUNK, int(_next_power_of_two(max(rows.nnz, 1))))
     squared = weighted = predicted_sq = 0.0
-    for lo in range(0, rows.nnz, _LOSS_CHUNK):
-        hi = min(rows.nnz, lo + _LOSS_CHUNK)
-        sums = kernel(x, y, row_ids[lo:hi], col_ids[lo:hi], rows.values[lo:hi], f[lo:hi])
+    for lo in range(0, rows.nnz, chunk):
+        count = min(rows.nnz - lo, chunk)
+        parts = [values[lo : lo + count] for values in entries]
+        if count < chunk:  # the last chunk: padded with entries of row 0, column 0, masked
+            parts = [np.pad(values, (0, chunk - count)) for values in parts]
+        sums = kernel(x, y, *parts, tf.constant(count, tf.int32))
         squared += float(sums[0])
         weighted += float(sums[1])
         predicted_sq += float(sums[2])
