@@ -243,13 +243,13 @@ def test_small_benchmark_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_large_benchmark_bars(tmp_path):
     """On the 100K x 20K x 5M matrix (about 30 minutes, most of it Spark's tuning): ours (CG)
-    at most 2x implicit CG's seconds per iteration, and NDCG@20 at least 95% of the best
-    peer's."""
+    at most implicit CG's seconds per iteration (issue 9; measured 0.75x, ranges apart), and
+    NDCG@20 at least 95% of the best peer's."""
     rows, result, stdout = _run_benchmark(tmp_path, "large")
     assert not any(result["edges"].values()), stdout  # every best point inside its grid
     assert rows["ours", "cg"]["ndcg@20"] >= 0.95 * _best_peer_ndcg(rows), stdout
     ours, theirs = rows["ours", "cg"], rows["implicit", "cg"]
-    assert ours["seconds_per_iter"] <= 2 * theirs["seconds_per_iter"], stdout
+    assert ours["seconds_per_iter"] <= theirs["seconds_per_iter"], stdout
 
 
 def test_table_shows_medians_ranges_and_edges_and_chosen_from_checks_the_settings(tmp_path):
