@@ -137,13 +137,14 @@ def test_multiprocessing_runner_gives_identical_output(sample, preprocessed, tmp
         assert read_cells(out2, split) == read_cells(out, split)
 
 
-def test_scale_stats_fn_freezes_the_workers_long_lived_objects():
-    gc.unfreeze()
-    try:
-        preprocess._ScaleStatsFn().setup()
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
+def test_workers_and_launcher_freeze_their_objects_once_at_exit(monkeypatch):
+    registered = []
+    monkeypatch.setattr(preprocess, "_freeze_registered", False)
+    monkeypatch.setattr(preprocess.atexit, "register", registered.append)
+    preprocess._ScaleStatsFn().setup()
+    preprocess._ScaleStatsFn().setup()
+    preprocess.freeze_at_exit()
+    assert registered == [gc.freeze]
 
 
 def _written_rows(out: str) -> dict[str, list[tuple]]:
