@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import gc
 import gzip
 import json
 import os
@@ -137,14 +136,14 @@ def test_multiprocessing_runner_gives_identical_output(sample, preprocessed, tmp
         assert read_cells(out2, split) == read_cells(out, split)
 
 
-def test_workers_and_launcher_freeze_their_objects_once_at_exit(monkeypatch):
-    registered = []
-    monkeypatch.setattr(preprocess, "_freeze_registered", False)
-    monkeypatch.setattr(preprocess.atexit, "register", registered.append)
+def test_workers_and_launcher_freeze_their_long_lived_objects(monkeypatch):
+    frozen = []
+    monkeypatch.setattr(preprocess.gc, "freeze", lambda: frozen.append("freeze"))
     preprocess._ScaleStatsFn().setup()
-    preprocess._ScaleStatsFn().setup()
-    preprocess.freeze_at_exit()
-    assert registered == [gc.freeze]
+    assert frozen == ["freeze"]
+    monkeypatch.setattr(preprocess.cli, "main_with_usage_errors", lambda *args: 0)
+    assert preprocess.main(["--input", "unused"]) == 0
+    assert frozen == ["freeze", "freeze"]
 
 
 def _written_rows(out: str) -> dict[str, list[tuple]]:
