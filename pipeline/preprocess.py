@@ -27,7 +27,6 @@ import gc
 import gzip
 import json
 import logging
-import os
 import sys
 import time
 
@@ -37,7 +36,6 @@ import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from pipeline import cli, events, holdout, records, staging, worker_threads
 from pipeline import options as preprocess_options
@@ -105,16 +103,6 @@ def _scale_stats(batch_and_passthrough) -> dict | None:
                 column = column.flatten()
             stats[name] = float(column[0].as_py())
     return stats
-
-
-def local_workers(options) -> int | None:
-    """The DirectRunner's number of workers, or None on any other runner."""
-    runner = options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
-    if name is None or name.lower() in ("direct", "directrunner", "bundlebasedirectrunner"):
-        workers = options.view_as(DirectOptions).direct_num_workers
-        return workers if workers > 0 else (os.cpu_count() or 1)
-    return None
 
 
 def _lines_of(handle):
@@ -226,9 +214,10 @@ def build_pipeline(
 ) -> None:
     """Adds the whole preprocessing graph to `p`, writing under `output_dir`.
 
-    `workers`: the DirectRunner's number of workers (`local_workers`), or None on a distributed
-    runner. Locally, --input files are read by `ReadLineBatches` with one reader per worker;
-    elsewhere by `ReadInput`, and batches of lines are redistributed before parsing.
+    `workers`: the DirectRunner's number of workers (`worker_threads.direct_workers`), or None
+    on a distributed runner. Locally, --input files are read by `ReadLineBatches` with one
+    reader per worker; elsewhere by `ReadInput`, and batches of lines are redistributed before
+    parsing.
     """
     session_config = records.SessionConfig(
         content_id_source=opts.content_id_source,
@@ -395,7 +384,7 @@ def run(argv: list[str] | None = None) -> dict:
     try:
         with staging.staged_output(opts.output_dir, opts.overwrite, features.SUMMARY_FILE) as out:
             pipeline = beam.Pipeline(options=options)
-            build_pipeline(pipeline, opts, out, local_workers(options))
+            build_pipeline(pipeline, opts, out, worker_threads.direct_workers(options))
             with worker_threads.local_budget(options):
                 result = pipeline.run()
                 result.wait_until_finish()

@@ -37,17 +37,24 @@ THREAD_VARIABLES = (
 )
 
 
+def direct_workers(options: PipelineOptions) -> int | None:
+    """The DirectRunner's number of workers (cores when --direct_num_workers is 0), or None on
+    any other runner."""
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    if name is None or name.lower() in ("direct", "directrunner", "bundlebasedirectrunner"):
+        workers = options.view_as(DirectOptions).direct_num_workers
+        return workers if workers > 0 else (os.cpu_count() or 1)
+    return None
+
+
 def local_processes(options: PipelineOptions) -> int:
     """The worker processes a run starts on this machine: N for DirectRunner in
     `multi_processing` mode with N workers (cores when N is 0), else 0."""
-    runner = options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
-    if name is not None and name.lower() not in ("direct", "directrunner"):
+    workers = direct_workers(options)
+    if workers is None or options.view_as(DirectOptions).direct_running_mode != "multi_processing":
         return 0
-    direct = options.view_as(DirectOptions)
-    if direct.direct_running_mode != "multi_processing":
-        return 0
-    return direct.direct_num_workers if direct.direct_num_workers > 0 else (os.cpu_count() or 1)
+    return workers
 
 
 def budget(options: PipelineOptions, cores: int | None = None) -> int | None:

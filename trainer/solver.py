@@ -295,8 +295,8 @@ class RowPlan:
 
     @property
     def tile_shapes(self) -> set[tuple[int, int, int, int]]:
-        """The distinct (T, B, W, R) of the tiles; the CG kernel compiles once per shape."""
-        return {(*tile.cols.shape, int(tile.reg.shape[1])) for tile in self.tiles}
+        """The distinct (T, B, W, R) of the tiles (`kernel_shapes` without multi_line)."""
+        return {shape[:4] for shape in self.kernel_shapes}
 
     @property
     def kernel_shapes(self) -> frozenset[tuple[int, int, int, int, bool]]:
