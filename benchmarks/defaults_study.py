@@ -22,7 +22,7 @@ on validation only, never on eval:
                   fit), training items excluded;
   new visitors:   a hash-chosen half of the held-out visitors (the other half, the test
                   visitors, is never looked at), folded in from 80% of their cells
-                  (`trainer.new_visitors.evaluate`) and scored on the rest.
+                  (`trainer.evaluation.new_visitors.evaluate`) and scored on the rest.
 
     python -m benchmarks.defaults_study [--seeds 2] [--json_out study.json]
 """
@@ -41,8 +41,11 @@ import numpy as np
 
 from pipeline import events as events_lib
 from pipeline import holdout, records, synthetic
-from trainer import metrics, new_visitors, seeding, wals
-from trainer.sparse import CsrMatrix
+from trainer.core import metrics, seeding
+from trainer.core.config import WALSConfig
+from trainer.core.sparse import CsrMatrix
+from trainer.evaluation import new_visitors
+from trainer.local import train as wals
 from transforms import features
 
 logger = logging.getLogger(__name__)
@@ -150,7 +153,7 @@ def make_splits(sessions: int, items: int, topics: int, seed: int) -> Splits:
 
 def score(splits: Splits, overrides: dict) -> dict[str, float]:
     """Trains one config on the fit split; Recall@20 and NDCG@20 on both validation parts."""
-    config = wals.WALSConfig(**BASE, **overrides)
+    config = WALSConfig(**BASE, **overrides)
     factors = wals.fit(
         splits.fit, config, show_progress=False, user_keys=seeding.id_keys(splits.visitors)
     )

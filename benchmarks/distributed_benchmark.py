@@ -15,7 +15,7 @@ Then every configuration trains on it as its own `python -m trainer.task` subpro
 `--solver cg`, `--loss_every 0`, `--eval_every 0`), so that the peak RSS of the process tree
 (the DirectRunner's worker processes included, `benchmarks.measure`) belongs to it alone:
 
-    local                   trainer.wals.fit, TensorFlow on the machine's cores
+    local                   trainer.local.train.fit, TensorFlow on the machine's cores
     broadcast x 1 worker    --distributed, DirectRunner in_memory, 1 worker
     broadcast x 2 workers   --distributed, DirectRunner multi_processing, 2 workers
     join x 1, join x 2      the same with --factor_exchange join
@@ -64,10 +64,11 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import matrices, measure
-from pipeline.matrix_io import sparse_example
-from trainer import blocks, data
-from trainer.sparse import CsrMatrix
+from trainer.beam import layout as blocks
+from trainer.core.sparse import CsrMatrix
+from trainer.local import dataset as data
 from transforms import features
+from transforms.examples import sparse_example
 
 logger = logging.getLogger(__name__)
 

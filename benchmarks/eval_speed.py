@@ -25,7 +25,8 @@ import time
 import numpy as np
 
 from benchmarks import matrices, train_benchmark
-from trainer import metrics, task
+from trainer import task
+from trainer.core import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +46,13 @@ def run(size: str, iters: int, eval_users: int | None, seed: int = 0) -> dict:
     """Times `iters` training iterations and, after each, the per-iteration and the full
     evaluation; returns {"iteration", "eval_sampled", "eval_full"}: {median, min, max, all}
     in seconds, and the metrics of the last evaluations."""
-    from trainer import wals
+    from trainer.core.config import WALSConfig
+    from trainer.local import train as wals
 
     train_benchmark._set_tensorflow_threads(train_benchmark.THREADS)
     full = matrices.synthetic_matrix(*matrices.SIZES[size], seed=seed)
     train, heldout = matrices.split_cells(full, train_benchmark.EVAL_FRACTION, seed)
-    config = wals.WALSConfig(
+    config = WALSConfig(
         latent_factors=64,
         num_iters=1,
         solver="cg",
@@ -77,7 +79,7 @@ def run(size: str, iters: int, eval_users: int | None, seed: int = 0) -> dict:
             logger.info("iteration %d: %s %.3f s", iteration, name, times[name][-1])
         mark[0] = time.perf_counter()
 
-    config = wals.WALSConfig(**{**config.__dict__, "num_iters": iters})
+    config = WALSConfig(**{**config.__dict__, "num_iters": iters})
     mark[0] = time.perf_counter()
     wals.fit(train, config, callback=callback, show_progress=False, compute_loss=False)
     result = {name: _summary(values) for name, values in times.items()}

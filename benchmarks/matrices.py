@@ -30,7 +30,7 @@ import logging
 
 import numpy as np
 
-from trainer.sparse import CsrMatrix
+from trainer.core.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
 

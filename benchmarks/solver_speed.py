@@ -11,14 +11,14 @@ An iteration is a row sweep and a column sweep. Both libraries solve the same mo
 BLAS pinned to 1 thread) and start from the same random factors.
 
 The matrix is `benchmarks.matrices.synthetic_matrix` (the train benchmark's, default) or a
-power law in both users and items (`power_law_matrix`). Ours is timed as `trainer.wals.fit`
+power law in both users and items (`power_law_matrix`). Ours is timed as `trainer.local.train.fit`
 runs it: `solve_planned` on plans built once (the planning is timed separately), the Gramian,
 and both factor tables copied to NumPy. implicit's is its solver function
 (`_als.least_squares_cg` or `_als.least_squares`, BLAS pinned to 1 thread) on both sides, as
 its `fit` runs it. Each solver is warmed up by one untimed iteration (tracing and XLA compiles
 for ours), then the solvers take turns for --repeats rounds, so that a slow spell of the
 machine hits them alike. The table gives the median, min and max seconds per iteration, our
-time divided by implicit's CG time in the same round, and the loss (`trainer.problem.loss`,
+time divided by implicit's CG time in the same round, and the loss (`trainer.core.problem.loss`,
 the same objective for both) at each one's factors after the same number of iterations from
 the same start.
 """
@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks import matrices
 from benchmarks.measure import blas_threads
-from trainer.sparse import CsrMatrix
+from trainer.core.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ class Contestant:
 
 def equal_config(args, solver: str = "cg"):
     """Our `WALSConfig` of implicit's model: w0 = 1, f = α r, target 1, plain λ."""
-    from trainer import weights
-    from trainer.config import WALSConfig
+    from trainer.core import weights
+    from trainer.core.config import WALSConfig
 
     return WALSConfig(
         latent_factors=args.k,
@@ -118,11 +118,11 @@ def equal_config(args, solver: str = "cg"):
 
 
 def ours(matrix: CsrMatrix, args, solver: str, x0: np.ndarray, y0: np.ndarray) -> Contestant:
-    """Our trainer's iteration (as in `trainer.wals.fit`) on plans built here, timed once."""
+    """Our trainer's iteration (as in `trainer.local.train.fit`) on plans built here, timed once."""
     import tensorflow as tf
 
-    from trainer import problem
-    from trainer import solver as wals_solver
+    from trainer.core import problem
+    from trainer.core import solver as wals_solver
 
     config = equal_config(args, solver)
     start = time.perf_counter()
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[float]]:
         f"{args.cg_steps} CG steps, {THREADS} threads, {args.repeats} timed iterations after "
         f"{1} warm-up; median (min–max)"
     )
-    from trainer import problem
+    from trainer.core import problem
 
     config = equal_config(args)
     counts = matrix.col_counts()

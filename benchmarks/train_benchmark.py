@@ -3,7 +3,7 @@
 Every model trains on the same synthetic matrix (`benchmarks.matrices`), the same per-cell
 train split, the same k and number of iterations, with 2 threads each:
 
-  * ours:     `trainer.wals.fit`, conjugate gradient and Cholesky, TensorFlow on 2 threads;
+  * ours:     `trainer.local.train.fit`, conjugate gradient and Cholesky, TensorFlow on 2 threads;
   * implicit: `implicit.cpu.als.AlternatingLeastSquares`, CG and Cholesky, num_threads=2 with
               BLAS pinned to 1 thread (implicit's own advice);
   * spark:    `pyspark.ml.recommendation.ALS(implicitPrefs=True)` on `local[2]`.
@@ -33,7 +33,7 @@ Recall@20, NDCG@20, new R@20, new N@20) is the median of the fits', with its min
 (`_min`, `_max` in the JSON). For ours and implicit it includes their internal set-up (our row
 layout and weights, implicit's transpose); for Spark it starts from a cached, materialised
 DataFrame in an already running session and ends when both factor tables are materialised.
-Quality is `trainer.metrics.evaluate` on the held-out cells with training items excluded, the
+Quality is `trainer.core.metrics.evaluate` on the held-out cells with training items excluded, the
 same code for every model: Recall@20 and NDCG@20.
 
 Two protocols, on one split: before the per-cell split, a seeded --holdout_users share of the
@@ -41,7 +41,7 @@ users (default 0.1) is held out whole ("strong generalization", Liang et al. 201
 2022): no model trains on them. Each held-out user's cells are split into a fold-in part (80%)
 and a target part; after training, every model folds the held-out users in from their fold-in
 part with its own exact row solve against its fixed item factors (ours:
-`trainer.new_visitors.fold_in_rows`; implicit: `recalculate_user`, the batched form of
+`trainer.evaluation.new_visitors.fold_in_rows`; implicit: `recalculate_user`, the batched form of
 `recommend(..., recalculate_user=True)`; Spark has none, "-"), ranks every item but the fold-in
 ones and is scored on the target part (new Recall@20, new NDCG@20), as is popularity.
 
@@ -67,8 +67,8 @@ import numpy as np
 
 from benchmarks import matrices
 from benchmarks.measure import blas_threads
-from trainer import metrics
-from trainer.sparse import CsrMatrix
+from trainer.core import metrics
+from trainer.core.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _set_tensorflow_threads(threads: int) -> None:
 
 
 def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, seed: int) -> Fitted:
-    """Fits `trainer.wals` with `OURS_FIXED` and confidence weighting f = α r.
+    """Fits `trainer.local.train` with `OURS_FIXED` and confidence weighting f = α r.
 
     Args:
         train: the training matrix.
@@ -166,9 +166,11 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
     """
     import tensorflow as tf
 
-    from trainer import problem, wals
+    from trainer.core import problem
+    from trainer.core.config import WALSConfig
+    from trainer.local import train as wals
 
-    config = wals.WALSConfig(
+    config = WALSConfig(
         latent_factors=k,
         num_iters=iters,
         solver=solver,
@@ -191,7 +193,7 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
         start = time.perf_counter()
         problem.loss(users, items, x, y)
         loss_seconds = time.perf_counter() - start
-    from trainer import new_visitors
+    from trainer.evaluation import new_visitors
 
     item_factors = np.asarray(factors.item_factors, dtype=np.float32)
 

@@ -13,8 +13,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import matrix_io
-from transforms import features
+from transforms import examples, features
 
 
 def describe(directory: str, rows: int = 3, out=sys.stdout) -> None:
@@ -56,7 +55,7 @@ def describe(directory: str, rows: int = 3, out=sys.stdout) -> None:
     write(f"  first {rows} rows of train/{features.ITEMS_FOR_USER} (contentId:rating)\n")
     dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").take(rows)
     for record in dataset:
-        key, indices, values = matrix_io.parse_sparse_example(record.numpy())
+        key, indices, values = examples.parse_sparse_example(record.numpy())
         cells = ", ".join(f"{items[i].decode()}:{v:.2f}" for i, v in list(zip(indices, values))[:6])
         more = f" ... ({len(indices)} items)" if len(indices) > 6 else ""
         write(f"    {users[key].decode()} (userId {key}): {cells}{more}\n")

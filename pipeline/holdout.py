@@ -26,7 +26,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
 from pipeline.events import METRICS_NAMESPACE
-from transforms import features
+from transforms import examples, features
 
 VISITOR_SALT = "holdout-visitor"
 FOLDIN_SALT = "holdout-foldin"
@@ -157,39 +157,6 @@ class TransformHeldOut(beam.PTransform):
         )
 
 
-def heldout_example(visitor_id: str, entries) -> bytes:
-    """One visitor's part: entries is an iterable of (itemId, rating, value)."""
-    entries = sorted(entries)
-    feature = {
-        features.VISITOR_ID: tf.train.Feature(
-            bytes_list=tf.train.BytesList(value=[visitor_id.encode("utf-8")])
-        ),
-        features.INDICES: tf.train.Feature(
-            int64_list=tf.train.Int64List(value=[entry[0] for entry in entries])
-        ),
-        features.VALUES: tf.train.Feature(
-            float_list=tf.train.FloatList(value=[entry[1] for entry in entries])
-        ),
-        features.RAW_VALUES: tf.train.Feature(
-            float_list=tf.train.FloatList(value=[entry[2] for entry in entries])
-        ),
-    }
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
-    return example.SerializeToString()
-
-
-def parse_heldout_example(serialized: bytes) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of `heldout_example`: (visitorId, itemIds int64 [n], ratings float32 [n],
-    raw values float32 [n])."""
-    feature = tf.train.Example.FromString(serialized).features.feature
-    return (
-        feature[features.VISITOR_ID].bytes_list.value[0].decode("utf-8"),
-        np.asarray(feature[features.INDICES].int64_list.value, dtype=np.int64),
-        np.asarray(feature[features.VALUES].float_list.value, dtype=np.float32),
-        np.asarray(feature[features.RAW_VALUES].float_list.value, dtype=np.float32),
-    )
-
-
 class WriteHeldOut(beam.PTransform):
     """Cells -> `foldin-*` and `target-*` gzip TFRecords under `directory`, one record per
     visitor and non-empty part.
@@ -219,7 +186,7 @@ class WriteHeldOut(beam.PTransform):
             for index, part in enumerate(PARTS):
                 if by_part[part]:
                     counted[part].inc(len(by_part[part]))
-                    yield index, heldout_example(visitor, by_part[part])
+                    yield index, examples.heldout_example(visitor, by_part[part])
 
         encoded = (
             cells | "GroupByVisitor" >> beam.GroupByKey() | "Encode" >> beam.FlatMapTuple(encode)

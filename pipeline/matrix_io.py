@@ -10,77 +10,17 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import tensorflow as tf
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
-from tfx_bsl.coders import example_coder
 
 from pipeline.events import METRICS_NAMESPACE
-from transforms import features
+from transforms import examples, features
 
 # (userId int64 [n], itemId int64 [n], rating float32 [n]): a batch of cells of the matrix.
 CellBatch = tuple[np.ndarray, np.ndarray, np.ndarray]
 GROUP_SHARDS = 32  # Default keys of WriteSparseMatrix's shuffles: row (column) index mod shards.
 MAX_BUFFERED_CELLS = 1 << 21  # Cells (40 MB) buffered in one bundle before they are shuffled.
-
-
-def sparse_example(key: int, entries) -> bytes:
-    """Serialises one row or column: entries is an iterable of (index, value)."""
-    entries = sorted(entries)
-    example = tf.train.Example(
-        features=tf.train.Features(
-            feature={
-                features.KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[key])),
-                features.INDICES: tf.train.Feature(
-                    int64_list=tf.train.Int64List(value=[index for index, _ in entries])
-                ),
-                features.VALUES: tf.train.Feature(
-                    float_list=tf.train.FloatList(value=[value for _, value in entries])
-                ),
-            }
-        )
-    )
-    return example.SerializeToString()
-
-
-def parse_sparse_example(serialized: bytes) -> tuple[int, np.ndarray, np.ndarray]:
-    """Inverse of `sparse_example`: (key, indices int64 [n], values float32 [n])."""
-    example = tf.train.Example.FromString(serialized)
-    feature = example.features.feature
-    return (
-        feature[features.KEY].int64_list.value[0],
-        np.asarray(feature[features.INDICES].int64_list.value, dtype=np.int64),
-        np.asarray(feature[features.VALUES].float_list.value, dtype=np.float32),
-    )
-
-
-def sparse_examples(keys: np.ndarray, others: np.ndarray, values: np.ndarray) -> list[bytes]:
-    """Serialises the rows (or columns) of a batch of cells, one `sparse_example` per key.
-
-    Args:
-        keys: int64 [n], the row (or column) index of each cell.
-        others: int64 [n], the column (or row) index of each cell; no (key, other) twice.
-        values: float32 [n], the cells' ratings.
-
-    Returns:
-        One serialized tf.train.Example per distinct key, indices sorted, in key order; the same
-        features as `sparse_example(key, zip(indices, values))`, encoded by tfx_bsl in C++.
-    """
-    order = np.lexsort((others, keys))
-    keys, others, values = keys[order], others[order], values[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    offsets = np.r_[starts, len(keys)].astype(np.int64)
-    one_each = np.arange(len(starts) + 1, dtype=np.int64)
-    batch = pa.RecordBatch.from_arrays(
-        [
-            pa.LargeListArray.from_arrays(one_each, pa.array(keys[starts], pa.int64())),
-            pa.LargeListArray.from_arrays(offsets, pa.array(others, pa.int64())),
-            pa.LargeListArray.from_arrays(offsets, pa.array(values, pa.float32())),
-        ],
-        [features.KEY, features.INDICES, features.VALUES],
-    )
-    return example_coder.RecordBatchToExamples(batch)
 
 
 def _column(batch: pa.RecordBatch, name: str) -> np.ndarray:
@@ -187,7 +127,7 @@ class _ShardInBundleFn(beam.DoFn):
 
 def _encode_shard(shard: int, parts) -> list[bytes]:
     parts = list(parts)
-    return sparse_examples(*(np.concatenate([part[i] for part in parts]) for i in range(3)))
+    return examples.sparse_examples(*(np.concatenate([part[i] for part in parts]) for i in range(3)))
 
 
 class WriteSparseMatrix(beam.PTransform):

@@ -7,8 +7,8 @@ import math
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from common.cli import UsageError
 from pipeline import records
-from pipeline.cli import UsageError
 from pipeline.events import (
     FORMAT_CSV,
     FORMAT_GA360,

@@ -37,7 +37,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
-from pipeline import cli, events, holdout, records, staging, worker_threads
+from common import cli, staging, worker_threads
+from pipeline import events, holdout, records
 from pipeline import options as preprocess_options
 from pipeline.matrix_io import DropOutOfVocabulary, WriteSparseMatrix
 from transforms import features, preprocessing

@@ -7,7 +7,7 @@ Everything goes under ROOT/runs/DATE/ (layout in `pipeline.runstate`):
 
     preprocessed/        pipeline.preprocess --output_dir     (complete: summary.json)
     train/               trainer.task --output_dir            (complete: metrics.json)
-    gate.json            trainer.gate's decision              (written atomically)
+    gate.json            trainer.evaluation.gate's decision              (written atomically)
     predictions.tsv      trainer.batch_predict --output       (a directory with --distributed)
     serving/YYYYMMDD/    the SavedModel, a TensorFlow Serving version directory
     run.json             status, timings, counts, metrics and the gate's decision
@@ -40,8 +40,9 @@ if __name__ == "__main__" and not __package__:
 
 from apache_beam.io.filesystems import FileSystems  # noqa: E402
 
-from pipeline import cli, runstate  # noqa: E402
+from common import cli
 from pipeline import options as preprocess_options  # noqa: E402
+from pipeline import runstate  # noqa: E402
 from transforms import features  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -305,7 +306,7 @@ class Run:
             if self.args.warm_start and published is None:
                 logger.warning("--warm_start: nothing is published yet; starting cold")
             return None
-        from trainer import model as model_lib
+        from trainer.serving import model as model_lib
 
         model_dir = f"{runstate.run_dir(self.root, published)}/train"
         try:
@@ -355,7 +356,7 @@ class Run:
     def gate(self) -> dict:
         import json
 
-        from trainer import gate
+        from trainer.evaluation import gate
 
         published = runstate.published_date(self.root)
         baseline = None
@@ -387,8 +388,8 @@ class Run:
         return {"lines": batch_predict.run(argv)}
 
     def export(self) -> dict:
-        from trainer import export
-        from trainer import model as model_lib
+        from trainer.serving import export
+        from trainer.serving import model as model_lib
 
         if runstate.is_local(self.serving) and os.path.isdir(self.serving):
             shutil.rmtree(self.serving)  # ours: an earlier, interrupted export of this run
@@ -399,7 +400,7 @@ class Run:
         return {"saved_model": self.serving}
 
     def publish(self) -> dict:
-        from trainer import gate
+        from trainer.evaluation import gate
 
         date = self.args.date
         with runstate.publish_lock(self.root):
@@ -556,7 +557,7 @@ def run(argv: list[str] | None = None) -> int:
         raise cli.UsageError(f"--window_days must be >= 1, got {args.window_days}")
     if args.num_iters is not None and args.num_iters < 0:
         raise cli.UsageError(f"--num_iters must be >= 0, got {args.num_iters}")
-    from trainer import gate
+    from trainer.evaluation import gate
 
     try:
         gate.GateConfig(args.gate_k, args.gate_min_lift, args.gate_tolerance).validate()

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import matrix_io
-from transforms import features
+from transforms import examples, features
 
 
 def read_sparse_records(directory: str, name: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -18,7 +17,7 @@ def read_sparse_records(directory: str, name: str) -> dict[int, tuple[np.ndarray
     out = {}
     for path in sorted(glob.glob(os.path.join(directory, f"{name}-*{features.TFRECORD_SUFFIX}"))):
         for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
-            key, indices, values = matrix_io.parse_sparse_example(record.numpy())
+            key, indices, values = examples.parse_sparse_example(record.numpy())
             assert key not in out, f"key {key} written twice in {name}"
             out[key] = (indices, values)
     return out

@@ -1,4 +1,4 @@
-"""A slow, obvious dense WALS in float64 NumPy: the test oracle for `trainer.solver`.
+"""A slow, obvious dense WALS in float64 NumPy: the test oracle for `trainer.core.solver`.
 
 It builds the full n_users x n_items weight matrix W and rating matrix R and solves every row
 with `np.linalg.solve` of the plain weighted normal equations, with no Gramian trick:
@@ -22,7 +22,7 @@ def dense_weights(
     feature_wt_exp: float = 1.0,
     confidence_alpha: float = 1.0,
 ) -> np.ndarray:
-    """W, float64 [n, m]: w0 everywhere, plus f on observed cells (formulas of trainer.weights).
+    """W, float64 [n, m]: w0 everywhere, plus f on observed cells (formulas of trainer.core.weights).
 
     Args:
         ratings: float [n, m] R, 0 on unobserved cells.

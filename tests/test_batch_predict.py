@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from trainer import batch_predict
-from trainer import model as model_lib
+from trainer.serving import model as model_lib
+from trainer.serving import predictions
 
 USERS = [
     "a,b",
@@ -87,7 +88,7 @@ def test_every_id_reads_back_exactly(model_dir, tmp_path, output_format, targeti
     flags = ["--k", str(K), "--format", output_format] + (["--targeting"] if targeting else [])
     expected = oracle(targeting, K)
     assert predict(model_dir, out, *flags) == len(expected)
-    rows = list(batch_predict.read_predictions(out))
+    rows = list(predictions.read_predictions(out))
     assert [(row.key, row.ranked) for row in rows] == [(key, ids) for key, ids, _ in expected]
     assert all(row.targeting == targeting for row in rows)
     for row, (_, _, scores) in zip(rows, expected):
@@ -140,10 +141,10 @@ def test_read_predictions_refuses_what_it_cannot_read(tmp_path):
     old = tmp_path / "old.tsv"
     old.write_text("v1\tc1,c2\n", encoding="utf-8")  # The former, ambiguous layout.
     with pytest.raises(ValueError, match="not a batch-prediction TSV"):
-        list(batch_predict.read_predictions(str(old)))
+        list(predictions.read_predictions(str(old)))
     broken = tmp_path / "broken.tsv"
     broken.write_text('visitorId\tcontentIds\nv1\t["c1"]\textra\n', encoding="utf-8")
     with pytest.raises(ValueError, match="line 2 has 3 fields"):
-        list(batch_predict.read_predictions(str(broken)))
+        list(predictions.read_predictions(str(broken)))
     with pytest.raises(ValueError, match="unknown format"):
-        list(batch_predict.read_predictions(str(old), "parquet"))
+        list(predictions.read_predictions(str(old), "parquet"))

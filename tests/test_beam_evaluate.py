@@ -1,4 +1,4 @@
-"""Distributed evaluation (`trainer.beam_evaluate`) against the local one of the same model, on
+"""Distributed evaluation (`trainer.beam.evaluate`) against the local one of the same model, on
 DirectRunner: in-process and multi_processing with 2 workers, two block sizes."""
 
 from __future__ import annotations
@@ -9,8 +9,11 @@ import os
 import numpy as np
 import pytest
 
-from trainer import beam_evaluate, data, metrics, task
-from trainer import model as model_lib
+from trainer import task
+from trainer.beam import evaluate as beam_evaluate
+from trainer.core import metrics
+from trainer.local import dataset as data
+from trainer.serving import model as model_lib
 
 MULTI = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
 

@@ -1,4 +1,4 @@
-"""Distributed batch prediction (`trainer.batch_predict --distributed`, `trainer.beam_predict`)
+"""Distributed batch prediction (`trainer.batch_predict --distributed`, `trainer.beam.predict`)
 against the local one, line for line, on DirectRunner multi_processing with 2 workers."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from collections import Counter
 
 import pytest
 
-from pipeline import cli, staging
-from trainer import batch_predict, beam_predict
+from common import cli, staging
+from trainer import batch_predict
+from trainer.beam import predict as beam_predict
+from trainer.serving import predictions
 
 MULTI = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
 
@@ -46,7 +48,7 @@ def test_distributed_predictions_equal_local_line_for_line(
         if output_format == "tsv":  # every shard is a predictions file of its own
             assert shard_lines[0] == expected[0]
             shard_lines = shard_lines[1:]
-            assert len(list(batch_predict.read_predictions(shard))) == len(shard_lines)
+            assert len(list(predictions.read_predictions(shard))) == len(shard_lines)
         body.update(shard_lines)
     assert body == Counter(expected[1:] if output_format == "tsv" else expected)
 

@@ -1,4 +1,4 @@
-"""The distributed trainer (`trainer.task --distributed`, `trainer.beam_wals`) against the local
+"""The distributed trainer (`trainer.task --distributed`, `trainer.beam.sweep`) against the local
 one, on DirectRunner: in-memory and multi_processing with 2 and 3 workers, several block sizes,
 both factor exchanges; and its checkpoints: a crash, a resume, a corrupt or foreign checkpoint.
 """
@@ -12,9 +12,12 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import cli, preprocess, synthetic
-from trainer import beam_wals, checkpoints, task
-from trainer.sparse import CsrMatrix
+from common import cli
+from pipeline import preprocess, synthetic
+from trainer import task
+from trainer.beam import checkpoints
+from trainer.beam import sweep as beam_wals
+from trainer.core.sparse import CsrMatrix
 
 ITERS = 4
 HYPER = ["--num_iters", str(ITERS), "--latent_factors", "8", "--no_progress"]

@@ -1,4 +1,4 @@
-"""pipeline.cli's logging: what run_local.sh shows the user, and what it keeps in the step's log."""
+"""common.cli's logging: what run_local.sh shows the user, and what it keeps in the step's log."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     import logging, os, warnings
-    from pipeline import cli
+    from common import cli
 
     cli.configure_logging()
     cli.configure_logging()  # A second call must not show everything twice.
     logging.getLogger("__main__").info("entry point progress")
-    logging.getLogger("trainer.wals").info("iteration 1/2")
-    logging.getLogger("pipeline.staging").warning("left /data: not ours")
+    logging.getLogger("trainer.local.train").info("iteration 1/2")
+    logging.getLogger("common.staging").warning("left /data: not ours")
     logging.getLogger("absl").warning("TFT prefers record batches")
     logging.getLogger().info("Missing pipeline option (runner).")
     logging.getLogger("apache_beam.runners").error("a worker died")
@@ -57,7 +57,7 @@ def test_console_shows_our_progress_and_warnings_and_anyones_errors():
     ]
     # The log keeps everything, third-party warnings and the C++ line included.
     for text in (
-        "INFO trainer.wals: iteration 1/2",
+        "INFO trainer.local.train: iteration 1/2",
         "WARNING absl: TFT prefers record batches",
         "a library's deprecation",
         "failed call to cuInit",
@@ -69,4 +69,4 @@ def test_without_a_console_everything_goes_to_stderr():
     console, stderr = run(with_console=False)
     assert console == ""
     assert "INFO __main__: entry point progress" in stderr
-    assert "WARNING pipeline.staging: left /data: not ours" in stderr
+    assert "WARNING common.staging: left /data: not ours" in stderr

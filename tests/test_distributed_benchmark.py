@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from benchmarks import distributed_benchmark
-from trainer import data
+from trainer.local import dataset as data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

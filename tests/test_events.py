@@ -11,6 +11,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import events, matrix_io, records
+from transforms import examples
 
 CONFIG = records.SessionConfig()
 
@@ -214,7 +215,7 @@ def test_write_sparse_matrix_rows_and_columns(tmp_path):
         out = {}
         for path in glob.glob(str(tmp_path / f"{name}-*.tfrecord.gz")):
             for record in _tfrecords(path):
-                key, indices, values = matrix_io.parse_sparse_example(record)
+                key, indices, values = examples.parse_sparse_example(record)
                 assert key not in out
                 out[key] = (indices.tolist(), values.tolist())
         return out
@@ -238,7 +239,7 @@ def _rows_by_file(directory) -> dict[str, list[tuple]]:
 
     written = {}
     for path in sorted(glob.glob(f"{directory}/*.tfrecord.gz")):
-        parsed = (matrix_io.parse_sparse_example(record) for record in _tfrecords(path))
+        parsed = (examples.parse_sparse_example(record) for record in _tfrecords(path))
         written[os.path.basename(path)] = sorted(
             (key, indices.tolist(), values.tolist()) for key, indices, values in parsed
         )
@@ -288,19 +289,19 @@ def test_sparse_examples_equal_one_sparse_example_per_key():
     others = np.array([o for _, o in cells], dtype=np.int64)
     values = np.array(list(cells.values()), dtype=np.float32)
     order = rng.permutation(len(keys))
-    encoded = matrix_io.sparse_examples(keys[order], others[order], values[order])
+    encoded = examples.sparse_examples(keys[order], others[order], values[order])
 
     expected: dict[int, list] = {}
     for (key, other), value in cells.items():
         expected.setdefault(key, []).append((other, value))
     assert len(encoded) == len(expected)
     for record in encoded:
-        key, indices, got_values = matrix_io.parse_sparse_example(record)
+        key, indices, got_values = examples.parse_sparse_example(record)
         want = sorted(expected[key])
         assert indices.tolist() == [other for other, _ in want]
         assert got_values.tolist() == [value for _, value in want]
         assert tf.train.Example.FromString(record) == tf.train.Example.FromString(
-            matrix_io.sparse_example(key, want)
+            examples.sparse_example(key, want)
         )
 
 

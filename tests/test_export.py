@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import export
-from trainer.model import WALSModel
+from trainer.serving import export
+from trainer.serving.model import WALSModel
 
 MEDIAN_MS = 1000.0
 LATENT = 3

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import cli, holdout, preprocess, synthetic
+from common import cli
+from pipeline import holdout, preprocess, synthetic
 from tests import reference
 from tests.conftest import read_cells, read_sparse_records, read_vocabulary
-from transforms import features
+from transforms import examples, features
 
 HOLDOUT = 0.2
 FOLDIN = 0.7
@@ -59,7 +60,7 @@ def read_heldout(directory: str) -> dict[str, dict[tuple[str, str], tuple[float,
         pattern = os.path.join(directory, features.HELDOUT_DIR, f"{part}-*")
         for path in sorted(tf.io.gfile.glob(pattern)):
             for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
-                visitor, indices, ratings, raw = holdout.parse_heldout_example(record.numpy())
+                visitor, indices, ratings, raw = examples.parse_heldout_example(record.numpy())
                 assert visitor not in seen, f"{visitor} has two {part} records"
                 seen.add(visitor)
                 assert np.all(np.diff(indices) > 0), "indices are sorted and distinct"

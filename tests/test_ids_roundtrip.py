@@ -3,7 +3,7 @@
 A small CSV whose visitor and content IDs hold each character that `str.splitlines()` treats as
 a line break (but the '\\n'-separated vocabulary files do not), plus commas, tabs, quotes,
 backslashes and non-ASCII, goes through the real entry points: `pipeline.preprocess` ->
-`trainer.task` -> `trainer.batch_predict` (TSV and JSONL) -> `trainer.model.load` -> the
+`trainer.task` -> `trainer.batch_predict` (TSV and JSONL) -> `trainer.serving.model.load` -> the
 exported SavedModel. Every ID must come back exactly as it went in.
 """
 
@@ -19,8 +19,10 @@ import tensorflow as tf
 from conftest import read_cells
 
 from pipeline import preprocess, records
-from trainer import batch_predict, data, show, task
-from trainer import model as model_lib
+from trainer import batch_predict, show, task
+from trainer.local import dataset as data
+from trainer.serving import model as model_lib
+from trainer.serving import predictions
 from transforms import features
 
 # Line breaks to str.splitlines() but not to a '\n'-separated file, then the CSV and TSV
@@ -141,14 +143,14 @@ def test_batch_predictions_give_back_every_id(trained, tmp_path, output_format):
     out = str(tmp_path / f"recs.{output_format}")
     argv = ["--model_dir", model_dir, "--output", out, "--k", str(K), "--no_progress"]
     assert batch_predict.run([*argv, "--format", output_format]) == len(VISITORS)
-    rows = list(batch_predict.read_predictions(out))
+    rows = list(predictions.read_predictions(out))
     assert {row.key: row.ranked for row in rows} == expected
     assert len(rows) == len(VISITORS) and not any(row.targeting for row in rows)
 
     targets = str(tmp_path / f"targets.{output_format}")
     batch_predict.run(["--model_dir", model_dir, "--output", targets, "--k", "2", "--no_progress",
                        "--format", output_format, "--targeting"])  # fmt: skip
-    rows = list(batch_predict.read_predictions(targets))
+    rows = list(predictions.read_predictions(targets))
     assert sorted(row.key for row in rows) == sorted(CONTENTS)
     assert all(row.targeting and set(row.ranked) <= set(VISITORS) for row in rows)
     assert {v for row in rows for v in row.ranked} & set(VISITORS[:-1])
@@ -208,7 +210,7 @@ def test_show_a_targeting_file(trained, tmp_path, capsys, output_format):
     assert status == 0
     model = model_lib.load(model_dir)
     assert "targeting for 3 contents" in out
-    for row in itertools.islice(batch_predict.read_predictions(targets), 3):
+    for row in itertools.islice(predictions.read_predictions(targets), 3):
         readers = [v for v in model.users if (v, row.key) in pairs()]
         assert f"  {row.key}\n    read by:     {', '.join(readers)}\n" in out
         assert f"    recommended: {', '.join(row.ranked)}\n" in out
@@ -219,9 +221,9 @@ def test_show_visitors_known_and_unknown(trained, tmp_path, capsys):
     _, model_dir = trained
     recs = tmp_path / "recs.tsv"
     with open(recs, "w", encoding="utf-8") as handle:  # As another model's run could give.
-        handle.write(batch_predict.tsv_line(["visitorId", "contentIds"]))
-        handle.write(batch_predict.tsv_line(["someone-new", json.dumps(CONTENTS[:2])]))
-        handle.write(batch_predict.tsv_line([VISITORS[0], json.dumps(CONTENTS[5:7])]))
+        handle.write(predictions.tsv_line(["visitorId", "contentIds"]))
+        handle.write(predictions.tsv_line(["someone-new", json.dumps(CONTENTS[:2])]))
+        handle.write(predictions.tsv_line([VISITORS[0], json.dumps(CONTENTS[5:7])]))
     status, out, _ = run_show(capsys, model_dir, "--predictions", str(recs))
     assert status == 0
     assert "recommendations for 2 visitors" in out

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from trainer import metrics
-from trainer.sparse import CsrMatrix
+from trainer.core import metrics
+from trainer.core.sparse import CsrMatrix
 
 KS = (1, 3, 5, 12)
 
@@ -372,7 +372,7 @@ def test_evaluate_reports_progress_and_checks_its_inputs():
 def test_evaluate_warns_about_heldout_items_also_in_train(caplog):
     train = csr_from_sets([{0, 1}, {1}], 3)
     heldout = csr_from_sets([{1}, {2}], 3)
-    with caplog.at_level(logging.WARNING, logger="trainer.metrics"):
+    with caplog.at_level(logging.WARNING, logger="trainer.core.metrics"):
         result = metrics.evaluate(
             lambda u: np.tile([0.0, 0.0, 1.0], (u.size, 1)), train, heldout, (1,)
         )
@@ -441,12 +441,13 @@ def test_evaluate_on_a_sample_of_users_matches_the_oracle_on_them():
 
 
 def test_per_iteration_evaluation_scores_a_fixed_sample_of_users():
-    from trainer import task, wals
+    from trainer import task
+    from trainer.core.factors import WALSFactors
 
     rng = np.random.default_rng(29)
     n_users, n_items = 80, 25
     train, heldout = random_split(rng, n_users, n_items, 0.4, 0.3)
-    factors = wals.WALSFactors(
+    factors = WALSFactors(
         rng.standard_normal((n_users, 4)).astype(np.float32),
         rng.standard_normal((n_items, 4)).astype(np.float32),
     )

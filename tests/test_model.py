@@ -1,4 +1,4 @@
-"""trainer.model (recommend, similar_items, save/load) and trainer.batch_predict, on a
+"""trainer.serving.model (recommend, similar_items, save/load) and trainer.batch_predict, on a
 hand-built model checked against plain NumPy."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from trainer import batch_predict
-from trainer import model as model_lib
+from trainer.serving import model as model_lib
+from trainer.serving import predictions
 
 N_USERS, N_ITEMS, K = 7, 12, 4
 SEEN = [[0, 1], [2], [0, 3, 5, 7, 9, 11], [], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [6], [0, 11]]
@@ -131,7 +132,7 @@ def test_batch_predict_tsv_reverse_maps_ids(model, tmp_path):
         )
         == N_USERS
     )
-    rows = list(batch_predict.read_predictions(str(out)))
+    rows = list(predictions.read_predictions(str(out)))
     assert [row.key for row in rows] == USERS
     for user, row in enumerate(rows):
         assert row.ranked == oracle_top_k(model, user, 3)
@@ -166,7 +167,7 @@ def test_batch_predict_targeting_jsonl(model, tmp_path):
 
 
 def test_batch_predict_bad_flags(tmp_path):
-    from pipeline.cli import UsageError
+    from common.cli import UsageError
 
     with pytest.raises(UsageError, match="--k must be > 0"):
         batch_predict.run(["--model_dir", str(tmp_path), "--output", "x", "--k", "0"])

@@ -1,4 +1,4 @@
-"""New-visitor evaluation (trainer.new_visitors): batched fold-in against a dense NumPy oracle,
+"""New-visitor evaluation (trainer.evaluation.new_visitors): batched fold-in against a dense NumPy oracle,
 the SavedModel's fold_in signature, WALS against popularity, and the Beam step."""
 
 from __future__ import annotations
@@ -12,9 +12,14 @@ import pytest
 import tensorflow as tf
 
 from pipeline import preprocess, synthetic
-from trainer import metrics, new_visitors, task, wals
-from trainer import model as model_lib
-from trainer.sparse import CsrMatrix
+from trainer import task
+from trainer.core import metrics
+from trainer.core.config import WALSConfig
+from trainer.core.foldin import fold_in
+from trainer.core.sparse import CsrMatrix
+from trainer.evaluation import new_visitors
+from trainer.local import train as wals
+from trainer.serving import model as model_lib
 
 KS = (5, 20)
 
@@ -79,8 +84,8 @@ def _random_rows(rng, n_rows, n_items, density):
 @pytest.mark.parametrize(
     "config",
     [
-        wals.WALSConfig(latent_factors=6, num_iters=4, regularization=0.05),
-        wals.WALSConfig(
+        WALSConfig(latent_factors=6, num_iters=4, regularization=0.05),
+        WALSConfig(
             latent_factors=5,
             num_iters=3,
             weighting="confidence",
@@ -114,12 +119,12 @@ def test_fold_in_evaluation_equals_the_dense_oracle(config):
     for name in ("wals", "popularity"):
         for key, value in want[name].items():
             assert got[name][key] == pytest.approx(value, abs=1e-9), (name, key)
-    # The batched solve is the one-visitor fold-in of trainer.wals, row for row.
+    # The batched solve is the one-visitor fold-in of trainer.local.train, row for row.
     x = new_visitors.fold_in_rows(foldin, y, counts, config)
     for v in (0, 11, 24):
         items = foldin.indices[foldin.indptr[v] : foldin.indptr[v + 1]]
         ratings = foldin.values[foldin.indptr[v] : foldin.indptr[v + 1]]
-        one = wals.fold_in(y, None, items, ratings, counts, config, dtype=tf.float64)
+        one = fold_in(y, None, items, ratings, counts, config, dtype=tf.float64)
         np.testing.assert_allclose(x[v], one, rtol=1e-5, atol=1e-6)
 
 

@@ -15,9 +15,10 @@ import pytest
 import reference
 from conftest import read_cells, read_sparse_records, read_vocabulary
 
-from pipeline import cli, matrix_io, preprocess, synthetic
+from common import cli
 from pipeline import options as preprocess_options
-from transforms import features
+from pipeline import preprocess, synthetic
+from transforms import examples, features
 
 EVAL_FRACTION = 0.2
 
@@ -155,7 +156,7 @@ def _written_rows(out: str) -> dict[str, list[tuple]]:
     for split in (features.TRAIN_DIR, features.EVAL_DIR):
         for name in sorted(os.listdir(os.path.join(out, split))):
             dataset = tf.data.TFRecordDataset(os.path.join(out, split, name), "GZIP")
-            parsed = (matrix_io.parse_sparse_example(record.numpy()) for record in dataset)
+            parsed = (examples.parse_sparse_example(record.numpy()) for record in dataset)
             written[f"{split}/{name}"] = sorted(
                 (key, indices.tolist(), values.tolist()) for key, indices, values in parsed
             )

@@ -1,5 +1,5 @@
-"""The shared problem definition (`trainer.problem`) and the seeded initialisation
-(`trainer.seeding`): what lets a block-at-a-time driver (the Beam trainer) agree with the local
+"""The shared problem definition (`trainer.core.problem`) and the seeded initialisation
+(`trainer.core.seeding`): what lets a block-at-a-time driver (the Beam trainer) agree with the local
 one. Each check compares a block-wise computation with the whole-matrix one, or with the dense
 oracle in `dense_wals.py`.
 """
@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import problem, seeding, wals
-from trainer.sparse import CsrMatrix
+from trainer.core import problem, seeding
+from trainer.core.config import WALSConfig
+from trainer.core.sparse import CsrMatrix
+from trainer.local import train as wals
 
 F64 = tf.float64
-CONFIG = wals.WALSConfig(
+CONFIG = WALSConfig(
     binary_target=False,  # the dense oracle fits r
     latent_factors=3,
     num_iters=4,
@@ -212,7 +214,7 @@ def test_loss_every_records_the_iterations_it_evaluated(matrix):
 @pytest.mark.parametrize("n_rows, block_rows", [(10, 3), (9, 3), (7, 100), (1000, 64), (0, 5)])
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_a_block_layout_deals_every_row_to_exactly_one_block(n_rows, block_rows, interleaved):
-    from trainer.blocks import BlockLayout
+    from trainer.beam.layout import BlockLayout
 
     layout = BlockLayout(n_rows, block_rows, interleaved)
     dealt = [layout.rows_of(b) for b in range(layout.n_blocks)]

@@ -1,5 +1,5 @@
-"""The WALS math (`trainer.solver`, `trainer.weights`, `trainer.sparse`) and the local trainer
-(`trainer.wals`) against the dense NumPy oracle in `dense_wals.py`.
+"""The WALS math (`trainer.core.solver`, `trainer.core.weights`, `trainer.core.sparse`) and the local trainer
+(`trainer.local.train`) against the dense NumPy oracle in `dense_wals.py`.
 
 Fixtures are tiny: a 7 x 5 matrix with an empty row and an empty column, and a random 30 x 20
 matrix. Exact checks run in float64.
@@ -14,8 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import problem, seeding, solver, wals, weights
-from trainer.sparse import CsrMatrix
+from trainer.core import problem, seeding, solver, weights
+from trainer.core.config import WALSConfig
+from trainer.core.foldin import fold_in
+from trainer.core.problem import ITEMS, USERS
+from trainer.core.sparse import CsrMatrix
+from trainer.local import train as wals
 
 F64 = tf.float64
 # XLA compiles each tile shape once (about 0.5 s); float64 checks mostly run the same kernels
@@ -43,17 +47,17 @@ SMALL = np.array(
 
 
 def observed_f(matrix: CsrMatrix, scheme: str, **params) -> np.ndarray:
-    """f_ui of every entry of a whole training matrix, by `trainer.weights`."""
+    """f_ui of every entry of a whole training matrix, by `trainer.core.weights`."""
     a, alpha = weights.item_terms(matrix.col_counts(), scheme, **params)
     return weights.entry_weights(matrix.indices, matrix.values, a, alpha)
 
 
-def seeded(n: int, m: int, config: wals.WALSConfig) -> tuple[np.ndarray, np.ndarray]:
+def seeded(n: int, m: int, config: WALSConfig) -> tuple[np.ndarray, np.ndarray]:
     """The initial factors `wals.fit` starts from when it is given no IDs."""
     k, sigma, seed = config.latent_factors, config.init_stddev, config.seed
     return (
-        seeding.initial_factors(seeding.index_keys(n), k, sigma, seed, wals.USERS),
-        seeding.initial_factors(seeding.index_keys(m), k, sigma, seed, wals.ITEMS),
+        seeding.initial_factors(seeding.index_keys(n), k, sigma, seed, USERS),
+        seeding.initial_factors(seeding.index_keys(m), k, sigma, seed, ITEMS),
     )
 
 
@@ -178,7 +182,7 @@ def test_weight_validation(call, message):
 
 
 def test_the_old_name_of_inverse_frequency_still_loads():
-    assert wals.WALSConfig(weighting="log").weighting == "inverse_frequency"
+    assert WALSConfig(weighting="log").weighting == "inverse_frequency"
     counts = np.array([4, 1, 0])
     a, alpha = weights.item_terms(counts, "log", feature_wt_exp=0.5)
     np.testing.assert_allclose(a, [0.5, 1.0, 0.0])
@@ -333,7 +337,7 @@ def test_observed_sums_do_not_depend_on_the_chunking(matrix, chunk, monkeypatch)
 
 # --- trainer ------------------------------------------------------------------------------------
 
-CONFIG = wals.WALSConfig(
+CONFIG = WALSConfig(
     binary_target=False,  # the dense oracle fits r
     latent_factors=3,
     num_iters=4,
@@ -388,7 +392,7 @@ def test_binary_target_fits_preferences_weighted_by_confidence(matrix):
 def test_fit_recovers_an_exact_low_rank_matrix():
     rng = np.random.default_rng(6)
     dense = rng.uniform(0.5, 1.0, (12, 2)) @ rng.uniform(0.5, 1.0, (2, 9))  # rank 2, all > 0
-    config = wals.WALSConfig(
+    config = WALSConfig(
         binary_target=False,  # an exact low-rank r is recovered
         latent_factors=2,
         num_iters=10,
@@ -491,10 +495,10 @@ def test_fold_in_equals_the_dense_solve_of_the_row(matrix, scheme):
         items, ratings = matrix.indices[lo:hi], matrix.values[lo:hi]
         # In any order: fold-in sorts the history itself.
         shuffled = rng.permutation(items.size)
-        folded = wals.fold_in(y, None, items[shuffled], ratings[shuffled], counts, config, F64)
+        folded = fold_in(y, None, items[shuffled], ratings[shuffled], counts, config, F64)
         np.testing.assert_allclose(folded, expected[u], rtol=1e-6, atol=1e-9)  # f is float32
     with pytest.raises(ValueError, match="distinct"):
-        wals.fold_in(y, None, [1, 1], [1.0, 1.0], counts, config)
+        fold_in(y, None, [1, 1], [1.0, 1.0], counts, config)
 
 
 @pytest.mark.parametrize(
@@ -513,4 +517,4 @@ def test_fold_in_equals_the_dense_solve_of_the_row(matrix, scheme):
 )
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
-        dataclasses.replace(wals.WALSConfig(), **{field: value}).validate()
+        dataclasses.replace(WALSConfig(), **{field: value}).validate()

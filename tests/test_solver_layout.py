@@ -1,4 +1,4 @@
-"""The stacked tile layout of `trainer.solver` (sub-tiles stacked T at a time, padding sub-tiles
+"""The stacked tile layout of `trainer.core.solver` (sub-tiles stacked T at a time, padding sub-tiles
 skipped) against the dense NumPy oracle in `dense_wals.py` and against other layouts.
 
 Every fast path is checked: the XLA-compiled CG kernel with its loop over sub-tiles (and its
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import solver, weights
-from trainer.sparse import CsrMatrix
+from trainer.core import solver, weights
+from trainer.core.sparse import CsrMatrix
 
 F64 = tf.float64
 # Small sub-tiles stacked a few at a time: long rows span several lines, runs of sub-tiles

@@ -1,4 +1,4 @@
-"""pipeline.staging: --overwrite replaces only our own outputs, on local disk and object stores.
+"""common.staging: --overwrite replaces only our own outputs, on local disk and object stores.
 
 The object-store tests run on `memobj://`, a Beam FileSystem with GCS's semantics (flat keys,
 no directory rename, prefix listing; see tests/objectstore.py).
@@ -13,8 +13,9 @@ import objectstore
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import preprocess, staging, synthetic
-from trainer import data
+from common import staging
+from pipeline import preprocess, synthetic
+from trainer.local import dataset as data
 from transforms import features
 
 MARKER = "summary.json"

@@ -13,9 +13,11 @@ import pytest
 import tensorflow as tf
 from conftest import read_cells
 
-from pipeline import cli, preprocess, synthetic
-from trainer import batch_predict, data, task
-from trainer import model as model_lib
+from common import cli
+from pipeline import preprocess, synthetic
+from trainer import batch_predict, task
+from trainer.local import dataset as data
+from trainer.serving import model as model_lib
 from transforms import features
 
 
@@ -70,7 +72,7 @@ def test_batch_predictions_exclude_seen_and_use_original_ids(preprocessed, train
     for visitor, content in train:
         seen.setdefault(visitor, set()).add(content)
     items = {content for _, content in train}
-    rows = list(batch_predict.read_predictions(str(predictions)))
+    rows = list(predictions.read_predictions(str(predictions)))
     assert len(rows) == len(seen)
     for visitor, ranked in ((row.key, row.ranked) for row in rows):
         assert len(ranked) == 10 and len(set(ranked)) == 10

@@ -1,4 +1,4 @@
-"""Thread budgets of local worker processes (`pipeline.worker_threads`)."""
+"""Thread budgets of local worker processes (`common.worker_threads`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import worker_threads
+from common import worker_threads
 
 
 def options(*flags: str) -> PipelineOptions:

@@ -30,10 +30,6 @@ and renamed when complete.
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import io
-import json
 import logging
 import os
 import sys
@@ -43,19 +39,13 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from tqdm import tqdm
 
-from pipeline import cli, staging
-from trainer import metrics
-from trainer import model as model_lib
-from trainer.sparse import CsrMatrix
+from common import cli, staging
+from trainer.core import metrics
+from trainer.core.sparse import CsrMatrix
+from trainer.serving import model as model_lib
+from trainer.serving.predictions import FORMATS, format_line, header_line
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("tsv", "jsonl")
-# The TSV's records: "excel-tab" (tab-separated, '"' quotes, doubled inside), quoting only
-# what needs it, lines ended by '\n'.
-_TSV = {"dialect": "excel-tab", "quoting": csv.QUOTE_MINIMAL, "lineterminator": "\n"}
-_COLUMNS = {False: ("visitorId", "contentIds"), True: ("contentId", "visitorIds")}
-
 
 def _rows(
     query: np.ndarray,
@@ -117,29 +107,6 @@ def predict(
         yield keys[row], [names[i] for i in ids], scores.tolist()
 
 
-def tsv_line(fields: list[str]) -> str:
-    """One TSV record, '\n' included (see the module docstring for the quoting rule)."""
-    buffer = io.StringIO()
-    csv.writer(buffer, **_TSV).writerow(fields)
-    return buffer.getvalue()
-
-
-def header_line(targeting: bool, output_format: str) -> str | None:
-    """The line a predictions file starts with ('\n' included), or None (JSONL has none)."""
-    return tsv_line(list(_COLUMNS[targeting])) if output_format == "tsv" else None
-
-
-def format_line(
-    key: str, ranked: list[str], scores: list[float], targeting: bool, output_format: str
-) -> str:
-    """One visitor's (content's, with targeting) line of a predictions file, '\n' included."""
-    if output_format == "jsonl":
-        key_name, list_name = _COLUMNS[targeting]
-        record = {key_name: key, list_name: ranked, "scores": [round(s, 6) for s in scores]}
-        return json.dumps(record, ensure_ascii=False) + "\n"
-    return tsv_line([key, json.dumps(ranked, ensure_ascii=False)])
-
-
 def write_predictions(
     model_dir: str,
     output: str,
@@ -172,63 +139,6 @@ def write_predictions(
     return count
 
 
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-    """One line of a predictions file.
-
-    Attributes:
-        key: the visitorId (the contentId, with targeting).
-        ranked: list[str], the contentIds (visitorIds, with targeting), best first.
-        scores: list[float] aligned with `ranked` (JSONL), or None (TSV holds no scores).
-        targeting: whether the file was written with --targeting.
-    """
-
-    key: str
-    ranked: list[str]
-    scores: list[float] | None
-    targeting: bool
-
-
-def _lines(path: str) -> Iterator[str]:
-    """The lines of a UTF-8 file, split on '\n' only (never on U+2028 and the like)."""
-    with FileSystems.open(path) as handle:
-        for line in handle:  # Binary files split on b"\n" only.
-            yield line.decode("utf-8").removesuffix("\n")
-
-
-def read_predictions(path: str, output_format: str | None = None) -> Iterator[Prediction]:
-    """Parses a file written by `write_predictions`, giving back every ID exactly.
-
-    Args:
-        path: the predictions file (local or any Beam filesystem).
-        output_format: "tsv" or "jsonl"; None: "jsonl" if path ends with ".jsonl", else "tsv".
-
-    Raises:
-        ValueError: the file is not in that format.
-    """
-    if output_format is None:
-        output_format = "jsonl" if path.endswith(".jsonl") else "tsv"
-    if output_format == "jsonl":
-        for line in _lines(path):
-            record = json.loads(line)
-            targeting = "contentId" in record
-            key_name, list_name = _COLUMNS[targeting]
-            yield Prediction(record[key_name], record[list_name], record["scores"], targeting)
-        return
-    if output_format != "tsv":
-        raise ValueError(f"unknown format {output_format!r}; expected one of {FORMATS}")
-    rows = csv.reader(_lines(path), **_TSV)
-    header = tuple(next(rows, ()))
-    if header not in _COLUMNS.values():
-        raise ValueError(f"{path}: not a batch-prediction TSV (header {list(header)})")
-    targeting = header == _COLUMNS[True]
-    for row in rows:
-        if len(row) != 2:
-            raise ValueError(f"{path}: line {rows.line_num} has {len(row)} fields, not 2")
-        key, ranked = row
-        yield Prediction(key, json.loads(ranked), None, targeting)
-
-
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.batch_predict", description=__doc__.splitlines()[0]
@@ -250,7 +160,7 @@ def run(argv: list[str] | None = None) -> int:
     dist.add_argument(
         "--distributed",
         action="store_true",
-        help="predict with the Beam pipeline of trainer.beam_predict; --output is then a "
+        help="predict with the Beam pipeline of trainer.beam.predict; --output is then a "
         "directory of shards (predictions-SSSSS-of-NNNNN.tsv, each with the header) and "
         "predictions.json",
     )
@@ -271,7 +181,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.block_rows <= 0:
         raise cli.UsageError(f"--block_rows must be > 0, got {args.block_rows}")
     if args.distributed:
-        from trainer import beam_predict  # imports this module
+        from trainer.beam import predict as beam_predict  # imports this module
 
         spec = beam_predict.PredictSpec(
             args.model_dir, args.k, args.targeting, args.output_format, args.block_rows

@@ -18,9 +18,8 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import cli
-from trainer import batch_predict
-from trainer import model as model_lib
+from common import cli
+from trainer.serving import model as model_lib
 from trainer.task import METRICS_FILE, format_metrics
 
 
@@ -61,7 +60,7 @@ def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=
     rows = []
     if predictions:
         try:
-            rows = list(itertools.islice(batch_predict.read_predictions(predictions), visitors))
+            rows = list(itertools.islice(predictions.read_predictions(predictions), visitors))
         except (ValueError, KeyError) as error:
             raise cli.UsageError(f"--predictions {predictions}: {error}") from None
     if rows and rows[0].targeting:

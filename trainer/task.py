@@ -4,11 +4,11 @@
         [--latent_factors K] [--num_iters N] [--regularization λ] [--unobserved_weight W0]
         [--weighting SCHEME] [--solver cholesky|cg] [--overwrite] [...]
 
-`--help` lists the flags and their defaults (the model's read from `trainer.wals.WALSConfig`);
+`--help` lists the flags and their defaults (the model's read from `trainer.local.train.WALSConfig`);
 this text leaves the defaults out so that it cannot contradict them.
 
 Output under --output_dir (written to a temporary directory, then moved into place):
-    model/          factors, vocabularies, seen items, config (`trainer.model.load`)
+    model/          factors, vocabularies, seen items, config (`trainer.serving.model.load`)
     export/         TensorFlow SavedModel: serving_default (visitorId -> contentIds, scores,
                     known) and fold_in (contentIds, durations -> contentIds, scores)
     metrics.json    final metrics for WALS and the popularity baseline, per-iteration history
@@ -29,23 +29,21 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import cli, staging
-from trainer import (
-    beam_evaluate,
-    beam_wals,
-    blocks,
-    checkpoints,
-    data,
-    distributed,
-    export,
-    metrics,
-    new_visitors,
-    seeding,
-    wals,
-    warm_start,
-    weights,
-)
-from trainer import model as model_lib
+from common import cli, staging
+from trainer.beam import checkpoints
+from trainer.beam import evaluate as beam_evaluate
+from trainer.beam import layout as blocks
+from trainer.beam import sweep as beam_wals
+from trainer.beam import train as distributed
+from trainer.core import metrics, seeding, weights
+from trainer.core.config import WALSConfig
+from trainer.core.factors import WALSFactors
+from trainer.evaluation import new_visitors
+from trainer.local import dataset as data
+from trainer.local import train as wals
+from trainer.local import warm_start
+from trainer.serving import export
+from trainer.serving import model as model_lib
 
 logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -68,7 +66,7 @@ def _ks(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = wals.WALSConfig()
+    defaults = WALSConfig()
     parser = argparse.ArgumentParser(
         prog="python -m trainer.task", description=__doc__.splitlines()[0]
     )
@@ -216,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument(
         "--distributed",
         action="store_true",
-        help="train with the Beam pipeline of trainer.beam_wals on the runner the Beam flags "
+        help="train with the Beam pipeline of trainer.beam.sweep on the runner the Beam flags "
         "name (DirectRunner by default); resumes from <output_dir>.checkpoints after a crash",
     )
     dist.add_argument(
@@ -237,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> wals.WALSConfig:
-    fields = {f.name for f in dataclasses.fields(wals.WALSConfig)}
-    return wals.WALSConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+def config_from_args(args: argparse.Namespace) -> WALSConfig:
+    fields = {f.name for f in dataclasses.fields(WALSConfig)}
+    return WALSConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
 
 
 def _summaries(writer, step: int, values: dict, prefix: str) -> None:
@@ -250,14 +248,14 @@ def _summaries(writer, step: int, values: dict, prefix: str) -> None:
     writer.flush()
 
 
-def _scorer(factors: wals.WALSFactors):
+def _scorer(factors: WALSFactors):
     """userIds int [b] -> scores float32 [b, n_items] = X[users] Yᵀ."""
     return lambda users: factors.user_factors[users] @ factors.item_factors.T
 
 
 def per_iteration_evaluator(
     train, heldout, ks: tuple[int, ...], eval_users: int, seed: int
-) -> Callable[[wals.WALSFactors], dict]:
+) -> Callable[[WALSFactors], dict]:
     """factors -> `metrics.evaluate` of them on a fixed seeded sample of `eval_users` of the
     users with held-out items (all of them when eval_users is 0 or exceeds their number): the
     evaluation of the per-iteration history. Its "users_evaluated" says how many were scored;

@@ -7,12 +7,12 @@ SavedModel export and the benchmarks. So f, the target and λ cannot disagree be
 For a block of whole rows u of one side, solved against the fixed side's factors y_i:
 
     f_ui = a_i + α·max(r_ui, 0)            a, α from the *global* item counts c_i
-                                           (`trainer.weights.item_terms`)
+                                           (`trainer.core.weights.item_terms`)
     t_ui = 1 under binary_target, else r_ui      the value fitted on an observed cell
     λ_u  = λ·(n_u + w0·N_fixed)^ν          n_u the row's observed count, N_fixed the size of
                                            the fixed side
 
-and the row's solve (`trainer.solver`) minimises
+and the row's solve (`trainer.core.solver`) minimises
 
     Σ_i w_ui (t_ui − x_u·y_i)² + λ_u‖x_u‖²,   w_ui = w0 + f_ui observed, w0 unobserved.
 
@@ -32,15 +32,11 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from trainer import solver as wals_solver
-from trainer import weights
-from trainer.config import WALSConfig
-from trainer.sparse import CsrMatrix
-
-# The two sides of the matrix; also part of the initialisation's key (`trainer.seeding`).
-USERS = 0
-ITEMS = 1
-SIDES = (USERS, ITEMS)
+from trainer.core import solver as wals_solver
+from trainer.core import weights
+from trainer.core.config import WALSConfig
+from trainer.core.sides import ITEMS, SIDES, USERS, Side  # noqa: F401  (re-exported)
+from trainer.core.sparse import CsrMatrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +62,7 @@ class RowProblem:
         chunk_rows: int = wals_solver.DEFAULT_CHUNK_ROWS,
         tile_shape: wals_solver.TileShape | None = None,
     ) -> wals_solver.RowPlan:
-        """The block laid out for `trainer.solver.solve_planned`."""
+        """The block laid out for `trainer.core.solver.solve_planned`."""
         return wals_solver.plan_rows(
             self.targets,
             self.f,

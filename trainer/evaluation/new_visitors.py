@@ -7,11 +7,11 @@ visitor v with both parts non-empty is
 
     folded in:  x_v = argmin_x Σ_i w_vi (t_vi − x·y_i)² + λ_v‖x‖²   over v's fold-in cells,
                 the exact row solve of the trained item factors Y, i.e. one row sweep of the
-                problem `trainer.problem.define_rows(foldin, USERS, c, config)` (c the train
+                problem `trainer.core.problem.define_rows(foldin, USERS, c, config)` (c the train
                 item counts), batched over all held-out visitors:
                     x_v = (w0·YᵀY + Σ_i f_vi y_i y_iᵀ + λ_v I)⁻¹ Σ_i (w0 + f_vi) t_vi y_i
     ranked:     every item by y_i·x_v, except v's fold-in items
-    scored:     against v's target items, with `trainer.metrics.batch_sums` (the metrics and
+    scored:     against v's target items, with `trainer.core.metrics.batch_sums` (the metrics and
                 cut-offs of the known-visitor evaluation)
 
 and the popularity baseline (items by train count c_i) is ranked and scored the same way. The
@@ -40,15 +40,15 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
-from pipeline import staging, worker_threads
-from pipeline.holdout import parse_heldout_example
-from trainer import metrics, problem
-from trainer import model as model_lib
-from trainer import solver as wals_solver
-from trainer.beam_predict import read_npy_rows
-from trainer.config import WALSConfig
-from trainer.sparse import CsrMatrix
+from common import staging, worker_threads
+from trainer.beam.predict import read_npy_rows
+from trainer.core import metrics, problem
+from trainer.core import solver as wals_solver
+from trainer.core.config import WALSConfig
+from trainer.core.sparse import CsrMatrix
+from trainer.serving import model as model_lib
 from transforms import features
+from transforms.examples import parse_heldout_example
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def fold_in_rows(
         gramian: [k, k] YᵀY in float64 (computed when None).
 
     Returns:
-        float32 [n, k], the rows of `trainer.wals.fold_in`, each from the shared problem.
+        float32 [n, k], the rows of `trainer.local.train.fold_in`, each from the shared problem.
     """
     if foldin.nnz == 0 and foldin.shape[0]:
         return np.zeros((foldin.shape[0], item_factors.shape[1]), np.float32)

@@ -3,10 +3,10 @@
     python -m trainer.task --distributed --input_dir D --output_dir M \
         [--factor_exchange broadcast|join] [--block_rows 16384] [any Beam pipeline option]
 
-Elements are blocks of thousands of whole rows (`trainer.blocks.RowBlock`), never single rows or
+Elements are blocks of thousands of whole rows (`trainer.beam.layout.RowBlock`), never single rows or
 cells, so Beam's per-element cost is paid a few hundred times per sweep. Each half-sweep solves
 every block of one side against the other side's factors, with the math of the local trainer:
-`trainer.problem.define_rows` per block, then `trainer.solver.solve_planned`.
+`trainer.core.problem.define_rows` per block, then `trainer.core.solver.solve_planned`.
 
     once:   rows of each side | StashRows      (each block's ratings to the checkpoint dir)
             initial factors of each block       (iter-0000 files)
@@ -39,10 +39,10 @@ side. The fixed factors reach a solving block in one of two ways (`--factor_exch
                 Shuffles Σ_b |cols(b)| · k · 4 bytes per sweep; no worker needs the whole table.
 
 Every DoFn is a pure function of its inputs (initial factors are keyed by the rows' original IDs,
-`trainer.seeding`), so bundle retries cannot double count and the result does not depend on the
+`trainer.core.seeding`), so bundle retries cannot double count and the result does not depend on the
 runner, the number of workers or the block size beyond float round-off.
 
-Checkpoints (`trainer.checkpoints`) go to `<output_dir>.checkpoints/`, outside the staged
+Checkpoints (`trainer.beam.checkpoints`) go to `<output_dir>.checkpoints/`, outside the staged
 output, so a crashed run keeps them; the same command resumes from the last complete iteration.
 """
 
@@ -61,11 +61,12 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.io.filesystem import CompressionTypes
 
-from trainer import blocks as blocks_lib
-from trainer import checkpoints, problem, seeding
-from trainer import solver as wals_solver
-from trainer.blocks import FactorRef, RowBlock
-from trainer.config import WALSConfig
+from trainer.beam import checkpoints
+from trainer.beam import layout as blocks_lib
+from trainer.beam.layout import FactorRef, RowBlock
+from trainer.core import problem, seeding
+from trainer.core import solver as wals_solver
+from trainer.core.config import WALSConfig
 from transforms import features
 
 logger = logging.getLogger(__name__)
@@ -301,7 +302,7 @@ def _warm_up(spec: TrainSpec, side: int, kernels: frozenset) -> None:
 
 class _InitFactors(beam.DoFn):
     """(block_id, row_ids) -> the FactorRef of the block's initial factors (iteration 0):
-    seeded (`trainer.seeding`), or a warm start's."""
+    seeded (`trainer.core.seeding`), or a warm start's."""
 
     def __init__(self, spec: TrainSpec, side: int):
         self._spec = spec

@@ -1,4 +1,4 @@
-"""Launches the distributed trainer (`trainer.beam_wals`) and collects its result.
+"""Launches the distributed trainer (`trainer.beam.sweep`) and collects its result.
 
 `python -m trainer.task --distributed` calls `train`: it claims (or checks) the checkpoint
 directory, writes the rows' ID keys, finds the iteration to resume from, runs one Beam pipeline
@@ -15,11 +15,13 @@ import time
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import worker_threads
-from trainer import beam_wals, checkpoints, problem, seeding
-from trainer import blocks as blocks_lib
-from trainer.config import WALSConfig
-from trainer.wals import WALSFactors
+from common import worker_threads
+from trainer.beam import checkpoints
+from trainer.beam import layout as blocks_lib
+from trainer.beam import sweep as beam_wals
+from trainer.core import problem, seeding
+from trainer.core.config import WALSConfig
+from trainer.core.factors import WALSFactors
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +66,16 @@ def train(
     """Trains with the Beam trainer, resuming from a checkpoint when there is one.
 
     Args:
-        dataset: the loaded `trainer.data.Dataset` (its summary, vocabularies and shape).
+        dataset: the loaded `trainer.local.dataset.Dataset` (its summary, vocabularies and shape).
         input_dir: the preprocessed dataset's directory, which the workers read.
         config: the hyperparameters.
         output_dir: the run's --output_dir; checkpoints go to `<output_dir>.checkpoints`.
         beam_argv: Beam pipeline flags (--runner, --direct_num_workers, ...).
-        exchange: "broadcast" or "join" (`trainer.beam_wals`).
+        exchange: "broadcast" or "join" (`trainer.beam.sweep`).
         block_rows: rows per block.
         loss_every: loss every N iterations and after the last; 0 never.
         fail_after: test-only fault injection (`beam_wals.TrainSpec.fail_after`).
-        warm_start: a `trainer.warm_start.WarmStart` to start from instead of the seeded
+        warm_start: a `trainer.local.warm_start.WarmStart` to start from instead of the seeded
             initialisation; part of the checkpoint's fingerprint.
 
     Raises:

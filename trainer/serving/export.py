@@ -1,6 +1,6 @@
 """Exports a trained `WALSModel` as a TensorFlow SavedModel for TensorFlow Serving.
 
-    path = trainer.export.export_saved_model(model, "exports/wals/1", k=10)
+    path = trainer.serving.export.export_saved_model(model, "exports/wals/1", k=10)
     tf.saved_model.load(path).signatures["serving_default"](visitorId=tf.constant(["7291..."]))
 
 Everything the signatures need lives inside the SavedModel: the factors, the seen items and the
@@ -33,7 +33,7 @@ Signatures (k is fixed at export time; N_items is the number of items):
             G = YᵀY,   λ_u = λ · (n + w0 · N_items)^ν,
 
         n the number of distinct known items with a positive sum and f_i the observed weight of
-        `trainer.weights` (per item from its train count, or α·r_i under `confidence`). Scores
+        `trainer.core.weights` (per item from its train count, or α·r_i under `confidence`). Scores
         are Y x with every known given item excluded; with n = 0 they are the popular items.
 
 REST (TensorFlow Serving, `POST /v1/models/<name>:predict`):
@@ -51,7 +51,7 @@ REST (TensorFlow Serving, `POST /v1/models/<name>:predict`):
 
 Model config keys read here (`WALSModel.config`, written by the trainer):
     scaling (str), scale_stats (dict, e.g. {"median": 41000.0}), unobserved_weight (w0),
-    regularization (λ), regularization_exp (ν), weighting (a `trainer.weights.WEIGHTINGS` name),
+    regularization (λ), regularization_exp (ν), weighting (a `trainer.core.weights.WEIGHTINGS` name),
     and the weighting's parameters: feature_wt_factor and feature_wt_exp (column_frequency),
     feature_wt_exp (log), confidence_alpha (confidence).
 """
@@ -67,12 +67,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tensorflow as tf
 
-from trainer import solver, weights
-from trainer.model import vocabulary_to_bytes
+from trainer.core import solver, weights
+from trainer.serving.model import vocabulary_to_bytes
 from transforms import features, scaling
 
 if TYPE_CHECKING:
-    from trainer.model import WALSModel
+    from trainer.serving.model import WALSModel
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class _Recommender(tf.Module):
             trainable=False,
             name="w0_gramian",
         )
-        # The problem of a new visitor's row, from the shared definition (`trainer.problem`):
+        # The problem of a new visitor's row, from the shared definition (`trainer.core.problem`):
         # λ_u for every possible number of given items n = 0..N_items, and f_i = a_i + α·max(r, 0).
         self.regularization = tf.Variable(
             wals_config.row_regularization(np.arange(n_items + 1), n_items),
@@ -266,7 +266,7 @@ class _Recommender(tf.Module):
     def _solve(self, items: tf.Tensor, ratings: tf.Tensor) -> tf.Tensor:
         """The exact WALS row solve for one new visitor.
 
-        The exact kernel of `trainer.solver`, for a single unpadded row:
+        The exact kernel of `trainer.core.solver`, for a single unpadded row:
             A = w0·G + Σ_i f_i y_i y_iᵀ + λ_u I,   b = Σ_i (w0 + f_i) r_i y_i,   x = A⁻¹ b.
 
         Args:
@@ -278,7 +278,7 @@ class _Recommender(tf.Module):
         """
         y = tf.cast(tf.gather(self.item_factors, items), tf.float64)  # [n, k]
         r = tf.cast(ratings, tf.float64)
-        # f = a_i + α·max(r, 0) (`trainer.weights.item_terms`).
+        # f = a_i + α·max(r, 0) (`trainer.core.weights.item_terms`).
         f = tf.gather(self.item_a, items) + self._alpha * tf.maximum(r, 0.0)
         reg = tf.gather(self.regularization, tf.size(items))
         target = tf.ones_like(r) if self._binary_target else r

@@ -58,7 +58,7 @@ def initial_factors(keys: np.ndarray, k: int, stddev: float, seed: int, side: in
         k: the factor dimension.
         stddev: σ.
         seed: the run's seed, >= 0.
-        side: 0 for users, 1 for items (`trainer.problem.USERS` / `ITEMS`).
+        side: 0 for users, 1 for items (`trainer.core.problem.USERS` / `ITEMS`).
 
     Returns:
         float32 [n, k]; row u depends only on (keys[u], k, σ, seed, side).

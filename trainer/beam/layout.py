@@ -26,7 +26,7 @@ import io
 
 import numpy as np
 
-from trainer.sparse import CsrMatrix
+from trainer.core.sparse import CsrMatrix
 
 # Rows per block of evaluation and batch prediction: a block's scores are [rows, n_items].
 DEFAULT_BLOCK_ROWS = 4096
@@ -116,7 +116,7 @@ class RowBlock:
     block's problem, or reads the rows back from the checkpoint directory).
 
     Attributes:
-        side: `trainer.problem.USERS` or `ITEMS`.
+        side: `trainer.core.problem.USERS` or `ITEMS`.
         block_id: the block's number; its rows are its layout's rows_of(block_id).
         row_ids: int64 [b], the global index of each row, ascending, every row of the block
             (rows without cells included, so that the factor table is complete).
@@ -135,12 +135,12 @@ class FactorRef:
     """What moves between sweeps: where a block's current factors are, not the factors.
 
     Every half-sweep writes each block's factors to a checkpoint file anyway
-    (`trainer.checkpoints.write_block`), so the factors travel through those files and Beam
+    (`trainer.beam.checkpoints.write_block`), so the factors travel through those files and Beam
     carries only this reference: no stage ships factor tables through the runner's data plane
     or shuffle. The reader checks the file against the SHA-256 in `record`.
 
     Attributes:
-        side: `trainer.problem.USERS` or `ITEMS`.
+        side: `trainer.core.problem.USERS` or `ITEMS`.
         block_id: the block's number.
         iteration: the iteration the factors belong to (0: the initial factors).
         record: the checkpoint record of the block's file, {block, file, bytes, sha256}.

@@ -1,4 +1,4 @@
-"""Distributed evaluation: the metrics of `trainer.metrics` summed over blocks of users in Beam.
+"""Distributed evaluation: the metrics of `trainer.core.metrics` summed over blocks of users in Beam.
 
     user blocks ─ EvaluateBlocks(item_factors) ─> {"rmse", "recall@k", ..., "users_evaluated"}
 
@@ -28,13 +28,13 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
-from pipeline import matrix_io, staging, worker_threads
-from trainer import blocks as blocks_lib
-from trainer import metrics
-from trainer import model as model_lib
-from trainer.beam_predict import read_npy_rows
-from trainer.sparse import CsrMatrix
-from transforms import features
+from common import staging, worker_threads
+from trainer.beam import layout as blocks_lib
+from trainer.beam.predict import read_npy_rows
+from trainer.core import metrics
+from trainer.core.sparse import CsrMatrix
+from trainer.serving import model as model_lib
+from transforms import examples, features
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class _AssembleEvalBlock(beam.DoFn):
 
 def _key_by_block(record: bytes, block_rows: int):
     """A `key/indices/values` Example -> (block_id, (userId, itemIds int64 [n], ratings [n]))."""
-    key, indices, values = matrix_io.parse_sparse_example(record)
+    key, indices, values = examples.parse_sparse_example(record)
     indices = np.asarray(indices, dtype=np.int64)
     values = np.asarray(values, dtype=np.float32)
     return int(blocks_lib.block_of(key, block_rows)), (int(key), indices, values)

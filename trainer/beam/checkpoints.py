@@ -3,7 +3,7 @@
 Layout, under `<output_dir>.checkpoints/` (outside the staged output, so a failed run keeps it):
 
     run.json                       the fingerprint of (data, hyperparameters, block_rows)
-    keys/users.u64, keys/items.u64 uint64 little-endian, the `trainer.seeding.id_keys` of each
+    keys/users.u64, keys/items.u64 uint64 little-endian, the `trainer.core.seeding.id_keys` of each
                                    row's original ID, in block order (each block reads one range)
     init/users.f32, init/items.f32 with a warm start: the initial factors, float32 [n, k], in
                                    block order
@@ -42,9 +42,9 @@ import uuid
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from trainer import blocks as blocks_lib
-from trainer import problem
-from trainer.sparse import CsrMatrix
+from trainer.beam import layout as blocks_lib
+from trainer.core import problem
+from trainer.core.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 Evaluator blesses a model before its Pusher publishes it.
 
 Both models are scored on the same data, the candidate's eval split, with the same code
-(`trainer.metrics.evaluate`, every visitor's training items excluded):
+(`trainer.core.metrics.evaluate`, every visitor's training items excluded):
 
 - the candidate by its own factors: scores[u] = x_u · Yᵀ;
 - the published model by fold-in: each eval visitor's training row (the candidate's train split,
@@ -28,9 +28,11 @@ import logging
 
 import numpy as np
 
-from trainer import data, metrics, new_visitors
-from trainer import model as model_lib
-from trainer.sparse import CsrMatrix
+from trainer.core import metrics
+from trainer.core.sparse import CsrMatrix
+from trainer.evaluation import new_visitors
+from trainer.local import dataset as data
+from trainer.serving import model as model_lib
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import tensorflow as tf
 import tensorflow_transform as tft
 from apache_beam.io.filesystems import FileSystems
 
-from trainer.model import vocabulary_from_bytes
-from trainer.sparse import CsrMatrix
+from trainer.core.sparse import CsrMatrix
+from trainer.serving.model import vocabulary_from_bytes
 from transforms import features
 
 logger = logging.getLogger(__name__)

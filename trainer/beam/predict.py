@@ -1,7 +1,7 @@
 r"""Distributed batch prediction: `python -m trainer.batch_predict --distributed [Beam flags]`.
 
 The same predictions as the local `trainer.batch_predict`, line for line, from a Beam pipeline
-whose elements are blocks of users (block = userId // block_rows, `trainer.blocks`):
+whose elements are blocks of users (block = userId // block_rows, `trainer.beam.layout`):
 
     vocab_users.txt ─ SliceUserVocabulary ─> (block_id, visitorIds)     one element per block
         ─ LoadUserBlocks ─> UserBlock: factors X_b [b, k] and seen rows, read by each worker
@@ -13,14 +13,14 @@ whose elements are blocks of users (block = userId // block_rows, `trainer.block
             CombinePerKey (exact: the global top K lies in the union of the blocks' top Ks)
         ─ WriteToText: <output>/predictions-SSSSS-of-NNNNN.tsv (or .jsonl)
 
-Scores are `trainer.metrics.dot_scores` (float64, rounded to float32), so they do not depend on
+Scores are `trainer.core.metrics.dot_scores` (float64, rounded to float32), so they do not depend on
 the block size; ties go to the lower ID, as locally. Lines are formatted by
-`batch_predict.format_line`; every TSV shard starts with the header line, so each shard is a
-predictions file `batch_predict.read_predictions` (or pandas) reads on its own.
+`predictions.format_line`; every TSV shard starts with the header line, so each shard is a
+predictions file `predictions.read_predictions` (or pandas) reads on its own.
 
 Each worker holds the item factors ([n_items, k] float32) and the content vocabulary; user
 factors and visitor IDs travel only in blocks. The output directory is staged
-(`pipeline.staging`): the shards and `predictions.json` (the completion marker: format, k,
+(`common.staging`): the shards and `predictions.json` (the completion marker: format, k,
 targeting, lines, shards) appear only when the whole run succeeded.
 """
 
@@ -38,11 +38,12 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import staging, worker_threads
-from trainer import batch_predict, metrics
-from trainer import blocks as blocks_lib
-from trainer import model as model_lib
-from trainer.sparse import CsrMatrix
+from common import staging, worker_threads
+from trainer.beam import layout as blocks_lib
+from trainer.core import metrics
+from trainer.core.sparse import CsrMatrix
+from trainer.serving import model as model_lib
+from trainer.serving import predictions
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class ReadUserBlocks(beam.PTransform):
 
 
 class _PredictForUsers(beam.DoFn):
-    """UserBlock -> str lines: top-K unseen content per visitor, `batch_predict.format_line`."""
+    """UserBlock -> str lines: top-K unseen content per visitor, `predictions.format_line`."""
 
     def __init__(self, spec: PredictSpec):
         self._spec = spec
@@ -222,7 +223,7 @@ class _PredictForUsers(beam.DoFn):
                 self._short.inc()
             ranked = [items[i] for i in ids[row][valid]]
             self._lines.inc()
-            yield batch_predict.format_line(
+            yield predictions.format_line(
                 visitor, ranked, top[row][valid].tolist(), False, spec.output_format
             )
 
@@ -313,7 +314,7 @@ class _FormatContentLines(beam.DoFn):
             if not valid.all():
                 self._short.inc()
             self._lines.inc()
-            yield batch_predict.format_line(
+            yield predictions.format_line(
                 items[start + row],
                 list(top.names[row][valid]),
                 top.scores[row][valid].tolist(),
@@ -384,7 +385,7 @@ def build_pipeline(pipeline: beam.Pipeline, spec: PredictSpec, output_prefix: st
         lambda paths: _load_vocabulary(paths[1])
     )
     predict = PredictForContent if spec.targeting else PredictForUsers
-    header = batch_predict.header_line(spec.targeting, spec.output_format)
+    header = predictions.header_line(spec.targeting, spec.output_format)
     _ = (
         pipeline
         | "ReadUserBlocks" >> ReadUserBlocks(spec, n_items)
@@ -430,7 +431,7 @@ def write_predictions(spec: PredictSpec, output_dir: str, beam_argv: list[str]) 
         FileNotFoundError: no model under spec.model_dir.
         staging.OutputExistsError: output_dir holds something else.
     """
-    if spec.output_format not in batch_predict.FORMATS:
+    if spec.output_format not in predictions.FORMATS:
         raise ValueError(f"unknown format {spec.output_format!r}")
     if spec.k <= 0 or spec.block_rows <= 0:
         raise ValueError(f"k and block_rows must be > 0, got {spec.k} and {spec.block_rows}")

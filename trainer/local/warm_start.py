@@ -2,7 +2,7 @@
 
 Vocabulary indices change from day to day, so rows are matched by their original visitorId and
 contentId. A row the earlier model knew starts from its trained factors; a new visitor or new
-content starts from the seeded initialisation (`trainer.seeding`), exactly as in a cold run.
+content starts from the seeded initialisation (`trainer.core.seeding`), exactly as in a cold run.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import logging
 
 import numpy as np
 
-from trainer import model as model_lib
-from trainer import problem, seeding
-from trainer.config import WALSConfig
-from trainer.wals import WALSFactors
+from trainer.core import problem, seeding
+from trainer.core.config import WALSConfig
+from trainer.core.factors import WALSFactors
+from trainer.serving import model as model_lib
 
 logger = logging.getLogger(__name__)
 

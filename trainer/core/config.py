@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 
-from trainer import solver as wals_solver
-from trainer import weights
+from trainer.core import solver as wals_solver
+from trainer.core import weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +22,7 @@ class WALSConfig:
         regularization_exp: ν in λ_u = λ·(n_u + w0·N_items)^ν; 0 gives plain λ, 1 the
             frequency scaling of "Revisiting the Performance of iALS" (Rendle et al., 2021).
         unobserved_weight: w0, the weight of every cell, observed or not.
-        weighting: the observed extra weight f_ui, one of `trainer.weights.WEIGHTINGS`.
+        weighting: the observed extra weight f_ui, one of `trainer.core.weights.WEIGHTINGS`.
         feature_wt_factor: ω in column_frequency, f = ω·c_i^p.
         feature_wt_exp: p in column_frequency (-1: inverse item frequency), e in
             inverse_frequency, f = (1/c_i)^e.
@@ -112,7 +112,7 @@ class WALSConfig:
         object.__setattr__(self, "weighting", weights.canonical_weighting(self.weighting))
 
     def item_terms(self, item_counts: np.ndarray) -> tuple[np.ndarray, float]:
-        """(a [n_items], α) with f_ui = a_i + α·max(r_ui, 0); see `trainer.weights.item_terms`."""
+        """(a [n_items], α) with f_ui = a_i + α·max(r_ui, 0); see `trainer.core.weights.item_terms`."""
         return weights.item_terms(
             item_counts,
             self.weighting,

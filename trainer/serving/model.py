@@ -1,6 +1,6 @@
 """The trained model: factors, vocabularies and what is needed to recommend in original IDs.
 
-    model = trainer.model.load("runs/local/model")
+    model = trainer.serving.model.load("runs/local/model")
     model.recommend(["7291783718742811253"], k=10)   # -> [Recommendations(...)]
     model.similar_items(["article-0042"], k=5)
 
@@ -27,8 +27,10 @@ import os
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from trainer import metrics, wals
-from trainer.sparse import CsrMatrix
+from trainer.core import metrics
+from trainer.core.config import WALSConfig
+from trainer.core.foldin import fold_in
+from trainer.core.sparse import CsrMatrix
 from transforms import scaling
 
 MODEL_SUBDIR = "model"
@@ -142,21 +144,21 @@ class WALSModel:
             row += 1
         return out
 
-    def wals_config(self) -> wals.WALSConfig:
+    def wals_config(self) -> WALSConfig:
         """The hyperparameters the model was trained with."""
-        names = {field.name for field in dataclasses.fields(wals.WALSConfig)}
+        names = {field.name for field in dataclasses.fields(WALSConfig)}
         values = {k: v for k, v in self.config.items() if k in names}
         # A config without the key predates binary_target, when every model fitted r: keep its
         # meaning now that the default is a binary target.
         values.setdefault("binary_target", False)
-        return wals.WALSConfig(**values)
+        return WALSConfig(**values)
 
     def fold_in(self, content_ids: list[str], values: list[float]) -> tuple[np.ndarray, np.ndarray]:
         """Factors of a visitor not seen in training, from what they read, without retraining.
 
         The values (time on page in ms, or ratings: what preprocessing read) are summed per
         content, scaled exactly as preprocessing scaled them, and the visitor's row is solved
-        against the trained item factors (WALS's row projection, `trainer.wals.fold_in`).
+        against the trained item factors (WALS's row projection, `trainer.local.train.fold_in`).
         Unknown content and non-positive sums are ignored.
 
         Returns:
@@ -170,7 +172,7 @@ class WALSModel:
         items = np.array(sorted(i for i, v in totals.items() if v > 0), dtype=np.int64)
         raw = np.array([totals[i] for i in items], dtype=np.float32)
         ratings = scaling.scale(raw, self.config["scaling"], self.config["scale_stats"]).numpy()
-        x = wals.fold_in(
+        x = fold_in(
             self.item_factors, None, items, ratings, self.item_counts, self.wals_config()
         )
         return x.astype(np.float32), items

@@ -1,6 +1,6 @@
 """The WALS math: per-row least-squares solves, the Gramian and the loss, as TensorFlow kernels.
 
-Both the local trainer (`trainer.wals`) and the distributed trainer call these functions. Apart
+Both the local trainer (`trainer.local.train`) and the distributed trainer call these functions. Apart
 from a `RowPlan` (the padded layout of a block of rows, built once per matrix) they hold no
 state.
 
@@ -9,7 +9,7 @@ The model minimises, over the full n_users x n_items matrix,
     L = Σ_(u,i) w_ui (r_ui − x_u·y_i)² + Σ_u λ_u ‖x_u‖² + Σ_i λ_i ‖y_i‖²,
 
 with w_ui = w0 and r_ui = 0 for unobserved cells and w_ui = w0 + f_ui for observed ones (see
-`trainer.weights`). With the item factors Y (n_items x k) fixed, row u's optimum solves
+`trainer.core.weights`). With the item factors Y (n_items x k) fixed, row u's optimum solves
 
     A_u x_u = b_u,    A_u = w0·G + Σ_(i∈obs(u)) f_ui y_i y_iᵀ + λ_u I,
                       b_u = Σ_(i∈obs(u)) (w0 + f_ui) r_ui y_i,      G = YᵀY,
@@ -67,7 +67,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from trainer.sparse import CsrMatrix
+from trainer.core.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -1042,7 +1042,7 @@ def observed_sums(
     fixed: FloatArray,
     dtype: tf.DType = tf.float32,
 ) -> tuple[float, float, float]:
-    """Sums over a block's observed cells, for the loss (`trainer.problem.loss_sums`).
+    """Sums over a block's observed cells, for the loss (`trainer.core.problem.loss_sums`).
 
     With p_ui = x_u·y_i computed in `dtype` and the sums accumulated in float64:
         (Σ (t_ui − p_ui)²,  Σ f_ui (t_ui − p_ui)²,  Σ p_ui²).

@@ -20,7 +20,7 @@ perfect ranking even when a user has more than k held-out items.
 `evaluate` runs this in batches of users, so memory is O(batch_size · n_items) whatever the
 number of users; `evaluate_popularity` is the most-popular-items baseline every model must beat.
 Each batch's `batch_sums` is a `RankingSums` of per-user sums; the Beam evaluation
-(`trainer.beam_evaluate`) merges the same sums over blocks of users, so both give one result.
+(`trainer.beam.evaluate`) merges the same sums over blocks of users, so both give one result.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from trainer.sparse import CsrMatrix
+from trainer.core.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def _select_with_ties(
 @dataclasses.dataclass
 class RankingSums:
     """Sums of the per-user metrics over a set of users: the unit `evaluate` and the Beam
-    evaluation (`trainer.beam_evaluate`) both add up, so that any split of the users into
+    evaluation (`trainer.beam.evaluate`) both add up, so that any split of the users into
     batches or blocks gives the same result.
 
     Attributes:

@@ -5,8 +5,8 @@
     scores = factors.user_factors[u] @ factors.item_factors.T
 
 Each iteration is a row sweep (every x_u from Y) and a column sweep (every y_i from X) of
-`trainer.solver`, which holds the math; this module holds the loop, the initialisation, the
-progress report and fold-in. See `trainer.solver` for the objective and `trainer.weights` for
+`trainer.core.solver`, which holds the math; this module holds the loop, the initialisation, the
+progress report and fold-in. See `trainer.core.solver` for the objective and `trainer.core.weights` for
 the weighting schemes.
 """
 
@@ -16,39 +16,21 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 import tqdm
 
-from trainer import problem, seeding
-from trainer import solver as wals_solver
-from trainer.config import WALSConfig
-from trainer.problem import ITEMS, USERS
-from trainer.sparse import CsrMatrix
-
-__all__ = ["ITEMS", "USERS", "WALSConfig", "WALSFactors", "fit", "fold_in"]
+from trainer.core import problem, seeding
+from trainer.core import solver as wals_solver
+from trainer.core.config import WALSConfig
+from trainer.core.factors import IterationCallback, WALSFactors
+from trainer.core.problem import ITEMS, USERS
+from trainer.core.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class WALSFactors:
-    """A trained (or partly trained) factorisation R ≈ X Yᵀ.
-
-    Attributes:
-        user_factors: [n_users, k] X, float32 (float64 when fit with dtype=tf.float64).
-        item_factors: [n_items, k] Y, same dtype.
-        history: one loss dict per finished iteration (see `trainer.solver.loss`).
-    """
-
-    user_factors: np.ndarray
-    item_factors: np.ndarray
-    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
-
-
-IterationCallback = Callable[[int, WALSFactors, dict[str, float]], None]
 
 
 def _report(bar, show_progress: bool, iteration: int, iters: int, seconds: float, loss) -> None:
@@ -87,10 +69,10 @@ def fit(
 ) -> WALSFactors:
     """Trains WALS on a rating matrix.
 
-    Per iteration, with the problems of `trainer.problem.define_rows`:
+    Per iteration, with the problems of `trainer.core.problem.define_rows`:
         X ← argmin_X L(X, Y)   (row sweep:    x_u = A_u⁻¹ b_u with G = YᵀY)
         Y ← argmin_Y L(X, Y)   (column sweep: y_i = A_i⁻¹ b_i with G = XᵀX, on Rᵀ)
-    then the loss of `trainer.problem.loss` is recorded.
+    then the loss of `trainer.core.problem.loss` is recorded.
 
     Args:
         matrix: R, [n_users, n_items], the observed r_ui.
@@ -101,10 +83,10 @@ def fit(
         dtype: computation dtype (tf.float64 for tests).
         chunk_rows: rows laid out together by the solver; results do not depend on it beyond
             round-off.
-        jit_compile: XLA-compile the CG kernels (see `trainer.solver.solve_planned`).
+        jit_compile: XLA-compile the CG kernels (see `trainer.core.solver.solve_planned`).
         compute_loss: evaluate the loss (about 15% of an iteration's time at 5M entries);
             when False, the history stays empty and the callback gets None for the loss.
-        user_keys: uint64 [n_users], `trainer.seeding.id_keys` of the visitors' original IDs;
+        user_keys: uint64 [n_users], `trainer.core.seeding.id_keys` of the visitors' original IDs;
             the initial factors are a function of these (of the row index when None).
         item_keys: uint64 [n_items], likewise for the content.
         initial: factors to start from instead of the seeded initialisation (a resume, or a
@@ -212,7 +194,7 @@ def _seeded_factors(
     item_keys: np.ndarray | None,
     user_order: np.ndarray,
 ) -> WALSFactors:
-    """The seeded initial factors of `trainer.seeding`, keyed by ID (by row index when None),
+    """The seeded initial factors of `trainer.core.seeding`, keyed by ID (by row index when None),
     with the users in `user_order`."""
     k = config.latent_factors
     user_keys = seeding.index_keys(n_users) if user_keys is None else user_keys
@@ -224,41 +206,3 @@ def _seeded_factors(
         seeding.initial_factors(user_keys, k, config.init_stddev, config.seed, USERS),
         seeding.initial_factors(item_keys, k, config.init_stddev, config.seed, ITEMS),
     )
-
-
-def fold_in(
-    item_factors: np.ndarray | tf.Tensor,
-    gramian: np.ndarray | tf.Tensor | None,
-    item_indices: np.ndarray,
-    ratings: np.ndarray,
-    item_counts: np.ndarray,
-    config: WALSConfig,
-    dtype: tf.DType = tf.float32,
-) -> np.ndarray:
-    """Factors of a new user from their (item, rating) pairs, without retraining.
-
-    Solves the user's row exactly against the trained items, as the row sweep would, with the
-    problem of `trainer.problem.define_history`:
-        x = (w0·G + Σ_i f_i y_i y_iᵀ + λ_u I)⁻¹ Σ_i (w0 + f_i) t_i y_i,
-        λ_u = λ·(m + w0·N_items)^ν, m = number of given items.
-
-    Args:
-        item_factors: [n_items, k] trained Y.
-        gramian: [k, k] G = YᵀY, precomputed once for many fold-ins; computed when None.
-        item_indices: int [m], distinct items of the user.
-        ratings: float [m], r_ui of those items (scaled like the training data).
-        item_counts: int [n_items], c_i of the training matrix (for the weights f).
-        config: the trained model's hyperparameters.
-        dtype: computation dtype.
-
-    Returns:
-        [k] NumPy array of `dtype`; zeros when no items are given.
-    """
-    item_factors = tf.cast(tf.convert_to_tensor(item_factors), dtype)
-    if item_factors.shape[0] != np.asarray(item_counts).size:
-        raise ValueError("item_factors and item_counts disagree on the number of items")
-    row = problem.define_history(item_indices, ratings, item_counts, config)
-    if gramian is None:
-        gramian = wals_solver.gramian(item_factors, dtype)
-    plan = row.plan(wals_solver.CHOLESKY, dtype=dtype)
-    return wals_solver.solve_planned(plan, item_factors, gramian, wals_solver.CHOLESKY).numpy()[0]

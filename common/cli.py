@@ -61,7 +61,7 @@ def print_help(prog: str, description: str, view: type[PipelineOptions]) -> None
 CONSOLE_FD_ENV = "GA_WALS_CONSOLE_FD"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Loggers of this project; "__main__" is the entry point run with `python -m`.
-OWN_LOGGERS = ("__main__", "pipeline", "transforms", "trainer")
+OWN_LOGGERS = ("__main__", "common", "pipeline", "transforms", "trainer")
 
 
 def is_own_logger(name: str) -> bool:
