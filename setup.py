@@ -37,7 +37,10 @@ setuptools.setup(
     description="GA360 session logs -> TF Transform -> WALS recommendations, on Apache Beam.",
     python_requires=">=3.10",
     packages=setuptools.find_packages(
-        include=["pipeline", "pipeline.*", "transforms", "transforms.*", "trainer", "trainer.*"]
+        include=[
+            "common", "common.*", "pipeline", "pipeline.*", "transforms", "transforms.*",
+            "trainer", "trainer.*",
+        ]
     ),
     install_requires=REQUIRED,
     extras_require=EXTRAS,
