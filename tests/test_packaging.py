@@ -10,7 +10,7 @@ import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PRODUCT_PACKAGES = ("pipeline", "transforms", "trainer")
+PRODUCT_PACKAGES = ("common", "pipeline", "transforms", "trainer")
 # The Airflow DAG runs in Airflow's own environment, with the pins of
 # pipeline/dags/requirements-airflow.txt (checked by tests/test_dag.py), not setup.py's.
 AIRFLOW_DAGS = ROOT / "pipeline" / "dags"
