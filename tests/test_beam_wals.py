@@ -1,4 +1,4 @@
-"""The distributed trainer (`trainer.task --distributed`, `trainer.beam.sweep`) against the local
+"""The distributed trainer (`trainer.task --distributed`, `trainer.beam`) against the local
 one, on DirectRunner: in-memory and multi_processing with 2 and 3 workers, several block sizes,
 both factor exchanges; and its checkpoints: a crash, a resume, a corrupt or foreign checkpoint.
 """
@@ -15,8 +15,7 @@ import pytest
 from common import cli
 from pipeline import preprocess, synthetic
 from trainer import task
-from trainer.beam import checkpoints
-from trainer.beam import sweep as beam_wals
+from trainer.beam import block_problems, checkpoint_files, checkpoints, sweep
 from trainer.core.sparse import CsrMatrix
 
 ITERS = 4
@@ -110,19 +109,19 @@ def test_distributed_training_equals_local_training(
             )
 
 
-def test_workers_without_cached_problems_rebuild_them_from_the_stashed_rows(
+def test_workers_without_cached_problems_rebuild_them_from_the_stashed_ratings(
     dataset, local, tmp_path, monkeypatch
 ):
     # A cache of one entry evicts every block's problem before its next sweep, as a worker that
     # restarts between sweeps would: each solve then rereads the block's rows file.
-    monkeypatch.setattr(beam_wals, "PLAN_CACHE_SLOTS", 0)
-    beam_wals._PLAN_CACHE.clear()
+    monkeypatch.setattr(block_problems, "PLAN_CACHE_SLOTS", 0)
+    block_problems._PLAN_CACHE.clear()
     reads = []
-    read_rows_block = checkpoints.read_rows_block
+    read_ratings = checkpoint_files.read_ratings
     monkeypatch.setattr(
-        checkpoints,
-        "read_rows_block",
-        lambda *args: reads.append(args[1:]) or read_rows_block(*args),
+        checkpoint_files,
+        "read_ratings",
+        lambda *args: reads.append(args[1:]) or read_ratings(*args),
     )
     out = str(tmp_path / "model")
     task.run(
@@ -143,13 +142,13 @@ def test_workers_without_cached_problems_rebuild_them_from_the_stashed_rows(
 def test_workers_compile_every_tile_shape_they_solve_before_the_first_solve(
     dataset, tmp_path, monkeypatch, exchange
 ):
-    """The kernel shapes `_StashRows` collects per side cover every tile that any block's solve
+    """The kernel shapes `StashRatings` collects per side cover every tile that any block's solve
     runs, against the fixed table length it runs with: a worker that warmed up compiles nothing
     when it meets a new block."""
-    beam_wals._WARMED.clear()
-    beam_wals._PLAN_CACHE.clear()
+    sweep._WARMED.clear()
+    block_problems._PLAN_CACHE.clear()
     warmed, solved = {}, []
-    warm_up, solve_planned = beam_wals._warm_up, beam_wals.wals_solver.solve_planned
+    warm_up, solve_planned = sweep._warm_up, sweep.wals_solver.solve_planned
 
     def record_warm_up(spec, side, kernels):
         warmed.setdefault(side, kernels)
@@ -160,8 +159,8 @@ def test_workers_compile_every_tile_shape_they_solve_before_the_first_solve(
             solved.append((plan, int(np.shape(fixed)[0])))
         return solve_planned(plan, fixed, gramian, solver, *args, **kwargs)
 
-    monkeypatch.setattr(beam_wals, "_warm_up", record_warm_up)
-    monkeypatch.setattr(beam_wals.wals_solver, "solve_planned", record_solve)
+    monkeypatch.setattr(sweep, "_warm_up", record_warm_up)
+    monkeypatch.setattr(sweep.wals_solver, "solve_planned", record_solve)
     task.run(
         [
             "--input_dir", dataset, "--output_dir", str(tmp_path / "model"), *HYPER,
@@ -176,26 +175,26 @@ def test_workers_compile_every_tile_shape_they_solve_before_the_first_solve(
     assert len({plan.kernel_shapes for plan, _ in solved}) > 1
 
 
-def test_block_rows_files_round_trip_and_a_corrupt_one_is_named(tmp_path):
+def test_block_ratings_files_round_trip_and_a_corrupt_one_is_named(tmp_path):
     rows = CsrMatrix.from_triples(
         np.array([0, 0, 2]), np.array([5, 1, 3]), np.array([0.5, 1.0, 2.0]), (3, 7)
     )
     directory = str(tmp_path / "ckpt")
-    checkpoints.write_rows_block(directory, 1, 4, rows)
-    back = checkpoints.read_rows_block(directory, 1, 4)
+    checkpoint_files.write_ratings(directory, 1, 4, rows)
+    back = checkpoint_files.read_ratings(directory, 1, 4)
     np.testing.assert_array_equal(back.to_dense(), rows.to_dense())
     assert back.shape == (3, 7)
     path = tmp_path / "ckpt" / "rows" / "items" / "block-00004.npz"
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(checkpoints.CheckpointError, match="block-00004.npz"):
-        checkpoints.read_rows_block(directory, 1, 4)
+        checkpoint_files.read_ratings(directory, 1, 4)
 
 
 def test_join_requests_files_round_trip_and_a_corrupt_one_is_named(tmp_path):
     directory = str(tmp_path / "ckpt")
     requests = [(3, np.array([7, 9])), (0, np.array([], np.int64)), (1, np.array([2]))]
-    record = checkpoints.write_requests(directory, 0, 2, requests)
-    back = checkpoints.read_requests(directory, 0, 2, record)
+    entry = checkpoint_files.write_requests(directory, 0, 2, requests)
+    back = checkpoint_files.read_requests(directory, 0, 2, entry)
     assert [block for block, _ in back] == [0, 1, 3]  # by solving block
     for (block, rows), (expected_block, expected) in zip(
         back, sorted(requests, key=lambda r: r[0])
@@ -205,7 +204,7 @@ def test_join_requests_files_round_trip_and_a_corrupt_one_is_named(tmp_path):
     path = tmp_path / "ckpt" / "requests" / "users" / "block-00002.npz"
     path.write_bytes(path.read_bytes()[:-1] + b"x")
     with pytest.raises(checkpoints.CheckpointError, match="block-00002.npz"):
-        checkpoints.read_requests(directory, 0, 2, record)
+        checkpoint_files.read_requests(directory, 0, 2, entry)
 
 
 def test_join_equals_broadcast_with_cg(dataset, tmp_path):

@@ -33,7 +33,6 @@ from common import cli, staging
 from trainer.beam import checkpoints
 from trainer.beam import evaluate as beam_evaluate
 from trainer.beam import layout as blocks
-from trainer.beam import sweep as beam_wals
 from trainer.beam import train as distributed
 from trainer.core import metrics, seeding, weights
 from trainer.core.config import WALSConfig
@@ -214,13 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument(
         "--distributed",
         action="store_true",
-        help="train with the Beam pipeline of trainer.beam.sweep on the runner the Beam flags "
+        help="train with the Beam pipeline of trainer.beam.train on the runner the Beam flags "
         "name (DirectRunner by default); resumes from <output_dir>.checkpoints after a crash",
     )
     dist.add_argument(
         "--factor_exchange",
-        default=beam_wals.BROADCAST,
-        choices=beam_wals.EXCHANGES,
+        default=distributed.BROADCAST,
+        choices=distributed.EXCHANGES,
         help="how solving blocks get the fixed side's factors: broadcast (every worker reads the "
         "whole table) or join (each block receives only the rows it needs; default broadcast)",
     )

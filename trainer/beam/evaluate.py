@@ -262,7 +262,7 @@ def _key_by_block(record: bytes, block_rows: int):
     key, indices, values = examples.parse_sparse_example(record)
     indices = np.asarray(indices, dtype=np.int64)
     values = np.asarray(values, dtype=np.float32)
-    return int(blocks_lib.block_of(key, block_rows)), (int(key), indices, values)
+    return int(blocks_lib.contiguous_block_of(key, block_rows)), (int(key), indices, values)
 
 
 def _read_rows(root, dataset_dir: str, split: str, block_rows: int, label: str):

@@ -26,6 +26,7 @@ import io
 
 import numpy as np
 
+from trainer.core.sides import Side
 from trainer.core.sparse import CsrMatrix
 
 # Rows per block of evaluation and batch prediction: a block's scores are [rows, n_items].
@@ -37,9 +38,10 @@ DEFAULT_BLOCK_ROWS = 4096
 DEFAULT_TRAIN_BLOCK_ROWS = 16384
 
 
-def block_of(row: int | np.ndarray, block_rows: int) -> int | np.ndarray:
+def contiguous_block_of(row: int | np.ndarray, block_rows: int) -> int | np.ndarray:
     """The contiguous block a row index belongs to: row // block_rows (evaluation and
-    prediction, whose per-row cost does not depend on the row)."""
+    prediction, whose per-row cost does not depend on the row). The trainer's blocks are
+    interleaved instead: `BlockLayout.block_of`."""
     return row // block_rows
 
 
@@ -80,7 +82,8 @@ class BlockLayout:
         return num_blocks(self.n_rows, self.block_rows)
 
     def block_of(self, rows: int | np.ndarray) -> int | np.ndarray:
-        """The block of each row."""
+        """The block of each row under this layout: rows mod B interleaved, rows // block_rows
+        contiguous (as `contiguous_block_of`)."""
         return rows % self.n_blocks if self.interleaved else rows // self.block_rows
 
     def position(self, rows: int | np.ndarray) -> int | np.ndarray:
@@ -116,7 +119,7 @@ class RowBlock:
     block's problem, or reads the rows back from the checkpoint directory).
 
     Attributes:
-        side: `trainer.core.problem.USERS` or `ITEMS`.
+        side: a `trainer.core.sides.Side`, USERS or ITEMS.
         block_id: the block's number; its rows are its layout's rows_of(block_id).
         row_ids: int64 [b], the global index of each row, ascending, every row of the block
             (rows without cells included, so that the factor table is complete).
@@ -124,7 +127,7 @@ class RowBlock:
             other side.
     """
 
-    side: int
+    side: Side
     block_id: int
     row_ids: np.ndarray
     rows: CsrMatrix
@@ -135,40 +138,41 @@ class FactorRef:
     """What moves between sweeps: where a block's current factors are, not the factors.
 
     Every half-sweep writes each block's factors to a checkpoint file anyway
-    (`trainer.beam.checkpoints.write_block`), so the factors travel through those files and Beam
-    carries only this reference: no stage ships factor tables through the runner's data plane
-    or shuffle. The reader checks the file against the SHA-256 in `record`.
+    (`trainer.beam.checkpoint_files.write_factor_block`), so the factors travel through those
+    files and Beam carries only this reference: no stage ships factor tables through the
+    runner's data plane or shuffle. The reader checks the file against the SHA-256 in `entry`.
 
     Attributes:
-        side: `trainer.core.problem.USERS` or `ITEMS`.
+        side: a `trainer.core.sides.Side`, USERS or ITEMS.
         block_id: the block's number.
         iteration: the iteration the factors belong to (0: the initial factors).
-        record: the checkpoint record of the block's file, {block, file, bytes, sha256}.
+        entry: the block file's entry in its half-sweep's marker, {block, file, bytes,
+            sha256}.
         gramian: float64 [k, k], F_bᵀ F_b of the block's factors F_b: its term of the side's
             Gramian G = Σ_b F_bᵀ F_b.
     """
 
-    side: int
+    side: Side
     block_id: int
     iteration: int
-    record: dict
+    entry: dict
     gramian: np.ndarray
 
 
 def assemble(
-    side: int,
+    side: Side,
     block_id: int,
-    records: list[tuple[int, np.ndarray, np.ndarray]],
+    sparse_rows: list[tuple[int, np.ndarray, np.ndarray]],
     layout: BlockLayout,
     n_fixed: int,
 ) -> RowBlock:
-    """A block from its rows' records, in any order.
+    """A block from its sparse rows, in any order.
 
     Args:
         side: USERS or ITEMS.
         block_id: the block.
-        records: (row index, column indices int64 [n], ratings float32 [n]) of the block's rows
-            that have cells; rows without a record are empty.
+        sparse_rows: (row index, column indices int64 [n], ratings float32 [n]) of the block's rows
+            that have cells; rows not among them are empty.
         layout: how the side's rows are dealt into blocks.
         n_fixed: the number of columns (rows of the other side).
 
@@ -176,16 +180,16 @@ def assemble(
         ValueError: a row outside the block, or a row twice.
     """
     row_ids = layout.rows_of(block_id)
-    keys = np.array([key for key, _, _ in records], dtype=np.int64)
+    keys = np.array([key for key, _, _ in sparse_rows], dtype=np.int64)
     if keys.size and np.any(layout.block_of(keys) != block_id):
         raise ValueError(f"block {block_id} got rows of other blocks")
     if np.unique(keys).size != keys.size:
-        raise ValueError(f"block {block_id}: a row appears in more than one record")
-    lengths = np.array([len(indices) for _, indices, _ in records], dtype=np.int64)
+        raise ValueError(f"block {block_id}: a row appears twice")
+    lengths = np.array([len(indices) for _, indices, _ in sparse_rows], dtype=np.int64)
     rows = np.repeat(np.asarray(layout.position(keys), dtype=np.int64), lengths)
     empty_cols, empty_vals = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    cols = np.concatenate([np.asarray(i, np.int64) for _, i, _ in records] or [empty_cols])
-    vals = np.concatenate([np.asarray(v, np.float32) for _, _, v in records] or [empty_vals])
+    cols = np.concatenate([np.asarray(i, np.int64) for _, i, _ in sparse_rows] or [empty_cols])
+    vals = np.concatenate([np.asarray(v, np.float32) for _, _, v in sparse_rows] or [empty_vals])
     matrix = CsrMatrix.from_triples(rows, cols, vals, (row_ids.size, n_fixed))
     if matrix.nnz != cols.size:
         raise ValueError(f"block {block_id}: a cell appears twice")

@@ -1,9 +1,35 @@
-"""Launches the distributed trainer (`trainer.beam.sweep`) and collects its result.
+"""The distributed WALS trainer: one Beam pipeline that unrolls every iteration, and its launch.
 
-`python -m trainer.task --distributed` calls `train`: it claims (or checks) the checkpoint
-directory, writes the rows' ID keys, finds the iteration to resume from, runs one Beam pipeline
-for the remaining iterations on whatever runner the Beam flags name, and reads the final
-factors and the loss history back from the checkpoint.
+    python -m trainer.task --distributed --input_dir D --output_dir M \
+        [--factor_exchange broadcast|join] [--block_rows 16384] [any Beam pipeline option]
+
+Elements are blocks of thousands of whole rows (`trainer.beam.layout.RowBlock`), never single
+rows or cells, so Beam's per-element cost is paid a few hundred times per sweep. Each
+half-sweep solves every block of one side against the other side's factors, with the math of
+the local trainer (`trainer.beam.sweep`):
+
+    once:   rows of each side  | ReadRowBlocks | StashRatings   (`trainer.beam.reading`)
+            initial factors of each block                       (iter-0000 files)
+    iteration t:
+      users_t = users_{t-1} | SolveUsers(G = Σ_b Y_bᵀY_b,  Y = items_{t-1})  | CheckpointUsers
+      items_t = items_{t-1} | SolveItems(G = Σ_b X_bᵀX_b,  X = users_t)      | CheckpointItems
+
+Factors travel through the checkpoint files, which every half-sweep writes anyway: a solve
+writes its block's new factors to `iter-NNNN/<side>/block-NNNNN-<sha>.npz` and emits only a
+`FactorRef` (the file's entry: name, size and SHA-256, and the block's Gramian term F_bᵀF_b,
+k x k). So Beam moves a few kilobytes per block between stages, never factor tables, and a
+reader checks every file it reads against its SHA-256. After each half-sweep,
+`CheckpointHalfSweep` combines the side's references into a `SideState`
+(`trainer.beam.side_state`), writes the half-sweep's completion marker, and is the singleton
+side input of every solve of the other side. The fixed factors reach a solving block by
+broadcast or by join (`--factor_exchange`, `trainer.beam.exchange`).
+
+Checkpoints (`trainer.beam.checkpoints`) go to `<output_dir>.checkpoints/`, outside the staged
+output, so a crashed run keeps them; the same command resumes from the last complete iteration.
+
+`train` claims (or checks) the checkpoint directory, writes the rows' ID keys, finds the
+iteration to resume from, runs the pipeline (`build`) for the remaining iterations on whatever
+runner the Beam flags name, and reads the final factors and the loss history back.
 """
 
 from __future__ import annotations
@@ -16,12 +42,22 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from common import worker_threads
-from trainer.beam import checkpoints
+from trainer.beam import checkpoint_files, checkpoints
 from trainer.beam import layout as blocks_lib
-from trainer.beam import sweep as beam_wals
-from trainer.core import problem, seeding
+from trainer.beam.exchange import WriteRequests
+from trainer.beam.reading import CountItems, ReadRowBlocks, StashRatings
+from trainer.beam.side_state import (
+    CheckpointHalfSweep,
+    CombineSideState,
+    InitialFactors,
+    ResumedFactors,
+)
+from trainer.beam.spec import BROADCAST, EXCHANGES, JOIN, TrainSpec
+from trainer.beam.sweep import HalfSweep, LossTerms, WriteLoss
+from trainer.core import seeding
 from trainer.core.config import WALSConfig
 from trainer.core.factors import WALSFactors
+from trainer.core.sides import ITEMS, SIDES, USERS, Side
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +93,7 @@ def train(
     config: WALSConfig,
     output_dir: str,
     beam_argv: list[str],
-    exchange: str = beam_wals.BROADCAST,
+    exchange: str = BROADCAST,
     block_rows: int = blocks_lib.DEFAULT_TRAIN_BLOCK_ROWS,
     loss_every: int = 1,
     fail_after: int = 0,
@@ -71,18 +107,18 @@ def train(
         config: the hyperparameters.
         output_dir: the run's --output_dir; checkpoints go to `<output_dir>.checkpoints`.
         beam_argv: Beam pipeline flags (--runner, --direct_num_workers, ...).
-        exchange: "broadcast" or "join" (`trainer.beam.sweep`).
+        exchange: "broadcast" or "join" (`trainer.beam.exchange`).
         block_rows: rows per block.
         loss_every: loss every N iterations and after the last; 0 never.
-        fail_after: test-only fault injection (`beam_wals.TrainSpec.fail_after`).
+        fail_after: test-only fault injection (`TrainSpec.fail_after`).
         warm_start: a `trainer.local.warm_start.WarmStart` to start from instead of the seeded
             initialisation; part of the checkpoint's fingerprint.
 
     Raises:
         checkpoints.CheckpointError: an unusable checkpoint, named in the message.
     """
-    if exchange not in beam_wals.EXCHANGES:
-        raise ValueError(f"factor exchange must be one of {beam_wals.EXCHANGES}, got {exchange!r}")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"factor exchange must be one of {EXCHANGES}, got {exchange!r}")
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
     shape = (len(dataset.users), len(dataset.items))
@@ -100,23 +136,23 @@ def train(
             "data": checkpoints.fingerprint(dataset.summary, {}, 0),
         },
     )
-    layouts = {side: blocks_lib.BlockLayout(n, block_rows) for side, n in zip(problem.SIDES, shape)}
+    layouts = {side: blocks_lib.BlockLayout(n, block_rows) for side, n in zip(SIDES, shape)}
     block_counts = {side: layout.n_blocks for side, layout in layouts.items()}
     start, markers = checkpoints.find_resume(
         checkpoint_dir, run_fingerprint, block_counts, config.num_iters
     )
     if start:
         logger.info("resuming from the checkpoint of iteration %d in %s", start, checkpoint_dir)
-    for side, ids in ((problem.USERS, dataset.users), (problem.ITEMS, dataset.items)):
-        checkpoints.write_keys(checkpoint_dir, side, seeding.id_keys(ids), layouts[side])
+    for side, ids in ((USERS, dataset.users), (ITEMS, dataset.items)):
+        checkpoint_files.write_keys(checkpoint_dir, side, seeding.id_keys(ids), layouts[side])
     if warm_start is not None and start == 0:
         for side, factors in (
-            (problem.USERS, warm_start.factors.user_factors),
-            (problem.ITEMS, warm_start.factors.item_factors),
+            (USERS, warm_start.factors.user_factors),
+            (ITEMS, warm_start.factors.item_factors),
         ):
-            checkpoints.write_initial(checkpoint_dir, side, factors, layouts[side])
-    recorded = {loss["iteration"] for loss in checkpoints.read_losses(checkpoint_dir)}
-    spec = beam_wals.TrainSpec(
+            checkpoint_files.write_initial(checkpoint_dir, side, factors, layouts[side])
+    recorded = {loss["iteration"] for loss in checkpoint_files.read_losses(checkpoint_dir)}
+    spec = TrainSpec(
         input_dir=input_dir.rstrip("/"),
         checkpoint_dir=checkpoint_dir,
         config=config,
@@ -138,8 +174,8 @@ def train(
             "%d-%d, on %s",
             *shape,
             block_rows,
-            block_counts[problem.USERS],
-            block_counts[problem.ITEMS],
+            block_counts[USERS],
+            block_counts[ITEMS],
             exchange,
             start + 1,
             config.num_iters,
@@ -148,7 +184,7 @@ def train(
         began = time.monotonic()
         options = PipelineOptions(beam_argv)
         with worker_threads.local_budget(options), beam.Pipeline(options=options) as pipeline:
-            beam_wals.build(pipeline, spec, markers)
+            build(pipeline, spec, markers)
         logger.info("the Beam pipeline took %.1f s", time.monotonic() - began)
     final, markers = checkpoints.find_resume(
         checkpoint_dir, run_fingerprint, block_counts, config.num_iters
@@ -165,14 +201,84 @@ def train(
             seeding.initial_factors(
                 seeding.id_keys(ids), config.latent_factors, config.init_stddev, config.seed, side
             )
-            for side, ids in ((problem.USERS, dataset.users), (problem.ITEMS, dataset.items))
+            for side, ids in ((USERS, dataset.users), (ITEMS, dataset.items))
         )
     else:
         x, y = checkpoints.read_factors(markers, shape, config.latent_factors)
     history = [
         loss
-        for loss in checkpoints.read_losses(checkpoint_dir)
+        for loss in checkpoint_files.read_losses(checkpoint_dir)
         if loss["iteration"] <= config.num_iters
     ]
     seconds = checkpoints.iteration_seconds(checkpoint_dir, start + 1, config.num_iters)
     return DistributedResult(WALSFactors(x, y, history), start, checkpoint_dir, seconds)
+
+
+def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
+    """Adds the whole training to a pipeline: reading, initialisation, every iteration's two
+    half-sweeps and checkpoints, and the losses that `spec.loss_due`.
+
+    Args:
+        root: the pipeline.
+        spec: what to train.
+        markers: {side: marker} of the checkpoint to resume from (spec.start_iteration), or
+            None to start from the seeded (or warm-start) initialisation.
+    """
+    config = spec.config
+    k = config.latent_factors
+    sides, requests, kernels = {}, {}, {}
+    item_counts = None
+    for side in SIDES:
+        name = Side(side).label.capitalize()
+        rows = root | f"Read{name}" >> ReadRowBlocks(spec, side)
+        if side == ITEMS:
+            item_counts = rows | "CountItems" >> CountItems(spec.shape[1])
+        if spec.exchange == JOIN:
+            requests[side] = rows | f"WriteRequests{name}" >> WriteRequests(spec, side)
+        stashed, kernels[side] = rows | f"Stash{name}Ratings" >> StashRatings(spec)
+        if markers:
+            sides[side] = stashed | f"Load{name}" >> ResumedFactors(spec, side, markers[side])
+        else:
+            sides[side] = stashed | f"Init{name}" >> InitialFactors(spec, side)
+    users, items = sides[USERS], sides[ITEMS]
+    start = "Resume" if markers else "Initial"
+    items_state = items | f"{start}ItemsState" >> CombineSideState(k)
+    users_state = None
+    if spec.start_loss:
+        users_state = users | f"{start}UsersState" >> CombineSideState(k)
+    for iteration in range(spec.start_iteration + 1, config.num_iters + 2):
+        last = iteration == config.num_iters + 1
+        # The loss of iteration t is computed while solving users in iteration t + 1 (from the
+        # incoming X_t and Y_t), or by a loss-only pass after the last iteration.
+        previous_loss = spec.loss_due(iteration - 1) and (
+            iteration - 1 > spec.start_iteration or (spec.start_loss and iteration - 1 > 0)
+        )
+        if last and not previous_loss:
+            break
+        label = "FinalLoss" if last else f"Iter{iteration:04d}"
+        if last:
+            sums = (users, items, items_state) | f"{label}/UserLossTerms" >> LossTerms(
+                spec, USERS, item_counts, requests.get(USERS)
+            )
+        else:
+            new_users, sums = (users, items, items_state) | f"{label}/SolveUsers" >> HalfSweep(
+                spec,
+                USERS,
+                iteration,
+                item_counts,
+                kernels[USERS],
+                requests.get(USERS),
+                with_loss=previous_loss,
+            )
+        if previous_loss:
+            _ = (sums, items) | f"{label}/WriteLoss" >> WriteLoss(
+                spec, iteration - 1, item_counts, users_state, items_state
+            )
+        if last:
+            break
+        users = new_users
+        users_state = users | f"{label}/CheckpointUsers" >> CheckpointHalfSweep(spec)
+        items, _ = (items, users, users_state) | f"{label}/SolveItems" >> HalfSweep(
+            spec, ITEMS, iteration, item_counts, kernels[ITEMS], requests.get(ITEMS)
+        )
+        items_state = items | f"{label}/CheckpointItems" >> CheckpointHalfSweep(spec)
