@@ -101,15 +101,15 @@ class Contestant:
 
 def equal_config(args, solver: str = "cg"):
     """Our `WALSConfig` of implicit's model: w0 = 1, f = α r, target 1, plain λ."""
-    from trainer.core import weights
-    from trainer.core.config import WALSConfig
+    from trainer.core import objective
+    from trainer.core.objective import WALSConfig
 
     return WALSConfig(
         latent_factors=args.k,
         unobserved_weight=1.0,
         regularization=args.regularization,
         regularization_exp=0.0,
-        weighting=weights.CONFIDENCE,
+        weighting=objective.CONFIDENCE,
         confidence_alpha=args.alpha,
         binary_target=True,
         solver=solver,

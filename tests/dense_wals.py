@@ -18,19 +18,22 @@ def dense_weights(
     observed: np.ndarray,
     w0: float,
     scheme: str,
-    feature_wt_factor: float = 1.0,
-    feature_wt_exp: float = 1.0,
+    column_weight_scale: float = 1.0,
+    column_weight_exponent: float = 1.0,
+    inverse_frequency_exponent: float = 1.0,
     confidence_alpha: float = 1.0,
 ) -> np.ndarray:
-    """W, float64 [n, m]: w0 everywhere, plus f on observed cells (formulas of trainer.core.weights).
+    """W, float64 [n, m]: w0 everywhere, plus f on observed cells (formulas of
+    trainer.core.objective).
 
     Args:
         ratings: float [n, m] R, 0 on unobserved cells.
         observed: bool [n, m], which cells are observed.
         w0: the unobserved weight.
         scheme: uniform, column_frequency, inverse_frequency or confidence.
-        feature_wt_factor: ω.
-        feature_wt_exp: p (column_frequency) or e (inverse_frequency).
+        column_weight_scale: ω (column_frequency).
+        column_weight_exponent: p (column_frequency).
+        inverse_frequency_exponent: e (inverse_frequency).
         confidence_alpha: α.
     """
     counts = observed.sum(axis=0).astype(np.float64)  # c_i, per column
@@ -38,9 +41,9 @@ def dense_weights(
     if scheme == "uniform":
         extra = np.ones_like(ratings)
     elif scheme == "column_frequency":
-        extra = np.broadcast_to(feature_wt_factor * safe**feature_wt_exp, ratings.shape)
+        extra = np.broadcast_to(column_weight_scale * safe**column_weight_exponent, ratings.shape)
     elif scheme in ("inverse_frequency", "log"):
-        extra = np.broadcast_to((1.0 / safe) ** feature_wt_exp, ratings.shape)
+        extra = np.broadcast_to((1.0 / safe) ** inverse_frequency_exponent, ratings.shape)
     elif scheme == "confidence":
         extra = confidence_alpha * np.maximum(ratings, 0.0)
     else:

@@ -25,12 +25,30 @@ USERS = [f"v{u}" for u in range(N_USERS)]
 ITEMS = [f"c{i}" for i in range(N_ITEMS)]
 COUNTS = np.bincount(np.concatenate(SEEN), minlength=N_ITEMS)
 POPULAR = sorted(range(N_ITEMS), key=lambda i: (-COUNTS[i], i))
-# Each scheme's weighting parameters and the k it is exported with (k > N_ITEMS for one).
+# Each case's weighting, its parameters (under the names of earlier releases for the *_legacy
+# cases) and the k it is exported with (k > N_ITEMS for one). Configs without binary_target
+# predate it and fit t = r.
 SCHEMES = {
-    "uniform": ({}, 4),
-    "column_frequency": ({"feature_wt_factor": 2.0, "feature_wt_exp": -1.0}, 4),
-    "log": ({"feature_wt_exp": 0.5}, 4),
-    "confidence": ({"confidence_alpha": 4.0}, N_ITEMS + 3),
+    "uniform": ({"weighting": "uniform"}, 4),
+    "column_frequency": (
+        {
+            "weighting": "column_frequency",
+            "column_weight_scale": 2.0,
+            "column_weight_exponent": -1.0,
+        },
+        4,
+    ),
+    "column_frequency_legacy": (
+        {"weighting": "column_frequency", "feature_wt_factor": 2.0, "feature_wt_exp": -1.0},
+        4,
+    ),
+    "inverse_frequency": ({"weighting": "inverse_frequency", "inverse_frequency_exponent": 0.5}, 4),
+    "log_legacy": ({"weighting": "log", "feature_wt_exp": 0.5}, 4),
+    "confidence": ({"weighting": "confidence", "confidence_alpha": 4.0}, N_ITEMS + 3),
+    "confidence_binary": (
+        {"weighting": "confidence", "confidence_alpha": 4.0, "binary_target": True},
+        4,
+    ),
 }
 
 _rng = np.random.default_rng(20240611)
@@ -39,15 +57,14 @@ ITEM_FACTORS = (0.5 * _rng.standard_normal((N_ITEMS, LATENT))).astype(np.float32
 DURATIONS = [_rng.uniform(200.0, 3000.0, len(row)) for row in SEEN]
 
 
-def config_for(weighting: str) -> dict:
-    params, _ = SCHEMES[weighting]
+def config_for(case: str) -> dict:
+    params, _ = SCHEMES[case]
     return {
         "scaling": "median",
         "scale_stats": {"median": MEDIAN_MS},
         "unobserved_weight": 0.1,
         "regularization": 0.05,
         "regularization_exp": 1.0,
-        "weighting": weighting,
         "latent_factors": LATENT,
         **params,
     }
@@ -62,29 +79,33 @@ def ref_ratings(durations: np.ndarray) -> np.ndarray:
 
 
 def ref_weights(items: np.ndarray, ratings: np.ndarray, config: dict) -> np.ndarray:
-    """f_i of each given cell, from the train counts."""
+    """f_i of each given cell, from the train counts (old key names where the new are absent)."""
     counts = COUNTS[items].astype(np.float64)
     scheme = config["weighting"]
     if scheme == "uniform":
         return np.ones(len(items))
     if scheme == "column_frequency":
-        return config["feature_wt_factor"] * counts ** config["feature_wt_exp"]
-    if scheme == "log":
-        return (1.0 / counts) ** config["feature_wt_exp"]
+        scale = config.get("column_weight_scale", config.get("feature_wt_factor"))
+        return scale * counts ** config.get("column_weight_exponent", config.get("feature_wt_exp"))
+    if scheme in ("inverse_frequency", "log"):
+        exponent = config.get("inverse_frequency_exponent", config.get("feature_wt_exp"))
+        return (1.0 / counts) ** exponent
     return config["confidence_alpha"] * np.maximum(ratings, 0.0)
 
 
 def ref_solve(items: list[int], ratings: np.ndarray, config: dict) -> np.ndarray:
-    """x = A⁻¹ b with A = w0·YᵀY + Σ f_i y_i y_iᵀ + λ_u I and b = Σ (w0 + f_i) r_i y_i."""
+    """x = A⁻¹ b with A = w0·YᵀY + Σ f_i y_i y_iᵀ + λ_u I and b = Σ (w0 + f_i) t_i y_i,
+    t_i = 1 under binary_target, else r_i."""
     y_all = ITEM_FACTORS.astype(np.float64)
     w0, items = config["unobserved_weight"], np.asarray(items)
     f = ref_weights(items, ratings, config)
+    targets = np.ones(len(items)) if config.get("binary_target", False) else ratings
     lam = config["regularization"] * (len(items) + w0 * N_ITEMS) ** config["regularization_exp"]
     a = w0 * y_all.T @ y_all + lam * np.eye(LATENT)
     b = np.zeros(LATENT)
-    for item, f_i, r_i in zip(items, f, ratings, strict=True):
+    for item, f_i, t_i in zip(items, f, targets, strict=True):
         a += f_i * np.outer(y_all[item], y_all[item])
-        b += (w0 + f_i) * r_i * y_all[item]
+        b += (w0 + f_i) * t_i * y_all[item]
     return np.linalg.solve(a, b)
 
 
@@ -96,9 +117,9 @@ def ref_top_k(scores: np.ndarray, exclude: list[int], k: int) -> tuple[list[str]
     return [ITEMS[i] for i in order] + [""] * pad, [scores[i] for i in order] + [-np.inf] * pad
 
 
-def make_model(weighting: str) -> WALSModel:
+def make_model(case: str) -> WALSModel:
     """The fixture model: each user's factors are the exact solve of their train row."""
-    config = config_for(weighting)
+    config = config_for(case)
     user_factors = np.stack(
         [ref_solve(row, ref_ratings(d), config) for row, d in zip(SEEN, DURATIONS, strict=True)]
     )
@@ -119,18 +140,16 @@ def make_model(weighting: str) -> WALSModel:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """weighting -> (model, export dir, loaded SavedModel), exported once per scheme."""
+    """case -> (model, export dir, loaded SavedModel), exported once per case of SCHEMES."""
     base = tmp_path_factory.mktemp("exports")
     cache = {}
 
-    def get(weighting: str):
-        if weighting not in cache:
-            model = make_model(weighting)
-            path = export.export_saved_model(
-                model, str(base / weighting / "1"), SCHEMES[weighting][1]
-            )
-            cache[weighting] = (model, path, tf.saved_model.load(path))
-        return cache[weighting]
+    def get(case: str):
+        if case not in cache:
+            model = make_model(case)
+            path = export.export_saved_model(model, str(base / case / "1"), SCHEMES[case][1])
+            cache[case] = (model, path, tf.saved_model.load(path))
+        return cache[case]
 
     return get
 
@@ -223,10 +242,10 @@ def test_unknown_visitors_get_popular_items_in_a_mixed_batch(exported):
     np.testing.assert_array_equal(scores[[1, 3]], alone_scores)
 
 
-@pytest.mark.parametrize("weighting", list(SCHEMES))
-def test_fold_in_matches_the_dense_solve(exported, weighting):
-    model, _, loaded = exported(weighting)
-    k = SCHEMES[weighting][1]
+@pytest.mark.parametrize("case", list(SCHEMES))
+def test_fold_in_matches_the_dense_solve(exported, case):
+    model, _, loaded = exported(case)
+    k = SCHEMES[case][1]
     # c1 twice (summed to 1000 ms), c6, an unknown contentId, and c4 with a zero duration (no
     # rating, as preprocessing drops sums <= 0, but still never recommended).
     names, scores = fold_in(
@@ -239,9 +258,9 @@ def test_fold_in_matches_the_dense_solve(exported, weighting):
     assert not {"c1", "c4", "c6"} & set(names)
 
 
-@pytest.mark.parametrize("weighting", list(SCHEMES))
-def test_fold_in_of_a_training_history_reproduces_the_served_row(exported, weighting):
-    _, _, loaded = exported(weighting)
+@pytest.mark.parametrize("case", list(SCHEMES))
+def test_fold_in_of_a_training_history_reproduces_the_served_row(exported, case):
+    _, _, loaded = exported(case)
     served_names, served_scores, _ = serve(loaded, USERS)
     for u, (row, durations) in enumerate(zip(SEEN, DURATIONS, strict=True)):
         names, scores = fold_in(loaded, [ITEMS[i] for i in row], durations.tolist())
@@ -289,8 +308,25 @@ def test_export_rejects_bad_arguments(tmp_path):
     del model.config["regularization_exp"]
     with pytest.raises(KeyError, match="regularization_exp"):
         export.export_saved_model(model, str(tmp_path / "b"))
-    model = make_model("log")
-    del model.config["feature_wt_exp"]
-    with pytest.raises(KeyError, match="feature_wt_exp"):
+    model = make_model("inverse_frequency")
+    del model.config["inverse_frequency_exponent"]
+    with pytest.raises(KeyError, match="inverse_frequency_exponent"):
         export.export_saved_model(model, str(tmp_path / "c"))
+    model = make_model("column_frequency_legacy")
+    del model.config["feature_wt_exp"]
+    with pytest.raises(KeyError, match="column_weight_exponent"):
+        export.export_saved_model(model, str(tmp_path / "d"))
     assert os.listdir(tmp_path) == []
+
+
+def test_old_and_new_weighting_keys_export_the_same_model(exported):
+    """A model saved with feature_wt_factor / feature_wt_exp folds in as with the new keys."""
+    history, durations = ["c1", "c6", "c3"], [1000.0, 2500.0, 700.0]
+    for new, old in (
+        ("column_frequency", "column_frequency_legacy"),
+        ("inverse_frequency", "log_legacy"),
+    ):
+        new_names, new_scores = fold_in(exported(new)[2], history, durations)
+        old_names, old_scores = fold_in(exported(old)[2], history, durations)
+        assert new_names == old_names
+        np.testing.assert_array_equal(new_scores, old_scores)

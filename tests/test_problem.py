@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from trainer.core import problem, seeding
-from trainer.core.config import WALSConfig
+from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
 from trainer.local import train as wals
 
@@ -28,16 +28,16 @@ CONFIG = WALSConfig(
     regularization_exp=1.0,
     unobserved_weight=0.2,
     weighting="column_frequency",
-    feature_wt_factor=2.0,
-    feature_wt_exp=-1.0,
+    column_weight_scale=2.0,
+    column_weight_exponent=-1.0,
     solver="cholesky",
     init_stddev=1.0,
     seed=7,
 )
 SCHEMES = {
     "uniform": {},
-    "column_frequency": {"feature_wt_factor": 2.0, "feature_wt_exp": -1.0},
-    "inverse_frequency": {"feature_wt_exp": 0.5},
+    "column_frequency": {"column_weight_scale": 2.0, "column_weight_exponent": -1.0},
+    "inverse_frequency": {"inverse_frequency_exponent": 0.5},
     "confidence": {"confidence_alpha": 3.0},
 }
 

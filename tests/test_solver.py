@@ -1,5 +1,5 @@
-"""The WALS math (`trainer.core.solver`, `trainer.core.weights`, `trainer.core.sparse`) and the local trainer
-(`trainer.local.train`) against the dense NumPy oracle in `dense_wals.py`.
+"""The WALS math (`trainer.core.solver`, `trainer.core.objective`, `trainer.core.sparse`) and the
+local trainer (`trainer.local.train`) against the dense NumPy oracle in `dense_wals.py`.
 
 Fixtures are tiny: a 7 x 5 matrix with an empty row and an empty column, and a random 30 x 20
 matrix. Exact checks run in float64.
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.core import problem, seeding, solver, weights
-from trainer.core.config import WALSConfig
+from trainer.core import objective, problem, seeding, solver
 from trainer.core.foldin import fold_in
+from trainer.core.objective import WALSConfig
 from trainer.core.problem import ITEMS, USERS
 from trainer.core.sparse import CsrMatrix
 from trainer.local import train as wals
@@ -27,8 +27,8 @@ F64 = tf.float64
 NO_XLA = {"jit_compile": False}
 SCHEMES = {
     "uniform": {},
-    "column_frequency": {"feature_wt_factor": 2.0, "feature_wt_exp": -1.0},
-    "inverse_frequency": {"feature_wt_exp": 0.5},
+    "column_frequency": {"column_weight_scale": 2.0, "column_weight_exponent": -1.0},
+    "inverse_frequency": {"inverse_frequency_exponent": 0.5},
     "confidence": {"confidence_alpha": 3.0},
 }
 
@@ -47,9 +47,17 @@ SMALL = np.array(
 
 
 def observed_f(matrix: CsrMatrix, scheme: str, **params) -> np.ndarray:
-    """f_ui of every entry of a whole training matrix, by `trainer.core.weights`."""
-    a, alpha = weights.item_terms(matrix.col_counts(), scheme, **params)
-    return weights.entry_weights(matrix.indices, matrix.values, a, alpha)
+    """f_ui of every entry of a whole training matrix, by `trainer.core.objective`: float32."""
+    weights = objective.observed_weights(
+        WALSConfig(weighting=scheme, **params), matrix.col_counts()
+    )
+    return weights.f(matrix.indices, matrix.values).astype(np.float32)
+
+
+def regularization(counts: np.ndarray, lam: float, w0: float, n_other: int, exponent: float):
+    """λ_u by `trainer.core.objective.row_regularization`: float64 [n]."""
+    config = WALSConfig(regularization=lam, unobserved_weight=w0, regularization_exp=exponent)
+    return objective.row_regularization(config, counts, n_other)
 
 
 def seeded(n: int, m: int, config: WALSConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -161,19 +169,17 @@ def test_observed_weights_follow_the_formulas(scheme):
 
 def test_regularization_scaling():
     counts = np.array([0, 3, 10])
-    np.testing.assert_allclose(weights.regularization(counts, 0.5, 0.1, 20, 0.0), 0.5)
-    np.testing.assert_allclose(
-        weights.regularization(counts, 0.5, 0.1, 20, 1.0), 0.5 * (counts + 2.0)
-    )
+    np.testing.assert_allclose(regularization(counts, 0.5, 0.1, 20, 0.0), 0.5)
+    np.testing.assert_allclose(regularization(counts, 0.5, 0.1, 20, 1.0), 0.5 * (counts + 2.0))
 
 
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda m: observed_f(m, "popularity"), "unknown weighting"),
+        (lambda m: observed_f(m, "popularity"), "weighting"),
         (lambda m: observed_f(m, "confidence", confidence_alpha=-1), "alpha"),
-        (lambda m: weights.regularization(m.row_counts(), 0.1, -1.0, 5, 1.0), "w0"),
-        (lambda m: weights.regularization(m.row_counts(), -0.1, 1.0, 5, 1.0), "regularization"),
+        (lambda m: regularization(m.row_counts(), 0.1, -1.0, 5, 1.0), "unobserved_weight"),
+        (lambda m: regularization(m.row_counts(), -0.1, 1.0, 5, 1.0), "regularization"),
     ],
 )
 def test_weight_validation(call, message):
@@ -184,9 +190,10 @@ def test_weight_validation(call, message):
 def test_the_old_name_of_inverse_frequency_still_loads():
     assert WALSConfig(weighting="log").weighting == "inverse_frequency"
     counts = np.array([4, 1, 0])
-    a, alpha = weights.item_terms(counts, "log", feature_wt_exp=0.5)
-    np.testing.assert_allclose(a, [0.5, 1.0, 0.0])
-    assert alpha == 0.0
+    config = WALSConfig(weighting="log", inverse_frequency_exponent=0.5)
+    weights = objective.observed_weights(config, counts)
+    np.testing.assert_allclose(weights.per_item, [0.5, 1.0, 0.0])
+    assert weights.per_rating == 0.0
 
 
 def test_a_negative_rating_weighs_nothing_extra_under_confidence():
@@ -205,8 +212,8 @@ def test_row_and_column_sweeps_match_the_dense_solve(matrix, scheme, exponent):
     k, w0, lam = 4, 0.3, 0.05
     f = observed_f(matrix, scheme, **SCHEMES[scheme])
     dense, w = matrix.to_dense(), weight_matrix(matrix, f, w0)
-    reg_u = weights.regularization(matrix.row_counts(), lam, w0, matrix.shape[1], exponent)
-    reg_i = weights.regularization(matrix.col_counts(), lam, w0, matrix.shape[0], exponent)
+    reg_u = regularization(matrix.row_counts(), lam, w0, matrix.shape[1], exponent)
+    reg_i = regularization(matrix.col_counts(), lam, w0, matrix.shape[0], exponent)
     oracle_reg = dense_wals.dense_regularization(dense != 0, lam, w0, exponent)
     np.testing.assert_allclose(reg_u, oracle_reg[0], rtol=1e-12)
     np.testing.assert_allclose(reg_i, oracle_reg[1], rtol=1e-12)
@@ -226,7 +233,7 @@ def test_exact_solver_on_short_rows_matches_the_dense_solve(k):
     """At k = 8 every row of SMALL (<= 4 entries) takes the Woodbury path; at k = 2 few do."""
     m = from_dense(SMALL)
     f = observed_f(m, "confidence", confidence_alpha=3.0)
-    reg = weights.regularization(m.row_counts(), 0.1, 0.4, 5, 1.0)
+    reg = regularization(m.row_counts(), 0.1, 0.4, 5, 1.0)
     y = np.random.default_rng(9).normal(size=(5, k))
     x = solver.solve_rows(y, solver.gramian(y, F64), m, f, reg, 0.4, dtype=F64)
     expected = dense_wals.solve_rows(m.to_dense(), weight_matrix(m, f, 0.4), y, reg)
@@ -238,7 +245,7 @@ def test_cg_with_enough_steps_reaches_the_exact_solution(matrix, steps):
     rng = np.random.default_rng(2)
     k, w0 = 4, 0.2
     f = observed_f(matrix, "confidence", confidence_alpha=5.0)
-    reg = weights.regularization(matrix.row_counts(), 0.1, w0, matrix.shape[1], 1.0)
+    reg = regularization(matrix.row_counts(), 0.1, w0, matrix.shape[1], 1.0)
     y = rng.normal(size=(matrix.shape[1], k))
     g = solver.gramian(y, F64)
     exact = solver.solve_rows(y, g, matrix, f, reg, w0, dtype=F64)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.core import solver, weights
+from trainer.core import objective, solver
 from trainer.core.sparse import CsrMatrix
 
 F64 = tf.float64
@@ -40,8 +40,9 @@ def problem_data():
     matrix = power_law()
     rng = np.random.default_rng(1)
     k, w0 = 3, 0.3
-    a, alpha = weights.item_terms(matrix.col_counts(), "confidence", confidence_alpha=3.0)
-    f = weights.entry_weights(matrix.indices, matrix.values, a, alpha)
+    config = objective.WALSConfig(weighting="confidence", confidence_alpha=3.0)
+    weights = objective.observed_weights(config, matrix.col_counts())
+    f = weights.f(matrix.indices, matrix.values).astype(np.float32)
     reg = rng.uniform(0.05, 0.5, matrix.shape[0])
     y = rng.normal(size=(matrix.shape[1], k))
     x0 = rng.normal(size=(matrix.shape[0], k))

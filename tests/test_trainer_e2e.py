@@ -186,8 +186,8 @@ def test_fold_in_of_a_training_row_matches_the_dense_solve_and_the_export(traine
     counts = model.item_counts[items].astype(np.float64)
     f = {
         "uniform": np.ones(items.size),
-        "column_frequency": config.feature_wt_factor * counts**config.feature_wt_exp,
-        "inverse_frequency": (1.0 / counts) ** config.feature_wt_exp,
+        "column_frequency": config.column_weight_scale * counts**config.column_weight_exponent,
+        "inverse_frequency": (1.0 / counts) ** config.inverse_frequency_exponent,
         "confidence": config.confidence_alpha * r,
     }[config.weighting]
     t = np.ones_like(r) if config.binary_target else r

@@ -23,6 +23,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -34,7 +35,7 @@ from trainer.beam import checkpoints
 from trainer.beam import evaluate as beam_evaluate
 from trainer.beam import layout as blocks
 from trainer.beam import train as distributed
-from trainer.core import metrics, seeding, weights
+from trainer.core import metrics, objective, seeding
 from trainer.core.config import WALSConfig
 from trainer.core.factors import WALSFactors
 from trainer.evaluation import new_visitors
@@ -62,6 +63,23 @@ def _ks(text: str) -> tuple[int, ...]:
     if not ks or min(ks) <= 0:
         raise argparse.ArgumentTypeError(f"every k must be > 0: {text}")
     return ks
+
+
+class _DeprecatedFlag(argparse.Action):
+    """Stores a deprecated flag's value and warns (FutureWarning) that it goes away."""
+
+    def __init__(self, *args, replacement: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warnings.warn(
+            f"{option_string} is deprecated and will be removed in the next release; "
+            f"use {self.replacement}",
+            FutureWarning,
+            stacklevel=2,
+        )
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,21 +129,46 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument(
         "--weighting",
         default=defaults.weighting,
-        choices=weights.WEIGHTINGS + ("log",),
+        choices=objective.WEIGHTINGS + ("log",),
         help=f"observed extra weight f (default {defaults.weighting}; 'log' is the old name of "
         "inverse_frequency)",
     )
     hp.add_argument(
-        "--feature_wt_factor",
+        "--column_weight_scale",
         type=float,
-        default=defaults.feature_wt_factor,
-        help=f"ω in column_frequency f = ω c_i^p (default {defaults.feature_wt_factor})",
+        default=defaults.column_weight_scale,
+        help=f"ω in column_frequency f = ω c_i^p (default {defaults.column_weight_scale})",
     )
     hp.add_argument(
-        "--feature_wt_exp",
+        "--column_weight_exponent",
         type=float,
-        default=defaults.feature_wt_exp,
-        help=f"p in column_frequency, e in log (default {defaults.feature_wt_exp})",
+        default=defaults.column_weight_exponent,
+        help="p in column_frequency f = ω c_i^p (+1 linear, -1 inverse item frequency; default "
+        f"{defaults.column_weight_exponent})",
+    )
+    hp.add_argument(
+        "--inverse_frequency_exponent",
+        type=float,
+        default=defaults.inverse_frequency_exponent,
+        help=f"e in inverse_frequency f = c_i^(-e) (default {defaults.inverse_frequency_exponent})",
+    )
+    hp.add_argument(
+        f"--{objective.LEGACY_SCALE}",
+        type=float,
+        action=_DeprecatedFlag,
+        replacement="--column_weight_scale",
+        default=None,
+        help="deprecated alias of --column_weight_scale, removed in the next release",
+    )
+    hp.add_argument(
+        f"--{objective.LEGACY_EXPONENT}",
+        type=float,
+        action=_DeprecatedFlag,
+        replacement="--column_weight_exponent (column_frequency) or "
+        "--inverse_frequency_exponent (inverse_frequency)",
+        default=None,
+        help="deprecated: sets the exponent of the chosen --weighting "
+        "(--column_weight_exponent or --inverse_frequency_exponent); removed in the next release",
     )
     hp.add_argument(
         "--confidence_alpha",
@@ -235,8 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> WALSConfig:
+    """The `WALSConfig` of parsed flags; the deprecated --feature_wt_factor / --feature_wt_exp,
+    when given, set the fields they meant under the chosen --weighting (and win)."""
     fields = {f.name for f in dataclasses.fields(WALSConfig)}
-    return WALSConfig(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    legacy = {
+        name: getattr(args, name)
+        for name in (objective.LEGACY_SCALE, objective.LEGACY_EXPONENT)
+        if getattr(args, name, None) is not None
+    }
+    if legacy:
+        weighting = values.get("weighting", WALSConfig.weighting)
+        upgraded = objective.upgrade_legacy_fields({"weighting": weighting, **legacy})
+        values.update((name, upgraded[name]) for name in upgraded if name != "weighting")
+    return WALSConfig(**values)
 
 
 def _summaries(writer, step: int, values: dict, prefix: str) -> None:

@@ -22,7 +22,7 @@ def fold_in(
     """Factors of a new user from their (item, rating) pairs, without retraining.
 
     Solves the user's row exactly against the trained items, as the row sweep would, with the
-    problem of `trainer.core.problem.define_history`:
+    problem of `trainer.core.problem.define_visitor_row`:
         x = (w0·G + Σ_i f_i y_i y_iᵀ + λ_u I)⁻¹ Σ_i (w0 + f_i) t_i y_i,
         λ_u = λ·(m + w0·N_items)^ν, m = number of given items.
 
@@ -41,7 +41,7 @@ def fold_in(
     item_factors = tf.cast(tf.convert_to_tensor(item_factors), dtype)
     if item_factors.shape[0] != np.asarray(item_counts).size:
         raise ValueError("item_factors and item_counts disagree on the number of items")
-    row = problem.define_history(item_indices, ratings, item_counts, config)
+    row = problem.define_visitor_row(item_indices, ratings, item_counts, config)
     if gramian is None:
         gramian = wals_solver.gramian(item_factors, dtype)
     plan = row.plan(wals_solver.CHOLESKY, dtype=dtype)

@@ -1,20 +1,11 @@
 """One definition of the WALS problem, for any block of whole rows of either side.
 
 Every driver builds the least-squares problem of the rows it solves with `define_rows`: the
-local trainer (once per side), the Beam trainer (once per block), fold-in of a new visitor, the
-SavedModel export and the benchmarks. So f, the target and λ cannot disagree between them.
-
-For a block of whole rows u of one side, solved against the fixed side's factors y_i:
-
-    f_ui = a_i + α·max(r_ui, 0)            a, α from the *global* item counts c_i
-                                           (`trainer.core.weights.item_terms`)
-    t_ui = 1 under binary_target, else r_ui      the value fitted on an observed cell
-    λ_u  = λ·(n_u + w0·N_fixed)^ν          n_u the row's observed count, N_fixed the size of
-                                           the fixed side
-
-and the row's solve (`trainer.core.solver`) minimises
-
-    Σ_i w_ui (t_ui − x_u·y_i)² + λ_u‖x_u‖²,   w_ui = w0 + f_ui observed, w0 unobserved.
+local trainer (once per side), the Beam trainer (once per block), fold-in of a new visitor
+(`define_visitor_row`) and the benchmarks. The SavedModel builds the same equations in its
+graph from the TF twins of the same terms (`trainer.core.objective_tf`). So f, the target and
+λ cannot disagree between them. The objective and its normal equations are written once, in
+`define_rows`' docstring; f, t and λ are `trainer.core.objective`'s.
 
 The loss of the whole model comes in partial sums (`LossSums`), one per block, merged by
 addition (a Beam CombineFn, or a plain sum locally). The unobserved term comes from the two
@@ -32,9 +23,9 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from trainer.core import objective
 from trainer.core import solver as wals_solver
-from trainer.core import weights
-from trainer.core.config import WALSConfig
+from trainer.core.objective import WALSConfig
 from trainer.core.sides import ITEMS, SIDES, USERS, Side  # noqa: F401  (re-exported)
 from trainer.core.sparse import CsrMatrix
 
@@ -82,7 +73,36 @@ def define_rows(
     config: WALSConfig,
     row_items: np.ndarray | None = None,
 ) -> RowProblem:
-    """The problem of a block of whole rows (formulas in the module docstring).
+    """The problem of a block of whole rows of one side, against the fixed other side.
+
+    WALS minimises, over the whole n_users x n_items matrix R,
+
+        L = Σ_(u,i) w_ui (t_ui − x_u·y_i)² + Σ_u λ_u ‖x_u‖² + Σ_i λ_i ‖y_i‖²,
+        w_ui = w0 + f_ui on an observed cell, w0 (with t_ui = 0) on an unobserved one.
+
+    With the fixed side's factors Y ([N_fixed, k]) held, row u's optimum solves its normal
+    equations, the only statement of them in this project:
+
+        x_u = (YᵀY·w0 + Yᵀ diag(f_u) Y + λ_u I)⁻¹ Yᵀ (w0 + f_u) t_u
+
+    where f_u and t_u are zero off the row's observed cells, so only the row's observed
+    items enter beyond the shared Gramian YᵀY (the "Gramian trick"). The item side is the
+    same with the roles of X and Y swapped. This function returns the three terms
+    (`trainer.core.objective`; c_i counts the observed entries of item i in the whole
+    training matrix, n_u those of row u, N_fixed is the size of the fixed side):
+
+    f_ui, the observed extra weight, by `config.weighting`:
+        uniform            1
+        column_frequency   ω·c_i^p                (ω column_weight_scale, p column_weight_exponent)
+        inverse_frequency  c_i^(−e)               (e inverse_frequency_exponent)
+        confidence         α·max(r_ui, 0)         (α confidence_alpha)
+    t_ui, the value fitted on an observed cell:
+        binary_target on (the default)   1; r_ui then enters only through f (confidence)
+        binary_target off                r_ui
+    λ_u, the row's regularization, under every weighting:
+        λ·(n_u + w0·N_fixed)^ν          (λ regularization, ν regularization_exp; ν = 0: λ)
+
+    The kernels that solve these equations are in `trainer.core.solver`.
 
     Args:
         rows: [n_rows, n_fixed], the observed r_ui of every row of the block, complete rows.
@@ -95,13 +115,12 @@ def define_rows(
             `arange(n_rows)` when None (the block is the whole item side).
 
     Returns:
-        The block's `RowProblem`.
+        The block's `RowProblem`: t in `rows`' dtype, f float32, λ float64.
     """
     if side not in SIDES:
         raise ValueError(f"side must be USERS (0) or ITEMS (1), got {side!r}")
     item_counts = np.asarray(item_counts)
     n_rows, n_fixed = rows.shape
-    a, alpha = config.item_terms(item_counts)
     if side == USERS:
         if n_fixed != item_counts.size:
             raise ValueError(
@@ -117,19 +136,28 @@ def define_rows(
         if n_rows and (row_items.min() < 0 or row_items.max() >= item_counts.size):
             raise ValueError(f"row_items must lie in [0, {item_counts.size})")
         entry_items = np.repeat(row_items, rows.row_counts())
-    f = weights.entry_weights(entry_items, rows.values, a, alpha)
-    targets = rows
-    if config.binary_target:
-        # Hu, Koren & Volinsky's preference: fit 1 on every observed cell; r only weighs it.
-        targets = dataclasses.replace(rows, values=np.ones_like(rows.values))
-    reg = config.row_regularization(rows.row_counts(), n_fixed)
+    weights = objective.observed_weights(config, item_counts)
+    f = weights.f(entry_items, rows.values).astype(np.float32)
+    t = objective.target(config, rows.values)
+    targets = rows if t is rows.values else dataclasses.replace(rows, values=t)
+    reg = objective.row_regularization(config, rows.row_counts(), n_fixed)
     return RowProblem(targets, f, reg, float(config.unobserved_weight))
 
 
-def define_history(
+def define_visitor_row(
     items: np.ndarray, ratings: np.ndarray, item_counts: np.ndarray, config: WALSConfig
 ) -> RowProblem:
-    """The problem of one new visitor's row (fold-in): distinct `items` with ratings r_ui."""
+    """The problem of one new visitor's row (fold-in), as `define_rows` defines it.
+
+    Args:
+        items: int [m], the distinct items the visitor read, in any order.
+        ratings: float [m], r_ui of those items (scaled like the training data).
+        item_counts: int [N_items], c_i over the whole training matrix.
+        config: the trained model's hyperparameters.
+
+    Returns:
+        A `RowProblem` of one row, its items sorted.
+    """
     items = np.asarray(items, dtype=np.int64).ravel()
     ratings = np.asarray(ratings, dtype=np.float32).ravel()
     if items.size != ratings.size:

@@ -67,6 +67,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from trainer.core.objective import CG, CHOLESKY, SOLVERS  # noqa: F401  (re-exported)
 from trainer.core.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
@@ -89,10 +90,6 @@ def _set_xla_optimization_level() -> None:
 
 
 _set_xla_optimization_level()
-
-CHOLESKY = "cholesky"
-CG = "cg"
-SOLVERS = (CHOLESKY, CG)
 
 # Rows sorted and tiled together; bounds the memory of building a plan.
 DEFAULT_CHUNK_ROWS = 1 << 18

@@ -4,7 +4,7 @@
     tf.saved_model.load(path).signatures["serving_default"](visitorId=tf.constant(["7291..."]))
 
 Everything the signatures need lives inside the SavedModel: the factors, the seen items and the
-per-item observed weights as variables (`variables/`), the two vocabularies as assets
+train counts per item as variables (`variables/`), the two vocabularies as assets
 (`assets/vocab_users.txt`, `assets/vocab_items.txt`, read into static hash tables at load time),
 and the hyperparameters as constants of the graphs.
 
@@ -16,8 +16,9 @@ Signatures (k is fixed at export time; N_items is the number of items):
              scores      float32    [batch, k]   x_u · y_i; the train count for unknown visitors
              known       bool       [batch]      False: not in training, got the popular items
         A known visitor's row is x_u · Yᵀ with the items of their train row set to -inf, then
-        `tf.math.top_k`. Unknown visitors get the k most popular items (train counts descending,
-        ties by lower itemId). Rows with fewer than k candidates are padded with "" and -inf.
+        `tf.math.top_k` (score descending, ties to the lower itemId). Unknown visitors get the
+        k most popular items (train counts descending, ties by lower itemId). Rows with fewer
+        than k candidates are padded with "" and -inf.
 
     fold_in
         in:  contentIds  tf.string  [n]   one new visitor's history
@@ -27,14 +28,11 @@ Signatures (k is fixed at export time; N_items is the number of items):
         Durations of repeated contentIds are summed, pairs with sums <= 0 are dropped (as
         preprocessing does), the sums are scaled into ratings r_i by `transforms.scaling.scale`
         with the training statistics, unknown contentIds are dropped, and the visitor's factors
-        are the exact WALS row solve against the fixed item factors Y:
-
-            A = w0·G + Σ_i f_i y_i y_iᵀ + λ_u I,   b = Σ_i (w0 + f_i) r_i y_i,   x = A⁻¹ b,
-            G = YᵀY,   λ_u = λ · (n + w0 · N_items)^ν,
-
-        n the number of distinct known items with a positive sum and f_i the observed weight of
-        `trainer.core.weights` (per item from its train count, or α·r_i under `confidence`). Scores
-        are Y x with every known given item excluded; with n = 0 they are the popular items.
+        are the exact WALS row solve against the fixed item factors Y: the normal equations of
+        `trainer.core.problem.define_rows`, built in the graph from the TF twins of f, t and λ_u
+        (`trainer.core.objective_tf`), with n_u the number of distinct known items with a
+        positive sum. Scores are Y x with every known given item excluded; with n = 0 they are
+        the popular items.
 
 REST (TensorFlow Serving, `POST /v1/models/<name>:predict`):
 
@@ -51,9 +49,12 @@ REST (TensorFlow Serving, `POST /v1/models/<name>:predict`):
 
 Model config keys read here (`WALSModel.config`, written by the trainer):
     scaling (str), scale_stats (dict, e.g. {"median": 41000.0}), unobserved_weight (w0),
-    regularization (λ), regularization_exp (ν), weighting (a `trainer.core.weights.WEIGHTINGS` name),
-    and the weighting's parameters: feature_wt_factor and feature_wt_exp (column_frequency),
-    feature_wt_exp (log), confidence_alpha (confidence).
+    regularization (λ), regularization_exp (ν), weighting (a `trainer.core.objective.WEIGHTINGS`
+    name), and the weighting's parameters (`trainer.core.objective.WEIGHTING_FIELDS`):
+    column_weight_scale and column_weight_exponent (column_frequency),
+    inverse_frequency_exponent (inverse_frequency), confidence_alpha (confidence). Models of
+    earlier releases, with feature_wt_factor and feature_wt_exp, export with those keys' meaning
+    (`WALSModel.wals_config`); binary_target is read when present (absent: t = r, as then).
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import uuid
 from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
-from trainer.core import solver, weights
+from common import atomic
+from trainer.core import objective, objective_tf, solver
 from trainer.serving.model import vocabulary_to_bytes
 from transforms import features, scaling
 
@@ -92,12 +93,6 @@ _BASE_CONFIG_KEYS = (
     "regularization_exp",
     "weighting",
 )
-_WEIGHTING_CONFIG_KEYS = {
-    weights.UNIFORM: (),
-    weights.COLUMN_FREQUENCY: ("feature_wt_factor", "feature_wt_exp"),
-    weights.INVERSE_FREQUENCY: ("feature_wt_exp",),
-    weights.CONFIDENCE: ("confidence_alpha",),
-}
 _NEG_INF = float("-inf")
 
 
@@ -122,10 +117,12 @@ def _check_model(model: WALSModel) -> None:
     config = model.config
     missing = [key for key in _BASE_CONFIG_KEYS if key not in config]
     if not missing:
-        if weights.canonical_weighting(config["weighting"]) not in _WEIGHTING_CONFIG_KEYS:
+        scheme = objective.canonical_weighting(config["weighting"])
+        if scheme not in objective.WEIGHTING_FIELDS:
             raise ValueError(f"unknown weighting {config['weighting']!r}")
-        scheme = weights.canonical_weighting(config["weighting"])
-        missing = [key for key in _WEIGHTING_CONFIG_KEYS[scheme] if key not in config]
+        # The weighting's parameters, under their names or those of earlier releases.
+        upgraded = objective.upgrade_legacy_fields(config)
+        missing = [key for key in objective.WEIGHTING_FIELDS[scheme] if key not in upgraded]
     if missing:
         raise KeyError(f"model config lacks {missing}; export needs the keys listed in {__name__}")
     if config["scaling"] not in scaling.STATS_BY_SCALING:
@@ -158,8 +155,10 @@ class _Recommender(tf.Module):
             name: float(config["scale_stats"][name])
             for name in scaling.STATS_BY_SCALING[self._scaling]
         }
-        wals_config = model.wals_config()
-        self._binary_target = wals_config.binary_target
+        # f, t and λ_u of a new visitor's row come from this config through the TF twins of
+        # the objective (`trainer.core.objective_tf`); its values become graph constants.
+        self._objective = model.wals_config()
+        self._n_items = n_items
 
         users_file = os.path.join(vocab_dir, f"{features.USER_VOCAB}.txt")
         items_file = os.path.join(vocab_dir, f"{features.ITEM_VOCAB}.txt")
@@ -203,15 +202,10 @@ class _Recommender(tf.Module):
             trainable=False,
             name="w0_gramian",
         )
-        # The problem of a new visitor's row, from the shared definition (`trainer.core.problem`):
-        # λ_u for every possible number of given items n = 0..N_items, and f_i = a_i + α·max(r, 0).
-        self.regularization = tf.Variable(
-            wals_config.row_regularization(np.arange(n_items + 1), n_items),
-            trainable=False,
-            name="regularization",
+        # c_i, the train count of each item, which f_ui depends on.
+        self.item_counts = tf.Variable(
+            np.asarray(model.item_counts, dtype=np.float64), trainable=False, name="item_counts"
         )
-        item_a, self._alpha = wals_config.item_terms(np.asarray(model.item_counts))
-        self.item_a = tf.Variable(item_a.astype(np.float64), trainable=False, name="item_a")
 
         popular, counts = model.popular(k)
         pad = k - popular.size
@@ -266,8 +260,9 @@ class _Recommender(tf.Module):
     def _solve(self, items: tf.Tensor, ratings: tf.Tensor) -> tf.Tensor:
         """The exact WALS row solve for one new visitor.
 
-        The exact kernel of `trainer.core.solver`, for a single unpadded row:
-            A = w0·G + Σ_i f_i y_i y_iᵀ + λ_u I,   b = Σ_i (w0 + f_i) r_i y_i,   x = A⁻¹ b.
+        The normal equations of `trainer.core.problem.define_rows` for a single unpadded row,
+        solved by the exact kernel of `trainer.core.solver`; f, t and λ_u from
+        `trainer.core.objective_tf`, all in float64.
 
         Args:
             items: int64 [n], distinct itemIds, n >= 1.
@@ -277,12 +272,12 @@ class _Recommender(tf.Module):
             float32 [k], x.
         """
         y = tf.cast(tf.gather(self.item_factors, items), tf.float64)  # [n, k]
-        r = tf.cast(ratings, tf.float64)
-        # f = a_i + α·max(r, 0) (`trainer.core.weights.item_terms`).
-        f = tf.gather(self.item_a, items) + self._alpha * tf.maximum(r, 0.0)
-        reg = tf.gather(self.regularization, tf.size(items))
-        target = tf.ones_like(r) if self._binary_target else r
-        b = tf.linalg.matvec(y, (self._w0 + f) * target, transpose_a=True)
+        f = objective_tf.observed_weight(
+            self._objective, tf.gather(self.item_counts, items), ratings
+        )
+        t = objective_tf.target(self._objective, ratings)
+        reg = objective_tf.row_regularization(self._objective, tf.size(items), self._n_items)
+        b = tf.linalg.matvec(y, (self._w0 + f) * t, transpose_a=True)
         x = solver.solve_normal_equations(
             solver.observed_gramians(y[None], f[None]), b[None], self.w0_gramian, reg[None]
         )
@@ -318,9 +313,10 @@ class _Recommender(tf.Module):
 def export_saved_model(model: WALSModel, export_dir: str, k: int = 10) -> str:
     """Writes the model as a SavedModel with the `serving_default` and `fold_in` signatures.
 
-    The SavedModel is written to a temporary sibling `<export_dir>.tmp-<random>` and renamed
-    into place at the end, so a directory named export_dir is always complete. For TensorFlow
-    Serving, pass a numbered version directory such as `<base>/1`.
+    The SavedModel is written to a temporary sibling (`common.atomic.temporary_sibling`, the
+    project's one temporary-name rule) and renamed into place at the end, so a directory named
+    export_dir is always complete. For TensorFlow Serving, pass a numbered version directory
+    such as `<base>/1`.
 
     Args:
         model: the trained model; its config must hold the keys listed in the module docstring.
@@ -344,7 +340,7 @@ def export_saved_model(model: WALSModel, export_dir: str, k: int = 10) -> str:
     parent = os.path.dirname(export_dir)
     if parent:
         tf.io.gfile.makedirs(parent)
-    staging = f"{export_dir}.tmp-{uuid.uuid4().hex[:12]}"
+    staging = atomic.temporary_sibling(export_dir)
     try:
         with tempfile.TemporaryDirectory() as vocab_dir:
             module = _Recommender(model, k, vocab_dir)

@@ -145,13 +145,13 @@ class WALSModel:
         return out
 
     def wals_config(self) -> WALSConfig:
-        """The hyperparameters the model was trained with."""
-        names = {field.name for field in dataclasses.fields(WALSConfig)}
-        values = {k: v for k, v in self.config.items() if k in names}
-        # A config without the key predates binary_target, when every model fitted r: keep its
-        # meaning now that the default is a binary target.
-        values.setdefault("binary_target", False)
-        return WALSConfig(**values)
+        """The hyperparameters the model was trained with.
+
+        Configs of earlier releases load with their meaning: `feature_wt_factor` and
+        `feature_wt_exp` become the fields they meant (`WALSConfig.from_dict`), and a config
+        without `binary_target` predates it, when every model fitted r.
+        """
+        return WALSConfig.from_dict({"binary_target": False, **self.config})
 
     def fold_in(self, content_ids: list[str], values: list[float]) -> tuple[np.ndarray, np.ndarray]:
         """Factors of a visitor not seen in training, from what they read, without retraining.
