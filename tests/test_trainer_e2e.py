@@ -18,6 +18,7 @@ from pipeline import preprocess, synthetic
 from trainer import batch_predict, task
 from trainer.local import dataset as data
 from trainer.serving import model as model_lib
+from trainer.serving import predictions as prediction_files
 from transforms import features
 
 
@@ -54,11 +55,30 @@ def test_metrics_file_history_and_tensorboard(trained):
     assert on_disk["wals"] == pytest.approx(result["wals"])
     history = on_disk["history"]
     assert [h["iteration"] for h in history] == list(range(1, 9))
-    losses = [h["loss/total"] for h in history]
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses
+    # By default the loss is computed after the last iteration only, and only it says so.
+    assert [h["iteration"] for h in history if "loss/total" in h] == [8]
+    assert not [key for h in history[:-1] for key in h if key.startswith("loss/")]
+    assert np.isfinite(history[-1]["loss/total"]) and history[-1]["loss/total"] > 0
     assert all("eval/recall@10" in h for h in history)
     events = os.listdir(os.path.join(out, "tensorboard"))
     assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+@pytest.mark.parametrize(
+    ("loss_every", "with_loss"), [("1", [1, 2, 3, 4]), ("3", [3, 4]), ("0", [])]
+)
+def test_loss_every_says_which_iterations_have_the_loss(
+    tiny_preprocessed, tmp_path, loss_every, with_loss
+):
+    out = str(tmp_path / "model")
+    argv = ["--input_dir", tiny_preprocessed, "--output_dir", out, "--num_iters", "4"]
+    argv += ["--latent_factors", "8", "--eval_every", "0", "--no_progress"]
+    result = task.run([*argv, "--loss_every", loss_every])
+    history = result["history"]
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4]
+    assert [h["iteration"] for h in history if "loss/total" in h] == with_loss
+    losses = [h["loss/total"] for h in history if "loss/total" in h]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses  # ALS descends
 
 
 def test_batch_predictions_exclude_seen_and_use_original_ids(preprocessed, trained, tmp_path):
@@ -72,7 +92,7 @@ def test_batch_predictions_exclude_seen_and_use_original_ids(preprocessed, train
     for visitor, content in train:
         seen.setdefault(visitor, set()).add(content)
     items = {content for _, content in train}
-    rows = list(predictions.read_predictions(str(predictions)))
+    rows = list(prediction_files.read_predictions(str(predictions)))
     assert len(rows) == len(seen)
     for visitor, ranked in ((row.key, row.ranked) for row in rows):
         assert len(ranked) == 10 and len(set(ranked)) == 10
