@@ -18,7 +18,7 @@ from pipeline import preprocess, synthetic
 from trainer import batch_predict, task
 from trainer.local import dataset as data
 from trainer.serving import model as model_lib
-from trainer.serving import predictions as prediction_files
+from trainer.serving.predictions import read_predictions
 from transforms import features
 
 
@@ -92,7 +92,7 @@ def test_batch_predictions_exclude_seen_and_use_original_ids(preprocessed, train
     for visitor, content in train:
         seen.setdefault(visitor, set()).add(content)
     items = {content for _, content in train}
-    rows = list(prediction_files.read_predictions(str(predictions)))
+    rows = list(read_predictions(str(predictions)))
     assert len(rows) == len(seen)
     for visitor, ranked in ((row.key, row.ranked) for row in rows):
         assert len(ranked) == 10 and len(set(ranked)) == 10

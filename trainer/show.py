@@ -20,6 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from common import cli
 from trainer.serving import model as model_lib
+from trainer.serving.predictions import read_predictions
 from trainer.task import METRICS_FILE, format_metrics
 
 
@@ -61,7 +62,7 @@ def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=
     rows = []
     if predictions:
         try:
-            rows = list(itertools.islice(predictions.read_predictions(predictions), visitors))
+            rows = list(itertools.islice(read_predictions(predictions), visitors))
         except (ValueError, KeyError) as error:
             raise cli.UsageError(f"--predictions {predictions}: {error}") from None
     if rows and rows[0].targeting:
