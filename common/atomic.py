@@ -103,7 +103,9 @@ def write_atomically(path: str) -> Iterator[BinaryIO]:
             os.replace(temporary, path)
             _fsync_directory(os.path.dirname(path))
             return
-        with FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        with FileSystems.create(
+            temporary, compression_type=CompressionTypes.UNCOMPRESSED
+        ) as handle:
             yield handle
         if FileSystems.exists(path):
             FileSystems.delete([path])

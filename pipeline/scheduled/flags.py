@@ -126,6 +126,7 @@ def split_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[
 
 
 def preprocess_parser() -> argparse.ArgumentParser:
+    """A parser of pipeline.preprocess's own flags (`PreprocessOptions`), for `split_flags`."""
     parser = argparse.ArgumentParser(add_help=False)
     preprocess_options.PreprocessOptions._add_argparse_args(parser)
     return parser
