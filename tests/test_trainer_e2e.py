@@ -236,3 +236,17 @@ def test_fold_in_of_a_training_row_matches_the_dense_solve_and_the_export(traine
     np.testing.assert_allclose(
         served["scores"].numpy(), expected_scores[expected_order], rtol=1e-4, atol=1e-5
     )
+
+
+def test_the_command_logs_one_headline_line_and_trainer_show_the_table():
+    """run_local.sh used to print the metrics table twice: trainer.task now logs one line."""
+    from trainer import training
+
+    result = {
+        "wals": {"recall@10": 0.34421, "ndcg@10": 0.3, "recall@20": 0.5, "users_evaluated": 7},
+        "popularity": {"recall@10": 0.12734, "ndcg@10": 0.1, "recall@20": 0.25},
+    }
+    assert training.headline(result) == (
+        "Recall@10 0.3442 (popularity 0.1273), Recall@20 0.5000 (popularity 0.2500)"
+    )
+    assert training.headline({}) == "no held-out interactions: nothing to evaluate"

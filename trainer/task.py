@@ -281,7 +281,7 @@ def run(argv: list[str] | None = None) -> dict:
     if getattr(args, "checkpoint_dir", None):
         # Published: the checkpoints (ours, marked by their run.json) are no longer needed.
         checkpoints.remove(args.checkpoint_dir)
-    logger.info("wrote %s: %s", args.output_dir, headline(result))
+    logger.info("eval split: %s", headline(result))  # common.staging said "wrote <output_dir>"
     return result
 
 
