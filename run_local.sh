@@ -38,16 +38,17 @@ on_exit() {
 }
 trap on_exit EXIT
 
-# Installing: the virtualenv's own messages ("installing ...") show, pip's output goes to the log.
+# Installing: "creating virtualenv" / "installing ..." show; pip's own output goes to
+# $LOGS/install.log, and its end is printed only when an install fails (scripts/ensure_venv.sh).
 # A sourced script sees the caller's arguments as its own: keep ours from becoming extras.
 preprocess_args=("$@")
 set --
-log="$LOGS/install.log"
+PIP_LOG="$LOGS/install.log"
 # shellcheck source=scripts/ensure_venv.sh
-source scripts/ensure_venv.sh 2> >(tee "$log" | grep --line-buffered -E '^(creating|installing) ' >&2)
+source scripts/ensure_venv.sh
 PY="$VENV/bin/python"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
-# Our CLIs log what is meant for the user to this descriptor (pipeline/cli.py), and the rest of
+# Our CLIs log what is meant for the user to this descriptor (common/cli.py), and the rest of
 # stderr to the step's log.
 export GA_WALS_CONSOLE_FD=3
 
@@ -76,6 +77,7 @@ step describe "$PY" -m pipeline.describe "$PREPROCESSED"
 
 echo
 echo "== training WALS -> $MODEL"
+# trainer.task logs one line of headline metrics; trainer.show below prints the whole table.
 # shellcheck disable=SC2086
 step train "$PY" -m trainer.task --input_dir "$PREPROCESSED" --output_dir "$MODEL" --overwrite \
   --no_progress ${TRAIN_FLAGS:-}

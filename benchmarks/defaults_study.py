@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 from pipeline import events as events_lib
-from pipeline import holdout, records, synthetic
+from pipeline import holdout, records, synthetic, synthetic_sessions
 from trainer.core import metrics, seeding
 from trainer.core.config import WALSConfig
 from trainer.core.sparse import CsrMatrix
@@ -60,7 +60,7 @@ SHAPES = (
     ("dense", 8000, 800, 10),
     ("sparse", 8000, 4000, 40),
 )
-DWELLS = {"informative": synthetic.DWELL_AFFINITY, "flat": 0.0}
+DWELLS = {"informative": synthetic_sessions.DWELL_AFFINITY, "flat": 0.0}
 BASE = {"latent_factors": 32, "num_iters": 15}
 CONFIGS = {
     "default (r, w0 .5, λ .01)": {},
@@ -172,10 +172,10 @@ def score(splits: Splits, overrides: dict) -> dict[str, float]:
 def run(seeds: int = 2) -> dict:
     """Every (shape, seed, dwell model) x config; returns the table and a summary."""
     rows = []
-    default_affinity = synthetic.DWELL_AFFINITY
+    default_affinity = synthetic_sessions.DWELL_AFFINITY
     try:
         for dwell, affinity in DWELLS.items():
-            synthetic.DWELL_AFFINITY = affinity  # read at each draw by the session maker
+            synthetic_sessions.DWELL_AFFINITY = affinity  # read at each draw by the session maker
             for shape, sessions, items, topics in SHAPES:
                 for seed in range(seeds):
                     start = time.perf_counter()
@@ -195,7 +195,7 @@ def run(seeds: int = 2) -> dict:
                         time.perf_counter() - start,
                     )
     finally:
-        synthetic.DWELL_AFFINITY = default_affinity
+        synthetic_sessions.DWELL_AFFINITY = default_affinity
     return {"rows": rows, "summary": summarise(rows)}
 
 

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from benchmarks import matrices, train_benchmark
-from trainer import task
+from trainer import task, training
 from trainer.core import metrics
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def run(size: str, iters: int, eval_users: int | None, seed: int = 0) -> dict:
         for name, evaluate in (("eval_sampled", sampled), ("eval_full", None)):
             start = time.perf_counter()
             if evaluate is None:
-                last[name] = metrics.evaluate(task._scorer(factors), train, heldout, ks=KS)
+                last[name] = metrics.evaluate(training._scorer(factors), train, heldout, ks=KS)
             else:
                 last[name] = evaluate(factors)
             times[name].append(time.perf_counter() - start)
@@ -97,7 +97,7 @@ def run(size: str, iters: int, eval_users: int | None, seed: int = 0) -> dict:
 def _per_iteration_evaluation(train, heldout, eval_users, seed):
     """factors -> metrics: what trainer.task evaluates after each iteration."""
     if not hasattr(task, "per_iteration_evaluator"):  # before the sampled evaluation existed
-        return lambda factors: metrics.evaluate(task._scorer(factors), train, heldout, ks=KS)
+        return lambda factors: metrics.evaluate(training._scorer(factors), train, heldout, ks=KS)
     eval_users = task.EVAL_USERS if eval_users is None else eval_users
     return task.per_iteration_evaluator(train, heldout, KS, eval_users, seed)
 

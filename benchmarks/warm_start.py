@@ -8,7 +8,7 @@ every day, new sessions), preprocesses each day, and for each pair of consecutiv
 day d three times with `--eval_every 1`: the model of day d-1 (cold, default iterations); day d
 cold with the default iterations; day d warm-started from day d-1's model. It prints, per day,
 the cold run's final Recall@20 and the first iteration at which each run reaches it exactly
-and within 1%. `pipeline.run.WARM_NUM_ITERS` was set from this.
+and within 1%. `pipeline.scheduled.flags.WARM_NUM_ITERS` was set from this.
 """
 
 from __future__ import annotations

@@ -12,8 +12,14 @@ move is `os.replace` after an fsync (atomic on POSIX); on object stores it is a 
 delete of the temporary object, and a reader may briefly see no object between the old one's
 deletion and the new one's copy, never a partial one.
 
-Whole directories (a dataset, a model) are published by `common.staging.staged_output`, which
-uses the same temporary infix.
+`write_bytes_atomically` on an object store (a filesystem without directories: gs://, s3://)
+uploads the bytes straight to `path`: there one upload is already atomic (the object appears
+when its upload completes, replacing the old one), and with the bytes in memory nothing can
+close the upload half-written, so there is no temporary object and no moment without one.
+
+Whole directories (a dataset, a model) are published by `common.staging.staged_output`, whose
+temporary names hold the same infix: `is_temporary` is the one rule for recognising what an
+interrupted writer left behind.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import uuid
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 # Every temporary name this project writes holds this infix; `is_temporary` recognises them.
@@ -41,6 +48,16 @@ def temporary_sibling(path: str) -> str:
     directory, _, name = path.rpartition("/")
     prefix = f"{directory}/" if directory or path.startswith("/") else ""
     return f"{prefix}.{name}{TEMPORARY_INFIX}{uuid.uuid4().hex[:8]}"
+
+
+def temporary_name(path: str, purpose: str = "") -> str:
+    """A fresh visible temporary name next to `path`: `<path>.incomplete-[<purpose>-]XXXXXXXX`.
+
+    For directories that a user may come across while a run works (a staging directory, an old
+    output set aside); `is_temporary` recognises them like the hidden files.
+    """
+    tag = f"{purpose}-" if purpose else ""
+    return f"{path.rstrip('/')}{TEMPORARY_INFIX}{tag}{uuid.uuid4().hex[:8]}"
 
 
 def is_temporary(name: str) -> bool:
@@ -86,7 +103,9 @@ def write_atomically(path: str) -> Iterator[BinaryIO]:
             os.replace(temporary, path)
             _fsync_directory(os.path.dirname(path))
             return
-        with FileSystems.create(temporary) as handle:
+        with FileSystems.create(
+            temporary, compression_type=CompressionTypes.UNCOMPRESSED
+        ) as handle:
             yield handle
         if FileSystems.exists(path):
             FileSystems.delete([path])
@@ -96,8 +115,17 @@ def write_atomically(path: str) -> Iterator[BinaryIO]:
         raise
 
 
+def _uploads_atomically(path: str) -> bool:
+    """Whether `path` is on an object store, where one upload replaces an object atomically."""
+    return not is_local(path) and not FileSystems.get_filesystem(path).has_dirs()
+
+
 def write_bytes_atomically(path: str, data: bytes) -> None:
-    """`write_atomically` for bytes already in memory."""
+    """`write_atomically` for bytes already in memory (one direct upload on object stores)."""
+    if _uploads_atomically(path):
+        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            handle.write(data)
+        return
     with write_atomically(path) as handle:
         handle.write(data)
 

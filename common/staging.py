@@ -16,13 +16,15 @@ The rules:
   else (a directory of other files, another kind of output, a plain file) raises
   `OutputExistsError` naming the path and a few of its files; nothing is deleted.
 - Local directories move with one atomic rename: the old output is first renamed aside to
-  `{output_dir}.replaced-XXXXXXXX`, then removed file by file (only the files its staging marker
-  lists).
+  `{output_dir}.incomplete-replaced-XXXXXXXX`, then removed file by file (only the files its
+  staging marker lists).
 - On object stores (gs://, s3://), where there are no directories to rename, the old output is
   deleted completion marker first and staging marker last, so a half-deleted output never looks
   finished but still looks ours. The new files are then renamed one by one: staging marker
   first, `marker` last, so the presence of `marker` means the output is complete.
 - Staging works in `{output_dir}.incomplete-XXXXXXXX` and removes only that one directory.
+- Both temporary names hold `common.atomic.TEMPORARY_INFIX`, like every temporary file this
+  project writes, so `common.atomic.is_temporary` recognises what an interrupted run left.
 """
 
 from __future__ import annotations
@@ -33,17 +35,17 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 
 from apache_beam.io.filesystems import FileSystems
+
+from common.atomic import is_local as _is_local
+from common.atomic import temporary_name
 
 logger = logging.getLogger(__name__)
 
 STAGING_MARKER = ".written-by-ga-wals"
 WRITTEN_BY = "ga-wals staging"
-INCOMPLETE_SUFFIX = ".incomplete-"
-REPLACED_SUFFIX = ".replaced-"
 _FILES_NAMED = 5  # files an error message names before "and N more"
 
 
@@ -67,10 +69,6 @@ class _Existing:
     is_file: bool = False
     owned: frozenset[str] | None = None
     problem: str | None = None
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path
 
 
 def _list_files(directory: str) -> list[str]:
@@ -216,7 +214,7 @@ def _remove_local_output(root: str, existing: _Existing, marker: str | None) -> 
 def _publish_local(staging: str, output_dir: str, existing: _Existing, marker: str | None) -> None:
     old = None
     if existing.files:
-        old = f"{output_dir}{REPLACED_SUFFIX}{uuid.uuid4().hex[:8]}"
+        old = temporary_name(output_dir, "replaced")
         os.rename(output_dir, old)
     elif os.path.isdir(output_dir):
         os.rmdir(output_dir)  # empty; fails rather than deletes if a file appeared meanwhile
@@ -289,7 +287,7 @@ def staged_output(
     """
     output_dir = output_dir.rstrip("/") or output_dir
     check_writable(output_dir, overwrite, marker)
-    staging = f"{output_dir}{INCOMPLETE_SUFFIX}{uuid.uuid4().hex[:8]}"
+    staging = temporary_name(output_dir)
     if _is_local(staging):
         os.makedirs(staging)
     try:

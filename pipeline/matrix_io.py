@@ -15,11 +15,11 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.events import METRICS_NAMESPACE
+from pipeline.options import GROUP_SHARDS
 from transforms import examples, features
 
 # (userId int64 [n], itemId int64 [n], rating float32 [n]): a batch of cells of the matrix.
 CellBatch = tuple[np.ndarray, np.ndarray, np.ndarray]
-GROUP_SHARDS = 32  # Default keys of WriteSparseMatrix's shuffles: row (column) index mod shards.
 MAX_BUFFERED_CELLS = 1 << 21  # Cells (40 MB) buffered in one bundle before they are shuffled.
 
 

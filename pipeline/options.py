@@ -16,9 +16,11 @@ from pipeline.events import (
     INPUT_FORMATS,
     SUM_BUCKETS,
 )
-from pipeline.matrix_io import GROUP_SHARDS
 from transforms import features
 
+# Default keys of WriteSparseMatrix's shuffles (`pipeline.matrix_io`): row (column) index mod
+# shards. Defined here, not in matrix_io, so that parsing flags does not import TensorFlow.
+GROUP_SHARDS = 32
 # --shuffle_keys 0: one key per PAIRS_PER_SHUFFLE_KEY pairs. A SumPerPair key holds the totals of
 # its pairs as a Python dict (about 300 bytes a pair), a WriteSparseMatrix group its cells as
 # arrays (20 bytes a cell, a few copies while sorting and encoding): 1M pairs keep both well inside

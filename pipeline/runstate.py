@@ -3,7 +3,7 @@
 Layout under a root directory (local, or an object store such as gs:// for Dataflow runs):
 
     ROOT/published              "runs/2026-11-22\\n": the run whose model is live (replaced
-                                atomically: written to a temporary file, then os.replace)
+                                atomically, by `common.atomic.write_text_atomically`)
     ROOT/runs/DATE/run.json     the run's record (below), rewritten atomically after each step
     ROOT/runs/DATE/.lock        held while a launch works on DATE: {"pid", "host", "started"}
 
@@ -23,9 +23,10 @@ output is staged (written elsewhere, moved into place when complete), neither a 
 full disk can leave a run that looks complete: the worst case is a stage marked "running",
 which the next launch redoes.
 
-On object stores, a single object upload is atomic (it is visible only when complete), so
-run.json and `published` are written directly. There is no O_EXCL there: the lock is local
-only, and on a gs:// root the scheduler must serialise launches of one date (the Airflow DAG's
+Both files are written with `common.atomic.write_text_atomically`: locally a temporary
+sibling, fsynced and renamed into place; on object stores a single upload, which is atomic
+(visible only when complete). Object stores have no O_EXCL: the lock is local only, and on a
+gs:// root the scheduler must serialise launches of one date (the Airflow DAG's
 max_active_runs=1 and check_if_running do).
 """
 
@@ -39,10 +40,11 @@ import logging
 import os
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 
 from apache_beam.io.filesystems import FileSystems
+
+from common.atomic import is_local, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -66,43 +68,8 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def is_local(path: str) -> bool:
-    return "://" not in path
-
-
 def run_dir(root: str, date: str) -> str:
     return f"{root.rstrip('/')}/{RUNS_DIR}/{date}"
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Writes text to path through a temporary sibling and os.replace, fsynced.
-
-    Readers see either the old content or the new one, never a part; a full disk or a crash
-    leaves the old file and at most a stray `.path.tmp-XXXXXXXX`, which is removed on error.
-    On object stores, one upload is already atomic.
-    """
-    if not is_local(path):
-        with FileSystems.create(path) as handle:
-            handle.write(text.encode("utf-8"))
-        return
-    directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(directory or ".", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def read_run(root: str, date: str) -> dict | None:
@@ -132,7 +99,7 @@ def write_run(root: str, date: str, record: dict) -> None:
     directory = run_dir(root, date)
     if is_local(directory):
         os.makedirs(directory, exist_ok=True)
-    write_atomically(f"{directory}/{RUN_FILE}", json.dumps(record, indent=2, sort_keys=True))
+    write_text_atomically(f"{directory}/{RUN_FILE}", json.dumps(record, indent=2, sort_keys=True))
 
 
 def published(root: str) -> str | None:
@@ -149,7 +116,7 @@ def published_date(root: str) -> str | None:
 def publish(root: str, date: str) -> str:
     """Points ROOT/published at runs/DATE, atomically; returns the pointer text."""
     pointer = f"{RUNS_DIR}/{date}"
-    write_atomically(f"{root.rstrip('/')}/{PUBLISHED_FILE}", pointer + "\n")
+    write_text_atomically(f"{root.rstrip('/')}/{PUBLISHED_FILE}", pointer + "\n")
     return pointer
 
 

@@ -18,8 +18,9 @@ import time
 
 import pytest
 
-from pipeline import run as run_lib
 from pipeline import runstate, synthetic
+from pipeline.scheduled import flags
+from pipeline.scheduled import launch as run_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATES = [f"2017-08-0{day}" for day in range(1, 8)]
@@ -85,7 +86,7 @@ def test_second_date_is_published_warm_started_with_every_stage_recorded(deploym
         assert handle.read() == f"runs/{DATES[1]}\n"
     record = _record(root, DATES[1])
     assert record["status"] == "published"
-    assert set(record["stages"]) == set(run_lib.STAGES)
+    assert set(record["stages"]) == set(flags.STAGES)
     for stage, entry in record["stages"].items():
         assert entry["status"] == "done", stage
         assert entry["seconds"] >= 0 and entry["finished"] >= entry["started"]
@@ -93,7 +94,7 @@ def test_second_date_is_published_warm_started_with_every_stage_recorded(deploym
     assert counts["lines_read"] == 1000 and counts["train_interactions"] > 0
     train = record["stages"]["train"]
     assert train["warm_start_from"] == f"{root}/runs/{DATES[0]}/train"
-    assert train["num_iters"] == run_lib.WARM_NUM_ITERS
+    assert train["num_iters"] == flags.WARM_NUM_ITERS
     assert train["metrics"]["wals"]["recall@20"] > train["metrics"]["popularity"]["recall@20"]
     gate = record["gate"]
     assert gate["decision"] == "pass" and gate["reasons"] == []
@@ -144,7 +145,7 @@ def test_stages_run_alone_need_the_earlier_stages_and_a_passing_gate(deployment,
     assert run_lib.main(["--date", DATES[1], *common]) == 0
     record = _record(root, DATES[1])
     assert record["stages"]["gate"]["started"] >= record["stages"]["train"]["finished"]
-    assert record["status"] == "published" and set(record["stages"]) == set(run_lib.STAGES)
+    assert record["status"] == "published" and set(record["stages"]) == set(flags.STAGES)
     assert runstate.published(root) == f"runs/{DATES[1]}"
     assert run_lib.main(["--date", DATES[6], *common, "--stages", "gate"]) == 2
     assert f"no input for {DATES[6]}" in capsys.readouterr().err
@@ -158,7 +159,7 @@ def test_stages_run_alone_need_the_earlier_stages_and_a_passing_gate(deployment,
 def test_worse_run_is_rejected_and_the_previous_stays_published(deployment, capsys):
     pattern, root = deployment
     status = run_lib.main(["--date", DATES[2], "--input", pattern, "--root", root, *FLAGS, *WORSE])
-    assert status == run_lib.EXIT_REJECTED
+    assert status == flags.EXIT_REJECTED
     assert runstate.published(root) == f"runs/{DATES[1]}"
     record = _record(root, DATES[2])
     assert record["status"] == "rejected"
@@ -174,12 +175,12 @@ def test_worse_run_is_rejected_and_the_previous_stays_published(deployment, caps
     assert not os.path.exists(os.path.join(run_dir, "serving"))
     # A rerun does not retrain and is still rejected; --force redoes every stage.
     again = run_lib.main(["--date", DATES[2], "--input", pattern, "--root", root, *FLAGS, *WORSE])
-    assert again == run_lib.EXIT_REJECTED
+    assert again == flags.EXIT_REJECTED
     assert _record(root, DATES[2])["stages"]["train"] == record["stages"]["train"]
     forced = run_lib.main(
         ["--date", DATES[2], "--input", pattern, "--root", root, *FLAGS, *WORSE, "--force"]
     )
-    assert forced == run_lib.EXIT_REJECTED
+    assert forced == flags.EXIT_REJECTED
     redone = _record(root, DATES[2])
     assert redone["attempts"] == 3 and redone["status"] == "rejected"
     for stage in ("preprocess", "train", "gate"):
@@ -188,9 +189,9 @@ def test_worse_run_is_rejected_and_the_previous_stays_published(deployment, caps
     assert runstate.published(root) == f"runs/{DATES[1]}"
     # Stages after the gate, run alone (as the DAG does), refuse a rejected model...
     common = ["--date", DATES[2], "--input", pattern, "--root", root, *FLAGS, *WORSE]
-    assert run_lib.main([*common, "--stages", "predict"]) == run_lib.EXIT_REJECTED
+    assert run_lib.main([*common, "--stages", "predict"]) == flags.EXIT_REJECTED
     assert not os.path.exists(os.path.join(run_dir, "predictions.tsv"))
-    assert run_lib.main([*common, "--stages", "export,publish"]) == run_lib.EXIT_REJECTED
+    assert run_lib.main([*common, "--stages", "export,publish"]) == flags.EXIT_REJECTED
     assert runstate.published(root) == f"runs/{DATES[1]}"
 
 
@@ -240,7 +241,7 @@ def test_concurrent_launches_of_one_date_leave_one_complete_published_run(deploy
     impatient_err = capsys.readouterr().err
     _, first_err = first.communicate(timeout=300)
     _, waiting_err = waiting.communicate(timeout=300)
-    assert impatient == run_lib.EXIT_LOCKED, impatient_err[-2000:]
+    assert impatient == flags.EXIT_LOCKED, impatient_err[-2000:]
     assert f"the run of {date} is locked by another launch" in impatient_err
     assert f"pid {first.pid} on " in impatient_err
     assert first.returncode == 0, first_err[-3000:]
@@ -248,7 +249,7 @@ def test_concurrent_launches_of_one_date_leave_one_complete_published_run(deploy
     # Exactly one launch did the work; the waiting one found every stage done.
     assert first_err.count(f"stage train of {date}: running") == 1
     assert f"stage train of {date}: running" not in waiting_err
-    assert waiting_err.count("done before, skipped") == len(run_lib.STAGES)
+    assert waiting_err.count("done before, skipped") == len(flags.STAGES)
     record = _record(root, date)
     assert record["status"] == "published" and record["attempts"] == 2
     assert len(record["input"]) == 3  # --window_days 3: 08-03, 08-04 and 08-05
@@ -321,7 +322,7 @@ def test_warm_start_reaches_the_cold_recall_in_fewer_iterations(deployment, tmp_
 
     assert cold["config"]["num_iters"] == 15  # the trainer's default
     assert needed(warm) < needed(cold)
-    assert needed(warm) <= run_lib.WARM_NUM_ITERS
+    assert needed(warm) <= flags.WARM_NUM_ITERS
     assert warm["history"][0]["eval/recall@20"] > cold["history"][0]["eval/recall@20"]
 
 

@@ -151,7 +151,7 @@ def test_an_empty_directory_is_used_without_overwrite(tmp_path):
 def test_a_failed_run_removes_only_its_own_staging_directory(tmp_path):
     out = str(tmp_path / "out")
     _publish(out, OLD)
-    for other in ("out.incomplete-0000beef", "out.replaced-0000beef"):  # not this run's
+    for other in ("out.incomplete-0000beef", "out.incomplete-replaced-0000beef"):  # not this run's
         (tmp_path / other).mkdir()
         (tmp_path / other / "x").write_text("keep")
     with pytest.raises(RuntimeError, match="boom"):
@@ -161,7 +161,7 @@ def test_a_failed_run_removes_only_its_own_staging_directory(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [
         "out",
         "out.incomplete-0000beef",
-        "out.replaced-0000beef",
+        "out.incomplete-replaced-0000beef",
     ]
     assert _tree(out)["train/part-0"] == "old rows"
 

@@ -16,7 +16,7 @@ import time
 import pytest
 import reference  # tests/ is on sys.path (pytest's rootdir-less "prepend" import mode)
 
-from pipeline import synthetic
+from pipeline import synthetic, synthetic_sessions, synthetic_world
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,10 +32,10 @@ def sample() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def planted() -> tuple[list[dict], synthetic.SyntheticWorld]:
+def planted() -> tuple[list[dict], synthetic_world.SyntheticWorld]:
     """A larger sample, with the world it was drawn from, for the planted structure."""
     sessions = list(synthetic.generate_sessions(3000, seed=5))
-    world = synthetic.make_world(3000 // 4, seed=5)
+    world = synthetic_world.make_world(3000 // 4, seed=5)
     return sessions, world
 
 
@@ -232,7 +232,7 @@ def test_gzip_output_holds_the_same_lines(tmp_path):
 
 def _fail_after(monkeypatch, sessions: int, error: BaseException) -> None:
     """Makes session number `sessions` + 1 raise `error`, once earlier lines are flushed."""
-    real = synthetic._SessionMaker.session
+    real = synthetic_sessions._SessionMaker.session
     made = collections.Counter()
 
     def session(self, *args):
@@ -241,7 +241,7 @@ def _fail_after(monkeypatch, sessions: int, error: BaseException) -> None:
             raise error
         return real(self, *args)
 
-    monkeypatch.setattr(synthetic._SessionMaker, "session", session)
+    monkeypatch.setattr(synthetic_sessions._SessionMaker, "session", session)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])

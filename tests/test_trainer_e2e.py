@@ -55,11 +55,30 @@ def test_metrics_file_history_and_tensorboard(trained):
     assert on_disk["wals"] == pytest.approx(result["wals"])
     history = on_disk["history"]
     assert [h["iteration"] for h in history] == list(range(1, 9))
-    losses = [h["loss/total"] for h in history]
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses
+    # By default the loss is computed after the last iteration only, and only it says so.
+    assert [h["iteration"] for h in history if "loss/total" in h] == [8]
+    assert not [key for h in history[:-1] for key in h if key.startswith("loss/")]
+    assert np.isfinite(history[-1]["loss/total"]) and history[-1]["loss/total"] > 0
     assert all("eval/recall@10" in h for h in history)
     events = os.listdir(os.path.join(out, "tensorboard"))
     assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+@pytest.mark.parametrize(
+    ("loss_every", "with_loss"), [("1", [1, 2, 3, 4]), ("3", [3, 4]), ("0", [])]
+)
+def test_loss_every_says_which_iterations_have_the_loss(
+    tiny_preprocessed, tmp_path, loss_every, with_loss
+):
+    out = str(tmp_path / "model")
+    argv = ["--input_dir", tiny_preprocessed, "--output_dir", out, "--num_iters", "4"]
+    argv += ["--latent_factors", "8", "--eval_every", "0", "--no_progress"]
+    result = task.run([*argv, "--loss_every", loss_every])
+    history = result["history"]
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4]
+    assert [h["iteration"] for h in history if "loss/total" in h] == with_loss
+    losses = [h["loss/total"] for h in history if "loss/total" in h]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses  # ALS descends
 
 
 def test_batch_predictions_exclude_seen_and_use_original_ids(preprocessed, trained, tmp_path):
@@ -217,3 +236,17 @@ def test_fold_in_of_a_training_row_matches_the_dense_solve_and_the_export(traine
     np.testing.assert_allclose(
         served["scores"].numpy(), expected_scores[expected_order], rtol=1e-4, atol=1e-5
     )
+
+
+def test_the_command_logs_one_headline_line_and_trainer_show_the_table():
+    """run_local.sh used to print the metrics table twice: trainer.task now logs one line."""
+    from trainer import training
+
+    result = {
+        "wals": {"recall@10": 0.34421, "ndcg@10": 0.3, "recall@20": 0.5, "users_evaluated": 7},
+        "popularity": {"recall@10": 0.12734, "ndcg@10": 0.1, "recall@20": 0.25},
+    }
+    assert training.headline(result) == (
+        "Recall@10 0.3442 (popularity 0.1273), Recall@20 0.5000 (popularity 0.2500)"
+    )
+    assert training.headline({}) == "no held-out interactions: nothing to evaluate"

@@ -51,10 +51,11 @@ def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=
         f"k={config['latent_factors']}, {config['num_iters']} iterations, "
         f"{result['seconds_per_iteration']:.3f} s/iteration\n"
     )
-    history = result.get("history") or []
-    if history:
-        losses = [f"{h['loss/total']:.4g}" for h in history]
-        write(f"training loss by iteration: {' '.join(losses)}\n")
+    # The loss is in the iterations that computed it (trainer.task --loss_every).
+    losses = [h for h in result.get("history") or [] if "loss/total" in h]
+    if losses:
+        pairs = [f"{h['iteration']}: {h['loss/total']:.4g}" for h in losses]
+        write(f"training loss (iteration: loss): {', '.join(pairs)}\n")
     write(format_metrics(result) + "\n")
 
     model = model_lib.load(model_dir)

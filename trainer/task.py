@@ -4,8 +4,9 @@
         [--latent_factors K] [--num_iters N] [--regularization λ] [--unobserved_weight W0]
         [--weighting SCHEME] [--solver cholesky|cg] [--overwrite] [...]
 
-`--help` lists the flags and their defaults (the model's read from `trainer.local.train.WALSConfig`);
-this text leaves the defaults out so that it cannot contradict them.
+`--help` lists the flags and their defaults (the model's read from `WALSConfig`); this text
+leaves the defaults out so that it cannot contradict them. This module checks the flags and
+stages the output; `trainer.training` trains, evaluates and writes it.
 
 Output under --output_dir (written to a temporary directory, then moved into place):
     model/          factors, vocabularies, seen items, config (`trainer.serving.model.load`)
@@ -13,40 +14,33 @@ Output under --output_dir (written to a temporary directory, then moved into pla
                     known) and fold_in (contentIds, durations -> contentIds, scores)
     metrics.json    final metrics for WALS and the popularity baseline, per-iteration history
     tensorboard/    loss and metric curves (`tensorboard --logdir <output_dir>/tensorboard`)
+
+The command logs one line of headline metrics; `python -m trainer.show <output_dir>` prints the
+whole table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
-import time
 import warnings
-from collections.abc import Callable
-
-import numpy as np
-import tensorflow as tf
-from apache_beam.io.filesystems import FileSystems
 
 from common import cli, staging
 from trainer.beam import checkpoints
-from trainer.beam import evaluate as beam_evaluate
 from trainer.beam import layout as blocks
 from trainer.beam import train as distributed
-from trainer.core import metrics, objective, seeding
+from trainer.core import objective
 from trainer.core.config import WALSConfig
-from trainer.core.factors import WALSFactors
-from trainer.evaluation import new_visitors
 from trainer.local import dataset as data
-from trainer.local import train as wals
-from trainer.local import warm_start
-from trainer.serving import export
-from trainer.serving import model as model_lib
+from trainer.training import METRICS_FILE, headline, train_and_evaluate
+
+# Re-exported: trainer.show and the tests read them from the entry point.
+from trainer.training import format_metrics as format_metrics
+from trainer.training import per_iteration_evaluator as per_iteration_evaluator
 
 logger = logging.getLogger(__name__)
-METRICS_FILE = "metrics.json"
 # Users of the per-iteration evaluation: ranking every item for every user costs the product
 # X Yᵀ and a top-K per user, about 10 training iterations at 100K users x 20K items (65 µs a
 # user there), so the history follows a fixed sample; benchmarks/eval_speed.py measures it.
@@ -238,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--loss_every",
         type=int,
-        default=1,
+        default=None,
         help="compute the training loss every N iterations and after the last; 0: never "
-        "(default 1; the history says which iterations have it)",
+        "(default: after the last iteration only, since the loss costs about as much as half "
+        "an iteration; the history says which iterations have it)",
     )
     ev.add_argument("--no_progress", action="store_true", help="log instead of a progress bar")
     hp.add_argument(
@@ -294,198 +289,6 @@ def config_from_args(args: argparse.Namespace) -> WALSConfig:
     return WALSConfig(**values)
 
 
-def _summaries(writer, step: int, values: dict, prefix: str) -> None:
-    with writer.as_default(step=step):
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and np.isfinite(value):
-                tf.summary.scalar(f"{prefix}/{name}", value)
-    writer.flush()
-
-
-def _scorer(factors: WALSFactors):
-    """userIds int [b] -> scores float32 [b, n_items] = X[users] Yᵀ."""
-    return lambda users: factors.user_factors[users] @ factors.item_factors.T
-
-
-def per_iteration_evaluator(
-    train, heldout, ks: tuple[int, ...], eval_users: int, seed: int
-) -> Callable[[WALSFactors], dict]:
-    """factors -> `metrics.evaluate` of them on a fixed seeded sample of `eval_users` of the
-    users with held-out items (all of them when eval_users is 0 or exceeds their number): the
-    evaluation of the per-iteration history. Its "users_evaluated" says how many were scored;
-    the same users every iteration, so the curve's steps are not sampling noise."""
-    users = metrics.sample_users(heldout, eval_users, seed) if eval_users > 0 else None
-    return lambda factors: metrics.evaluate(_scorer(factors), train, heldout, ks=ks, users=users)
-
-
-def _train_distributed(
-    args, config, dataset, beam_argv: list[str], out: str, warm
-) -> distributed.DistributedResult:
-    """Runs the Beam trainer; per-iteration evaluation needs the factors of every iteration,
-    which the distributed run does not keep, so the history holds the losses only."""
-    result = distributed.train(
-        dataset,
-        args.input_dir,
-        config,
-        args.output_dir,
-        beam_argv,
-        exchange=args.factor_exchange,
-        block_rows=args.block_rows,
-        loss_every=args.loss_every,
-        fail_after=args.test_fail_after_sweep,
-        warm_start=warm,
-    )
-    args.checkpoint_dir = result.checkpoint_dir
-    if args.eval_every:
-        logger.warning("--eval_every is ignored with --distributed: metrics.json has final ones")
-    args.eval_every = 0
-    return result
-
-
-def train_and_evaluate(
-    args: argparse.Namespace, out: str, beam_argv: list[str] | None = None
-) -> dict:
-    """Loads, trains, evaluates and writes everything under `out`; returns metrics.json."""
-    config = config_from_args(args)
-    dataset = data.load_dataset(args.input_dir)
-    train, heldout = dataset.train, dataset.heldout
-    writer = tf.summary.create_file_writer(f"{out}/tensorboard")
-    history = []
-    evaluate = per_iteration_evaluator(train, heldout, args.eval_ks, args.eval_users, args.seed)
-
-    # Wall seconds of each iteration after the first (which also holds the set-up and the
-    # kernels' compilation), the callback's own work (evaluation) left out.
-    iteration_seconds = {}
-    last_end = [None]
-
-    def on_iteration(iteration: int, factors, loss: dict | None) -> None:
-        if last_end[0] is not None and not args.distributed:
-            iteration_seconds[iteration] = time.monotonic() - last_end[0]
-        record = {"iteration": iteration}
-        if loss is not None:
-            record.update({f"loss/{k}": float(v) for k, v in loss.items() if k != "iteration"})
-        if args.eval_every and iteration % args.eval_every == 0 and heldout.nnz:
-            record.update({f"eval/{k}": v for k, v in evaluate(factors).items()})
-        history.append(record)
-        _summaries(writer, iteration, {k: v for k, v in record.items() if k != "iteration"}, "wals")
-        last_end[0] = time.monotonic()
-
-    warm = None
-    if args.warm_start_from:
-        try:
-            warm = warm_start.from_model(args.warm_start_from, dataset.users, dataset.items, config)
-        except (FileNotFoundError, ValueError) as error:
-            raise cli.UsageError(f"--warm_start_from {args.warm_start_from}: {error}") from None
-    start = time.monotonic()
-    if args.distributed:
-        trained = _train_distributed(args, config, dataset, beam_argv, out, warm)
-        factors = trained.factors
-        iteration_seconds.update(trained.iteration_seconds)
-        for loss in factors.history:
-            on_iteration(loss["iteration"], factors, loss)
-    else:
-        factors = wals.fit(
-            train,
-            config,
-            callback=on_iteration,
-            show_progress=not args.no_progress,
-            user_keys=seeding.id_keys(dataset.users),
-            item_keys=seeding.id_keys(dataset.items),
-            compute_loss=args.loss_every > 0,
-            loss_every=max(args.loss_every, 1),
-            initial=warm.factors if warm else None,
-        )
-    train_seconds = time.monotonic() - start
-
-    result = {
-        "train_seconds": round(train_seconds, 3),
-        "seconds_per_iteration": round(train_seconds / max(config.num_iters, 1), 4),
-        "iteration_seconds": [
-            {"iteration": t, "seconds": round(s, 4)} for t, s in sorted(iteration_seconds.items())
-        ],
-        "nusers": train.shape[0],
-        "nitems": train.shape[1],
-        "train_interactions": train.nnz,
-        "eval_interactions": heldout.nnz,
-    }
-    result["history"] = history
-    result["config"] = dataclasses.asdict(config)
-    if warm is not None:
-        result["warm_start"] = {
-            "from": warm.source,
-            "matched_users": warm.matched_users,
-            "matched_items": warm.matched_items,
-        }
-
-    trained = model_lib.WALSModel(
-        user_factors=factors.user_factors.astype(np.float32),
-        item_factors=factors.item_factors.astype(np.float32),
-        seen_indptr=train.indptr,
-        seen_indices=train.indices.astype(np.int32),
-        item_counts=train.col_counts().astype(np.int64),
-        users=dataset.users,
-        items=dataset.items,
-        config={
-            **dataclasses.asdict(config),
-            "scaling": dataset.summary["scaling"],
-            "scale_stats": dataset.summary.get("scale_stats") or {},
-            "input_dir": args.input_dir,
-        },
-    )
-    model_lib.save(trained, out)
-    if heldout.nnz:
-        if args.distributed:
-            # Beam combiners over blocks of users, reading the model just saved.
-            evaluated = beam_evaluate.evaluate_model_distributed(
-                out, args.input_dir, beam_argv, ks=args.eval_ks
-            )
-        else:
-            rows = heldout.row_ids()
-            predicted = np.einsum(
-                "ij,ij->i", factors.user_factors[rows], factors.item_factors[heldout.indices]
-            )
-            evaluated = {
-                "wals": {
-                    "rmse": metrics.rmse(predicted, heldout.values),
-                    **metrics.evaluate(_scorer(factors), train, heldout, ks=args.eval_ks),
-                },
-                "popularity": metrics.evaluate_popularity(train, heldout, ks=args.eval_ks),
-            }
-        result.update(evaluated)
-        _summaries(writer, config.num_iters, result["popularity"], "popularity")
-    if new_visitors.has_heldout(args.input_dir):  # held-out visitors: fold in and score
-        if args.distributed:
-            new = new_visitors.evaluate_distributed(out, args.input_dir, beam_argv, args.eval_ks)
-        else:
-            new = new_visitors.evaluate_model(trained, args.input_dir, args.eval_ks)
-        result["new_visitors"] = new
-        for name in ("wals", "popularity"):
-            _summaries(writer, config.num_iters, new[name], f"new_visitors/{name}")
-    export.export_saved_model(trained, f"{out}/export", k=args.export_k)
-    with FileSystems.create(f"{out}/{METRICS_FILE}") as handle:
-        handle.write(json.dumps(result, indent=2).encode("utf-8"))
-    return result
-
-
-def format_metrics(result: dict) -> str:
-    """A table of the final WALS and popularity metrics."""
-    if "wals" not in result:
-        return "no held-out interactions: nothing to evaluate"
-    names = [name for name in result["wals"] if name in result["popularity"]]
-    lines = [f"{'metric':<16} {'WALS':>10} {'popularity':>12} {'ratio':>8}"]
-    for name in names:
-        ours, base = result["wals"][name], result["popularity"][name]
-        if isinstance(ours, int):
-            lines.append(f"{name:<16} {ours:>10,} {base:>12,}")
-            continue
-        ratio = f"{ours / base:8.2f}" if base > 0 else f"{'':>8}"
-        lines.append(f"{name:<16} {ours:>10.4f} {base:>12.4f} {ratio}")
-    lines.append(f"{'rmse (eval)':<16} {result['wals']['rmse']:>10.4f}")
-    if "new_visitors" in result:
-        lines.append(new_visitors.format_metrics(result))
-    return "\n".join(lines)
-
-
 def run(argv: list[str] | None = None) -> dict:
     """Parses flags, trains, and returns metrics.json's content.
 
@@ -500,10 +303,13 @@ def run(argv: list[str] | None = None) -> dict:
         raise cli.UsageError(f"unknown flag(s): {', '.join(unknown)} (see --help)")
     if args.block_rows < 1:
         raise cli.UsageError(f"--block_rows must be >= 1, got {args.block_rows}")
+    config = config_from_args(args)
     try:
-        config_from_args(args).validate()
+        config.validate()
     except ValueError as error:
         raise cli.UsageError(str(error)) from None
+    if args.loss_every is None:  # after the last iteration only
+        args.loss_every = max(config.num_iters, 1)
     if args.loss_every < 0:
         raise cli.UsageError(f"--loss_every must be >= 0, got {args.loss_every}")
     if args.eval_every is None:
@@ -520,7 +326,7 @@ def run(argv: list[str] | None = None) -> dict:
         raise cli.UsageError(str(error)) from None
     try:
         with staging.staged_output(args.output_dir, args.overwrite, METRICS_FILE) as out:
-            result = train_and_evaluate(args, out, beam_argv)
+            result = train_and_evaluate(args, config, out, beam_argv)
     except data.DatasetError as error:
         raise cli.UsageError(f"--input_dir {args.input_dir}: {error}") from None
     except staging.OutputExistsError as error:  # output_dir changed while training ran
@@ -530,7 +336,7 @@ def run(argv: list[str] | None = None) -> dict:
     if getattr(args, "checkpoint_dir", None):
         # Published: the checkpoints (ours, marked by their run.json) are no longer needed.
         checkpoints.remove(args.checkpoint_dir)
-    logger.info("wrote %s\n%s", args.output_dir, format_metrics(result))
+    logger.info("eval split: %s", headline(result))  # common.staging said "wrote <output_dir>"
     return result
 
 
