@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from trainer.core import solver as wals_solver
+from trainer.core import tiling as wals_solver
 from trainer.core import weights
 
 
