@@ -38,6 +38,7 @@ from trainer.beam import train as distributed
 from trainer.core import metrics, seeding, weights
 from trainer.core.config import WALSConfig
 from trainer.core.factors import WALSFactors
+from trainer.core.xla import configure_xla
 from trainer.evaluation import new_visitors
 from trainer.local import dataset as data
 from trainer.local import train as wals
@@ -481,6 +482,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_xla()  # before the first XLA compile of this process
     return cli.main_with_usage_errors(run, argv)
 
 

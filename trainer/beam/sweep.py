@@ -64,9 +64,11 @@ from apache_beam.io.filesystem import CompressionTypes
 from trainer.beam import checkpoints
 from trainer.beam import layout as blocks_lib
 from trainer.beam.layout import FactorRef, RowBlock
+from trainer.core import loss as wals_loss
 from trainer.core import problem, seeding
 from trainer.core import solver as wals_solver
 from trainer.core.config import WALSConfig
+from trainer.core.xla import configure_xla
 from transforms import features
 
 logger = logging.getLogger(__name__)
@@ -609,6 +611,9 @@ class _Solve(beam.DoFn):
         self._loss = loss
         self._solve = solve
 
+    def setup(self):
+        configure_xla()  # before this worker's first XLA compile
+
     def process(
         self, element, item_counts, fixed_state: SideState, kernels=frozenset(), solving_refs=None
     ):
@@ -632,7 +637,7 @@ class _Solve(beam.DoFn):
         if self._loss:
             fixed = table if self._side == problem.USERS else None
             yield beam.pvalue.TaggedOutput(
-                "loss", problem.loss_sums(solving.problem, factors, fixed)
+                "loss", wals_loss.loss_sums(solving.problem, factors, fixed)
             )
         if not self._solve:
             return
@@ -779,16 +784,16 @@ class _FinishLoss(beam.DoFn):
 
 
 def _sum_losses(parts):
-    total = problem.LossSums()
+    total = wals_loss.LossSums()
     for part in parts:
         total = total + part
     return total
 
 
-def _regularization_sums(ref: FactorRef, spec: TrainSpec, item_counts) -> problem.LossSums:
+def _regularization_sums(ref: FactorRef, spec: TrainSpec, item_counts) -> wals_loss.LossSums:
     solving = _block_problem(spec, ref.side, ref.block_id, item_counts)
     _, factors = _read_ref(spec, ref)
-    return problem.loss_sums(solving.problem, factors, None)
+    return wals_loss.loss_sums(solving.problem, factors, None)
 
 
 def build(root, spec: TrainSpec, markers: dict | None = None) -> None:
