@@ -3,13 +3,12 @@ and the conjugate-gradient tile kernels, and `solve_planned`, which runs them ov
 
 Callers choose a solver once and go through `trainer.core.solver`; this module is its
 engine. Each kernel solves, for the rows of a tile, the normal equations written once in
-`trainer.core.problem`:
+`trainer.core.problem`'s docstring, A_u x_u = b_u. In the terms of a tile, which carries
+f_ui and c_ui = (w0 + f_ui)·t_ui per entry (t_ui the fitted target, 1 under binary_target):
 
-    A_u x_u = b_u,    A_u = w0·G + Σ_(i∈obs(u)) f_ui y_i y_iᵀ + λ_u I,
-                      b_u = Σ_(i∈obs(u)) (w0 + f_ui) t_ui y_i,      G = YᵀY,
+    A_u = w0·G + Σ_(i∈obs(u)) f_ui y_i y_iᵀ + λ_u I,    b_u = Σ_(i∈obs(u)) c_ui y_i,    G = YᵀY,
 
-so each solve touches only the row's observed items (the "Gramian trick"); t_ui is the fitted
-target (1 under binary_target). A tile carries f_ui and c_ui = (w0 + f_ui)·t_ui per entry.
+so each solve touches only the row's observed items (the "Gramian trick").
 
     exact       forms A_u ([k, k]) with batched matmuls and factorises it. Short rows (one line
                 of width W <= k/2, `trainer.core.tiling`) instead use the Woodbury identity in

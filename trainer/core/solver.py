@@ -5,10 +5,9 @@
     x = solver.solve(plan, fixed, x0=x)    # every row's x_u against the fixed factors
 
 As in Spark's ALS, the solver is an interface chosen once (there Cholesky or NNLS); callers
-then never name it again. Both solvers solve the same normal equations, written once in
-`trainer.core.problem`, for every row u of a block:
-
-    x_u = (YᵀY·w0 + Yᵀ diag(f_u) Y + λ_u I)⁻¹ Yᵀ (w0 + f_u) t_u
+then never name it again. Both solvers solve, for every row u of a block, the same normal
+equations, written once in `trainer.core.problem`'s docstring (with what f, t and λ are under
+each weighting):
 
     ExactSolver              "cholesky": exactly, by Cholesky (Woodbury for short rows).
     ConjugateGradientSolver  "cg": `steps` conjugate-gradient steps warm-started from x0 (the
