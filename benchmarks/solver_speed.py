@@ -11,16 +11,16 @@ An iteration is a row sweep and a column sweep. Both libraries solve the same mo
 BLAS pinned to 1 thread) and start from the same random factors.
 
 The matrix is `benchmarks.matrices.synthetic_matrix` (the train benchmark's, default) or a
-power law in both users and items (`power_law_matrix`). Ours is timed as `trainer.local.train.fit`
-runs it: `solve_planned` on plans built once (the planning is timed separately), the Gramian,
-and both factor tables copied to NumPy. implicit's is its solver function
-(`_als.least_squares_cg` or `_als.least_squares`, BLAS pinned to 1 thread) on both sides, as
-its `fit` runs it. Each solver is warmed up by one untimed iteration (tracing and XLA compiles
-for ours), then the solvers take turns for --repeats rounds, so that a slow spell of the
-machine hits them alike. The table gives the median, min and max seconds per iteration, our
-time divided by implicit's CG time in the same round, and the loss (`trainer.core.problem.loss`,
-the same objective for both) at each one's factors after the same number of iterations from
-the same start.
+power law in both users and items (`power_law_matrix`). Ours is timed as
+`trainer.local.train.fit` runs it: `Solver.solve` (`trainer.core.solver.solver_for`) on plans
+built once (the planning is timed separately), the Gramian, and both factor tables copied to
+NumPy. implicit's is its solver function (`_als.least_squares_cg` or `_als.least_squares`, BLAS
+pinned to 1 thread) on both sides, as its `fit` runs it. Each solver is warmed up by one untimed
+iteration (tracing and XLA compiles for ours), then the solvers take turns for --repeats rounds,
+so that a slow spell of the machine hits them alike. The table gives the median, min and max
+seconds per iteration, our time divided by implicit's CG time in the same round, and the loss
+(`trainer.core.loss.loss`, the same objective for both) at each one's factors after the same
+number of iterations from the same start.
 """
 
 from __future__ import annotations
@@ -122,15 +122,16 @@ def ours(matrix: CsrMatrix, args, solver: str, x0: np.ndarray, y0: np.ndarray) -
     import tensorflow as tf
 
     from trainer.core import problem
-    from trainer.core import solver as wals_solver
+    from trainer.core.solver import solver_for
 
     config = equal_config(args, solver)
+    chosen = solver_for(config)
     start = time.perf_counter()
     counts = matrix.col_counts()
     users = problem.define_rows(matrix, problem.USERS, counts, config)
     items = problem.define_rows(matrix.transpose(), problem.ITEMS, counts, config)
-    user_plan = users.plan(solver)
-    item_plan = items.plan(solver)
+    user_plan = chosen.plan(users)
+    item_plan = chosen.plan(items)
     logger.info(
         "ours %-8s: problems and plans in %.2f s; %d + %d tiles of %d shapes, padding "
         "%.1f%% / %.1f%%",
@@ -143,13 +144,10 @@ def ours(matrix: CsrMatrix, args, solver: str, x0: np.ndarray, y0: np.ndarray) -
         100.0 * (item_plan.solved_slots / matrix.nnz - 1),
     )
     state = {"x": tf.constant(x0), "y": tf.constant(y0)}
-    solve = {"solver": solver, "cg_steps": args.cg_steps}
 
     def iterate() -> None:
-        x = wals_solver.solve_planned(
-            user_plan, state["y"], wals_solver.gramian(state["y"]), x0=state["x"], **solve
-        )
-        y = wals_solver.solve_planned(item_plan, x, wals_solver.gramian(x), x0=state["y"], **solve)
+        x = chosen.solve(user_plan, state["y"], x0=state["x"])
+        y = chosen.solve(item_plan, x, x0=state["y"])
         x.numpy(), y.numpy()
         state.update(x=x, y=y)
 
@@ -212,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[float]]:
 
     import tensorflow as tf
 
+    from trainer.core.xla import configure_xla
+
+    configure_xla()  # before the first XLA compile, as the trainer does
     tf.config.threading.set_intra_op_parallelism_threads(THREADS)
     tf.config.threading.set_inter_op_parallelism_threads(THREADS)
 
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[float]]:
         f"{1} warm-up; median (min–max)"
     )
     from trainer.core import problem
+    from trainer.core.loss import loss as wals_loss
 
     config = equal_config(args)
     counts = matrix.col_counts()
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], list[float]]:
     print(f"{'library':<9} {'solver':<9} {'s/iter':>22} {'x implicit cg':>26} {'loss':>14}")
     for c in contestants:
         # The same objective for both: our loss at each one's factors after the same iterations.
-        loss = problem.loss(users, items, *c.factors())["total"]
+        loss = wals_loss(users, items, *c.factors())["total"]
         ratio = "-"
         if reference is not None:
             ratio = _summary([a / b for a, b in zip(c.seconds, reference.seconds, strict=True)])

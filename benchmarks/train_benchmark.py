@@ -166,6 +166,7 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
     """
     import tensorflow as tf
 
+    from trainer.core import loss as wals_loss
     from trainer.core import problem
     from trainer.core.config import WALSConfig
     from trainer.local import train as wals
@@ -191,7 +192,7 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
         x = tf.constant(factors.user_factors)
         y = tf.constant(factors.item_factors)
         start = time.perf_counter()
-        problem.loss(users, items, x, y)
+        wals_loss.loss(users, items, x, y)
         loss_seconds = time.perf_counter() - start
     from trainer.evaluation import new_visitors
 

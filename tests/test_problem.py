@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer.core import loss as wals_loss
 from trainer.core import problem, seeding
 from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
@@ -99,18 +100,18 @@ def test_loss_sums_over_blocks_add_up_to_the_whole_loss(matrix):
     transposed = matrix.transpose()
     users = problem.define_rows(matrix, problem.USERS, counts, CONFIG)
     items = problem.define_rows(transposed, problem.ITEMS, counts, CONFIG)
-    whole = problem.loss(users, items, x, y, dtype=F64)
+    whole = wals_loss.loss(users, items, x, y, dtype=F64)
 
-    sums = problem.LossSums()
+    sums = wals_loss.LossSums()
     for start, stop in ((0, 7), (7, 30)):
         block = problem.define_rows(matrix.row_slice(start, stop), problem.USERS, counts, CONFIG)
-        sums = sums + problem.loss_sums(block, x[start:stop], y, F64)
+        sums = sums + wals_loss.loss_sums(block, x[start:stop], y, F64)
     for start, stop in ((0, 13), (13, 20)):
         ids = np.arange(start, stop)
         block = problem.define_rows(
             transposed.row_slice(start, stop), problem.ITEMS, counts, CONFIG, ids
         )
-        sums = sums + problem.loss_sums(block, y[start:stop], None, F64)
+        sums = sums + wals_loss.loss_sums(block, y[start:stop], None, F64)
     parts = sums.finish(x.T @ x, y.T @ y, CONFIG.unobserved_weight)
     for name in whole:
         assert parts[name] == pytest.approx(whole[name], rel=1e-12)
@@ -182,20 +183,13 @@ def test_fit_does_not_depend_on_the_order_of_rows(matrix):
 @pytest.mark.parametrize("solver_name", ["cholesky", "cg"])
 def test_a_fit_resumed_from_its_factors_ends_where_an_uninterrupted_one_does(matrix, solver_name):
     config = dataclasses.replace(CONFIG, solver=solver_name, num_iters=5)
-    straight = wals.fit(matrix, config, show_progress=False, dtype=F64, jit_compile=False)
-    first = wals.fit(
-        matrix,
-        dataclasses.replace(config, num_iters=2),
-        show_progress=False,
-        dtype=F64,
-        jit_compile=False,
-    )
+    every = {"show_progress": False, "dtype": F64, "jit_compile": False, "loss_every": 1}
+    straight = wals.fit(matrix, config, **every)
+    first = wals.fit(matrix, dataclasses.replace(config, num_iters=2), **every)
     resumed = wals.fit(
         matrix,
         config,
-        show_progress=False,
-        dtype=F64,
-        jit_compile=False,
+        **every,
         initial=first,
         start_iteration=2,
     )

@@ -1,5 +1,6 @@
-"""The WALS math (`trainer.core.solver`, `trainer.core.objective`, `trainer.core.sparse`) and the
-local trainer (`trainer.local.train`) against the dense NumPy oracle in `dense_wals.py`.
+"""The WALS math (the solvers of `trainer.core.solver`, the loss of `trainer.core.loss`,
+`trainer.core.objective`, `trainer.core.sparse`) and the local trainer (`trainer.local.train`)
+against the dense NumPy oracle in `dense_wals.py`.
 
 Fixtures are tiny: a 7 x 5 matrix with an empty row and an empty column, and a random 30 x 20
 matrix. Exact checks run in float64.
@@ -8,13 +9,16 @@ matrix. Exact checks run in float64.
 from __future__ import annotations
 
 import dataclasses
+import os
+import pickle
 
 import dense_wals  # tests/ is on sys.path (pytest's rootdir-less "prepend" import mode)
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.core import objective, problem, seeding, solver
+from trainer.core import loss as wals_loss
+from trainer.core import objective, problem, seeding, solver, xla
 from trainer.core.foldin import fold_in
 from trainer.core.objective import WALSConfig
 from trainer.core.problem import ITEMS, USERS
@@ -86,6 +90,14 @@ def weight_matrix(matrix: CsrMatrix, f: np.ndarray, w0: float) -> np.ndarray:
     dense = np.full(matrix.shape, w0)
     dense[matrix.row_ids(), matrix.indices] += f.astype(np.float64)
     return dense
+
+
+def solve_rows(fixed, rows, f, reg, w0, name="cholesky", x0=None, steps=3, **options):
+    """x of a block through the one solver interface, chosen from a config: NumPy [n_rows, k]."""
+    config = WALSConfig(solver=name, cg_steps=steps)
+    chosen = solver.solver_for(config, F64, **options)
+    plan = chosen.plan(problem.RowProblem(rows, f, reg, w0))
+    return chosen.solve(plan, fixed, x0=x0).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -219,11 +231,11 @@ def test_row_and_column_sweeps_match_the_dense_solve(matrix, scheme, exponent):
     np.testing.assert_allclose(reg_i, oracle_reg[1], rtol=1e-12)
 
     y = rng.normal(size=(matrix.shape[1], k))
-    x = solver.solve_rows(y, solver.gramian(y, F64), matrix, f, reg_u, w0, dtype=F64)
+    x = solve_rows(y, matrix, f, reg_u, w0)
     np.testing.assert_allclose(x, dense_wals.solve_rows(dense, w, y, reg_u), rtol=1e-8, atol=1e-12)
 
     transposed, perm = matrix.transpose_with_perm()
-    y_new = solver.solve_rows(x, solver.gramian(x, F64), transposed, f[perm], reg_i, w0, dtype=F64)
+    y_new = solve_rows(x, transposed, f[perm], reg_i, w0)
     expected = dense_wals.solve_rows(dense.T, w.T, x, reg_i)
     np.testing.assert_allclose(y_new, expected, rtol=1e-8, atol=1e-12)
 
@@ -235,7 +247,7 @@ def test_exact_solver_on_short_rows_matches_the_dense_solve(k):
     f = observed_f(m, "confidence", confidence_alpha=3.0)
     reg = regularization(m.row_counts(), 0.1, 0.4, 5, 1.0)
     y = np.random.default_rng(9).normal(size=(5, k))
-    x = solver.solve_rows(y, solver.gramian(y, F64), m, f, reg, 0.4, dtype=F64)
+    x = solve_rows(y, m, f, reg, 0.4)
     expected = dense_wals.solve_rows(m.to_dense(), weight_matrix(m, f, 0.4), y, reg)
     np.testing.assert_allclose(x, expected, rtol=1e-8, atol=1e-12)
 
@@ -247,16 +259,15 @@ def test_cg_with_enough_steps_reaches_the_exact_solution(matrix, steps):
     f = observed_f(matrix, "confidence", confidence_alpha=5.0)
     reg = regularization(matrix.row_counts(), 0.1, w0, matrix.shape[1], 1.0)
     y = rng.normal(size=(matrix.shape[1], k))
-    g = solver.gramian(y, F64)
-    exact = solver.solve_rows(y, g, matrix, f, reg, w0, dtype=F64)
+    exact = solve_rows(y, matrix, f, reg, w0)
     x0 = rng.normal(size=(matrix.shape[0], k))
-    cg = solver.solve_rows(y, g, matrix, f, reg, w0, "cg", x0, steps, F64, **NO_XLA)
+    cg = solve_rows(y, matrix, f, reg, w0, "cg", x0, steps, **NO_XLA)
     np.testing.assert_allclose(cg, exact, rtol=1e-8, atol=1e-10)
     # A few steps already move a warm start towards the solution, and the solution is a fixed
     # point.
-    few = solver.solve_rows(y, g, matrix, f, reg, w0, "cg", x0, 3, F64, **NO_XLA)
+    few = solve_rows(y, matrix, f, reg, w0, "cg", x0, 3, **NO_XLA)
     assert np.linalg.norm(few - exact) < 0.5 * np.linalg.norm(x0 - exact)
-    again = solver.solve_rows(y, g, matrix, f, reg, w0, "cg", exact, 3, F64, **NO_XLA)
+    again = solve_rows(y, matrix, f, reg, w0, "cg", exact, 3, **NO_XLA)
     np.testing.assert_allclose(again, exact, rtol=1e-8, atol=1e-10)
 
 
@@ -267,13 +278,11 @@ def test_rows_without_observations_get_zero_factors(name):
     f = np.ones(m.nnz, np.float32)
     reg = np.full(7, 0.1)
     x0 = np.ones((7, 3))
-    x = solver.solve_rows(y, solver.gramian(y, F64), m, f, reg, 0.5, name, x0, dtype=F64, **NO_XLA)
+    x = solve_rows(y, m, f, reg, 0.5, name, x0, **NO_XLA)
     np.testing.assert_array_equal(x[2], 0.0)
     assert np.all(np.abs(x[[0, 1, 3, 4, 5, 6]]).sum(axis=1) > 0)
     nothing = CsrMatrix(np.zeros(4, np.int64), np.zeros(0, np.int64), np.zeros(0), (3, 5))
-    x = solver.solve_rows(
-        y, solver.gramian(y, F64), nothing, np.zeros(0), reg[:3], 0.5, name, **NO_XLA
-    )
+    x = solve_rows(y, nothing, np.zeros(0, np.float32), reg[:3], 0.5, name, **NO_XLA)
     np.testing.assert_array_equal(x, 0.0)
 
 
@@ -302,6 +311,56 @@ def test_tiling_does_not_change_the_solution(matrix, name):
     )
 
 
+def test_solver_for_chooses_the_solver_once_from_the_config():
+    exact = solver.solver_for(WALSConfig(solver="cholesky", cg_steps=5), F64, jit_compile=False)
+    assert type(exact) is solver.ExactSolver and exact.name == "cholesky"
+    assert exact.dtype == np.float64
+    cg = solver.solver_for(WALSConfig(solver="cg", cg_steps=5), jit_compile=False, chunk_rows=9)
+    assert type(cg) is solver.ConjugateGradientSolver
+    assert (cg.name, cg.steps, cg.jit_compile, cg.chunk_rows) == ("cg", 5, False, 9)
+    assert cg.dtype == np.float32
+    assert pickle.loads(pickle.dumps(cg)) == cg  # a Beam DoFn may carry it
+    with pytest.raises(ValueError, match="solver"):
+        solver.solver_for(WALSConfig(solver="lu"))
+    with pytest.raises(ValueError, match="cg_steps"):
+        solver.ConjugateGradientSolver(steps=0)
+
+
+def test_a_solver_computes_the_gramian_of_the_whole_fixed_side_when_not_given(matrix):
+    """solve(plan, fixed) uses G = fixedᵀ fixed; a given G (e.g. of a larger table) wins."""
+    rng = np.random.default_rng(11)
+    f = observed_f(matrix, "confidence", confidence_alpha=2.0)
+    reg = np.full(matrix.shape[0], 0.1)
+    y = rng.normal(size=(matrix.shape[1], 3))
+    chosen = solver.ExactSolver(dtype=F64)
+    plan = chosen.plan(problem.RowProblem(matrix, f, reg, 0.3))
+    implicit = chosen.solve(plan, y).numpy()
+    np.testing.assert_allclose(implicit, chosen.solve(plan, y, y.T @ y).numpy(), rtol=1e-12)
+    doubled = chosen.solve(plan, y, 2 * (y.T @ y)).numpy()
+    dense = matrix.to_dense()
+    w = weight_matrix(matrix, f, 0.3)
+    # 2·w0·G is the Gramian term of w0' = 2·w0 on unobserved cells with the observed cells'
+    # weights and targets unchanged: A = 2·w0·G + Σ f y yᵀ + λ I, b = Σ (w0 + f) r y.
+    a = 2 * 0.3 * (y.T @ y)
+    for u in (0, 1, 5):
+        obs = dense[u] != 0
+        a_u = a + (y[obs].T * (w[u, obs] - 0.3)) @ y[obs] + 0.1 * np.eye(3)
+        b_u = y[obs].T @ (w[u, obs] * dense[u, obs])
+        np.testing.assert_allclose(doubled[u], np.linalg.solve(a_u, b_u), rtol=1e-9)
+
+
+def test_configure_xla_adds_the_level_once_and_keeps_the_users(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert xla.configure_xla() == "--xla_backend_optimization_level=2"
+    assert xla.configure_xla() == "--xla_backend_optimization_level=2"  # idempotent
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d")
+    xla.configure_xla()
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/d --xla_backend_optimization_level=2"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    xla.configure_xla()
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=3"
+
+
 def test_loss_via_the_gramian_equals_the_dense_loss(matrix):
     rng = np.random.default_rng(5)
     w0 = 0.4
@@ -312,7 +371,7 @@ def test_loss_via_the_gramian_equals_the_dense_loss(matrix):
     reg_i = rng.uniform(0.1, 1.0, matrix.shape[1])
     users = problem.RowProblem(matrix, f, reg_u, w0)
     items = problem.RowProblem(matrix.transpose(), np.zeros(matrix.nnz, np.float32), reg_i, w0)
-    parts = problem.loss(users, items, x, y, dtype=F64)
+    parts = wals_loss.loss(users, items, x, y, dtype=F64)
     dense, w = matrix.to_dense(), weight_matrix(matrix, f, w0)
     expected = dense_wals.loss(dense, w, x, y, reg_u, reg_i)
     assert parts["total"] == pytest.approx(expected, rel=1e-10)
@@ -330,7 +389,7 @@ def test_loss_via_the_gramian_equals_the_dense_loss(matrix):
 def test_observed_sums_do_not_depend_on_the_chunking(matrix, chunk, monkeypatch):
     """Chunks of one length, the last one padded and masked: the sums equal the oracle's for
     chunks that divide the cells, that do not, and a single padded chunk."""
-    monkeypatch.setattr(solver, "_LOSS_CHUNK", chunk)
+    monkeypatch.setattr(wals_loss, "_LOSS_CHUNK", chunk)
     rng = np.random.default_rng(8)
     f = rng.uniform(0.0, 2.0, matrix.nnz)
     x = rng.normal(size=(matrix.shape[0], 3))
@@ -339,7 +398,7 @@ def test_observed_sums_do_not_depend_on_the_chunking(matrix, chunk, monkeypatch)
     prediction = np.sum(x[rows] * y[cols], axis=1)
     squared = (matrix.values.astype(np.float64) - prediction) ** 2
     expected = (squared.sum(), (f.astype(np.float32) * squared).sum(), (prediction**2).sum())
-    np.testing.assert_allclose(solver.observed_sums(matrix, f, x, y, F64), expected, rtol=1e-10)
+    np.testing.assert_allclose(wals_loss.observed_sums(matrix, f, x, y, F64), expected, rtol=1e-10)
 
 
 # --- trainer ------------------------------------------------------------------------------------
@@ -362,7 +421,7 @@ CONFIG = WALSConfig(
 @pytest.mark.parametrize("scheme", ["column_frequency", "confidence"])
 def test_fit_matches_the_dense_oracle_and_the_loss_never_increases(matrix, scheme):
     config = dataclasses.replace(CONFIG, weighting=scheme, **SCHEMES[scheme], num_iters=6)
-    factors = wals.fit(matrix, config, show_progress=False, dtype=F64)
+    factors = wals.fit(matrix, config, show_progress=False, dtype=F64, loss_every=1)
 
     x0, y0 = seeded(*matrix.shape, config)
     f = observed_f(matrix, scheme, **SCHEMES[scheme])
@@ -453,7 +512,7 @@ def test_fit_returns_rows_in_the_matrix_order_whatever_it_is(matrix, name):
 
 def test_fit_without_loss_gives_the_same_factors_and_no_history(matrix):
     config = dataclasses.replace(CONFIG, num_iters=3)
-    with_loss = wals.fit(matrix, config, show_progress=False, dtype=F64, **NO_XLA)
+    with_loss = wals.fit(matrix, config, show_progress=False, dtype=F64, loss_every=1, **NO_XLA)
     losses = []
     without = wals.fit(
         matrix,
@@ -469,11 +528,29 @@ def test_fit_without_loss_gives_the_same_factors_and_no_history(matrix):
     assert len(with_loss.history) == 3
 
 
+def test_fit_computes_the_loss_only_after_the_last_iteration_by_default(matrix):
+    config = dataclasses.replace(CONFIG, num_iters=3)
+    losses = []
+    fitted = wals.fit(
+        matrix,
+        config,
+        callback=lambda i, fac, loss: losses.append(loss),
+        show_progress=False,
+        dtype=F64,
+        **NO_XLA,
+    )
+    every = wals.fit(matrix, config, show_progress=False, dtype=F64, loss_every=1, **NO_XLA)
+    assert losses[:2] == [None, None]
+    assert [h["iteration"] for h in fitted.history] == [3]
+    assert fitted.history == every.history[-1:] == [losses[2]]
+    np.testing.assert_array_equal(fitted.user_factors, every.user_factors)
+
+
 def test_fit_in_float32_with_cg_tracks_the_exact_float64_fit(matrix):
     calls = []
     config = dataclasses.replace(CONFIG, solver="cg", cg_steps=3, num_iters=5)
     factors = wals.fit(
-        matrix, config, callback=lambda i, fac, loss: calls.append((i, loss["total"]))
+        matrix, config, callback=lambda i, fac, loss: calls.append((i, loss["total"])), loss_every=1
     )
     assert factors.user_factors.dtype == np.float32
     assert [i for i, _ in calls] == [1, 2, 3, 4, 5]

@@ -1,5 +1,6 @@
-"""The stacked tile layout of `trainer.core.solver` (sub-tiles stacked T at a time, padding sub-tiles
-skipped) against the dense NumPy oracle in `dense_wals.py` and against other layouts.
+"""The stacked tile layout of `trainer.core.tiling` and `trainer.core.plans` (sub-tiles stacked T
+at a time, padding sub-tiles skipped), solved by `trainer.core.kernels`, against the dense NumPy
+oracle in `dense_wals.py` and against other layouts.
 
 Every fast path is checked: the XLA-compiled CG kernel with its loop over sub-tiles (and its
 early stop at `count`), the same kernel without XLA, and the exact solvers on stacked tiles.
@@ -7,21 +8,24 @@ early stop at `count`), the same kernel without XLA, and the exact solvers on st
 
 from __future__ import annotations
 
+import pathlib
 import pickle
+import subprocess
+import sys
 
 import dense_wals  # tests/ is on sys.path (pytest's rootdir-less "prepend" import mode)
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.core import objective, solver
+from trainer.core import kernels, objective, plans, problem, solver, tiling
 from trainer.core.sparse import CsrMatrix
 
 F64 = tf.float64
 # Small sub-tiles stacked a few at a time: long rows span several lines, runs of sub-tiles
 # fill several tiles, and the last tile of a run holds padding sub-tiles.
-STACKED = solver.TileShape(max_width=4, tile_slots=16, max_rows=4, stack_slots=256)
-UNSTACKED = solver.TileShape(max_width=4, tile_slots=16, max_rows=4)
+STACKED = tiling.TileShape(max_width=4, tile_slots=16, max_rows=4, stack_slots=256)
+UNSTACKED = tiling.TileShape(max_width=4, tile_slots=16, max_rows=4)
 
 
 def power_law(n: int = 60, m: int = 25, seed: int = 0) -> CsrMatrix:
@@ -54,7 +58,7 @@ def problem_data():
 
 def test_the_stacked_layout_has_several_sub_tiles_per_tile_and_padding(problem_data):
     matrix, f, reg, w0, *_ = problem_data
-    plan = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
+    plan = plans.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
     assert any(tile.count > 1 for tile in plan.tiles)
     assert any(tile.count < tile.cols.shape[0] for tile in plan.tiles)  # padding sub-tiles
     assert any(tile.multi_line for tile in plan.tiles)
@@ -77,7 +81,7 @@ def test_tile_shapes_do_not_depend_on_the_block():
     for n_rows in (37, 101, 163, 250, 400):
         rows = np.sort(rng.choice(matrix.shape[0], n_rows, replace=False))
         block = matrix.take_rows(rows)
-        plan = solver.plan_rows(
+        plan = plans.plan_rows(
             block, f[: block.nnz], np.ones(n_rows), 0.3, "cg", F64, tile_shape=STACKED
         )
         for n_tiles, *sub_tile in plan.tile_shapes:
@@ -95,71 +99,82 @@ def test_kernel_shapes_from_the_lengths_alone_are_the_plans(tile_shape, chunk_ro
     of the same rows has, or a worker would compile too little or too much."""
     matrix = power_law(n=300, m=60, seed=7)
     f = np.ones(matrix.nnz, np.float32)
-    plan = solver.plan_rows(
+    plan = plans.plan_rows(
         matrix, f, np.ones(300), 0.3, "cg", chunk_rows=chunk_rows, tile_shape=tile_shape
     )
-    shapes = solver.kernel_shapes(matrix.row_counts(), "cg", chunk_rows, tile_shape)
+    shapes = tiling.kernel_shapes(matrix.row_counts(), "cg", chunk_rows, tile_shape)
     assert shapes == plan.kernel_shapes
     assert any(multi_line for *_, multi_line in shapes)
 
 
+def test_a_solver_compiles_ahead_exactly_the_shapes_of_its_plans(problem_data):
+    matrix, f, reg, w0, y, x0, _ = problem_data
+    chosen = solver.ConjugateGradientSolver(dtype=F64, tile_shape=STACKED, steps=3)
+    plan = chosen.plan(problem.RowProblem(matrix, f, reg, w0))
+    shapes = chosen.kernel_shapes(matrix.row_counts())
+    assert shapes == plan.kernel_shapes
+    before = chosen.solve(plan, y, x0=x0).numpy()
+    chosen.warm_up(shapes, matrix.shape[1], y.shape[1])
+    np.testing.assert_array_equal(chosen.solve(plan, y, x0=x0).numpy(), before)
+
+
 def test_warmed_up_kernels_solve_as_before(problem_data):
     matrix, f, reg, w0, y, x0, _ = problem_data
-    plan = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
-    g = solver.gramian(y, F64)
-    before = solver.solve_planned(plan, y, g, "cg", x0, 3).numpy()
-    solver.warm_up(plan.kernel_shapes, matrix.shape[1], y.shape[1], F64, cg_steps=3)
-    np.testing.assert_array_equal(solver.solve_planned(plan, y, g, "cg", x0, 3).numpy(), before)
+    plan = plans.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
+    g = kernels.gramian(y, F64)
+    before = kernels.solve_planned(plan, y, g, "cg", x0, 3).numpy()
+    kernels.warm_up(plan.kernel_shapes, matrix.shape[1], y.shape[1], F64, cg_steps=3)
+    np.testing.assert_array_equal(kernels.solve_planned(plan, y, g, "cg", x0, 3).numpy(), before)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_stacked_cg_reaches_the_dense_solution(problem_data, jit_compile):
     matrix, f, reg, w0, y, x0, exact = problem_data
-    plan = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
-    g = solver.gramian(y, F64)
-    x = solver.solve_planned(plan, y, g, "cg", x0, 30, jit_compile).numpy()
+    plan = plans.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
+    g = kernels.gramian(y, F64)
+    x = kernels.solve_planned(plan, y, g, "cg", x0, 30, jit_compile).numpy()
     np.testing.assert_allclose(x, exact, rtol=1e-8, atol=1e-10)
     assert np.all(x[3] == 0)
 
 
-@pytest.mark.parametrize("name", solver.SOLVERS)
+@pytest.mark.parametrize("name", tiling.SOLVERS)
 def test_stacking_and_tiles_in_flight_do_not_change_the_solution(problem_data, name):
     matrix, f, reg, w0, y, x0, exact = problem_data
-    g = solver.gramian(y, F64)
+    g = kernels.gramian(y, F64)
 
     def solve(shape, jit_compile=False, in_flight=2):
-        plan = solver.plan_rows(matrix, f, reg, w0, name, F64, tile_shape=shape)
-        return solver.solve_planned(plan, y, g, name, x0, 3, jit_compile, in_flight).numpy()
+        plan = plans.plan_rows(matrix, f, reg, w0, name, F64, tile_shape=shape)
+        return kernels.solve_planned(plan, y, g, name, x0, 3, jit_compile, in_flight).numpy()
 
     reference = solve(UNSTACKED)
     np.testing.assert_allclose(solve(STACKED), reference, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(solve(STACKED, True, 1), reference, rtol=1e-10, atol=1e-12)
-    if name == solver.CHOLESKY:
+    if name == tiling.CHOLESKY:
         np.testing.assert_allclose(reference, exact, rtol=1e-8, atol=1e-12)
 
 
 def test_default_float32_cg_plan_matches_float64(problem_data):
     """The default (large) tile shapes on a small block: one padded tile per shape."""
     matrix, f, reg, w0, y, x0, _ = problem_data
-    g64 = solver.gramian(y, F64)
-    plan64 = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=UNSTACKED)
-    reference = solver.solve_planned(plan64, y, g64, "cg", x0, 3, False).numpy()
-    plan = solver.plan_rows(matrix, f, reg, w0, "cg")
+    g64 = kernels.gramian(y, F64)
+    plan64 = plans.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=UNSTACKED)
+    reference = kernels.solve_planned(plan64, y, g64, "cg", x0, 3, False).numpy()
+    plan = plans.plan_rows(matrix, f, reg, w0, "cg")
     y32 = y.astype(np.float32)
-    x = solver.solve_planned(plan, y32, solver.gramian(y32), "cg", x0.astype(np.float32), 3)
+    x = kernels.solve_planned(plan, y32, kernels.gramian(y32), "cg", x0.astype(np.float32), 3)
     assert x.dtype == tf.float32
     np.testing.assert_allclose(x.numpy(), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_a_plan_pickles_without_its_cached_tensors(problem_data):
     matrix, f, reg, w0, y, x0, _ = problem_data
-    plan = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
-    g = solver.gramian(y, F64)
-    before = solver.solve_planned(plan, y, g, "cg", x0, 3, False).numpy()
+    plan = plans.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
+    g = kernels.gramian(y, F64)
+    before = kernels.solve_planned(plan, y, g, "cg", x0, 3, False).numpy()
     assert all("_tensors" in tile.__dict__ for tile in plan.tiles)
     copy = pickle.loads(pickle.dumps(plan))
     assert not any("_tensors" in tile.__dict__ for tile in copy.tiles)
-    np.testing.assert_array_equal(solver.solve_planned(copy, y, g, "cg", x0, 3, False), before)
+    np.testing.assert_array_equal(kernels.solve_planned(copy, y, g, "cg", x0, 3, False), before)
 
 
 def test_rows_longer_than_a_sub_tile_are_packed_and_solved_exactly():
@@ -180,20 +195,43 @@ def test_rows_longer_than_a_sub_tile_are_packed_and_solved_exactly():
     w = np.full(matrix.shape, w0)
     w[matrix.row_ids(), matrix.indices] += f
     exact = dense_wals.solve_rows(matrix.to_dense(), w, y, reg)
-    g = solver.gramian(y, F64)
-    plan = solver.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
+    g = kernels.gramian(y, F64)
+    plan = plans.plan_rows(matrix, f, reg, w0, "cg", F64, tile_shape=STACKED)
     line_cap = STACKED.tile_slots // STACKED.max_width
-    bin_lines = solver._LONG_BIN * line_cap
-    packed = [tile for tile in plan.tiles if tile.reg.shape[1] == solver._LONG_BIN]
+    bin_lines = tiling._LONG_BIN * line_cap
+    packed = [tile for tile in plan.tiles if tile.reg.shape[1] == tiling._LONG_BIN]
     assert sum(tile.count for tile in packed) >= 2  # rows of 17 to 64 entries, several bins
     assert any(((tile.rows[0] < n).sum() > 1) for tile in packed)  # rows share a sub-tile
     own = {tile.cols.shape[1] for tile in plan.tiles if tile.cols.shape[1] > bin_lines}
     assert own == {24, 32}  # 100 and 70 entries: 25 and 18 lines, 1.5x steps above 16
     assert all(tile.cols.shape[1] <= bin_lines for tile in packed)
     for jit_compile in (False, True):
-        x = solver.solve_planned(plan, y, g, "cg", x0, 40, jit_compile).numpy()
+        x = kernels.solve_planned(plan, y, g, "cg", x0, 40, jit_compile).numpy()
         np.testing.assert_allclose(x, exact, rtol=1e-8, atol=1e-10)
         assert np.all(x[n - 1] == 0)
-    plan = solver.plan_rows(matrix, f, reg, w0, "cholesky", F64, tile_shape=STACKED)
-    x = solver.solve_planned(plan, y, g, "cholesky").numpy()
+    plan = plans.plan_rows(matrix, f, reg, w0, "cholesky", F64, tile_shape=STACKED)
+    x = kernels.solve_planned(plan, y, g, "cholesky").numpy()
     np.testing.assert_allclose(x, exact, rtol=1e-8, atol=1e-10)
+
+
+def test_the_padded_fixed_length_is_the_next_power_of_two():
+    """The join exchange's table length: the smallest power of two >= m (1 for an empty
+    table), by counting up rather than by bit arithmetic."""
+    for m in [*range(0, 70), 1000, 1023, 1024, 1025, (1 << 20) + 1]:
+        expected = 1
+        while expected < m:
+            expected *= 2
+        assert tiling.padded_fixed_length(m) == expected, m
+
+
+def test_tiling_and_plans_do_not_load_tensorflow():
+    """A planner (a Beam worker, the benchmarks) lays rows out without TensorFlow's import."""
+    code = (
+        "import sys, trainer.core.tiling, trainer.core.plans, trainer.core.xla; "
+        "print('tensorflow' in sys.modules)"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"

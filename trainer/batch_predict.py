@@ -42,6 +42,7 @@ from tqdm import tqdm
 from common import cli, staging
 from trainer.core import metrics
 from trainer.core.sparse import CsrMatrix
+from trainer.core.xla import configure_xla
 from trainer.serving import model as model_lib
 from trainer.serving.predictions import FORMATS, format_line, header_line
 
@@ -204,6 +205,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_xla()  # before the first XLA compile of this process
     return cli.main_with_usage_errors(run, argv)
 
 

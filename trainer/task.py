@@ -33,6 +33,7 @@ from trainer.beam import layout as blocks
 from trainer.beam import train as distributed
 from trainer.core import objective
 from trainer.core.config import WALSConfig
+from trainer.core.xla import configure_xla
 from trainer.local import dataset as data
 from trainer.training import METRICS_FILE, headline, train_and_evaluate
 
@@ -341,6 +342,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_xla()  # before the first XLA compile of this process
     return cli.main_with_usage_errors(run, argv)
 
 

@@ -33,9 +33,10 @@ from trainer.beam import block_problems, checkpoint_files, exchange
 from trainer.beam.layout import FactorRef
 from trainer.beam.side_state import SideState, publish, read_ref
 from trainer.beam.spec import JOIN, METRICS_NAMESPACE, TrainSpec
-from trainer.core import problem
+from trainer.core import loss
 from trainer.core import solver as wals_solver
 from trainer.core.sides import Side
+from trainer.core.xla import configure_xla
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +120,10 @@ def _receive(spec: TrainSpec, side: Side, element, item_counts, fixed_state, sol
     return ref, solving, exchange.pad_rows(table, solving.problem.targets.shape[1])
 
 
-def _loss_terms(solving, side: Side, factors, table) -> problem.LossSums:
+def _loss_terms(solving, side: Side, factors, table) -> loss.LossSums:
     """A block's loss terms of its incoming factors: observed terms (counted on the user side
     only, against the fixed item table) and regularisation terms."""
-    return problem.loss_sums(solving.problem, factors, table if side == Side.USERS else None)
+    return loss.loss_sums(solving.problem, factors, table if side == Side.USERS else None)
 
 
 class _Solve(beam.DoFn):
@@ -138,6 +139,9 @@ class _Solve(beam.DoFn):
         self._side = side
         self._iteration = iteration
         self._with_loss = with_loss
+
+    def setup(self):
+        configure_xla()  # before this worker's first XLA compile
 
     def process(
         self, element, item_counts, fixed_state: SideState, kernels=frozenset(), solving_refs=None
@@ -171,6 +175,9 @@ class _MeasureLoss(beam.DoFn):
     def __init__(self, spec: TrainSpec, side: Side):
         self._spec = spec
         self._side = side
+
+    def setup(self):
+        configure_xla()  # before this worker's first XLA compile
 
     def process(self, element, item_counts, fixed_state: SideState, solving_refs=None):
         spec, side = self._spec, self._side
@@ -265,14 +272,14 @@ class LossTerms(beam.PTransform):
         return main | "Measure" >> beam.ParDo(_MeasureLoss(self._spec, self._side), **side_inputs)
 
 
-def _regularization_sums(ref: FactorRef, spec: TrainSpec, item_counts) -> problem.LossSums:
+def _regularization_sums(ref: FactorRef, spec: TrainSpec, item_counts) -> loss.LossSums:
     solving = block_problems.block_problem(spec, ref.side, ref.block_id, item_counts)
     _, factors = read_ref(spec, ref)
-    return problem.loss_sums(solving.problem, factors, None)
+    return loss.loss_sums(solving.problem, factors, None)
 
 
 def _sum_losses(parts):
-    total = problem.LossSums()
+    total = loss.LossSums()
     for part in parts:
         total = total + part
     return total
@@ -286,9 +293,9 @@ class _FinishLoss(beam.DoFn):
         self._iteration = iteration
 
     def process(self, sums, users: SideState, items: SideState):
-        loss = sums.finish(users.gramian, items.gramian, self._spec.config.unobserved_weight)
-        checkpoint_files.write_loss(self._spec.checkpoint_dir, self._iteration, loss)
-        yield loss
+        result = sums.finish(users.gramian, items.gramian, self._spec.config.unobserved_weight)
+        checkpoint_files.write_loss(self._spec.checkpoint_dir, self._iteration, result)
+        yield result
 
 
 class WriteLoss(beam.PTransform):
@@ -296,7 +303,7 @@ class WriteLoss(beam.PTransform):
 
     Input: (PCollection[LossSums] of the user blocks (`HalfSweep` with_loss, or `LossTerms`),
     PCollection[FactorRef] of the item blocks of the same iteration). Output:
-    PCollection[dict], one element, the loss (`trainer.core.problem.LossSums.finish`), which
+    PCollection[dict], one element, the loss (`trainer.core.loss.LossSums.finish`), which
     adds the unobserved terms from the users' and items' Gramians (the SideState singletons
     `users_state` and `items_state`).
     """

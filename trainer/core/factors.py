@@ -15,7 +15,7 @@ class WALSFactors:
     Attributes:
         user_factors: [n_users, k] X, float32 (float64 when fit with dtype=tf.float64).
         item_factors: [n_items, k] Y, same dtype.
-        history: one loss dict per finished iteration (see `trainer.core.solver.loss`).
+        history: one loss dict per finished iteration (see `trainer.core.loss.loss`).
     """
 
     user_factors: np.ndarray

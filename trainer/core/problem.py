@@ -7,13 +7,7 @@ graph from the TF twins of the same terms (`trainer.core.objective_tf`). So f, t
 λ cannot disagree between them. The objective and its normal equations are written once, in
 `define_rows`' docstring; f, t and λ are `trainer.core.objective`'s.
 
-The loss of the whole model comes in partial sums (`LossSums`), one per block, merged by
-addition (a Beam CombineFn, or a plain sum locally). The unobserved term comes from the two
-Gramians, so no block needs the other side's rows:
-
-    observed       = Σ_obs (w0 + f_ui)(t_ui − x_u·y_i)²
-    unobserved     = w0·sum(XᵀX ∘ YᵀY) − w0·Σ_obs (x_u·y_i)²
-    regularization = Σ_u λ_u‖x_u‖² + Σ_i λ_i‖y_i‖²
+The loss of the whole model, in partial sums per block, is `trainer.core.loss`.
 """
 
 from __future__ import annotations
@@ -21,10 +15,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
 
-from trainer.core import objective
-from trainer.core import solver as wals_solver
+from trainer.core import objective, plans, tiling
 from trainer.core.objective import WALSConfig
 from trainer.core.sides import ITEMS, SIDES, USERS, Side  # noqa: F401  (re-exported)
 from trainer.core.sparse import CsrMatrix
@@ -49,12 +41,13 @@ class RowProblem:
     def plan(
         self,
         solver: str,
-        dtype: tf.DType = tf.float32,
-        chunk_rows: int = wals_solver.DEFAULT_CHUNK_ROWS,
-        tile_shape: wals_solver.TileShape | None = None,
-    ) -> wals_solver.RowPlan:
-        """The block laid out for `trainer.core.solver.solve_planned`."""
-        return wals_solver.plan_rows(
+        dtype=np.float32,
+        chunk_rows: int = tiling.DEFAULT_CHUNK_ROWS,
+        tile_shape: tiling.TileShape | None = None,
+    ) -> plans.RowPlan:
+        """The block laid out for `solver` (a name) by `trainer.core.plans.plan_rows`; a
+        trainer that chose its solver uses `trainer.core.solver.Solver.plan` instead."""
+        return plans.plan_rows(
             self.targets,
             self.f,
             self.reg,
@@ -172,102 +165,3 @@ def define_visitor_row(
         np.array([0, items.size], dtype=np.int64), items[order], ratings[order], (1, n_items)
     )
     return define_rows(row, USERS, item_counts, config)
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSums:
-    """Partial sums of the objective over some blocks; merge with `+`.
-
-    Attributes:
-        squared: Σ_obs (t_ui − x_u·y_i)² over the blocks' observed cells.
-        weighted: Σ_obs f_ui (t_ui − x_u·y_i)².
-        predicted: Σ_obs (x_u·y_i)².
-        regularization: Σ λ_u‖x_u‖² over the blocks' rows.
-        entries: observed cells counted.
-    """
-
-    squared: float = 0.0
-    weighted: float = 0.0
-    predicted: float = 0.0
-    regularization: float = 0.0
-    entries: int = 0
-
-    def __add__(self, other: LossSums) -> LossSums:
-        return LossSums(
-            self.squared + other.squared,
-            self.weighted + other.weighted,
-            self.predicted + other.predicted,
-            self.regularization + other.regularization,
-            self.entries + other.entries,
-        )
-
-    def finish(self, gramian_users: np.ndarray, gramian_items: np.ndarray, w0: float) -> dict:
-        """The loss from all blocks' sums and the two Gramians (module docstring).
-
-        Args:
-            gramian_users: [k, k] XᵀX.
-            gramian_items: [k, k] YᵀY.
-            w0: the unobserved weight.
-
-        Returns:
-            {"observed", "unobserved", "regularization", "total", "rmse"} as floats; rmse is
-            the unweighted root-mean-square error over the observed cells.
-        """
-        all_cells = w0 * float(
-            np.sum(np.asarray(gramian_users, np.float64) * np.asarray(gramian_items, np.float64))
-        )
-        observed = w0 * self.squared + self.weighted
-        unobserved = all_cells - w0 * self.predicted
-        return {
-            "observed": observed,
-            "unobserved": unobserved,
-            "regularization": self.regularization,
-            "total": observed + unobserved + self.regularization,
-            "rmse": float(np.sqrt(self.squared / max(self.entries, 1))),
-        }
-
-
-def loss_sums(
-    problem: RowProblem,
-    solved: np.ndarray | tf.Tensor,
-    fixed: np.ndarray | tf.Tensor | None,
-    dtype: tf.DType = tf.float32,
-) -> LossSums:
-    """A block's partial sums of the loss.
-
-    Count every observed cell once: pass `fixed` for the blocks of one side (the users), and
-    None for the other side's blocks, which then add only their regularization.
-
-    Args:
-        problem: the block's problem.
-        solved: [n_rows, k] the block's factors.
-        fixed: [n_fixed, k] the other side's factors, or None.
-        dtype: computation dtype of the predictions; sums accumulate in float64.
-    """
-    solved = tf.cast(tf.convert_to_tensor(solved), dtype)
-    norms = tf.reduce_sum(tf.square(tf.cast(solved, tf.float64)), axis=1).numpy()
-    regularization = float(np.dot(np.asarray(problem.reg, np.float64), norms))
-    if fixed is None:
-        return LossSums(regularization=regularization)
-    squared, weighted, predicted = wals_solver.observed_sums(
-        problem.targets, problem.f, solved, fixed, dtype
-    )
-    return LossSums(squared, weighted, predicted, regularization, problem.targets.nnz)
-
-
-def loss(
-    users: RowProblem,
-    items: RowProblem,
-    user_factors: np.ndarray | tf.Tensor,
-    item_factors: np.ndarray | tf.Tensor,
-    dtype: tf.DType = tf.float32,
-) -> dict:
-    """The loss of a whole model: both sides' partial sums, finished with the Gramians."""
-    x = tf.cast(tf.convert_to_tensor(user_factors), dtype)
-    y = tf.cast(tf.convert_to_tensor(item_factors), dtype)
-    sums = loss_sums(users, x, y, dtype) + loss_sums(items, y, None, dtype)
-    return sums.finish(
-        wals_solver.gramian(x, tf.float64).numpy(),
-        wals_solver.gramian(y, tf.float64).numpy(),
-        users.w0,
-    )

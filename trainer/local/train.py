@@ -4,10 +4,12 @@
     factors = fit(train, config, callback=on_iteration)     # train: CsrMatrix [n_users, n_items]
     scores = factors.user_factors[u] @ factors.item_factors.T
 
-Each iteration is a row sweep (every x_u from Y) and a column sweep (every y_i from X) of
-`trainer.core.solver`, which holds the math; this module holds the loop, the initialisation, the
-progress report and fold-in. See `trainer.core.solver` for the objective and `trainer.core.weights` for
-the weighting schemes.
+Each iteration is a row sweep (every x_u from Y) and a column sweep (every y_i from X) by the
+solver the config names (`trainer.core.solver.solver_for`), on the problems of
+`trainer.core.problem.define_rows`, whose docstring writes the normal equations and what f, t
+and λ are under each weighting. This module holds the loop, the initialisation and the progress
+report; the loss (`trainer.core.loss`) is computed only when asked, by default after the last
+iteration.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from trainer.core import problem, seeding
-from trainer.core import solver as wals_solver
+from trainer.core import loss as wals_loss
+from trainer.core import problem, seeding, tiling
 from trainer.core.config import WALSConfig
 from trainer.core.factors import IterationCallback, WALSFactors
 from trainer.core.problem import ITEMS, USERS
+from trainer.core.solver import solver_for
 from trainer.core.sparse import CsrMatrix
+from trainer.core.xla import configure_xla
 
 logger = logging.getLogger(__name__)
-
-
 
 
 def _report(bar, show_progress: bool, iteration: int, iters: int, seconds: float, loss) -> None:
@@ -58,21 +60,22 @@ def fit(
     callback: IterationCallback | None = None,
     show_progress: bool = True,
     dtype: tf.DType = tf.float32,
-    chunk_rows: int = wals_solver.DEFAULT_CHUNK_ROWS,
+    chunk_rows: int = tiling.DEFAULT_CHUNK_ROWS,
     jit_compile: bool = True,
     compute_loss: bool = True,
     user_keys: np.ndarray | None = None,
     item_keys: np.ndarray | None = None,
     initial: WALSFactors | None = None,
     start_iteration: int = 0,
-    loss_every: int = 1,
+    loss_every: int | None = None,
 ) -> WALSFactors:
     """Trains WALS on a rating matrix.
 
-    Per iteration, with the problems of `trainer.core.problem.define_rows`:
-        X ← argmin_X L(X, Y)   (row sweep:    x_u = A_u⁻¹ b_u with G = YᵀY)
-        Y ← argmin_Y L(X, Y)   (column sweep: y_i = A_i⁻¹ b_i with G = XᵀX, on Rᵀ)
-    then the loss of `trainer.core.problem.loss` is recorded.
+    Per iteration, with the problems of `trainer.core.problem.define_rows` (whose docstring
+    writes the normal equations):
+        X ← argmin_X L(X, Y)   (row sweep:    every x_u against Y, G = YᵀY)
+        Y ← argmin_Y L(X, Y)   (column sweep: every y_i against X, G = XᵀX, on Rᵀ)
+    then, when due, the loss of `trainer.core.loss.loss` is recorded.
 
     Args:
         matrix: R, [n_users, n_items], the observed r_ui.
@@ -83,9 +86,9 @@ def fit(
         dtype: computation dtype (tf.float64 for tests).
         chunk_rows: rows laid out together by the solver; results do not depend on it beyond
             round-off.
-        jit_compile: XLA-compile the CG kernels (see `trainer.core.solver.solve_planned`).
-        compute_loss: evaluate the loss (about 15% of an iteration's time at 5M entries);
-            when False, the history stays empty and the callback gets None for the loss.
+        jit_compile: XLA-compile the CG kernels (`trainer.core.solver.ConjugateGradientSolver`).
+        compute_loss: evaluate the loss when due (see loss_every); when False, the history
+            stays empty and the callback gets None for the loss.
         user_keys: uint64 [n_users], `trainer.core.seeding.id_keys` of the visitors' original IDs;
             the initial factors are a function of these (of the row index when None).
         item_keys: uint64 [n_items], likewise for the content.
@@ -93,8 +96,10 @@ def fit(
             warm start); their history is carried on.
         start_iteration: iterations already done; fit runs iterations start_iteration + 1 to
             config.num_iters.
-        loss_every: with compute_loss, evaluate the loss every this many iterations (and after
-            the last); each history entry names its "iteration".
+        loss_every: with compute_loss, evaluate the loss every this many iterations and after
+            the last; None (the default) after the last only, as the loss is costly (about 45%
+            of a CG iteration on the large benchmark matrix). Each history entry names its
+            "iteration"; the callback gets None for the loss of the other iterations.
 
     Returns:
         The factors and the per-iteration loss history.
@@ -106,8 +111,10 @@ def fit(
         raise ValueError(
             f"start_iteration must be in [0, {config.num_iters}], got {start_iteration}"
         )
-    if loss_every < 1:
-        raise ValueError(f"loss_every must be >= 1, got {loss_every}")
+    if loss_every is not None and loss_every < 1:
+        raise ValueError(f"loss_every must be >= 1 or None, got {loss_every}")
+    configure_xla()  # before the first XLA compile of this process
+    solver = solver_for(config, dtype, chunk_rows=chunk_rows, jit_compile=jit_compile)
     start = time.perf_counter()
     # The sweeps run on the users in descending order of their counts (ties by index), so
     # that the column sweep's gathers of user factors (one per cell) fall mostly on a compact,
@@ -126,9 +133,7 @@ def fit(
         transposed = ordered.transpose()
         users = problem.define_rows(ordered, USERS, item_counts, config)
         items = problem.define_rows(transposed, ITEMS, item_counts, config)
-        plan_args = {"solver": config.solver, "dtype": dtype, "chunk_rows": chunk_rows}
-        user_plan = users.plan(**plan_args)
-        item_plan = items.plan(**plan_args)
+        user_plan, item_plan = solver.plan(users), solver.plan(items)
         if initial is None:
             initial = seeded.result()
         elif initial.user_factors.shape == (n_users, k):
@@ -167,16 +172,15 @@ def fit(
         initial=start_iteration,
         disable=not show_progress,
     )
-    solve = {"solver": config.solver, "cg_steps": config.cg_steps, "jit_compile": jit_compile}
     for iteration in bar:
         start = time.perf_counter()
-        x = wals_solver.solve_planned(user_plan, y, wals_solver.gramian(y, dtype), x0=x, **solve)
-        y = wals_solver.solve_planned(item_plan, x, wals_solver.gramian(x, dtype), x0=y, **solve)
+        x = solver.solve(user_plan, y, x0=x)
+        y = solver.solve(item_plan, x, x0=y)
         seconds = time.perf_counter() - start
         loss = None
-        due = iteration % loss_every == 0 or iteration == config.num_iters
+        due = iteration == config.num_iters or (loss_every and iteration % loss_every == 0)
         if compute_loss and due:
-            loss = {"iteration": iteration, **problem.loss(users, items, x, y, dtype)}
+            loss = {"iteration": iteration, **wals_loss.loss(users, items, x, y, dtype)}
             history.append(loss)
             _report(bar, show_progress, iteration, config.num_iters, seconds, loss)
         elif not show_progress:
