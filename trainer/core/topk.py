@@ -17,7 +17,9 @@ could only flip at an exact rounding midpoint). Scoring costs about twice a floa
 
 Ranking: by score descending, ties to the lower index (item id, or user id when ranking users),
 padding (id -1, score -inf) after every eligible item when fewer than k are eligible. The
-SavedModel's TF top-k (`trainer.serving.export`) follows the same tie rule.
+SavedModel's TF top-k (`trainer.serving.export`, `tf.math.top_k`) follows the same tie rule; its
+scores are TensorFlow's float32 product, so two items whose scores differ in the last bits may
+come out in the other order there.
 
 Merge: the top k of a set of items is the top k of the union of the top k's of any partition of
 it into chunks (an item outside its chunk's top k has k better items in that chunk), so blocked
