@@ -38,8 +38,14 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(
         include=[
-            "common", "common.*", "pipeline", "pipeline.*", "transforms", "transforms.*",
-            "trainer", "trainer.*",
+            "common",
+            "common.*",
+            "pipeline",
+            "pipeline.*",
+            "transforms",
+            "transforms.*",
+            "trainer",
+            "trainer.*",
         ]
     ),
     install_requires=REQUIRED,

@@ -42,9 +42,9 @@ import numpy as np
 from pipeline import events as events_lib
 from pipeline import holdout, records, synthetic, synthetic_sessions
 from trainer.core import metrics, seeding
-from trainer.core.config import WALSConfig
+from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
-from trainer.evaluation import new_visitors
+from trainer.evaluation import heldout_visitors, new_visitors
 from trainer.local import train as wals
 from transforms import features
 
@@ -90,7 +90,7 @@ class Splits:
     fit: CsrMatrix  # train pairs less validation, [n_users, n_items]
     validation: CsrMatrix  # the validation pairs of known users
     visitors: list[str]  # userId -> visitorId
-    new: new_visitors.HeldOutVisitors  # validation held-out visitors
+    new: heldout_visitors.HeldOutVisitors  # validation held-out visitors
 
 
 def _unit(text: str) -> float:
@@ -146,9 +146,9 @@ def make_splits(sessions: int, items: int, topics: int, seed: int) -> Splits:
             cells = sorted(parts[part][visitor])
             row.append(tuple(np.array([c[j] for c in cells]) for j in range(3)))
         rows.append(tuple(row))
-    names, foldin, target, raw = new_visitors.assemble(rows, len(contents))
-    heldout_visitors = new_visitors.HeldOutVisitors(names, foldin, target, raw)
-    return Splits(matrix(fit), matrix(validation), users, heldout_visitors)
+    names, foldin, target, raw = heldout_visitors.assemble(rows, len(contents))
+    held_out = heldout_visitors.HeldOutVisitors(names, foldin, target, raw)
+    return Splits(matrix(fit), matrix(validation), users, held_out)
 
 
 def score(splits: Splits, overrides: dict) -> dict[str, float]:

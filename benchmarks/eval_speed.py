@@ -46,7 +46,7 @@ def run(size: str, iters: int, eval_users: int | None, seed: int = 0) -> dict:
     """Times `iters` training iterations and, after each, the per-iteration and the full
     evaluation; returns {"iteration", "eval_sampled", "eval_full"}: {median, min, max, all}
     in seconds, and the metrics of the last evaluations."""
-    from trainer.core.config import WALSConfig
+    from trainer.core.objective import WALSConfig
     from trainer.local import train as wals
 
     train_benchmark._set_tensorflow_threads(train_benchmark.THREADS)

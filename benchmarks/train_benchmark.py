@@ -41,7 +41,7 @@ users (default 0.1) is held out whole ("strong generalization", Liang et al. 201
 2022): no model trains on them. Each held-out user's cells are split into a fold-in part (80%)
 and a target part; after training, every model folds the held-out users in from their fold-in
 part with its own exact row solve against its fixed item factors (ours:
-`trainer.evaluation.new_visitors.fold_in_rows`; implicit: `recalculate_user`, the batched form of
+`trainer.core.foldin.fold_in_rows`; implicit: `recalculate_user`, the batched form of
 `recommend(..., recalculate_user=True)`; Spark has none, "-"), ranks every item but the fold-in
 ones and is scored on the target part (new Recall@20, new NDCG@20), as is popularity.
 
@@ -67,7 +67,7 @@ import numpy as np
 
 from benchmarks import matrices
 from benchmarks.measure import blas_threads
-from trainer.core import metrics
+from trainer.core import metrics, topk
 from trainer.core.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
 
     from trainer.core import loss as wals_loss
     from trainer.core import problem
-    from trainer.core.config import WALSConfig
+    from trainer.core.objective import WALSConfig
     from trainer.local import train as wals
 
     config = WALSConfig(
@@ -194,12 +194,12 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
         start = time.perf_counter()
         wals_loss.loss(users, items, x, y)
         loss_seconds = time.perf_counter() - start
-    from trainer.evaluation import new_visitors
+    from trainer.core.foldin import fold_in_rows
 
     item_factors = np.asarray(factors.item_factors, dtype=np.float32)
 
     def fold_in(rows: CsrMatrix) -> np.ndarray:
-        return new_visitors.fold_in_rows(rows, item_factors, counts, config)
+        return fold_in_rows(rows, item_factors, counts, config)
 
     return Fitted(
         np.asarray(factors.user_factors, dtype=np.float32),
@@ -381,7 +381,7 @@ def evaluate_new_users(
         counts = metrics.popularity_scores(train)
         scores = np.broadcast_to(counts, (foldin.shape[0], counts.size))
     else:
-        scores = metrics.dot_scores(fitted.fold_in(foldin), fitted.item_factors)
+        scores = topk.score(fitted.fold_in(foldin), fitted.item_factors)
     sums = metrics.batch_sums(scores, foldin, target, KS)
     result = sums.result()
     return {"new_recall@20": result["recall@20"], "new_ndcg@20": result["ndcg@20"]}

@@ -127,7 +127,8 @@ class _ShardInBundleFn(beam.DoFn):
 
 def _encode_shard(shard: int, parts) -> list[bytes]:
     parts = list(parts)
-    return examples.sparse_examples(*(np.concatenate([part[i] for part in parts]) for i in range(3)))
+    columns = (np.concatenate([part[i] for part in parts]) for i in range(3))
+    return examples.sparse_examples(*columns)
 
 
 class WriteSparseMatrix(beam.PTransform):

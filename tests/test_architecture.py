@@ -139,7 +139,7 @@ def test_no_module_import_cycles():
 
 @pytest.mark.parametrize(
     "module",
-    ["trainer.core.config", "trainer.core.objective", "common.cli", "pipeline.options"],
+    ["trainer.core.objective", "trainer.core.sides", "common.cli", "pipeline.options"],
 )
 def test_light_modules_do_not_load_tensorflow(module):
     """Parsing flags and building a config must not cost TensorFlow's import (seconds)."""

@@ -28,7 +28,7 @@ def local_metrics(model_dir: str, dataset_dir: str) -> dict:
         "wals": {
             "rmse": metrics.rmse(predicted, heldout.values),
             **metrics.evaluate(
-                lambda u: model.user_factors[u] @ model.item_factors.T, train, heldout
+                metrics.factor_scorer(model.user_factors, model.item_factors), train, heldout
             ),
         },
         "popularity": metrics.evaluate_popularity(train, heldout),

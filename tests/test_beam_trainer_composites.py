@@ -32,8 +32,8 @@ from trainer.beam.side_state import (
 )
 from trainer.beam.spec import BROADCAST, JOIN, TrainSpec
 from trainer.beam.sweep import HalfSweep, LossTerms, WriteLoss
-from trainer.core import seeding
-from trainer.core.config import WALSConfig
+from trainer.core import seeding, tiling
+from trainer.core.objective import WALSConfig
 from trainer.core.sides import ITEMS, USERS, Side
 from trainer.core.sparse import CsrMatrix
 from transforms import examples, features
@@ -360,8 +360,8 @@ def test_write_requests_and_send_fixed_factors_deliver_exactly_the_touched_rows(
         )
 
 
-def test_padded_length_is_the_next_power_of_two():
-    assert [exchange.padded_length(m) for m in range(0, 10)] == [1, 1, 2, 4, 4, 8, 8, 8, 8, 16]
+def test_the_joins_padded_table_length_is_the_next_power_of_two():
+    assert [tiling.padded_fixed_length(m) for m in range(0, 10)] == [1, 1, 2, 4, 4, 8, 8, 8, 8, 16]
 
 
 def oracle_half_sweep(config: WALSConfig, y: np.ndarray) -> np.ndarray:

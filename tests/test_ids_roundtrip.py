@@ -194,6 +194,10 @@ def pairs() -> set[tuple[str, str]]:
     return {(v, c) for v, c, _ in interactions()}
 
 
+def durations() -> dict[tuple[str, str], float]:
+    return {(v, c): duration for v, c, duration in interactions()}
+
+
 def run_show(capsys, *argv: str) -> tuple[int, str, str]:
     status = show.main(list(argv))
     captured = capsys.readouterr()
@@ -211,7 +215,11 @@ def test_show_a_targeting_file(trained, tmp_path, capsys, output_format):
     model = model_lib.load(model_dir)
     assert "targeting for 3 contents" in out
     for row in itertools.islice(predictions.read_predictions(targets), 3):
-        readers = [v for v in model.users if (v, row.key) in pairs()]
+        # Who read it most first (their longest reads; ties in the model's visitor order).
+        readers = sorted(
+            (v for v in model.users if (v, row.key) in pairs()),
+            key=lambda v: (-durations()[v, row.key], model.users.index(v)),
+        )
         assert f"  {row.key}\n    read by:     {', '.join(readers)}\n" in out
         assert f"    recommended: {', '.join(row.ranked)}\n" in out
     assert "SavedModel serving_default" in out
@@ -228,7 +236,11 @@ def test_show_visitors_known_and_unknown(trained, tmp_path, capsys):
     assert status == 0
     assert "recommendations for 2 visitors" in out
     assert "  someone-new\n    seen:        (not in this model)\n" in out
-    seen = [c for c in model_lib.load(model_dir).items if (VISITORS[0], c) in pairs()]
+    # What the visitor read most first: their longest reads (all of different lengths).
+    seen = sorted(
+        (c for c in model_lib.load(model_dir).items if (VISITORS[0], c) in pairs()),
+        key=lambda c: -durations()[VISITORS[0], c],
+    )
     assert f"  {VISITORS[0]}\n    seen:        {', '.join(seen)}\n" in out
     assert f"    recommended: {', '.join(CONTENTS[5:7])}\n" in out
 

@@ -3,11 +3,14 @@ hand-built model checked against plain NumPy."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
 
+from common import atomic
 from trainer import batch_predict
 from trainer.serving import model as model_lib
 from trainer.serving import predictions
@@ -136,7 +139,7 @@ def test_batch_predict_tsv_reverse_maps_ids(model, tmp_path):
     assert [row.key for row in rows] == USERS
     for user, row in enumerate(rows):
         assert row.ranked == oracle_top_k(model, user, 3)
-    assert not (tmp_path / "recs.tsv.incomplete").exists()
+    assert not [name for name in os.listdir(tmp_path) if atomic.is_temporary(name)]
 
 
 def test_batch_predict_targeting_jsonl(model, tmp_path):
@@ -173,3 +176,23 @@ def test_batch_predict_bad_flags(tmp_path):
         batch_predict.run(["--model_dir", str(tmp_path), "--output", "x", "--k", "0"])
     with pytest.raises(UsageError, match="no trained model"):
         batch_predict.run(["--model_dir", str(tmp_path), "--output", str(tmp_path / "x")])
+
+
+def test_most_read_ranks_a_visitors_items_by_rating_ties_to_the_lower_item(model):
+    assert model.most_read(2).tolist() == [0, 3, 5, 7, 9, 11]  # no ratings: itemId order
+    # Visitor 2's items 0, 3, 5, 7, 9, 11 rated 0.5, 2, 0.5, 3, 2, 0.1.
+    values = np.ones(len(model.seen_indices), np.float32)
+    start = model.seen_indptr[2]
+    values[start : start + 6] = [0.5, 2.0, 0.5, 3.0, 2.0, 0.1]
+    rated = dataclasses.replace(model, seen_values=values)
+    assert rated.most_read(2).tolist() == [7, 3, 9, 0, 5, 11]
+    assert rated.most_read(3).tolist() == []
+
+
+def test_save_load_keeps_seen_values_and_reads_models_without_them(model, tmp_path):
+    model_lib.save(model, str(tmp_path / "plain"))
+    assert model_lib.load(str(tmp_path / "plain")).seen_values is None
+    values = np.arange(len(model.seen_indices), dtype=np.float32)
+    rated = dataclasses.replace(model, seen_values=values)
+    model_lib.save(rated, str(tmp_path / "rated"))
+    np.testing.assert_array_equal(model_lib.load(str(tmp_path / "rated")).seen_values, values)

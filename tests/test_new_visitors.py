@@ -1,5 +1,5 @@
-"""New-visitor evaluation (trainer.evaluation.new_visitors): batched fold-in against a dense NumPy oracle,
-the SavedModel's fold_in signature, WALS against popularity, and the Beam step."""
+"""New-visitor evaluation (trainer.evaluation.new_visitors): batched fold-in against a dense
+NumPy oracle, the SavedModel's fold_in signature, WALS against popularity, and the Beam step."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import tensorflow as tf
 
 from pipeline import preprocess, synthetic
 from trainer import task
-from trainer.core import metrics
-from trainer.core.config import WALSConfig
-from trainer.core.foldin import fold_in
+from trainer.core import topk
+from trainer.core.foldin import fold_in, fold_in_rows
+from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
-from trainer.evaluation import new_visitors
+from trainer.evaluation import heldout_visitors, new_visitors
 from trainer.local import train as wals
 from trainer.serving import model as model_lib
 
@@ -110,7 +110,9 @@ def test_fold_in_evaluation_equals_the_dense_oracle(config):
     target = CsrMatrix.from_triples(
         rows[~split], new.indices[~split], new.values[~split], new.shape
     )
-    heldout = new_visitors.HeldOutVisitors([f"v{j:02d}" for j in range(25)], foldin, target, None)
+    heldout = heldout_visitors.HeldOutVisitors(
+        [f"v{j:02d}" for j in range(25)], foldin, target, None
+    )
 
     got = new_visitors.evaluate(heldout, y, counts, config, ks=KS, batch_size=7)
     want = _oracle(y, counts, foldin, target, config, KS)
@@ -119,8 +121,8 @@ def test_fold_in_evaluation_equals_the_dense_oracle(config):
     for name in ("wals", "popularity"):
         for key, value in want[name].items():
             assert got[name][key] == pytest.approx(value, abs=1e-9), (name, key)
-    # The batched solve is the one-visitor fold-in of trainer.local.train, row for row.
-    x = new_visitors.fold_in_rows(foldin, y, counts, config)
+    # The batched solve is the one-visitor fold-in (trainer.core.foldin.fold_in), row for row.
+    x = fold_in_rows(foldin, y, counts, config)
     for v in (0, 11, 24):
         items = foldin.indices[foldin.indptr[v] : foldin.indptr[v + 1]]
         ratings = foldin.values[foldin.indptr[v] : foldin.indptr[v + 1]]
@@ -192,11 +194,9 @@ def test_wals_beats_popularity_for_new_visitors(sample):
 def test_saved_model_fold_in_gives_the_evaluations_top_k(sample):
     dataset, model_dir, _ = sample
     model = model_lib.load(model_dir)
-    heldout = new_visitors.load_heldout(dataset, len(model.items))
-    x = new_visitors.fold_in_rows(
-        heldout.foldin, model.item_factors, model.item_counts, model.wals_config()
-    )
-    ids, _ = metrics.top_k_excluding(metrics.dot_scores(x, model.item_factors), heldout.foldin, 20)
+    heldout = heldout_visitors.load_heldout(dataset, len(model.items))
+    x = fold_in_rows(heldout.foldin, model.item_factors, model.item_counts, model.wals_config())
+    ids, _ = topk.top_k_excluding(topk.score(x, model.item_factors), heldout.foldin, 20)
     fold_in = tf.saved_model.load(os.path.join(model_dir, "export")).signatures["fold_in"]
     mismatched = 0
     for v in range(len(heldout.visitors)):

@@ -23,30 +23,33 @@ ends a line: IDs may hold U+2028, U+0085, \x1c and other characters that `str.sp
 splits on, so read line by line from the file (or split on '\n'), never with `splitlines()`.
 
 Items a visitor has already seen are never recommended to them (and, with --targeting, visitors
-who have seen a content are never targeted with it). The file is written under a temporary name
-and renamed when complete.
+who have seen a content are never targeted with it). Scores and lists are `trainer.core.topk`'s
+(float32 x_u · y_i, ties to the lower ID): the lists metrics.json and the quality gate score.
+The file is written by `common.atomic.write_atomically`: readers see the previous file or the
+whole new one, never a part.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Iterator
 
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 from tqdm import tqdm
 
 from common import cli, staging
-from trainer.core import metrics
+from common.atomic import write_atomically
+from trainer.beam import predict as beam_predict
+from trainer.core import topk
 from trainer.core.sparse import CsrMatrix
 from trainer.core.xla import configure_xla
 from trainer.serving import model as model_lib
 from trainer.serving.predictions import FORMATS, format_line, header_line
 
 logger = logging.getLogger(__name__)
+
 
 def _rows(
     query: np.ndarray,
@@ -67,8 +70,8 @@ def _rows(
     with tqdm(total=n, disable=not progress, unit="rows", desc="predicting") as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            scores = metrics.dot_scores(query[start:stop], candidates)
-            ids, top = metrics.top_k_excluding(scores, seen.row_slice(start, stop), k)
+            scores = topk.score(query[start:stop], candidates)
+            ids, top = topk.top_k_excluding(scores, seen.row_slice(start, stop), k)
             for offset in range(stop - start):
                 valid = ids[offset] >= 0
                 yield start + offset, ids[offset][valid], top[offset][valid]
@@ -83,12 +86,7 @@ def predict(
     progress: bool = False,
 ) -> Iterator[tuple[str, list, list]]:
     """(key, ranked original IDs, scores) for every visitor (or content, with targeting)."""
-    seen = CsrMatrix(
-        model.seen_indptr,
-        model.seen_indices,
-        np.ones(model.seen_indices.size, np.float32),
-        (len(model.users), len(model.items)),
-    )
+    seen = model.seen_matrix()
     if targeting:
         query, candidates, keys, names = (
             model.item_factors,
@@ -125,9 +123,8 @@ def write_predictions(
     if output_format not in FORMATS:
         raise ValueError(f"unknown format {output_format!r}; expected one of {FORMATS}")
     model = model_lib.load(model_dir)
-    partial = f"{output}.incomplete"
     count = 0
-    with FileSystems.create(partial) as handle:
+    with write_atomically(output) as handle:
         header = header_line(targeting, output_format)
         if header is not None:
             handle.write(header.encode("utf-8"))
@@ -135,7 +132,6 @@ def write_predictions(
             line = format_line(key, ranked, scores, targeting, output_format)
             handle.write(line.encode("utf-8"))
             count += 1
-    FileSystems.rename([partial], [output]) if "://" in output else os.replace(partial, output)
     logger.info("wrote %d predictions to %s", count, output)
     return count
 
@@ -182,8 +178,6 @@ def run(argv: list[str] | None = None) -> int:
     if args.block_rows <= 0:
         raise cli.UsageError(f"--block_rows must be > 0, got {args.block_rows}")
     if args.distributed:
-        from trainer.beam import predict as beam_predict  # imports this module
-
         spec = beam_predict.PredictSpec(
             args.model_dir, args.k, args.targeting, args.output_format, args.block_rows
         )

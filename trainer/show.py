@@ -4,7 +4,9 @@ to what they read, and an answer from the exported SavedModel.
     python -m trainer.show MODEL_DIR [--predictions recs.tsv] [--visitors 3]
 
 The predictions may be per visitor or, written with --targeting, per content; their keys need
-not be in the model.
+not be in the model. Next to each visitor's recommendations, "seen" lists what that visitor read
+most in training (their highest ratings first, `WALSModel.most_read`); next to each content's,
+"read by" lists the visitors who read it most.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
 from common import cli
+from trainer.core import topk
 from trainer.serving import model as model_lib
 from trainer.serving.predictions import read_predictions
 from trainer.task import METRICS_FILE, format_metrics
+
+SHOWN = 8  # IDs shown of a visitor's history or a content's readers
 
 
 def _block(key: str, label: str, history: list[str], ranked: list[str], index: int | None) -> str:
@@ -29,8 +34,20 @@ def _block(key: str, label: str, history: list[str], ranked: list[str], index: i
     if index is None:
         past = "(not in this model)"
     else:
-        past = ", ".join(history[:8]) + (" ..." if len(history) > 8 else "")
+        past = ", ".join(history[:SHOWN]) + (" ..." if len(history) > SHOWN else "")
     return f"  {key}\n    {label + ':':<13}{past}\n    {'recommended:':<13}{', '.join(ranked)}\n"
+
+
+def top_readers(model: model_lib.WALSModel, item: int) -> np.ndarray:
+    """int64 [n] the userIds who read `item` in training, highest rating first (ties: lower
+    userId), or in userId order for a model saved without ratings."""
+    cells = np.flatnonzero(model.seen_indices == item)
+    readers = np.searchsorted(model.seen_indptr, cells, side="right") - 1
+    if model.seen_values is None or cells.size == 0:
+        return readers
+    # Cells are in userId order, so ranking positions breaks ties by the lower userId.
+    order, _ = topk.top_k_excluding(model.seen_values[None, cells], None, cells.size)
+    return readers[order[0]]
 
 
 def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=None) -> None:
@@ -66,17 +83,18 @@ def show(model_dir: str, predictions: str | None = None, visitors: int = 3, out=
         except (ValueError, KeyError) as error:
             raise cli.UsageError(f"--predictions {predictions}: {error}") from None
     if rows and rows[0].targeting:
-        write(f"\ntargeting for {len(rows)} contents (read by: their readers in training)\n")
-        user_of_cell = np.repeat(np.arange(len(model.users)), np.diff(model.seen_indptr))
+        write(f"\ntargeting for {len(rows)} contents (read by: who read it most in training)\n")
         for row in rows:
             item = model.item_index(row.key)
-            readers = [] if item is None else user_of_cell[model.seen_indices == item]
-            write(_block(row.key, "read by", [model.users[u] for u in readers], row.ranked, item))
+            readers = [] if item is None else [model.users[u] for u in top_readers(model, item)]
+            write(_block(row.key, "read by", readers, row.ranked, item))
     elif rows:
-        write(f"\nrecommendations for {len(rows)} visitors (seen: what they read in training)\n")
+        write(
+            f"\nrecommendations for {len(rows)} visitors (seen: what they read most in training)\n"
+        )
         for row in rows:
             user = model.user_index(row.key)
-            seen = [] if user is None else [model.items[i] for i in model.seen(user)]
+            seen = [] if user is None else [model.items[i] for i in model.most_read(user)]
             write(_block(row.key, "seen", seen, row.ranked, user))
 
     loaded = tf.saved_model.load(f"{model_dir}/export")

@@ -32,7 +32,7 @@ from trainer.beam import checkpoints
 from trainer.beam import layout as blocks
 from trainer.beam import train as distributed
 from trainer.core import objective
-from trainer.core.config import WALSConfig
+from trainer.core.objective import WALSConfig
 from trainer.core.xla import configure_xla
 from trainer.local import dataset as data
 from trainer.training import METRICS_FILE, headline, train_and_evaluate

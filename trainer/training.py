@@ -27,8 +27,8 @@ from common import cli
 from trainer.beam import evaluate as beam_evaluate
 from trainer.beam import train as distributed
 from trainer.core import metrics, seeding
-from trainer.core.config import WALSConfig
 from trainer.core.factors import WALSFactors
+from trainer.core.objective import WALSConfig
 from trainer.evaluation import new_visitors
 from trainer.local import dataset as data
 from trainer.local import train as wals
@@ -49,8 +49,8 @@ def _summaries(writer, step: int, values: dict, prefix: str) -> None:
 
 
 def _scorer(factors: WALSFactors):
-    """userIds int [b] -> scores float32 [b, n_items] = X[users] Yᵀ."""
-    return lambda users: factors.user_factors[users] @ factors.item_factors.T
+    """userIds int [b] -> scores float32 [b, n_items] = X[users] Yᵀ (`metrics.factor_scorer`)."""
+    return metrics.factor_scorer(factors.user_factors, factors.item_factors)
 
 
 def per_iteration_evaluator(
@@ -177,6 +177,7 @@ def train_and_evaluate(
         item_factors=factors.item_factors.astype(np.float32),
         seen_indptr=train.indptr,
         seen_indices=train.indices.astype(np.int32),
+        seen_values=train.values.astype(np.float32),
         item_counts=train.col_counts().astype(np.int64),
         users=dataset.users,
         items=dataset.items,

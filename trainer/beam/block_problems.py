@@ -19,11 +19,11 @@ import threading
 import numpy as np
 
 from trainer.beam import checkpoint_files as files
-from trainer.beam.exchange import padded_length
 from trainer.beam.spec import JOIN, TrainSpec
 from trainer.core import problem
 from trainer.core import solver as wals_solver
 from trainer.core.sides import Side
+from trainer.core.tiling import padded_fixed_length
 
 _PLAN_CACHE: collections.OrderedDict = collections.OrderedDict()
 _PLAN_CACHE_LOCK = threading.Lock()
@@ -39,7 +39,7 @@ class BlockProblem:
             columns are positions in `needed`, else global indices of the fixed side.
         plan: the solver's tiles for `problem`.
         needed: join: int64 [m], the fixed rows the block's cells touch, ascending (the rows
-            whose factors it receives; the problem's column count is `padded_length(m)`);
+            whose factors it receives; the problem's column count is `padded_fixed_length(m)`);
             broadcast: None.
     """
 
@@ -82,9 +82,9 @@ def block_problem(spec: TrainSpec, side: Side, block_id: int, item_counts) -> Bl
             targets = dataclasses.replace(
                 defined.targets,
                 indices=np.searchsorted(needed, ratings.indices),
-                shape=(ratings.shape[0], padded_length(needed.size)),
+                shape=(ratings.shape[0], padded_fixed_length(needed.size)),
             )
             defined = dataclasses.replace(defined, targets=targets)
-        return BlockProblem(defined, defined.plan(spec.config.solver), needed)
+        return BlockProblem(defined, spec.solver().plan(defined), needed)
 
     return _cached((spec.fingerprint, spec.exchange, side, block_id), build)

@@ -1,9 +1,10 @@
-"""Distributed evaluation: the metrics of `trainer.core.metrics` summed over blocks of users in Beam.
+"""Distributed evaluation: `trainer.core.metrics` summed over blocks of users in Beam.
 
     user blocks ─ EvaluateBlocks(item_factors) ─> {"rmse", "recall@k", ..., "users_evaluated"}
 
-Each block scores its users against every item (Y a singleton side input), excludes their
-training items and adds `metrics.batch_sums` of the block, exactly the per-batch sums the local
+Each block scores its users against every item (Y a singleton side input; `topk.score`,
+float32, bitwise the scores of the local evaluation), excludes their training items and adds
+`metrics.batch_sums` of the block, exactly the per-batch sums the local
 `metrics.evaluate` adds; a CombineFn merges them (`RankingSums.merge`), and the squared errors
 of the held-out cells for RMSE. The result therefore equals the local evaluation of the same
 model whatever the block size or worker count (up to float round-off in the sums).
@@ -30,8 +31,8 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 
 from common import staging, worker_threads
 from trainer.beam import layout as blocks_lib
-from trainer.beam.predict import read_npy_rows
-from trainer.core import metrics
+from trainer.beam.model_blocks import read_npy_rows
+from trainer.core import metrics, topk
 from trainer.core.sparse import CsrMatrix
 from trainer.serving import model as model_lib
 from transforms import examples, features
@@ -79,10 +80,11 @@ def block_sums(
     block: EvalBlock, item_factors: np.ndarray, ks: Sequence[int], with_rmse: bool = True
 ) -> _Sums:
     """The sums of one block: `metrics.batch_sums` of its users with >= 1 held-out item, scored
-    X_b Yᵀ in float32 as the local trainer scores, and their held-out cells' squared errors."""
+    X_b Yᵀ by `topk.score` as the local evaluation scores, and their held-out cells' squared
+    errors."""
     users = np.flatnonzero(block.heldout.row_counts() > 0)
     relevant = metrics.take_rows(block.heldout, users)
-    scores = block.factors[users] @ item_factors.T
+    scores = topk.score(block.factors[users], item_factors)
     sums = _Sums(metrics.batch_sums(scores, metrics.take_rows(block.train, users), relevant, ks))
     if with_rmse and relevant.nnz:
         rows = users[relevant.row_ids()]
@@ -198,7 +200,7 @@ class _PopularityBlock(beam.DoFn):
         self._ks = ks
 
     def process(self, block: EvalBlock, counts: np.ndarray):
-        scores = counts.astype(np.float32)  # metrics.popularity_scores
+        scores = metrics.popularity_from_counts(counts)
         users = np.flatnonzero(block.heldout.row_counts() > 0)
         yield _Sums(
             metrics.batch_sums(

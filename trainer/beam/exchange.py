@@ -13,7 +13,8 @@
                 Σ_b |cols(b)| · k · 4 bytes per sweep; no worker needs the whole table.
 
 With the join, a solving block's fixed table holds only the m rows it received, padded with
-zero rows to `padded_length(m)`, and its problem's columns are positions in those rows.
+zero rows to `trainer.core.tiling.padded_fixed_length(m)`, and its problem's columns are
+positions in those rows.
 """
 
 from __future__ import annotations
@@ -67,17 +68,6 @@ def fixed_table(spec: TrainSpec, state: SideState) -> np.ndarray:
 
 
 # --- join ----------------------------------------------------------------------------------------
-
-
-def padded_length(m: int) -> int:
-    """The join's local fixed table length for m received rows: the next power of two ≥ m.
-
-    The XLA-compiled kernel is specialised to its inputs' shapes, the fixed table's included:
-    each join block receives a table of its own length, and unpadded every block would compile
-    its own kernels (seconds each). Its columns index only the first m rows, so zero rows
-    after them change nothing.
-    """
-    return 1 << max(m - 1, 0).bit_length()
 
 
 def pad_rows(table: np.ndarray, length: int) -> np.ndarray:

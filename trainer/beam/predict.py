@@ -3,18 +3,17 @@ r"""Distributed batch prediction: `python -m trainer.batch_predict --distributed
 The same predictions as the local `trainer.batch_predict`, line for line, from a Beam pipeline
 whose elements are blocks of users (block = userId // block_rows, `trainer.beam.layout`):
 
-    vocab_users.txt ─ SliceUserVocabulary ─> (block_id, visitorIds)     one element per block
-        ─ LoadUserBlocks ─> UserBlock: factors X_b [b, k] and seen rows, read by each worker
-          from the model's .npy files (only its slice: a seek, never the whole table)
+    ReadUserBlocks (`trainer.beam.model_blocks`) ─> UserBlock: X_b [b, k] and seen rows
         ─ PredictForUsers (Y = item factors, singleton side input) ─> lines
             top-K of X_b Yᵀ per user, seen items excluded
           or, with --targeting, PredictForContent:
             partial top-K users per item within the block, merged per item block by a
-            CombinePerKey (exact: the global top K lies in the union of the blocks' top Ks)
+            CombinePerKey (`topk.merge_top_k`: exact, the global top K lies in the union of the
+            blocks' top Ks)
         ─ WriteToText: <output>/predictions-SSSSS-of-NNNNN.tsv (or .jsonl)
 
-Scores are `trainer.core.metrics.dot_scores` (float64, rounded to float32), so they do not depend on
-the block size; ties go to the lower ID, as locally. Lines are formatted by
+Scores and lists are `trainer.core.topk`'s (float32 x_u · y_i, bitwise the same whatever the
+block size; ties to the lower ID), as locally. Lines are formatted by
 `predictions.format_line`; every TSV shard starts with the header line, so each shard is a
 predictions file `predictions.read_predictions` (or pandas) reads on its own.
 
@@ -40,9 +39,15 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from common import staging, worker_threads
 from trainer.beam import layout as blocks_lib
-from trainer.core import metrics
-from trainer.core.sparse import CsrMatrix
-from trainer.serving import model as model_lib
+from trainer.beam.model_blocks import (
+    ReadUserBlocks,
+    UserBlock,
+    load_vocabulary,
+    model_file,
+    npy_rows,
+    read_npy_rows,
+)
+from trainer.core import topk
 from trainer.serving import predictions
 
 logger = logging.getLogger(__name__)
@@ -72,134 +77,8 @@ class PredictSpec:
     block_rows: int = blocks_lib.DEFAULT_BLOCK_ROWS
 
     def path(self, name: str) -> str:
-        return f"{self.model_dir.rstrip('/')}/{model_lib.MODEL_SUBDIR}/{name}"
-
-
-@dataclasses.dataclass(frozen=True)
-class UserBlock:
-    """A block of users with what predicting for them needs.
-
-    Attributes:
-        block_id: rows [block_id · block_rows, ...) of the user side.
-        start: the first userId of the block.
-        visitor_ids: list[str] [b], the users' own IDs.
-        factors: float32 [b, k], the users' factors X_b.
-        seen: CsrMatrix (b, n_items), the users' training items.
-    """
-
-    block_id: int
-    start: int
-    visitor_ids: list[str]
-    factors: np.ndarray
-    seen: CsrMatrix
-
-
-# --- reading the model -------------------------------------------------------------------------
-
-
-def _read_header(handle, path: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran_order, dtype) of an open .npy file, leaving it at the data."""
-    version = np.lib.format.read_magic(handle)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(handle)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(handle)
-    raise ValueError(f"{path}: .npy format version {version} is not supported")
-
-
-def read_npy_rows(path: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Rows [start, stop) of a C-ordered .npy file on any Beam filesystem, reading only them.
-
-    Raises:
-        ValueError: a Fortran-ordered or object array, or rows outside the array.
-    """
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        shape, fortran_order, dtype = _read_header(handle, path)
-        if fortran_order or dtype.hasobject:
-            raise ValueError(f"{path}: not a C-ordered numeric array")
-        stop = shape[0] if stop is None else stop
-        if not 0 <= start <= stop <= shape[0]:
-            raise ValueError(f"{path}: rows [{start}, {stop}) outside [0, {shape[0]})")
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        handle.seek(handle.tell() + start * row_bytes)
-        data = handle.read((stop - start) * row_bytes)
-    return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:])).copy()
-
-
-def _npy_rows(path: str) -> int:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return _read_header(handle, path)[0][0]
-
-
-class _SliceVocabulary(beam.DoFn):
-    """A vocabulary file's path -> (block_id, list[str] of its IDs), one per block.
-
-    Streams the file (split on '\n' only, as `model.vocabulary_from_bytes`), so no worker holds
-    the whole vocabulary.
-    """
-
-    def __init__(self, block_rows: int):
-        self._block_rows = block_rows
-
-    def process(self, path: str):
-        block_id, ids = 0, []
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            for line in handle:  # binary: split on b"\n" only
-                ids.append(line.decode("utf-8").removesuffix("\n"))
-                if len(ids) == self._block_rows:
-                    yield block_id, ids
-                    block_id, ids = block_id + 1, []
-        if ids:
-            yield block_id, ids
-
-
-class _LoadUserBlock(beam.DoFn):
-    """(block_id, visitorIds) -> UserBlock, with the block's factors and seen rows read from the
-    model's files."""
-
-    def __init__(self, spec: PredictSpec, n_items: int):
-        self._spec = spec
-        self._n_items = n_items
-        self._blocks = Metrics.counter(_METRICS, "user_blocks")
-
-    def process(self, element):
-        block_id, visitor_ids = element
-        spec = self._spec
-        start = block_id * spec.block_rows
-        stop = start + len(visitor_ids)
-        factors = read_npy_rows(spec.path("user_factors.npy"), start, stop).astype(np.float32)
-        indptr = read_npy_rows(spec.path("seen_indptr.npy"), start, stop + 1).astype(np.int64)
-        indices = read_npy_rows(spec.path("seen_indices.npy"), int(indptr[0]), int(indptr[-1]))
-        seen = CsrMatrix(
-            indptr - indptr[0],
-            indices,
-            np.ones(indices.size, np.float32),
-            (stop - start, self._n_items),
-        )
-        self._blocks.inc()
-        yield UserBlock(block_id, start, visitor_ids, factors, seen)
-
-
-class ReadUserBlocks(beam.PTransform):
-    """The model's users as blocks.
-
-    Input: the pipeline root. Output: PCollection[UserBlock], one per block of `block_rows`
-    users, spread over the workers.
-    """
-
-    def __init__(self, spec: PredictSpec, n_items: int):
-        super().__init__()
-        self._spec = spec
-        self._n_items = n_items
-
-    def expand(self, root):
-        return (
-            root
-            | "UserVocabulary" >> beam.Create([self._spec.path("vocab_users.txt")])
-            | "SliceUserVocabulary" >> beam.ParDo(_SliceVocabulary(self._spec.block_rows))
-            | "SpreadBlocks" >> beam.Reshuffle()
-            | "LoadUserBlocks" >> beam.ParDo(_LoadUserBlock(self._spec, self._n_items))
-        )
+        """The path of one of the model's files."""
+        return model_file(self.model_dir, name)
 
 
 # --- predicting --------------------------------------------------------------------------------
@@ -215,8 +94,8 @@ class _PredictForUsers(beam.DoFn):
 
     def process(self, block: UserBlock, item_factors: np.ndarray, items: list[str]):
         spec = self._spec
-        scores = metrics.dot_scores(block.factors, item_factors)
-        ids, top = metrics.top_k_excluding(scores, block.seen, spec.k)
+        scores = topk.score(block.factors, item_factors)
+        ids, top = topk.top_k_excluding(scores, block.seen, spec.k)
         for row, visitor in enumerate(block.visitor_ids):
             valid = ids[row] >= 0
             if not valid.all():
@@ -243,12 +122,12 @@ class _TopUsers:
     names: np.ndarray
 
     def merge(self, other: _TopUsers) -> _TopUsers:
-        """The best k of both, ranked as `metrics.top_k_excluding` ranks (score, then lower id)."""
+        """The best k of both (`topk.merge_positions`: score descending, then lower userId)."""
         k = self.ids.shape[1]
         ids = np.concatenate([self.ids, other.ids], axis=1)
         scores = np.concatenate([self.scores, other.scores], axis=1)
         names = np.concatenate([self.names, other.names], axis=1)
-        order = np.lexsort((ids, -scores, ids < 0), axis=1)[:, :k]
+        order = topk.merge_positions(ids, scores, k)
         return _TopUsers(
             np.take_along_axis(ids, order, axis=1),
             np.take_along_axis(scores, order, axis=1),
@@ -270,10 +149,8 @@ class _PartialTopUsers(beam.DoFn):
         n_items = item_factors.shape[0]
         for item_block in range(blocks_lib.num_blocks(n_items, spec.block_rows)):
             start, stop = blocks_lib.block_bounds(item_block, spec.block_rows, n_items)
-            scores = metrics.dot_scores(item_factors[start:stop], block.factors)
-            local, top = metrics.top_k_excluding(
-                scores, seen_by_item.row_slice(start, stop), spec.k
-            )
+            scores = topk.score(item_factors[start:stop], block.factors)
+            local, top = topk.top_k_excluding(scores, seen_by_item.row_slice(start, stop), spec.k)
             ids = np.where(local >= 0, local + block.start, -1)
             yield item_block, _TopUsers(ids, top, names[local])  # names[-1] is None
 
@@ -366,15 +243,10 @@ class PredictForContent(beam.PTransform):
         )
 
 
-def _load_vocabulary(path: str) -> list[str]:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return model_lib.vocabulary_from_bytes(handle.read())
-
-
 def build_pipeline(pipeline: beam.Pipeline, spec: PredictSpec, output_prefix: str) -> None:
     """Adds the whole prediction to `pipeline`: read blocks, predict, write shards under
     `output_prefix` + SHARD_TEMPLATE + ".tsv" (or ".jsonl")."""
-    n_items = _npy_rows(spec.path("item_factors.npy"))
+    n_items = npy_rows(spec.path("item_factors.npy"))
     model_files = pipeline | "ModelFiles" >> beam.Create(
         [(spec.path("item_factors.npy"), spec.path("vocab_items.txt"))]
     )
@@ -382,13 +254,13 @@ def build_pipeline(pipeline: beam.Pipeline, spec: PredictSpec, output_prefix: st
         lambda paths: read_npy_rows(paths[0]).astype(np.float32)
     )
     items = model_files | "LoadContentVocabulary" >> beam.Map(
-        lambda paths: _load_vocabulary(paths[1])
+        lambda paths: load_vocabulary(paths[1])
     )
     predict = PredictForContent if spec.targeting else PredictForUsers
     header = predictions.header_line(spec.targeting, spec.output_format)
     _ = (
         pipeline
-        | "ReadUserBlocks" >> ReadUserBlocks(spec, n_items)
+        | "ReadUserBlocks" >> ReadUserBlocks(spec.model_dir, spec.block_rows, n_items)
         | "Predict" >> predict(spec, item_factors, items)
         | "WriteShards"
         >> beam.io.WriteToText(
@@ -406,12 +278,12 @@ def _check_model(spec: PredictSpec) -> None:
     if not FileSystems.exists(spec.path("config.json")):
         raise FileNotFoundError(f"no trained model under {spec.model_dir}")
     n_users, n_items = (
-        _npy_rows(spec.path("user_factors.npy")),
-        _npy_rows(spec.path("item_factors.npy")),
+        npy_rows(spec.path("user_factors.npy")),
+        npy_rows(spec.path("item_factors.npy")),
     )
-    if _npy_rows(spec.path("seen_indptr.npy")) != n_users + 1:
+    if npy_rows(spec.path("seen_indptr.npy")) != n_users + 1:
         raise ValueError(f"{spec.model_dir}: seen_indptr does not have {n_users + 1} entries")
-    if len(_load_vocabulary(spec.path("vocab_items.txt"))) != n_items:
+    if len(load_vocabulary(spec.path("vocab_items.txt"))) != n_items:
         raise ValueError(f"{spec.model_dir}: vocab_items.txt does not have {n_items} IDs")
 
 

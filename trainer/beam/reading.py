@@ -18,11 +18,11 @@ from apache_beam.io.filesystem import CompressionTypes
 
 from trainer.beam import checkpoint_files as files
 from trainer.beam import layout as blocks_lib
-from trainer.beam.exchange import padded_length
 from trainer.beam.layout import RowBlock
 from trainer.beam.spec import JOIN, TrainSpec
 from trainer.core import solver as wals_solver
 from trainer.core.sides import Side
+from trainer.core.tiling import padded_fixed_length
 from transforms import examples, features
 
 
@@ -133,8 +133,8 @@ class _StashRatings(beam.DoFn):
         if spec.config.solver == wals_solver.CG:
             n_other = spec.side_shape(block.side)[1]
             if spec.exchange == JOIN:
-                n_other = padded_length(np.unique(block.rows.indices).size)
-            shapes = wals_solver.kernel_shapes(block.rows.row_counts(), wals_solver.CG)
+                n_other = padded_fixed_length(np.unique(block.rows.indices).size)
+            shapes = spec.solver().kernel_shapes(block.rows.row_counts())
             yield beam.pvalue.TaggedOutput(
                 "kernels", frozenset((n_other, *shape) for shape in shapes)
             )

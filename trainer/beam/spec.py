@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from trainer.beam import layout as blocks_lib
-from trainer.core.config import WALSConfig
+from trainer.core.objective import WALSConfig
 from trainer.core.sides import Side
 
 # How a solving block receives the fixed side's factors (`trainer.beam.exchange`).
@@ -55,6 +55,13 @@ class TrainSpec:
     fail_after: int = 0
     start_loss: bool = False
     warm_start: bool = False
+
+    def solver(self):
+        """The solver the config names (`trainer.core.solver.solver_for`), float32, its kernels
+        XLA-compiled; chosen here once for every block of the run."""
+        from trainer.core.solver import solver_for  # TensorFlow: only where blocks are solved
+
+        return solver_for(self.config)
 
     def layout(self, side: Side) -> blocks_lib.BlockLayout:
         """How the rows of `side` are dealt into blocks (interleaved)."""

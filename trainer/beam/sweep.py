@@ -27,14 +27,12 @@ import time
 
 import apache_beam as beam
 import numpy as np
-import tensorflow as tf
 
 from trainer.beam import block_problems, checkpoint_files, exchange
 from trainer.beam.layout import FactorRef
 from trainer.beam.side_state import SideState, publish, read_ref
 from trainer.beam.spec import JOIN, METRICS_NAMESPACE, TrainSpec
 from trainer.core import loss
-from trainer.core import solver as wals_solver
 from trainer.core.sides import Side
 from trainer.core.xla import configure_xla
 
@@ -64,9 +62,7 @@ def _warm_up(spec: TrainSpec, side: Side, kernels: frozenset) -> None:
         for n_other, *shape in kernels:
             by_length[n_other].add(tuple(shape))
         for n_other, shapes in sorted(by_length.items()):
-            wals_solver.warm_up(
-                shapes, n_other, spec.config.latent_factors, tf.float32, spec.config.cg_steps
-            )
+            spec.solver().warm_up(shapes, n_other, spec.config.latent_factors)
         _WARMED.add(key)
     logger.info(
         "compiled %d %s kernel shapes in %.1f s",
@@ -146,7 +142,7 @@ class _Solve(beam.DoFn):
     def process(
         self, element, item_counts, fixed_state: SideState, kernels=frozenset(), solving_refs=None
     ):
-        spec, config, side = self._spec, self._spec.config, self._side
+        spec, side = self._spec, self._side
         if kernels:
             _warm_up(spec, side, kernels)
         ref, solving, table = _receive(spec, side, element, item_counts, fixed_state, solving_refs)
@@ -157,15 +153,11 @@ class _Solve(beam.DoFn):
             row_ids.size
         )
         with _gc_paused():
-            solved = wals_solver.solve_planned(
-                solving.plan,
-                table,
-                fixed_state.gramian.astype(np.float32),
-                config.solver,
-                x0=factors,
-                cg_steps=config.cg_steps,
-                jit_compile=True,
-            ).numpy()
+            solved = (
+                spec.solver()
+                .solve(solving.plan, table, fixed_state.gramian.astype(np.float32), x0=factors)
+                .numpy()
+            )
         yield publish(spec, self._iteration, side, ref.block_id, row_ids, solved)
 
 

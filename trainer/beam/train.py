@@ -55,8 +55,8 @@ from trainer.beam.side_state import (
 from trainer.beam.spec import BROADCAST, EXCHANGES, JOIN, TrainSpec
 from trainer.beam.sweep import HalfSweep, LossTerms, WriteLoss
 from trainer.core import seeding
-from trainer.core.config import WALSConfig
 from trainer.core.factors import WALSFactors
+from trainer.core.objective import WALSConfig
 from trainer.core.sides import ITEMS, SIDES, USERS, Side
 
 logger = logging.getLogger(__name__)

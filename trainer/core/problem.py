@@ -1,8 +1,8 @@
 """One definition of the WALS problem, for any block of whole rows of either side.
 
 Every driver builds the least-squares problem of the rows it solves with `define_rows`: the
-local trainer (once per side), the Beam trainer (once per block), fold-in of a new visitor
-(`define_visitor_row`) and the benchmarks. The SavedModel builds the same equations in its
+local trainer (once per side), the Beam trainer (once per block), fold-in of new visitors
+(`trainer.core.foldin`) and the benchmarks. The SavedModel builds the same equations in its
 graph from the TF twins of the same terms (`trainer.core.objective_tf`). So f, the target and
 λ cannot disagree between them. The objective and its normal equations are written once, in
 `define_rows`' docstring; f, t and λ are `trainer.core.objective`'s.
@@ -135,33 +135,3 @@ def define_rows(
     targets = rows if t is rows.values else dataclasses.replace(rows, values=t)
     reg = objective.row_regularization(config, rows.row_counts(), n_fixed)
     return RowProblem(targets, f, reg, float(config.unobserved_weight))
-
-
-def define_visitor_row(
-    items: np.ndarray, ratings: np.ndarray, item_counts: np.ndarray, config: WALSConfig
-) -> RowProblem:
-    """The problem of one new visitor's row (fold-in), as `define_rows` defines it.
-
-    Args:
-        items: int [m], the distinct items the visitor read, in any order.
-        ratings: float [m], r_ui of those items (scaled like the training data).
-        item_counts: int [N_items], c_i over the whole training matrix.
-        config: the trained model's hyperparameters.
-
-    Returns:
-        A `RowProblem` of one row, its items sorted.
-    """
-    items = np.asarray(items, dtype=np.int64).ravel()
-    ratings = np.asarray(ratings, dtype=np.float32).ravel()
-    if items.size != ratings.size:
-        raise ValueError(f"items and ratings differ in length: {items.size}, {ratings.size}")
-    n_items = np.asarray(item_counts).size
-    if items.size and (items.min() < 0 or items.max() >= n_items):
-        raise ValueError(f"item indices must lie in [0, {n_items})")
-    if np.unique(items).size != items.size:
-        raise ValueError("items must be distinct; aggregate repeated items first")
-    order = np.argsort(items, kind="stable")
-    row = CsrMatrix(
-        np.array([0, items.size], dtype=np.int64), items[order], ratings[order], (1, n_items)
-    )
-    return define_rows(row, USERS, item_counts, config)

@@ -23,7 +23,7 @@ class Side(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        """"users" or "items": the name used in files, logs and metrics."""
+        """ "users" or "items": the name used in files, logs and metrics."""
         return self.name.lower()
 
 

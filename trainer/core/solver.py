@@ -218,7 +218,7 @@ def solver_for(config, dtype=np.float32, **options) -> Solver:
     """The solver a config names (`WALSConfig.solver`, with `cg_steps` for CG).
 
     Args:
-        config: the hyperparameters (a `trainer.core.config.WALSConfig`).
+        config: the hyperparameters (a `trainer.core.objective.WALSConfig`).
         dtype: the float dtype of plans and kernels (NumPy or TensorFlow).
         **options: `Solver` attributes (chunk_rows, tile_shape, tiles_in_flight) and, for CG,
             jit_compile.

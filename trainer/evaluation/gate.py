@@ -4,13 +4,13 @@ Evaluator blesses a model before its Pusher publishes it.
 Both models are scored on the same data, the candidate's eval split, with the same code
 (`trainer.core.metrics.evaluate`, every visitor's training items excluded):
 
-- the candidate by its own factors: scores[u] = x_u · Yᵀ;
+- the candidate by its own factors: scores[u] = x_u · Yᵀ (`metrics.factor_scorer`, the scores
+  and lists of metrics.json and batch prediction: `trainer.core.topk`);
 - the published model by fold-in: each eval visitor's training row (the candidate's train split,
   its contentIds mapped into the published vocabulary, its ratings as preprocessed) is solved
-  against the published item factors, x_u = (w0·G + Σ_i f_i y_i y_iᵀ + λ_u I)⁻¹ Σ_i (w0 + f_i) r_ui
-  y_i (WALS's row projection, all rows in one batched solve: `new_visitors.fold_in_rows`), so
-  visitors it never saw count too; content it does not know can never be recommended by it and
-  scores lowest;
+  against the published item factors (WALS's row projection, all rows in one batched solve:
+  `trainer.core.foldin.fold_in_rows`, whose problem states the equations), so visitors it never
+  saw count too; content it does not know can never be recommended by it and scores lowest;
 - the popularity baseline, which ranks content by its number of training visitors.
 
 A candidate is blessed when both hold:
@@ -28,9 +28,8 @@ import logging
 
 import numpy as np
 
-from trainer.core import metrics
+from trainer.core import foldin, metrics, topk
 from trainer.core.sparse import CsrMatrix
-from trainer.evaluation import new_visitors
 from trainer.local import dataset as data
 from trainer.serving import model as model_lib
 
@@ -102,7 +101,7 @@ def published_scorer(published: model_lib.WALSModel, dataset: data.Dataset):
     known = item_map >= 0
     users = np.flatnonzero(dataset.heldout.row_counts() > 0).astype(np.int64)
     rows = _rows_in_vocabulary(dataset.train, users, item_map, len(published.items))
-    x = new_visitors.fold_in_rows(
+    x = foldin.fold_in_rows(
         rows, published.item_factors, published.item_counts, published.wals_config()
     )
     position = np.full(dataset.train.shape[0], -1, dtype=np.int64)
@@ -111,7 +110,7 @@ def published_scorer(published: model_lib.WALSModel, dataset: data.Dataset):
     y[known] = published.item_factors[item_map[known]]
 
     def score_fn(batch: np.ndarray) -> np.ndarray:
-        scores = metrics.dot_scores(x[position[batch]], y).astype(np.float32)
+        scores = topk.score(x[position[batch]], y)
         scores[:, ~known] = _UNKNOWN_SCORE
         return scores
 
@@ -165,7 +164,7 @@ def evaluate(
     train, heldout = dataset.train, dataset.heldout
     ours = pick(
         metrics.evaluate(
-            lambda u: metrics.dot_scores(candidate.user_factors[u], candidate.item_factors),
+            metrics.factor_scorer(candidate.user_factors, candidate.item_factors),
             train,
             heldout,
             ks=(k,),

@@ -2,15 +2,14 @@
 
 Preprocessing with `--holdout_visitors F` keeps a hash-chosen share of visitors out of training
 and writes each one's cells as a fold-in part and a target part under `heldout/` (see
-`pipeline.holdout`). Here, as in Liang et al. 2018 and Rendle et al. 2022, every held-out
-visitor v with both parts non-empty is
+`pipeline.holdout`; `trainer.evaluation.heldout_visitors` reads them). Here, as in Liang et al.
+2018 and Rendle et al. 2022, every held-out visitor v with both parts non-empty is
 
     folded in:  x_v = argmin_x Σ_i w_vi (t_vi − x·y_i)² + λ_v‖x‖²   over v's fold-in cells,
-                the exact row solve of the trained item factors Y, i.e. one row sweep of the
-                problem `trainer.core.problem.define_rows(foldin, USERS, c, config)` (c the train
-                item counts), batched over all held-out visitors:
-                    x_v = (w0·YᵀY + Σ_i f_vi y_i y_iᵀ + λ_v I)⁻¹ Σ_i (w0 + f_vi) t_vi y_i
-    ranked:     every item by y_i·x_v, except v's fold-in items
+                the exact row solve against the trained item factors Y, batched over all
+                held-out visitors (`trainer.core.foldin.fold_in_rows`; the normal equations are
+                stated once, at `trainer.core.problem.define_rows`)
+    ranked:     every item by y_i·x_v (`trainer.core.topk`, float32), except v's fold-in items
     scored:     against v's target items, with `trainer.core.metrics.batch_sums` (the metrics and
                 cut-offs of the known-visitor evaluation)
 
@@ -24,7 +23,6 @@ sums over blocks of held-out visitors merged by a Beam CombineFn, so both give o
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -35,17 +33,22 @@ from collections.abc import Sequence
 
 import apache_beam as beam
 import numpy as np
-import tensorflow as tf
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
 from common import staging, worker_threads
-from trainer.beam.predict import read_npy_rows
-from trainer.core import metrics, problem
-from trainer.core import solver as wals_solver
-from trainer.core.config import WALSConfig
+from trainer.beam.model_blocks import read_npy_rows
+from trainer.core import metrics, topk
+from trainer.core.foldin import fold_in_rows
+from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
+from trainer.evaluation.heldout_visitors import (
+    HeldOutVisitors,
+    assemble,
+    has_heldout,
+    load_heldout,
+)
 from trainer.serving import model as model_lib
 from transforms import features
 from transforms.examples import parse_heldout_example
@@ -53,124 +56,18 @@ from transforms.examples import parse_heldout_example
 logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_ROWS = 4096
-# The fold-in solve's dtype: float64, like the SavedModel's `fold_in` signature.
-FOLD_IN_DTYPE = tf.float64
-
-
-@dataclasses.dataclass(frozen=True)
-class HeldOutVisitors:
-    """Held-out visitors with both parts non-empty, sorted by visitor ID.
-
-    Attributes:
-        visitors: list[str], the visitors' original IDs (row j of the matrices).
-        foldin: CsrMatrix [n, n_items], the fold-in cells' ratings.
-        target: CsrMatrix [n, n_items], the target cells' ratings.
-        foldin_raw: float32 [foldin.nnz], the fold-in cells' raw values (durations in ms).
-    """
-
-    visitors: list[str]
-    foldin: CsrMatrix
-    target: CsrMatrix
-    foldin_raw: np.ndarray
-
-
-def has_heldout(dataset_dir: str) -> bool:
-    """True when the preprocessed dataset has held-out visitors (`heldout/foldin-*`)."""
-    return bool(_files(dataset_dir, features.FOLDIN))
-
-
-def _files(dataset_dir: str, part: str) -> list[str]:
-    pattern = f"{dataset_dir.rstrip('/')}/{features.HELDOUT_DIR}/{part}-*{features.TFRECORD_SUFFIX}"
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
-def _read_part(files: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    out = {}
-    for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
-        visitor, indices, values, raw = parse_heldout_example(record.numpy())
-        if visitor in out:
-            raise ValueError(f"held-out visitor {visitor!r} has two records in one part")
-        out[visitor] = (indices, values, raw)
-    return out
-
-
-def assemble(
-    rows: list[tuple[str, tuple, tuple]], n_items: int
-) -> tuple[list[str], CsrMatrix, CsrMatrix, np.ndarray]:
-    """Visitors' parts -> (visitors sorted, foldin CsrMatrix, target CsrMatrix, foldin raw).
-
-    Args:
-        rows: (visitorId, (indices, ratings, raw) of fold-in, (indices, ratings, raw) of target),
-            each part with distinct sorted indices in [0, n_items).
-    """
-    rows = sorted(rows, key=lambda row: row[0])
-    visitors = [row[0] for row in rows]
-    matrices = []
-    for part in (1, 2):
-        counts = np.array([row[part][0].size for row in rows], dtype=np.int64)
-        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-        def cat(j: int, dtype, part=part):
-            return np.concatenate([np.asarray(row[part][j], dtype) for row in rows] or [[]]).astype(
-                dtype
-            )
-
-        indices, values = cat(0, np.int64), cat(1, np.float32)
-        if indices.size and (indices.min() < 0 or indices.max() >= n_items):
-            raise ValueError(f"held-out item index outside the {n_items} trained items")
-        matrices.append(CsrMatrix(indptr, indices, values, (len(rows), n_items)))
-        if part == 1:
-            raw = cat(2, np.float32)
-    return visitors, matrices[0], matrices[1], raw
-
-
-def load_heldout(dataset_dir: str, n_items: int) -> HeldOutVisitors:
-    """Reads `heldout/foldin-*` and `heldout/target-*`; keeps visitors with both parts.
-
-    Args:
-        dataset_dir: a `pipeline.preprocess --holdout_visitors` output.
-        n_items: the train vocabulary's size.
-    """
-    foldin = _read_part(_files(dataset_dir, features.FOLDIN))
-    target = _read_part(_files(dataset_dir, features.TARGET))
-    both = sorted(set(foldin) & set(target))
-    skipped = len(set(foldin) | set(target)) - len(both)
-    if skipped:
-        logger.info("%d held-out visitors have an empty fold-in or target part: skipped", skipped)
-    visitors, foldin_rows, target_rows, raw = assemble(
-        [(v, foldin[v], target[v]) for v in both], n_items
-    )
-    return HeldOutVisitors(visitors, foldin_rows, target_rows, raw)
-
-
-def fold_in_rows(
-    foldin: CsrMatrix,
-    item_factors: np.ndarray,
-    item_counts: np.ndarray,
-    config: WALSConfig,
-    gramian: np.ndarray | tf.Tensor | None = None,
-) -> np.ndarray:
-    """Factors of many new visitors at once: one exact row sweep against fixed Y.
-
-    Args:
-        foldin: CsrMatrix [n, n_items], the visitors' fold-in ratings r_vi.
-        item_factors: [n_items, k] the trained Y.
-        item_counts: int [n_items] c_i of the training matrix (for f and λ).
-        config: the trained model's hyperparameters.
-        gramian: [k, k] YᵀY in float64 (computed when None).
-
-    Returns:
-        float32 [n, k], the rows of `trainer.local.train.fold_in`, each from the shared problem.
-    """
-    if foldin.nnz == 0 and foldin.shape[0]:
-        return np.zeros((foldin.shape[0], item_factors.shape[1]), np.float32)
-    fixed = tf.constant(np.asarray(item_factors), FOLD_IN_DTYPE)
-    if gramian is None:
-        gramian = wals_solver.gramian(fixed, FOLD_IN_DTYPE)
-    rows = problem.define_rows(foldin, problem.USERS, item_counts, config)
-    plan = rows.plan(wals_solver.CHOLESKY, dtype=FOLD_IN_DTYPE)
-    x = wals_solver.solve_planned(plan, fixed, gramian, wals_solver.CHOLESKY, jit_compile=False)
-    return x.numpy().astype(np.float32)
+# has_heldout is part of this module's interface (trainer.task asks it before `evaluate_model`).
+__all__ = [
+    "DEFAULT_BLOCK_ROWS",
+    "EvaluateNewVisitors",
+    "block_sums",
+    "evaluate",
+    "evaluate_distributed",
+    "evaluate_model",
+    "format_metrics",
+    "has_heldout",
+    "visitor_block",
+]
 
 
 def block_sums(
@@ -183,13 +80,13 @@ def block_sums(
 ) -> tuple[metrics.RankingSums, metrics.RankingSums]:
     """(WALS, popularity) ranking sums of a block of held-out visitors (module docstring).
 
-    Scores are y_i·x_v in float64 rounded to float32 (`metrics.dot_scores`), so a visitor's
-    ranking does not depend on the block it is in.
+    Scores are y_i·x_v by `topk.score` (float32, bitwise the same whatever the block), so a
+    visitor's ranking does not depend on the block it is in.
     """
     x = fold_in_rows(foldin, item_factors, item_counts, config)
-    scores = metrics.dot_scores(x, item_factors)
+    scores = topk.score(x, item_factors)
     wals = metrics.batch_sums(scores, foldin, target, ks)
-    popular = np.asarray(item_counts, dtype=np.float32)  # metrics.popularity_scores
+    popular = metrics.popularity_from_counts(item_counts)
     popularity = metrics.batch_sums(
         np.broadcast_to(popular, (foldin.shape[0], popular.size)), foldin, target, ks
     )

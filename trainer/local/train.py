@@ -25,8 +25,8 @@ import tqdm
 
 from trainer.core import loss as wals_loss
 from trainer.core import problem, seeding, tiling
-from trainer.core.config import WALSConfig
 from trainer.core.factors import IterationCallback, WALSFactors
+from trainer.core.objective import WALSConfig
 from trainer.core.problem import ITEMS, USERS
 from trainer.core.solver import solver_for
 from trainer.core.sparse import CsrMatrix

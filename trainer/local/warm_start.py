@@ -14,8 +14,8 @@ import logging
 import numpy as np
 
 from trainer.core import problem, seeding
-from trainer.core.config import WALSConfig
 from trainer.core.factors import WALSFactors
+from trainer.core.objective import WALSConfig
 from trainer.serving import model as model_lib
 
 logger = logging.getLogger(__name__)

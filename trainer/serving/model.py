@@ -9,12 +9,18 @@ On disk, under `<model_dir>/model/`:
     item_factors.npy     float32 [nitems, k]   Y, row i = content vocab_items[i]
     seen_indptr.npy      int64 [nusers + 1]    the train matrix's rows (CSR), so that items a
     seen_indices.npy     int32 [nnz]           visitor has already seen are never recommended
+    seen_values.npy      float32 [nnz]         their ratings r_ui (optional: models written
+                                               before it have none)
     item_counts.npy      int64 [nitems]        train users per item (popularity; fold-in weights)
     vocab_users.txt      one visitorId per line, line number = userId
     vocab_items.txt      one contentId per line, line number = itemId
                          (UTF-8, each line ended by '\n' and split on '\n' only: see
                          `vocabulary_from_bytes`)
     config.json          hyperparameters, the rating scaling and its statistics
+
+Every ranking here is `trainer.core.topk`'s: float32 scores (`topk.score`), ties to the lower
+index, the same lists batch prediction and the evaluation produce; fold-in is
+`trainer.core.foldin`'s.
 """
 
 from __future__ import annotations
@@ -27,14 +33,14 @@ import os
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from trainer.core import metrics
-from trainer.core.config import WALSConfig
-from trainer.core.foldin import fold_in
+from trainer.core import foldin, topk
+from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
 from transforms import scaling
 
 MODEL_SUBDIR = "model"
 _ARRAYS = ("user_factors", "item_factors", "seen_indptr", "seen_indices", "item_counts")
+_OPTIONAL_ARRAYS = ("seen_values",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,7 @@ class WALSModel:
     users: list[str]
     items: list[str]
     config: dict
+    seen_values: np.ndarray | None = None
 
     def __post_init__(self):
         self._user_index = {visitor: u for u, visitor in enumerate(self.users)}
@@ -78,8 +85,28 @@ class WALSModel:
         return self._item_index.get(content_id)
 
     def seen(self, user: int) -> np.ndarray:
-        """int [n] itemIds the user has in the train matrix."""
+        """int [n] itemIds the user has in the train matrix, ascending."""
         return self.seen_indices[self.seen_indptr[user] : self.seen_indptr[user + 1]]
+
+    def most_read(self, user: int) -> np.ndarray:
+        """int64 [n] the user's training items, highest rating r_ui first (ties: lower itemId
+        first), or in itemId order for a model saved without ratings (no seen_values)."""
+        start, stop = self.seen_indptr[user], self.seen_indptr[user + 1]
+        items = self.seen_indices[start:stop].astype(np.int64)
+        if self.seen_values is None or items.size == 0:
+            return items
+        # A row's items are ascending, so ranking positions breaks ties by the lower itemId.
+        positions, _ = topk.top_k_excluding(self.seen_values[None, start:stop], None, items.size)
+        return items[positions[0]]
+
+    def seen_matrix(self) -> CsrMatrix:
+        """The train matrix's pattern: CsrMatrix [n_users, n_items] (values: ones)."""
+        return CsrMatrix(
+            np.asarray(self.seen_indptr, np.int64),
+            np.asarray(self.seen_indices, np.int64),
+            np.ones(len(self.seen_indices), np.float32),
+            (len(self.users), len(self.items)),
+        )
 
     def top_k_for_users(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k itemIds and scores for known userIds, seen items excluded.
@@ -92,22 +119,17 @@ class WALSModel:
             (ids int64 [b, k], scores float32 [b, k]); ids are -1 (score -inf) past the number
             of items a user has not seen.
         """
-        scores = self.user_factors[users] @ self.item_factors.T
-        starts, stops = self.seen_indptr[users], self.seen_indptr[users + 1]
-        indptr = np.concatenate([[0], np.cumsum(stops - starts)])
-        seen = np.concatenate([self.seen_indices[a:b] for a, b in zip(starts, stops)] or [[]])
-        exclude = CsrMatrix(
-            indptr,
-            seen.astype(np.int64),
-            np.ones(seen.size, np.float32),
-            (len(users), len(self.items)),
-        )
-        return metrics.top_k_excluding(scores, exclude, k)
+        users = np.asarray(users, dtype=np.int64)
+        scores = topk.score(self.user_factors[users], self.item_factors)
+        return topk.top_k_excluding(scores, self.seen_matrix().take_rows(users), k)
 
-    def popular(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k most popular itemIds (ties: lower id first) and their train counts."""
-        order = np.lexsort((np.arange(len(self.items)), -self.item_counts))[:k]
-        return order, self.item_counts[order].astype(np.float32)
+    def popular(self, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The k most popular itemIds not in `exclude` (ties: lower id first) and their train
+        counts as float32 scores: (ids int64 [k'], scores float32 [k']), k' <= k."""
+        counts = np.asarray(self.item_counts, dtype=np.float32)[None, :]
+        ids, scores = topk.top_k_excluding(counts, _one_row(exclude), k)
+        valid = ids[0] >= 0
+        return ids[0][valid], scores[0][valid]
 
     def recommend(self, visitor_ids: list[str], k: int = 10) -> list[Recommendations]:
         """Top-k unseen content per visitor, in original IDs.
@@ -158,7 +180,7 @@ class WALSModel:
 
         The values (time on page in ms, or ratings: what preprocessing read) are summed per
         content, scaled exactly as preprocessing scaled them, and the visitor's row is solved
-        against the trained item factors (WALS's row projection, `trainer.local.train.fold_in`).
+        against the trained item factors (WALS's row projection, `trainer.core.foldin`).
         Unknown content and non-positive sums are ignored.
 
         Returns:
@@ -172,10 +194,9 @@ class WALSModel:
         items = np.array(sorted(i for i, v in totals.items() if v > 0), dtype=np.int64)
         raw = np.array([totals[i] for i in items], dtype=np.float32)
         ratings = scaling.scale(raw, self.config["scaling"], self.config["scale_stats"]).numpy()
-        x = fold_in(
-            self.item_factors, None, items, ratings, self.item_counts, self.wals_config()
-        )
-        return x.astype(np.float32), items
+        rows = foldin.history_row(items, ratings, len(self.items))
+        x = foldin.fold_in_rows(rows, self.item_factors, self.item_counts, self.wals_config())
+        return x[0], items
 
     def recommend_for_history(
         self, content_ids: list[str], values: list[float], k: int = 10
@@ -188,19 +209,20 @@ class WALSModel:
         if k <= 0:
             raise ValueError(f"k must be > 0, got {k}")
         x, items = self.fold_in(content_ids, values)
-        exclude = {i for i in (self.item_index(c) for c in content_ids) if i is not None}
+        exclude = np.array(
+            sorted({i for i in (self.item_index(c) for c in content_ids) if i is not None}),
+            dtype=np.int64,
+        )
         if items.size == 0:
-            order, scores = self.popular(len(self.items))
+            ids, scores = self.popular(k, exclude)
         else:
-            scores = (self.item_factors @ x).astype(np.float32)
-            order = np.lexsort((np.arange(len(self.items)), -scores))
-            scores = scores[order]
-        keep = [j for j, i in enumerate(order) if i not in exclude][:k]
+            top_ids, top_scores = topk.top_k_excluding(
+                topk.score(x[None, :], self.item_factors), _one_row(exclude), k
+            )
+            valid = top_ids[0] >= 0
+            ids, scores = top_ids[0][valid], top_scores[0][valid]
         return Recommendations(
-            "",
-            [self.items[order[j]] for j in keep],
-            [float(scores[j]) for j in keep],
-            items.size > 0,
+            "", [self.items[i] for i in ids], [float(s) for s in scores], items.size > 0
         )
 
     def similar_items(self, content_ids: list[str], k: int = 10) -> list[list[tuple[str, float]]]:
@@ -218,11 +240,18 @@ class WALSModel:
             item = self.item_index(content)
             if item is None:
                 raise KeyError(f"unknown contentId {content!r}")
-            similarity = normalized @ normalized[item]
-            similarity[item] = -np.inf
-            top = np.argsort(-similarity, kind="stable")[:k]
-            out.append([(self.items[i], float(similarity[i])) for i in top])
+            similarity = topk.score(normalized[[item]], normalized)
+            ids, scores = topk.top_k_excluding(similarity, _one_row(np.array([item])), k)
+            valid = ids[0] >= 0
+            out.append([(self.items[i], float(s)) for i, s in zip(ids[0][valid], scores[0][valid])])
         return out
+
+
+def _one_row(items: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exclusions (`topk.Exclusions`) of one row: the given itemIds, or None."""
+    if items is None:
+        return None
+    return np.array([0, len(items)], dtype=np.int64), np.asarray(items, dtype=np.int64)
 
 
 def vocabulary_to_bytes(ids: list[str]) -> bytes:
@@ -266,7 +295,9 @@ def save(model: WALSModel, model_dir: str) -> None:
     directory = f"{model_dir.rstrip('/')}/{MODEL_SUBDIR}"
     if "://" not in directory:
         os.makedirs(directory, exist_ok=True)
-    for name in _ARRAYS:
+    for name in _ARRAYS + _OPTIONAL_ARRAYS:
+        if getattr(model, name) is None:
+            continue
         buffer = io.BytesIO()
         np.save(buffer, getattr(model, name))
         _write_bytes(f"{directory}/{name}.npy", buffer.getvalue())
@@ -284,7 +315,11 @@ def load(model_dir: str) -> WALSModel:
     directory = f"{model_dir.rstrip('/')}/{MODEL_SUBDIR}"
     if not FileSystems.exists(f"{directory}/config.json"):
         raise FileNotFoundError(f"no trained model under {model_dir} (missing {directory})")
-    arrays = {name: np.load(io.BytesIO(_read_bytes(f"{directory}/{name}.npy"))) for name in _ARRAYS}
+    arrays = {
+        name: np.load(io.BytesIO(_read_bytes(f"{directory}/{name}.npy")))
+        for name in _ARRAYS + _OPTIONAL_ARRAYS
+        if name in _ARRAYS or FileSystems.exists(f"{directory}/{name}.npy")
+    }
     users = vocabulary_from_bytes(_read_bytes(f"{directory}/vocab_users.txt"))
     items = vocabulary_from_bytes(_read_bytes(f"{directory}/vocab_items.txt"))
     config = json.loads(_read_bytes(f"{directory}/config.json"))
