@@ -45,7 +45,7 @@ from trainer.core import metrics, seeding
 from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
 from trainer.evaluation import heldout_visitors, new_visitors
-from trainer.local import train as wals
+from trainer.local import train as local_train
 from transforms import features
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def make_splits(sessions: int, items: int, topics: int, seed: int) -> Splits:
 def score(splits: Splits, overrides: dict) -> dict[str, float]:
     """Trains one config on the fit split; Recall@20 and NDCG@20 on both validation parts."""
     config = WALSConfig(**BASE, **overrides)
-    factors = wals.fit(
+    factors = local_train.fit(
         splits.fit, config, show_progress=False, user_keys=seeding.id_keys(splits.visitors)
     )
     x, y = factors.user_factors, factors.item_factors

@@ -64,7 +64,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import matrices, measure
-from trainer.beam import layout as blocks
+from trainer.beam import layout as blocks_lib
 from trainer.core.sparse import CsrMatrix
 from trainer.local import dataset as data
 from transforms import features
@@ -281,7 +281,7 @@ def join_volume(data_dir: str, block_rows: int) -> dict:
     train = data.load_dataset(data_dir).train
     shares = {}
     for side, matrix in (("users", train), ("items", train.transpose())):
-        block = blocks.BlockLayout(matrix.shape[0], block_rows).block_of(matrix.row_ids())
+        block = blocks_lib.BlockLayout(matrix.shape[0], block_rows).block_of(matrix.row_ids())
         pairs = np.unique(block.astype(np.int64) * matrix.shape[1] + matrix.indices).size
         shares[side] = pairs / max(matrix.nnz, 1)
     return shares
@@ -343,7 +343,7 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--block_rows",
         type=int,
-        default=blocks.DEFAULT_TRAIN_BLOCK_ROWS,
+        default=blocks_lib.DEFAULT_TRAIN_BLOCK_ROWS,
         help="rows per block (Beam)",
     )
     parser.add_argument(

@@ -47,7 +47,7 @@ def run(size: str, iters: int, eval_users: int | None, seed: int = 0) -> dict:
     evaluation; returns {"iteration", "eval_sampled", "eval_full"}: {median, min, max, all}
     in seconds, and the metrics of the last evaluations."""
     from trainer.core.objective import WALSConfig
-    from trainer.local import train as wals
+    from trainer.local import train as local_train
 
     train_benchmark._set_tensorflow_threads(train_benchmark.THREADS)
     full = matrices.synthetic_matrix(*matrices.SIZES[size], seed=seed)
@@ -61,7 +61,7 @@ def run(size: str, iters: int, eval_users: int | None, seed: int = 0) -> dict:
         seed=seed,
         **train_benchmark.OURS_FIXED,
     )
-    wals.fit(train, config, show_progress=False, compute_loss=False)  # compiles, untimed
+    local_train.fit(train, config, show_progress=False, compute_loss=False)  # compiles, untimed
     sampled = _per_iteration_evaluation(train, heldout, eval_users, seed)
     times: dict[str, list[float]] = {"iteration": [], "eval_sampled": [], "eval_full": []}
     last: dict[str, dict] = {}
@@ -81,7 +81,7 @@ def run(size: str, iters: int, eval_users: int | None, seed: int = 0) -> dict:
 
     config = WALSConfig(**{**config.__dict__, "num_iters": iters})
     mark[0] = time.perf_counter()
-    wals.fit(train, config, callback=callback, show_progress=False, compute_loss=False)
+    local_train.fit(train, config, callback=callback, show_progress=False, compute_loss=False)
     result = {name: _summary(values) for name, values in times.items()}
     result.update(
         size=size,

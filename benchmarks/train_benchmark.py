@@ -121,7 +121,7 @@ class Fitted:
         user_factors: float32 [n_users, k].
         item_factors: float32 [n_items, k].
         seconds: wall time of the fit, excluding data conversion.
-        loss_seconds: for ours, the time of one training-loss evaluation, which `wals.fit`
+        loss_seconds: for ours, the time of one training-loss evaluation, which `local_train.fit`
             runs after every iteration (the peers compute no loss); None for the peers.
         fold_in: new users' rows CsrMatrix [n, n_items] -> their factors float32 [n, k], the
             model's own exact row solve against its item factors; None when it has none.
@@ -169,7 +169,7 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
     from trainer.core import loss as wals_loss
     from trainer.core import problem
     from trainer.core.objective import WALSConfig
-    from trainer.local import train as wals
+    from trainer.local import train as local_train
 
     config = WALSConfig(
         latent_factors=k,
@@ -183,7 +183,7 @@ def fit_ours(train: CsrMatrix, params: dict, solver: str, k: int, iters: int, se
     with blas_threads(THREADS):
         start = time.perf_counter()
         # Like the peers (implicit's calculate_training_loss=False), no loss per iteration.
-        factors = wals.fit(train, config, show_progress=False, compute_loss=False)
+        factors = local_train.fit(train, config, show_progress=False, compute_loss=False)
         seconds = time.perf_counter() - start
         # Time one evaluation of the loss, which `python -m trainer.task` computes each iteration.
         counts = train.col_counts()

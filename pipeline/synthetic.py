@@ -13,16 +13,8 @@ command line):
   (weight 1 / rank**1.1, ranks in random order), so a few items take most of the views.
 - `visitors` visitors; each likes 1 to 3 topics with Dirichlet weights (its taste). Visitors get
   1 + Multinomial(sessions - visitors, lognormal activity) visits, numbered in time order.
-- Each visit reads 1..15 articles. An article is picked from the visitor's taste (topic with
-  probability taste[topic], then an item of that topic with probability ∝ popularity) or, with
-  probability `NOISE_PROBABILITY`, from global popularity alone. A visitor rarely re-reads.
-- Dwell time on an article (ms until the next PAGE hit) is lognormal with median
-  `DWELL_MEDIAN_MS * exp(DWELL_AFFINITY * affinity)`, where affinity = taste[topic] / max(taste)
-  is in [0, 1]; articles outside the taste have affinity 0.
-- Noise a real export has: home and section pages without the content custom dimension, EVENT
-  hits between page hits (carrying the page's custom dimensions, so only `type == "PAGE"`
-  distinguishes them), single-page sessions, and integer fields written as JSON strings (the
-  BigQuery JSON export does that) in about half of the sessions.
+- Each visit's articles, dwell times and the noise of a real export: see
+  `pipeline.synthetic_sessions`.
 
 `--bad_lines K` interleaves K malformed lines, one kind of damage each (`BAD_LINE_KINDS`).
 The output is a pure function of the arguments: the same arguments give the same bytes.

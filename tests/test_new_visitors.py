@@ -18,7 +18,7 @@ from trainer.core.foldin import fold_in, fold_in_rows
 from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
 from trainer.evaluation import heldout_visitors, new_visitors
-from trainer.local import train as wals
+from trainer.local import train as local_train
 from trainer.serving import model as model_lib
 
 KS = (5, 20)
@@ -100,7 +100,7 @@ def test_fold_in_evaluation_equals_the_dense_oracle(config):
     rng = np.random.default_rng(3)
     n_items = 40
     train = _random_rows(rng, 60, n_items, 0.2)
-    factors = wals.fit(train, config, show_progress=False, dtype=tf.float64)
+    factors = local_train.fit(train, config, show_progress=False, dtype=tf.float64)
     y = factors.item_factors.astype(np.float32)
     counts = train.col_counts()
     new = _random_rows(rng, 25, n_items, 0.3)

@@ -18,7 +18,7 @@ from trainer.core import loss as wals_loss
 from trainer.core import problem, seeding
 from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
-from trainer.local import train as wals
+from trainer.local import train as local_train
 
 F64 = tf.float64
 CONFIG = WALSConfig(
@@ -155,7 +155,7 @@ def test_fit_does_not_depend_on_the_order_of_rows(matrix):
     """With IDs, a permuted matrix gives the permuted factors: no dependence on row indices."""
     user_ids = [f"u{i}" for i in range(matrix.shape[0])]
     item_ids = [f"i{i}" for i in range(matrix.shape[1])]
-    fit = wals.fit(
+    fit = local_train.fit(
         matrix,
         CONFIG,
         show_progress=False,
@@ -168,7 +168,7 @@ def test_fit_does_not_depend_on_the_order_of_rows(matrix):
     dense = matrix.to_dense()[perm_u][:, perm_i]
     rows, cols = np.nonzero(dense)
     permuted = CsrMatrix.from_triples(rows, cols, dense[rows, cols], dense.shape)
-    again = wals.fit(
+    again = local_train.fit(
         permuted,
         CONFIG,
         show_progress=False,
@@ -184,9 +184,9 @@ def test_fit_does_not_depend_on_the_order_of_rows(matrix):
 def test_a_fit_resumed_from_its_factors_ends_where_an_uninterrupted_one_does(matrix, solver_name):
     config = dataclasses.replace(CONFIG, solver=solver_name, num_iters=5)
     every = {"show_progress": False, "dtype": F64, "jit_compile": False, "loss_every": 1}
-    straight = wals.fit(matrix, config, **every)
-    first = wals.fit(matrix, dataclasses.replace(config, num_iters=2), **every)
-    resumed = wals.fit(
+    straight = local_train.fit(matrix, config, **every)
+    first = local_train.fit(matrix, dataclasses.replace(config, num_iters=2), **every)
+    resumed = local_train.fit(
         matrix,
         config,
         **every,
@@ -201,7 +201,7 @@ def test_a_fit_resumed_from_its_factors_ends_where_an_uninterrupted_one_does(mat
 
 def test_loss_every_records_the_iterations_it_evaluated(matrix):
     config = dataclasses.replace(CONFIG, num_iters=5)
-    fitted = wals.fit(matrix, config, show_progress=False, dtype=F64, loss_every=2)
+    fitted = local_train.fit(matrix, config, show_progress=False, dtype=F64, loss_every=2)
     assert [h["iteration"] for h in fitted.history] == [2, 4, 5]
 
 

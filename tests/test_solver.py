@@ -23,7 +23,7 @@ from trainer.core.foldin import fold_in
 from trainer.core.objective import WALSConfig
 from trainer.core.problem import ITEMS, USERS
 from trainer.core.sparse import CsrMatrix
-from trainer.local import train as wals
+from trainer.local import train as local_train
 
 F64 = tf.float64
 # XLA compiles each tile shape once (about 0.5 s); float64 checks mostly run the same kernels
@@ -65,7 +65,7 @@ def regularization(counts: np.ndarray, lam: float, w0: float, n_other: int, expo
 
 
 def seeded(n: int, m: int, config: WALSConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The initial factors `wals.fit` starts from when it is given no IDs."""
+    """The initial factors `local_train.fit` starts from when it is given no IDs."""
     k, sigma, seed = config.latent_factors, config.init_stddev, config.seed
     return (
         seeding.initial_factors(seeding.index_keys(n), k, sigma, seed, USERS),
@@ -421,7 +421,7 @@ CONFIG = WALSConfig(
 @pytest.mark.parametrize("scheme", ["column_frequency", "confidence"])
 def test_fit_matches_the_dense_oracle_and_the_loss_never_increases(matrix, scheme):
     config = dataclasses.replace(CONFIG, weighting=scheme, **SCHEMES[scheme], num_iters=6)
-    factors = wals.fit(matrix, config, show_progress=False, dtype=F64, loss_every=1)
+    factors = local_train.fit(matrix, config, show_progress=False, dtype=F64, loss_every=1)
 
     x0, y0 = seeded(*matrix.shape, config)
     f = observed_f(matrix, scheme, **SCHEMES[scheme])
@@ -443,7 +443,7 @@ def test_binary_target_fits_preferences_weighted_by_confidence(matrix):
     config = dataclasses.replace(
         CONFIG, weighting="confidence", confidence_alpha=4.0, binary_target=True, num_iters=4
     )
-    factors = wals.fit(matrix, config, show_progress=False, dtype=F64)
+    factors = local_train.fit(matrix, config, show_progress=False, dtype=F64)
     x0, y0 = seeded(*matrix.shape, config)
     # W from the ratings (w0 + α r), but the target is 1 on every observed cell.
     f = observed_f(matrix, "confidence", confidence_alpha=4.0)
@@ -470,21 +470,21 @@ def test_fit_recovers_an_exact_low_rank_matrix():
         init_stddev=1.0,
     )
     low_rank = from_dense(dense)
-    factors = wals.fit(low_rank, config, show_progress=False, dtype=F64)
+    factors = local_train.fit(low_rank, config, show_progress=False, dtype=F64)
     reconstruction = factors.user_factors @ factors.item_factors.T
     np.testing.assert_allclose(reconstruction, low_rank.to_dense(), atol=1e-6)
 
 
 def test_fit_is_deterministic_and_independent_of_chunking(matrix):
     config = dataclasses.replace(CONFIG, solver="cg", num_iters=3)
-    first = wals.fit(matrix, config, show_progress=False, dtype=F64, **NO_XLA)
-    same = wals.fit(matrix, config, show_progress=False, dtype=F64, **NO_XLA)
+    first = local_train.fit(matrix, config, show_progress=False, dtype=F64, **NO_XLA)
+    same = local_train.fit(matrix, config, show_progress=False, dtype=F64, **NO_XLA)
     np.testing.assert_array_equal(same.user_factors, first.user_factors)
     np.testing.assert_array_equal(same.item_factors, first.item_factors)
-    again = wals.fit(matrix, config, show_progress=False, dtype=F64, chunk_rows=4, **NO_XLA)
+    again = local_train.fit(matrix, config, show_progress=False, dtype=F64, chunk_rows=4, **NO_XLA)
     np.testing.assert_allclose(again.user_factors, first.user_factors, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(again.item_factors, first.item_factors, rtol=1e-10, atol=1e-12)
-    other = wals.fit(
+    other = local_train.fit(
         matrix, dataclasses.replace(config, seed=8), show_progress=False, dtype=F64, **NO_XLA
     )
     assert not np.allclose(other.user_factors, first.user_factors)
@@ -497,8 +497,10 @@ def test_fit_returns_rows_in_the_matrix_order_whatever_it_is(matrix, name):
     config = dataclasses.replace(CONFIG, solver=name, num_iters=3)
     keys = seeding.index_keys(matrix.shape[0])
     shuffle = np.random.default_rng(5).permutation(matrix.shape[0])
-    first = wals.fit(matrix, config, show_progress=False, dtype=F64, user_keys=keys, **NO_XLA)
-    moved = wals.fit(
+    first = local_train.fit(
+        matrix, config, show_progress=False, dtype=F64, user_keys=keys, **NO_XLA
+    )
+    moved = local_train.fit(
         matrix.take_rows(shuffle),
         config,
         show_progress=False,
@@ -512,9 +514,11 @@ def test_fit_returns_rows_in_the_matrix_order_whatever_it_is(matrix, name):
 
 def test_fit_without_loss_gives_the_same_factors_and_no_history(matrix):
     config = dataclasses.replace(CONFIG, num_iters=3)
-    with_loss = wals.fit(matrix, config, show_progress=False, dtype=F64, loss_every=1, **NO_XLA)
+    with_loss = local_train.fit(
+        matrix, config, show_progress=False, dtype=F64, loss_every=1, **NO_XLA
+    )
     losses = []
-    without = wals.fit(
+    without = local_train.fit(
         matrix,
         config,
         callback=lambda i, fac, loss: losses.append(loss),
@@ -531,7 +535,7 @@ def test_fit_without_loss_gives_the_same_factors_and_no_history(matrix):
 def test_fit_computes_the_loss_only_after_the_last_iteration_by_default(matrix):
     config = dataclasses.replace(CONFIG, num_iters=3)
     losses = []
-    fitted = wals.fit(
+    fitted = local_train.fit(
         matrix,
         config,
         callback=lambda i, fac, loss: losses.append(loss),
@@ -539,7 +543,7 @@ def test_fit_computes_the_loss_only_after_the_last_iteration_by_default(matrix):
         dtype=F64,
         **NO_XLA,
     )
-    every = wals.fit(matrix, config, show_progress=False, dtype=F64, loss_every=1, **NO_XLA)
+    every = local_train.fit(matrix, config, show_progress=False, dtype=F64, loss_every=1, **NO_XLA)
     assert losses[:2] == [None, None]
     assert [h["iteration"] for h in fitted.history] == [3]
     assert fitted.history == every.history[-1:] == [losses[2]]
@@ -549,13 +553,13 @@ def test_fit_computes_the_loss_only_after_the_last_iteration_by_default(matrix):
 def test_fit_in_float32_with_cg_tracks_the_exact_float64_fit(matrix):
     calls = []
     config = dataclasses.replace(CONFIG, solver="cg", cg_steps=3, num_iters=5)
-    factors = wals.fit(
+    factors = local_train.fit(
         matrix, config, callback=lambda i, fac, loss: calls.append((i, loss["total"])), loss_every=1
     )
     assert factors.user_factors.dtype == np.float32
     assert [i for i, _ in calls] == [1, 2, 3, 4, 5]
     assert [total for _, total in calls] == [loss["total"] for loss in factors.history]
-    exact = wals.fit(
+    exact = local_train.fit(
         matrix, dataclasses.replace(config, solver="cholesky"), show_progress=False, dtype=F64
     )
     assert factors.history[-1]["total"] == pytest.approx(exact.history[-1]["total"], rel=1e-2)

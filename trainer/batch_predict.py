@@ -4,23 +4,8 @@ r"""Batch prediction: top-K unseen content for every visitor, in the visitors' o
     python -m trainer.batch_predict ... --targeting      # top-K visitors per content instead
     python -m trainer.batch_predict ... --format jsonl   # JSON lines instead of TSV
 
-TSV (lossless for every ID preprocessing accepts): a header line `visitorId<TAB>contentIds`
-(with --targeting `contentId<TAB>visitorIds`), then one line per visitor. The file is UTF-8,
-lines end with '\n', and each line is a record of Python's `csv` "excel-tab" dialect with
-QUOTE_MINIMAL: fields are separated by a tab, and a field holding a tab or '"' is enclosed in
-'"' with each '"' doubled. The first field is the ID itself, the second is a JSON array of the
-ranked IDs, best first (`json.dumps(ids, ensure_ascii=False)`, so it always holds '"' and is
-always quoted unless empty):
-
-    visitorId	contentIds
-    7291783718742811253	"[""article-0042"", ""a,b""]"
-
-`read_predictions` parses it back (pandas: `read_csv(path, sep="\t", dtype=str,
-keep_default_na=False)` and `json.loads` on the second column). JSONL: {"visitorId": ...,
-"contentIds": [...], "scores": [...]} (with --targeting {"contentId": ..., "visitorIds": [...],
-"scores": [...]}), `json.dumps(..., ensure_ascii=False)` per line. In both formats only '\n'
-ends a line: IDs may hold U+2028, U+0085, \x1c and other characters that `str.splitlines()`
-splits on, so read line by line from the file (or split on '\n'), never with `splitlines()`.
+The file formats (a TSV with a header line, or JSON lines; both lossless for every ID that
+preprocessing accepts) and how to read them back are `trainer.serving.predictions`.
 
 Items a visitor has already seen are never recommended to them (and, with --targeting, visitors
 who have seen a content are never targeted with it). Scores and lists are `trainer.core.topk`'s

@@ -24,7 +24,7 @@ from common import cli
 from trainer.core import topk
 from trainer.serving import model as model_lib
 from trainer.serving.predictions import read_predictions
-from trainer.task import METRICS_FILE, format_metrics
+from trainer.training import METRICS_FILE, format_metrics
 
 SHOWN = 8  # IDs shown of a visitor's history or a content's readers
 

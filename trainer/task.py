@@ -29,7 +29,7 @@ import warnings
 
 from common import cli, staging
 from trainer.beam import checkpoints
-from trainer.beam import layout as blocks
+from trainer.beam import layout as blocks_lib
 from trainer.beam import train as distributed
 from trainer.core import objective
 from trainer.core.objective import WALSConfig
@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument(
         "--block_rows",
         type=int,
-        default=blocks.DEFAULT_TRAIN_BLOCK_ROWS,
-        help=f"rows per training block (default {blocks.DEFAULT_TRAIN_BLOCK_ROWS})",
+        default=blocks_lib.DEFAULT_TRAIN_BLOCK_ROWS,
+        help=f"rows per training block (default {blocks_lib.DEFAULT_TRAIN_BLOCK_ROWS})",
     )
     # Test-only fault injection: fail after writing the checkpoint of this half-sweep.
     dist.add_argument("--test_fail_after_sweep", type=int, default=0, help=argparse.SUPPRESS)

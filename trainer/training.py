@@ -31,7 +31,7 @@ from trainer.core.factors import WALSFactors
 from trainer.core.objective import WALSConfig
 from trainer.evaluation import new_visitors
 from trainer.local import dataset as data
-from trainer.local import train as wals
+from trainer.local import train as local_train
 from trainer.local import warm_start
 from trainer.serving import export
 from trainer.serving import model as model_lib
@@ -139,7 +139,7 @@ def train_and_evaluate(
         for loss in factors.history:
             on_iteration(loss["iteration"], factors, loss)
     else:
-        factors = wals.fit(
+        factors = local_train.fit(
             train,
             config,
             callback=on_iteration,
