@@ -7,9 +7,12 @@ import glob
 import json
 import os
 
+import apache_beam as beam
 import numpy as np
 import pytest
 import tensorflow as tf
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that
 
 from pipeline import preprocess, synthetic
 from trainer import task
@@ -20,6 +23,7 @@ from trainer.core.sparse import CsrMatrix
 from trainer.evaluation import heldout_visitors, new_visitors
 from trainer.local import train as local_train
 from trainer.serving import model as model_lib
+from transforms import examples, features
 
 KS = (5, 20)
 
@@ -226,3 +230,56 @@ def test_distributed_new_visitor_metrics_equal_the_local_ones(sample):
         assert got[name].keys() == local[name].keys()
         for key, value in local[name].items():
             assert got[name][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, key)
+
+
+def _write_heldout(directory: str, part: str, rows: CsrMatrix, visitors: list[str]) -> None:
+    """One visitor's cells per `tf.train.Example`, as preprocessing writes them (two shards)."""
+    os.makedirs(directory, exist_ok=True)
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    for shard in range(2):
+        path = f"{directory}/{part}-{shard:05d}-of-00002{features.TFRECORD_SUFFIX}"
+        with tf.io.TFRecordWriter(path, options) as writer:
+            for v in range(shard, rows.shape[0], 2):
+                cells = slice(rows.indptr[v], rows.indptr[v + 1])
+                entries = zip(rows.indices[cells].tolist(), rows.values[cells].tolist(), [1.0] * 99)
+                if rows.indptr[v + 1] > rows.indptr[v]:
+                    writer.write(examples.heldout_example(visitors[v], entries))
+
+
+def test_evaluate_new_visitors_composite_equals_the_dense_oracle(tmp_path):
+    """`EvaluateNewVisitors` in a TestPipeline, on held-out TFRecords written here, against the
+    dense oracle; the visitors' blocks (3 of them) change nothing."""
+    config = WALSConfig(latent_factors=4, num_iters=3, regularization=0.05)
+    rng = np.random.default_rng(8)
+    n_items, n_visitors = 30, 16
+    train = _random_rows(rng, 40, n_items, 0.25)
+    y = local_train.fit(train, config, show_progress=False, dtype=tf.float64).item_factors
+    y = y.astype(np.float32)
+    counts = train.col_counts()
+    new = _random_rows(rng, n_visitors, n_items, 0.3)
+    split = rng.random(new.nnz) < 0.7
+    rows = new.row_ids()
+    foldin = CsrMatrix.from_triples(rows[split], new.indices[split], new.values[split], new.shape)
+    target = CsrMatrix.from_triples(
+        rows[~split], new.indices[~split], new.values[~split], new.shape
+    )
+    visitors = [f"visitor-{v:02d}" for v in range(n_visitors)]
+    heldout_dir = str(tmp_path / features.HELDOUT_DIR)
+    _write_heldout(heldout_dir, features.FOLDIN, foldin, visitors)
+    _write_heldout(heldout_dir, features.TARGET, target, visitors)
+    want = _oracle(y, counts, foldin, target, config, KS)
+
+    def matches(results):
+        (got,) = results
+        for name in ("wals", "popularity"):
+            for key, value in want[name].items():
+                assert got[name][key] == pytest.approx(value, abs=1e-6), (name, key)
+        assert got["wals"]["users_evaluated"] >= 12
+
+    with TestPipeline() as p:
+        y_pc = p | "Factors" >> beam.Create([y])
+        counts_pc = p | "Counts" >> beam.Create([counts])
+        result = p | "Evaluate" >> new_visitors.EvaluateNewVisitors(
+            str(tmp_path), y_pc, counts_pc, config, n_items, KS, n_blocks=3
+        )
+        assert_that(result, matches)
