@@ -19,7 +19,7 @@ from trainer.beam import block_problems, checkpoint_files, checkpoints, sweep
 from trainer.core.sparse import CsrMatrix
 
 ITERS = 4
-HYPER = ["--num_iters", str(ITERS), "--latent_factors", "8", "--no_progress"]
+HYPER = ["--num_iters", str(ITERS), "--latent_factors", "8", "--no_progress", "--loss_every", "1"]
 
 
 def workers(n: int) -> list[str]:

@@ -73,7 +73,9 @@ def test_metrics_json_gate_and_batch_prediction_rank_alike(
     # metrics.json: the trainer's final evaluation of its factors, with its cut-offs.
     ks = tuple(int(name.split("@")[1]) for name in written["wals"] if name.startswith("recall@"))
     factors = WALSFactors(model.user_factors, model.item_factors)
-    recomputed = metrics.evaluate(task._scorer(factors), train, heldout, ks=ks)
+    recomputed = metrics.evaluate(
+        metrics.factor_scorer(factors.user_factors, factors.item_factors), train, heldout, ks=ks
+    )
     for name, value in recomputed.items():
         assert written["wals"][name] == pytest.approx(value, rel=1e-12, abs=0), name
     trainer_lists = spy.lists(0)[:, :K]  # the lists end at max(ks) >= K; rank r is rank r

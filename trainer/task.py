@@ -304,9 +304,8 @@ def run(argv: list[str] | None = None) -> dict:
         raise cli.UsageError(f"unknown flag(s): {', '.join(unknown)} (see --help)")
     if args.block_rows < 1:
         raise cli.UsageError(f"--block_rows must be >= 1, got {args.block_rows}")
-    config = config_from_args(args)
     try:
-        config.validate()
+        config = config_from_args(args)  # WALSConfig validates itself
     except ValueError as error:
         raise cli.UsageError(str(error)) from None
     if args.loss_every is None:  # after the last iteration only
