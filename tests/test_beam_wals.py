@@ -16,6 +16,7 @@ from common import cli
 from pipeline import preprocess, synthetic
 from trainer import task
 from trainer.beam import block_problems, checkpoint_files, checkpoints, sweep
+from trainer.core import solver as core_solver
 from trainer.core.sparse import CsrMatrix
 
 ITERS = 4
@@ -148,7 +149,7 @@ def test_workers_compile_every_tile_shape_they_solve_before_the_first_solve(
     sweep._WARMED.clear()
     block_problems._PLAN_CACHE.clear()
     warmed, solved = {}, []
-    warm_up, solve_planned = sweep._warm_up, sweep.wals_solver.solve_planned
+    warm_up, solve_planned = sweep._warm_up, core_solver.solve_planned
 
     def record_warm_up(spec, side, kernels):
         warmed.setdefault(side, kernels)
@@ -160,7 +161,8 @@ def test_workers_compile_every_tile_shape_they_solve_before_the_first_solve(
         return solve_planned(plan, fixed, gramian, solver, *args, **kwargs)
 
     monkeypatch.setattr(sweep, "_warm_up", record_warm_up)
-    monkeypatch.setattr(sweep.wals_solver, "solve_planned", record_solve)
+    # Every solver of the interface (`trainer.core.solver`) solves through the kernels' engine.
+    monkeypatch.setattr(core_solver, "solve_planned", record_solve)
     task.run(
         [
             "--input_dir", dataset, "--output_dir", str(tmp_path / "model"), *HYPER,
