@@ -19,7 +19,7 @@ Three processes, each on a free port of 127.0.0.1, all stopped on exit:
 
 The tools live in a venv of their own (their pins need not agree with the project's), made from
 tests/requirements-gcs.txt and cached under ~/.cache/ga-wals keyed by its hash, as the Airflow
-check does; the first install takes about half a minute. `tools_venv` skips the test only when
+check does; the first install takes under a minute. `tools_venv` skips the test only when
 the package index cannot be reached.
 
 Credentials are fake and never refreshed: `GOOGLE_APPLICATION_CREDENTIALS` names an
@@ -27,13 +27,15 @@ Credentials are fake and never refreshed: `GOOGLE_APPLICATION_CREDENTIALS` names
 spends about 25 s per process probing for a metadata server), `NO_GCE_CHECK=true`, and TF's
 `GOOGLE_AUTH_TOKEN_FOR_TESTING` skips its own auth.
 
-When TensorFlow reads these variables (TF 2.21, found by trying, see tests/test_gcs.py):
+When TensorFlow reads these variables (TF 2.21, found by trying; tests/test_gcs.py checks it):
 - `https_proxy`, `CURL_CA_BUNDLE` and `GOOGLE_AUTH_TOKEN_FOR_TESTING` are read per request, so
-  they may be set after `import tensorflow`;
+  setting them after `import tensorflow` works;
 - the cache settings (`GCS_STAT_CACHE_MAX_AGE`, `GCS_MATCHING_PATHS_CACHE_MAX_AGE`,
-  `GCS_READ_CACHE_MAX_SIZE_MB`) are read once, when the gs:// filesystem is first used in the
-  process, and kept for its life. They must be set before any code touches gs://, and one
-  emulator (one proxy port) serves the whole process: hence a session-scoped fixture.
+  `GCS_READ_CACHE_MAX_SIZE_MB`) are read when TensorFlow is imported (its gs:// filesystem is
+  built as it loads), not when gs:// is first used, and kept for the process's life. Set after
+  the import, they are ignored and TF serves stale sizes and contents for seconds. A process
+  that is to use gs:// through TF must have them before `import tensorflow`: in tests, a
+  subprocess started inside the `with` (tests/conftest.py imports TF before any fixture).
 The variables reach subprocesses through os.environ, and DirectRunner's workers run in-process.
 """
 
