@@ -87,6 +87,17 @@ def _list_files(directory: str) -> list[str]:
     return sorted(m.path[len(prefix) :] for m in matched if not m.path.endswith("/"))
 
 
+def child_names(directory: str) -> list[str]:
+    """The names directly under a local directory or an object-store prefix, sorted: its files
+    and sub-directories (on object stores, the first path component of every object under it,
+    "folder" placeholders included)."""
+    if _is_local(directory):
+        return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    prefix = directory.rstrip("/") + "/"
+    matched = FileSystems.match([prefix + "**"])[0].metadata_list
+    return sorted({m.path[len(prefix) :].split("/")[0] for m in matched} - {""})
+
+
 def _few(names: Iterable[str]) -> str:
     names = sorted(names)
     shown = ", ".join(names[:_FILES_NAMED])
@@ -253,7 +264,9 @@ def delete_tree(path: str) -> None:
             shutil.rmtree(path)
         elif os.path.lexists(path):
             os.remove(path)
-    elif _list_files(path):
+    elif FileSystems.match([path + "/**"])[0].metadata_list:
+        # Every object under the prefix, "folder" placeholders ("dir/", which TensorFlow's
+        # directory writes leave on GCS) included: "dir/" deletes them all.
         FileSystems.delete([path + "/"])
     elif FileSystems.exists(path):  # an empty directory, on filesystems that have them
         FileSystems.delete([path])

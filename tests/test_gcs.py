@@ -455,21 +455,10 @@ def test_a_killed_distributed_trainer_resumes_on_gs(resumed):
     assert not [n for n in resumed["after_resume"] if "checkpoints" in n]
 
 
-# What is left behind. Each of these fails today for the reason LEFTOVERS gives; they pass,
-# and strict xfail then fails them, once product code cleans up on object stores.
-LEFTOVERS = (
-    "common/staging.py, _publish_remote -> _delete -> delete_tree(staging): after the files are "
-    "renamed into place, _list_files(staging) skips the '/'-ending directory objects that "
-    "TensorFlow's makedirs left under the staging prefix (TF Transform's transform_fn/ and "
-    "transformed_metadata/, the SavedModel's export/assets/ and variables/, tensorboard/), so "
-    "it finds nothing, and the fallback FileSystems.exists(staging) is False for a prefix on "
-    "GCS, so nothing is deleted: 5 `<output>.incomplete-XXXXXXXX/...` directory objects stay "
-    "per preprocess or train stage. pipeline/run.py, Run.remove_leftovers, returns at once for "
-    "a non-local root, so no later launch removes them either"
-)
+# What is left behind: only the outputs the README lists. TensorFlow's directory writes leave
+# '/'-ending "folder" objects under a staging prefix; publishing must remove them too.
 
 
-@pytest.mark.xfail(strict=True, reason=LEFTOVERS)
 def test_nothing_but_outputs_is_left_under_the_root(gcs, deployment):
     """After two published dates, the rejected date, a prediction and a resumed trainer."""
     names, prefix = _objects(gcs, deployment)
@@ -478,7 +467,6 @@ def test_nothing_but_outputs_is_left_under_the_root(gcs, deployment):
     assert left == [], "left behind:\n" + "\n".join(left)
 
 
-@pytest.mark.xfail(strict=True, reason=LEFTOVERS)
 def test_nothing_but_outputs_is_left_under_the_distributed_root(gcs, distributed):
     names, prefix = _objects(gcs, distributed)
     assert f"{prefix}published" in names
@@ -486,7 +474,6 @@ def test_nothing_but_outputs_is_left_under_the_distributed_root(gcs, distributed
     assert left == [], "left behind:\n" + "\n".join(left)
 
 
-@pytest.mark.xfail(strict=True, reason=LEFTOVERS)
 def test_nothing_but_the_model_is_left_after_a_killed_and_resumed_trainer(resumed):
     # "resumed/": the directory object TF made for the output's parent.
     left = [n for n in resumed["after_resume"] if not n.startswith("resumed/model/")]

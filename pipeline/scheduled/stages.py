@@ -237,6 +237,12 @@ class Run:
         """Removes what killed launches of this date left half-written (staging directories,
         temporary files); holding the date's lock, nothing else can be writing them."""
         if not is_local(self.dir):
+            for directory in (self.dir, self.path("serving")):
+                for name in staging.child_names(directory):
+                    if is_temporary(name):
+                        path = f"{directory}/{name}"
+                        logger.warning("removing %s, left by an interrupted launch", path)
+                        staging.delete_tree(path)
             return
         for directory in (self.dir, self.path("serving")):
             if not os.path.isdir(directory):
