@@ -192,10 +192,10 @@ def legacy_model(config: dict) -> WALSModel:
             {"weighting": "inverse_frequency", "feature_wt_exp": 2.0},
             {"inverse_frequency_exponent": 2.0, "column_weight_exponent": -1.0},
         ),
-        # The exponent meant nothing under uniform: it sets neither.
+        # The exponent meant nothing under uniform: it sets neither (both keep their defaults).
         (
             {"weighting": "uniform", "feature_wt_exp": 3.0},
-            {"column_weight_exponent": -1.0, "inverse_frequency_exponent": -1.0},
+            {"column_weight_exponent": -1.0, "inverse_frequency_exponent": 1.0},
         ),
         # A key under its new name wins.
         (
@@ -271,3 +271,11 @@ def test_the_new_flags_set_the_fields_without_warning():
     assert (config.column_weight_scale, config.column_weight_exponent) == (4.0, 0.5)
     assert config.inverse_frequency_exponent == 2.0
     assert task.config_from_args(parse()) == WALSConfig()
+
+
+def test_inverse_frequency_weighs_an_item_by_its_inverse_frequency_by_default():
+    weights = objective.observed_weights(WALSConfig(weighting="inverse_frequency"), [4, 1, 0])
+    np.testing.assert_allclose(weights.per_item, [0.25, 1.0, 0.0])
+    # A model saved with the old shared exponent (default -1) keeps its f = c_i when loaded.
+    old = WALSConfig.from_dict({"weighting": "inverse_frequency", "feature_wt_exp": -1.0})
+    np.testing.assert_allclose(objective.observed_weights(old, [4, 1, 0]).per_item, [4, 1, 0])

@@ -119,9 +119,10 @@ class WALSConfig:
         weighting: the observed extra weight f_ui, one of `WEIGHTINGS` (module docstring).
         column_weight_scale: ω in column_frequency, f = ω·c_i^p.
         column_weight_exponent: p in column_frequency (+1 linear, -1 inverse item frequency).
-        inverse_frequency_exponent: e in inverse_frequency, f = c_i^(−e). The default, -1, is
-            the value the shared `feature_wt_exp` of earlier releases gave this scheme
-            (f = c_i); pass e > 0 to weigh popular items less.
+        inverse_frequency_exponent: e in inverse_frequency, f = c_i^(−e); the default, 1, is
+            the inverse item frequency the name promises. (Earlier releases shared one exponent,
+            `feature_wt_exp`, default -1, which gave this scheme f = c_i; models saved with it
+            keep that meaning when loaded.)
         confidence_alpha: α in confidence, f = α·max(r_ui, 0).
         solver: `CHOLESKY` (exact) or `CG` (conjugate gradient warm-started from the current
             factors).
@@ -144,7 +145,7 @@ class WALSConfig:
     weighting: str = UNIFORM
     column_weight_scale: float = 130.0
     column_weight_exponent: float = -1.0
-    inverse_frequency_exponent: float = -1.0
+    inverse_frequency_exponent: float = 1.0
     confidence_alpha: float = 10.0
     solver: str = CHOLESKY
     cg_steps: int = 3
