@@ -87,13 +87,15 @@ def write_atomically(path: str) -> Iterator[BinaryIO]:
     """Yields a binary handle whose bytes replace `path` when the block exits cleanly.
 
     Args:
-        path: the file to write, local or on any Beam filesystem; its directory must exist
-            locally (object stores have none).
+        path: the file to write, local or on any Beam filesystem; a missing local directory is
+            created (object stores have none), as Beam's `FileSystems.create` does.
 
     Raises:
         Whatever the write raises; `path` is then untouched and the temporary file removed.
     """
     temporary = temporary_sibling(path)
+    if is_local(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         if is_local(path):
             with open(temporary, "xb") as handle:

@@ -35,6 +35,13 @@ def test_a_local_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["run.json"]
 
 
+def test_a_local_write_creates_the_missing_directories(tmp_path):
+    path = str(tmp_path / "data" / "2026" / "sessions.json.gz")
+    atomic.write_bytes_atomically(path, b"x")
+    assert open(path, "rb").read() == b"x"
+    assert os.listdir(tmp_path / "data" / "2026") == ["sessions.json.gz"]
+
+
 @pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()])
 def test_a_failed_local_write_keeps_the_old_file_and_removes_the_temporary(tmp_path, error):
     path = str(tmp_path / "data.json.gz")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
@@ -39,8 +38,6 @@ class CheckpointError(ValueError):
 
 def write_file(path: str, data: bytes) -> None:
     """`data` becomes the file `path`, atomically; a local directory is created as needed."""
-    if atomic.is_local(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic.write_bytes_atomically(path, data)
 
 
