@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from trainer.core import objective, plans, tiling
+from trainer.core import objective
 from trainer.core.objective import WALSConfig
 from trainer.core.sides import ITEMS, SIDES, USERS, Side  # noqa: F401  (re-exported)
 from trainer.core.sparse import CsrMatrix
@@ -37,26 +37,6 @@ class RowProblem:
     f: np.ndarray
     reg: np.ndarray
     w0: float
-
-    def plan(
-        self,
-        solver: str,
-        dtype=np.float32,
-        chunk_rows: int = tiling.DEFAULT_CHUNK_ROWS,
-        tile_shape: tiling.TileShape | None = None,
-    ) -> plans.RowPlan:
-        """The block laid out for `solver` (a name) by `trainer.core.plans.plan_rows`; a
-        trainer that chose its solver uses `trainer.core.solver.Solver.plan` instead."""
-        return plans.plan_rows(
-            self.targets,
-            self.f,
-            self.reg,
-            self.w0,
-            solver=solver,
-            dtype=dtype,
-            chunk_rows=chunk_rows,
-            tile_shape=tile_shape,
-        )
 
 
 def define_rows(
