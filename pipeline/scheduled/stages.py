@@ -129,7 +129,7 @@ class Run:
 
         model_dir = f"{runstate.run_dir(self.root, published)}/train"
         try:
-            k = model_lib.load(model_dir).item_factors.shape[1]
+            k = model_lib.read_config(model_dir)["latent_factors"]
         except FileNotFoundError:
             logger.warning("the published run %s has no model; starting cold", published)
             return None

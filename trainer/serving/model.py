@@ -306,6 +306,19 @@ def save(model: WALSModel, model_dir: str) -> None:
     _write_bytes(f"{directory}/config.json", json.dumps(model.config, indent=2).encode())
 
 
+def read_config(model_dir: str) -> dict:
+    """The model's config.json alone (hyperparameters, `latent_factors` among them), without
+    reading its factors or vocabularies: what a launcher may read of a model of any size.
+
+    Raises:
+        FileNotFoundError: model_dir holds no finished model.
+    """
+    path = f"{model_dir.rstrip('/')}/{MODEL_SUBDIR}/config.json"
+    if not FileSystems.exists(path):
+        raise FileNotFoundError(f"no trained model under {model_dir} (missing {path})")
+    return json.loads(_read_bytes(path))
+
+
 def load(model_dir: str) -> WALSModel:
     """Loads a model written by `save` (the trainer's --output_dir).
 
