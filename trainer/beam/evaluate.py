@@ -329,13 +329,15 @@ def evaluate_model_distributed(
         {"wals": {"rmse", "recall@k", ..., "users_evaluated"}, "popularity": {...}}, the
         "wals" and "popularity" entries of trainer.task's metrics.json.
     """
-    if isinstance(model_dir_or_model, str):
-        model = model_lib.load(model_dir_or_model)
+    if isinstance(model_dir_or_model, str):  # the launcher reads the arrays' headers only
         source = model_dir_or_model
+        shape = (
+            model_lib.array_shape(source, "user_factors")[0],
+            model_lib.array_shape(source, "item_factors")[0],
+        )
     else:
-        model = source = model_dir_or_model
-    shape = (len(model.users), len(model.items))
-    if not isinstance(source, str):
+        model = model_dir_or_model
+        shape = (len(model.users), len(model.items))
         source = np.asarray(model.user_factors, dtype=np.float32)
     if pipeline_options is None or isinstance(pipeline_options, list):
         pipeline_options = PipelineOptions(pipeline_options or [])

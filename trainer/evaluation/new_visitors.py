@@ -283,7 +283,8 @@ def evaluate_distributed(
     Returns:
         metrics.json's "new_visitors" ("fold_in_seconds" is the pipeline's wall time).
     """
-    model = model_lib.load(model_dir)
+    config = model_lib.config_of(model_lib.read_config(model_dir))  # metadata only
+    n_items = model_lib.array_shape(model_dir, "item_factors")[0]
     summary_path = f"{dataset_dir.rstrip('/')}/{features.SUMMARY_FILE}"
     with FileSystems.open(summary_path) as handle:
         n_visitors = json.loads(handle.read().decode("utf-8")).get("heldout_visitors", 0)
@@ -292,7 +293,8 @@ def evaluate_distributed(
         pipeline_options = PipelineOptions(pipeline_options or [])
     scratch = _scratch_dir(pipeline_options)
     start = time.perf_counter()
-    factors_path = f"{model_dir.rstrip('/')}/{model_lib.MODEL_SUBDIR}/item_factors.npy"
+    factors_path = model_lib.array_file(model_dir, "item_factors")
+    counts_path = model_lib.array_file(model_dir, "item_counts")
     with (
         worker_threads.local_budget(pipeline_options),
         beam.Pipeline(options=pipeline_options) as pipeline,
@@ -302,7 +304,11 @@ def evaluate_distributed(
             | "ItemFactorsPath" >> beam.Create([factors_path])
             | "LoadItemFactors" >> beam.Map(lambda p: read_npy_rows(p).astype(np.float32))
         )
-        counts = pipeline | "ItemCounts" >> beam.Create([np.asarray(model.item_counts, np.int64)])
+        counts = (
+            pipeline
+            | "ItemCountsPath" >> beam.Create([counts_path])
+            | "LoadItemCounts" >> beam.Map(lambda p: read_npy_rows(p).astype(np.int64))
+        )
         _ = (
             pipeline
             | "EvaluateNewVisitors"
@@ -310,8 +316,8 @@ def evaluate_distributed(
                 dataset_dir,
                 item_factors,
                 counts,
-                model.wals_config(),
-                len(model.items),
+                config,
+                n_items,
                 ks,
                 n_blocks,
             )

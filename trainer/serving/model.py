@@ -31,6 +31,7 @@ import json
 import os
 
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from trainer.core import foldin, topk
@@ -173,7 +174,7 @@ class WALSModel:
         `feature_wt_exp` become the fields they meant (`WALSConfig.from_dict`), and a config
         without `binary_target` predates it, when every model fitted r.
         """
-        return WALSConfig.from_dict({"binary_target": False, **self.config})
+        return config_of(self.config)
 
     def fold_in(self, content_ids: list[str], values: list[float]) -> tuple[np.ndarray, np.ndarray]:
         """Factors of a visitor not seen in training, from what they read, without retraining.
@@ -317,6 +318,34 @@ def read_config(model_dir: str) -> dict:
     if not FileSystems.exists(path):
         raise FileNotFoundError(f"no trained model under {model_dir} (missing {path})")
     return json.loads(_read_bytes(path))
+
+
+def config_of(config: dict) -> WALSConfig:
+    """The WALSConfig of a model's config.json (`WALSModel.wals_config`'s rule)."""
+    return WALSConfig.from_dict({"binary_target": False, **config})
+
+
+def array_file(model_dir: str, name: str) -> str:
+    """The path of one of a model's arrays, e.g. array_file(d, "item_factors")."""
+    return f"{model_dir.rstrip('/')}/{MODEL_SUBDIR}/{name}.npy"
+
+
+def array_shape(model_dir: str, name: str) -> tuple[int, ...]:
+    """The shape of one of a model's arrays, from its .npy header alone (a few hundred bytes
+    read, whatever the array's size)."""
+    path = array_file(model_dir, name)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return read_npy_header(handle, path)[0]
+
+
+def read_npy_header(handle, path: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an open .npy file, leaving it at the data."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(handle)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(handle)
+    raise ValueError(f"{path}: .npy format version {version} is not supported")
 
 
 def load(model_dir: str) -> WALSModel:
