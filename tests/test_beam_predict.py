@@ -105,3 +105,19 @@ def test_read_npy_rows_reads_a_slice(tmp_path):
     np.testing.assert_array_equal(beam_predict.read_npy_rows(str(tmp_path / "a.npy")), array)
     with pytest.raises(ValueError, match="outside"):
         beam_predict.read_npy_rows(str(tmp_path / "a.npy"), 5, 21)
+
+
+def test_a_vocabulary_that_disagrees_with_the_factors_fails_on_the_worker(tiny_model, tmp_path):
+    """The launcher reads only the arrays' headers; the worker that loads the content
+    vocabulary checks it holds one ID per item row, and nothing is published."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    vocab = model_dir / "model" / "vocab_items.txt"
+    ids = vocab.read_bytes().split(b"\n")
+    vocab.write_bytes(b"\n".join(ids[:2]) + b"\n")
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="has 2 IDs, the item factors"):
+        batch_predict.run(["--model_dir", str(model_dir), "--output", str(out), "--distributed"])
+    assert not out.exists()

@@ -254,7 +254,7 @@ def build_pipeline(pipeline: beam.Pipeline, spec: PredictSpec, output_prefix: st
         lambda paths: read_npy_rows(paths[0]).astype(np.float32)
     )
     items = model_files | "LoadContentVocabulary" >> beam.Map(
-        lambda paths: load_vocabulary(paths[1])
+        lambda paths: _checked_vocabulary(paths[1], n_items)
     )
     predict = PredictForContent if spec.targeting else PredictForUsers
     header = predictions.header_line(spec.targeting, spec.output_format)
@@ -277,14 +277,22 @@ def _check_model(spec: PredictSpec) -> None:
     """Raises FileNotFoundError or ValueError before any pipeline starts."""
     if not FileSystems.exists(spec.path("config.json")):
         raise FileNotFoundError(f"no trained model under {spec.model_dir}")
-    n_users, n_items = (
-        npy_rows(spec.path("user_factors.npy")),
-        npy_rows(spec.path("item_factors.npy")),
-    )
+    n_users = npy_rows(spec.path("user_factors.npy"))
+    npy_rows(spec.path("item_factors.npy"))  # present and readable
     if npy_rows(spec.path("seen_indptr.npy")) != n_users + 1:
         raise ValueError(f"{spec.model_dir}: seen_indptr does not have {n_users + 1} entries")
-    if len(load_vocabulary(spec.path("vocab_items.txt"))) != n_items:
-        raise ValueError(f"{spec.model_dir}: vocab_items.txt does not have {n_items} IDs")
+
+
+def _checked_vocabulary(path: str, n_items: int) -> list[str]:
+    """The content vocabulary, read on a worker (the launcher reads only the arrays' headers).
+
+    Raises:
+        ValueError: it does not hold one ID per row of the item factors.
+    """
+    items = load_vocabulary(path)
+    if len(items) != n_items:
+        raise ValueError(f"{path} has {len(items)} IDs, the item factors {n_items} rows")
+    return items
 
 
 def write_predictions(spec: PredictSpec, output_dir: str, beam_argv: list[str]) -> int:
