@@ -2,17 +2,24 @@
 
 The fixture's user factors are the exact WALS row solves of each train row against random item
 factors, so folding in a training visitor's own history must give back their served scores.
+The last tests interrupt the move into the version directory (`trainer.serving.version_dir`) and
+check that the next export redoes it, and that nothing this project did not write is deleted;
+tests/test_gcs_export.py does the same on the gs:// emulator with a killed process.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.serving import export
+from common.staging import OutputExistsError
+from trainer.serving import export, version_dir
 from trainer.serving.model import WALSModel
 
 MEDIAN_MS = 1000.0
@@ -330,3 +337,148 @@ def test_old_and_new_weighting_keys_export_the_same_model(exported):
         old_names, old_scores = fold_in(exported(old)[2], history, durations)
         assert new_names == old_names
         np.testing.assert_array_equal(new_scores, old_scores)
+
+
+# ---- Publishing the version directory: never half there, and a retry redoes it. ----
+
+HISTORY, HISTORY_MS = ["c1", "c6", "c3"], [1000.0, 2500.0, 700.0]
+
+
+def outputs(loaded) -> list[np.ndarray]:
+    """Everything the two signatures answer for every visitor, an unknown one and a history."""
+    names, scores, known = serve(loaded, [*USERS, "nobody"])
+    fold_names, fold_scores = fold_in(loaded, HISTORY, HISTORY_MS)
+    return [np.array(names), scores, known, np.array(fold_names), fold_scores]
+
+
+def assert_same_model(path: str, clean: str) -> None:
+    """path holds the same files as the clean export and answers exactly as it does."""
+    assert version_dir._files(path) == version_dir._files(clean)
+    for got, want in zip(outputs(tf.saved_model.load(path)), outputs(tf.saved_model.load(clean))):
+        np.testing.assert_array_equal(got, want)
+
+
+def moves_file_by_file(monkeypatch, fail_after: int | None = None) -> list[str]:
+    """Publishes file by file, as on gs://, recording each moved name (and whether
+    saved_model.pb was already in the target then); raises OSError on move fail_after + 1."""
+    monkeypatch.setattr(version_dir, "_moves_atomically", lambda path: False)
+    real_move, moved = version_dir._move_file, []
+
+    def move(source: str, target: str) -> None:
+        if fail_after is not None and len(moved) == fail_after:
+            raise OSError("connection reset while copying " + source)
+        ready = os.path.exists(os.path.join(os.path.dirname(target), version_dir.SAVED_MODEL))
+        real_move(source, target)
+        moved.append(target)
+        assert not ready  # nothing is moved once the SavedModel is loadable
+
+    monkeypatch.setattr(version_dir, "_move_file", move)
+    return moved
+
+
+def test_file_by_file_publishing_moves_the_marker_first_and_saved_model_pb_last(
+    exported, tmp_path, monkeypatch
+):
+    clean = exported("uniform")[1]
+    moved = moves_file_by_file(monkeypatch)
+    path = export.export_saved_model(make_model("uniform"), str(tmp_path / "1"), k=4)
+    names = [os.path.relpath(target, path) for target in moved]
+    assert names[0] == version_dir.MARKER and names[-1] == version_dir.SAVED_MODEL
+    assert sorted(names) == version_dir._files(clean) == version_dir._files(path)
+    assert os.listdir(tmp_path) == ["1"]  # the staging directory is gone
+    assert_same_model(path, clean)
+    with open(os.path.join(path, version_dir.MARKER)) as handle:
+        marker = json.load(handle)
+    assert marker["completion_marker"] == "saved_model.pb"
+    assert sorted(marker["files"]) == sorted(set(names) - {version_dir.MARKER})
+    assert marker["export"] == {"k": 4, "users": N_USERS, "items": N_ITEMS, "latent_factors": 3}
+
+
+def test_a_failed_move_takes_back_what_it_moved(tmp_path, monkeypatch):
+    moves_file_by_file(monkeypatch, fail_after=3)
+    with pytest.raises(OSError, match="connection reset"):
+        export.export_saved_model(make_model("uniform"), str(tmp_path / "1"), k=4)
+    assert os.listdir(tmp_path) == []  # neither a partial version nor the staging directory
+
+
+def test_an_export_killed_mid_move_is_redone_by_the_next_one(exported, tmp_path, monkeypatch):
+    """The move stops after three files and nothing can be deleted (the store is gone, as when
+    the process is killed): the version is there but not loadable; the next export redoes it."""
+    clean = exported("uniform")[1]
+    moved = moves_file_by_file(monkeypatch, fail_after=3)
+
+    def unreachable(path: str) -> None:
+        raise OSError("connection reset while deleting " + path)
+
+    monkeypatch.setattr(version_dir, "_delete_file", unreachable)
+    path = str(tmp_path / "1")
+    with pytest.raises(OSError, match="connection reset while copying"):
+        export.export_saved_model(make_model("uniform"), path, k=4)
+    assert len(moved) == 3 and version_dir._files(path) == sorted(
+        os.path.relpath(target, path) for target in moved
+    )
+    assert version_dir.MARKER in version_dir._files(path)
+    assert not os.path.exists(os.path.join(path, version_dir.SAVED_MODEL))
+    with pytest.raises(OSError):
+        tf.saved_model.load(path)
+    assert version_dir.inspect(path) == version_dir.Existing(tuple(version_dir._files(path)))
+
+    monkeypatch.undo()  # the store is back; the retry publishes with the local atomic rename
+    assert export.export_saved_model(make_model("uniform"), path, k=4) == path
+    assert os.listdir(tmp_path) == ["1"]
+    assert_same_model(path, clean)
+
+
+def interrupted_copy(clean: str, path: str) -> None:
+    """What a killed file-by-file move leaves: the marker and some files, no saved_model.pb."""
+    shutil.copytree(clean, path)
+    os.remove(os.path.join(path, version_dir.SAVED_MODEL))
+
+
+def test_what_the_project_did_not_write_is_refused_and_kept(exported, tmp_path):
+    clean, model = exported("uniform")[1], make_model("uniform")
+    foreign = tmp_path / "foreign"  # a SavedModel directory of someone else's
+    shutil.copytree(clean, foreign)
+    os.remove(foreign / version_dir.MARKER)
+    ours_and_more = tmp_path / "ours_and_more"  # an interrupted export of ours, and a file
+    interrupted_copy(clean, str(ours_and_more))
+    (ours_and_more / "notes.txt").write_text("mine")
+    not_our_marker = tmp_path / "not_our_marker"
+    interrupted_copy(clean, str(not_our_marker))
+    (not_our_marker / version_dir.MARKER).write_text('{"written_by": "someone"}')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    cases = {
+        foreign: "this project's export did not write it (no .written-by-ga-wals): assets/",
+        ours_and_more: "it holds files this project did not write: notes.txt",
+        not_our_marker: "its .written-by-ga-wals is not one this project's export wrote",
+        a_file: "it is a file",
+    }
+    for path, reason in cases.items():
+        before = sorted(p.relative_to(tmp_path) for p in path.rglob("*"))
+        for replace in (False, True):
+            expected = re.escape(f"refusing to export to {path}: {reason}")
+            with pytest.raises(OutputExistsError, match=expected):
+                export.export_saved_model(model, str(path), k=4, replace=replace)
+        assert sorted(p.relative_to(tmp_path) for p in path.rglob("*")) == before
+    assert not [name for name in os.listdir(tmp_path) if ".incomplete-" in name]
+
+
+def test_an_interrupted_export_is_redone_and_a_complete_one_replaced_only_when_asked(
+    exported, tmp_path
+):
+    clean, model = exported("uniform")[1], make_model("uniform")
+    path = str(tmp_path / "1")
+    interrupted_copy(clean, path)
+    export.export_saved_model(model, path, k=4)
+    assert_same_model(path, clean)
+    with pytest.raises(FileExistsError, match="already holds a complete export"):
+        export.export_saved_model(model, path, k=2)
+    export.export_saved_model(model, path, k=2, replace=True)
+    names, _, _ = serve(tf.saved_model.load(path), USERS)
+    assert [len(row) for row in names] == [2] * N_USERS
+    empty = tmp_path / "2" / "variables"  # empty directories hold nothing of anyone's
+    empty.mkdir(parents=True)
+    export.export_saved_model(model, str(tmp_path / "2"), k=4)
+    assert_same_model(str(tmp_path / "2"), clean)
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]

@@ -208,9 +208,11 @@ class Run:
         from trainer.serving import export
         from trainer.serving import model as model_lib
 
-        staging.delete_tree(self.serving)  # ours: an earlier, interrupted export of this run
         k = self.trainer_args.export_k
-        export.export_saved_model(model_lib.load(self.path("train")), self.serving, k=k)
+        # replace: an export of this date that run.json does not record (--force, a retrained
+        # model, a launch killed before run.json was saved); an interrupted one is redone.
+        model = model_lib.load(self.path("train"))
+        export.export_saved_model(model, self.serving, k=k, replace=True)
         return {"saved_model": self.serving}
 
     def publish(self) -> dict:

@@ -8,6 +8,13 @@ train counts per item as variables (`variables/`), the two vocabularies as asset
 (`assets/vocab_users.txt`, `assets/vocab_items.txt`, read into static hash tables at load time),
 and the hyperparameters as constants of the graphs.
 
+The export directory is never half there: the SavedModel is written to a hidden temporary
+sibling with the project's ownership marker and moved into place (one atomic rename locally; on
+gs:// file by file, `saved_model.pb` last, since TensorFlow Serving takes a numbered directory
+for a version as soon as it appears but cannot load it without that file). An export killed
+mid-move is removed and redone by the next export to the same directory; see
+`trainer.serving.version_dir` for the rules and the TensorFlow Serving sources they rest on.
+
 Signatures (k is fixed at export time; N_items is the number of items):
 
     serving_default
@@ -69,6 +76,7 @@ import tensorflow as tf
 
 from common import atomic
 from trainer.core import objective, objective_tf, solver
+from trainer.serving import version_dir
 from trainer.serving.model import vocabulary_to_bytes
 from transforms import features, scaling
 
@@ -310,24 +318,35 @@ class _Recommender(tf.Module):
         return {CONTENT_IDS: names[0], SCORES: values[0]}
 
 
-def export_saved_model(model: WALSModel, export_dir: str, k: int = 10) -> str:
+def export_saved_model(
+    model: WALSModel, export_dir: str, k: int = 10, replace: bool = False
+) -> str:
     """Writes the model as a SavedModel with the `serving_default` and `fold_in` signatures.
 
-    The SavedModel is written to a temporary sibling (`common.atomic.temporary_sibling`, the
-    project's one temporary-name rule) and renamed into place at the end, so a directory named
-    export_dir is always complete. For TensorFlow Serving, pass a numbered version directory
-    such as `<base>/1`.
+    A directory named export_dir is loadable only once complete, and an interrupted export never
+    blocks the next one (`trainer.serving.version_dir` holds the rules and how TensorFlow
+    Serving decides a version is there): the SavedModel is written to a hidden temporary
+    sibling (`common.atomic.temporary_sibling`, which TF Serving never takes for a version)
+    with the project's ownership marker (`.written-by-ga-wals`), then moved into place. On the
+    local disk that is one atomic rename; on gs:// it is file by file, the marker first and
+    `saved_model.pb` last. What a killed move left at export_dir (the marker without
+    `saved_model.pb`) is removed by the next export there; anything this project did not write
+    is never touched. For TensorFlow Serving, pass a numbered version directory such as
+    `<base>/1`.
 
     Args:
         model: the trained model; its config must hold the keys listed in the module docstring.
         export_dir: the SavedModel directory to create (local, or any tf.io.gfile filesystem).
         k: recommendations per visitor, > 0.
+        replace: replace a complete export of this project at export_dir (the old one stays
+            until the new one is written, then goes saved_model.pb first).
 
     Returns:
         export_dir.
 
     Raises:
-        FileExistsError: export_dir exists.
+        FileExistsError: (`common.staging.OutputExistsError`) export_dir holds a complete export
+            and not `replace`, or files this project's export did not write.
         ValueError: k <= 0, or the model is empty, inconsistent or has an unknown setting.
         KeyError: the model config lacks a key the export needs.
     """
@@ -335,12 +354,17 @@ def export_saved_model(model: WALSModel, export_dir: str, k: int = 10) -> str:
         raise ValueError(f"k must be > 0, got {k}")
     _check_model(model)
     export_dir = export_dir.rstrip("/")
-    if tf.io.gfile.exists(export_dir):
-        raise FileExistsError(f"{export_dir} exists; export to a new (version) directory")
+    version_dir.check(export_dir, replace)  # before the work; again when publishing
     parent = os.path.dirname(export_dir)
     if parent:
         tf.io.gfile.makedirs(parent)
     staging = atomic.temporary_sibling(export_dir)
+    facts = {
+        "k": k,
+        "users": len(model.users),
+        "items": len(model.items),
+        "latent_factors": int(model.item_factors.shape[1]),
+    }
     try:
         with tempfile.TemporaryDirectory() as vocab_dir:
             module = _Recommender(model, k, vocab_dir)
@@ -349,7 +373,8 @@ def export_saved_model(model: WALSModel, export_dir: str, k: int = 10) -> str:
                 FOLD_IN_SIGNATURE: module.fold_in.get_concrete_function(),
             }
             tf.saved_model.save(module, staging, signatures=signatures)
-        tf.io.gfile.rename(staging, export_dir)
+        version_dir.write_marker(staging, facts)
+        version_dir.publish(staging, export_dir, replace)
     finally:
         if tf.io.gfile.exists(staging):
             tf.io.gfile.rmtree(staging)
