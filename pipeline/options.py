@@ -7,6 +7,7 @@ import math
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from common import locations
 from common.cli import UsageError
 from pipeline import records
 from pipeline.events import (
@@ -197,7 +198,9 @@ def shuffle_keys(options: PreprocessOptions) -> tuple[int, int]:
 
 
 def validate(options: PreprocessOptions) -> None:
-    """Checks the flags and the input location before the pipeline starts.
+    """Checks the flags and the input and output locations before the pipeline starts
+    (`common.locations`: paths the runner's workers can reach, schemes Beam and TensorFlow
+    have).
 
     Raises:
         UsageError: naming the first problem found.
@@ -242,6 +245,14 @@ def validate(options: PreprocessOptions) -> None:
         raise UsageError(f"--max_id_length must be >= 1, got {options.max_id_length}")
     if not 0 < options.quantile_epsilon < 0.5:
         raise UsageError(f"--quantile_epsilon must be in (0, 0.5), got {options.quantile_epsilon}")
+    # TF Transform writes part of --output_dir (transform_fn/), so TensorFlow must reach it.
+    locations.check_locations(
+        options,
+        [
+            locations.Location("--output_dir", options.output_dir, tensorflow=True),
+            *(locations.Location("--input", pattern) for pattern in input_patterns(options)),
+        ],
+    )
     for pattern in input_patterns(options):
         try:
             matched = FileSystems.match([pattern])[0].metadata_list

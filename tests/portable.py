@@ -5,7 +5,9 @@
 
 This is the setup closest to Dataflow and Flink that runs here: the launcher hands a pipeline
 proto to a separate job-service process, which runs it on SDK workers that the worker pool
-starts as separate processes; the workers share nothing with the launcher but the files.
+starts as separate processes; the workers share nothing with the launcher but the files, which
+`flags` says with --workers_share_filesystem (without it, the entry points refuse local paths for
+EXTERNAL workers: `common.locations`).
 
 Pitfalls it guards against:
 - gRPC servers bind a busy port without complaint, so a stale pool on the same port makes jobs
@@ -98,6 +100,8 @@ class PortableRunner:
             "--environment_type",
             "EXTERNAL",
             f"--environment_config=localhost:{pool_port}",
+            # The pool's workers run on this machine: local (absolute) paths are theirs too.
+            "--workers_share_filesystem",
         ]
         return self
 

@@ -22,9 +22,10 @@ import sys
 from collections.abc import Iterator
 
 import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
 from tqdm import tqdm
 
-from common import cli, staging
+from common import cli, locations, staging
 from common.atomic import write_atomically
 from trainer.beam import predict as beam_predict
 from trainer.core import topk
@@ -137,7 +138,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     dist = parser.add_argument_group(
         "distributed prediction (every other flag is a Beam pipeline option: --runner, "
-        "--project, --region, --temp_location, --flink_master, --direct_num_workers, ...)"
+        "--project, --region, --temp_location, --flink_master, --direct_num_workers, "
+        "--workers_share_filesystem, ...)"
     )
     dist.add_argument(
         "--distributed",
@@ -162,6 +164,13 @@ def run(argv: list[str] | None = None) -> int:
         raise cli.UsageError(f"--k must be > 0, got {args.k}")
     if args.block_rows <= 0:
         raise cli.UsageError(f"--block_rows must be > 0, got {args.block_rows}")
+    locations.check_locations(
+        PipelineOptions(beam_argv) if args.distributed else None,
+        [
+            locations.Location("--model_dir", args.model_dir),
+            locations.Location("--output", args.output),
+        ],
+    )
     if args.distributed:
         spec = beam_predict.PredictSpec(
             args.model_dir, args.k, args.targeting, args.output_format, args.block_rows

@@ -27,7 +27,9 @@ import logging
 import sys
 import warnings
 
-from common import cli, staging
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from common import cli, locations, staging
 from trainer.beam import checkpoints
 from trainer.beam import layout as blocks_lib
 from trainer.beam import train as distributed
@@ -247,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dist = parser.add_argument_group(
         "distributed training (every other flag is a Beam pipeline option: --runner, "
-        "--direct_num_workers, --project, --region, --temp_location, --flink_master, ...)"
+        "--direct_num_workers, --project, --region, --temp_location, --flink_master, "
+        "--workers_share_filesystem, ...)"
     )
     dist.add_argument(
         "--distributed",
@@ -320,6 +323,16 @@ def run(argv: list[str] | None = None) -> dict:
         raise cli.UsageError(f"--eval_users must be >= 0, got {args.eval_users}")
     if args.export_k <= 0:
         raise cli.UsageError(f"--export_k must be > 0, got {args.export_k}")
+    # TensorFlow reads the dataset and writes the model; the distributed run's workers read
+    # both, and write <output_dir>.checkpoints. The warm start is read here, by the launcher.
+    locations.check_locations(
+        PipelineOptions(beam_argv) if args.distributed else None,
+        [
+            locations.Location("--input_dir", args.input_dir, tensorflow=True),
+            locations.Location("--output_dir", args.output_dir, tensorflow=True),
+            locations.Location("--warm_start_from", args.warm_start_from, workers=False),
+        ],
+    )
     try:
         staging.check_writable(args.output_dir, args.overwrite, METRICS_FILE)
     except staging.OutputExistsError as error:

@@ -2,13 +2,17 @@
 
 The run's own flags are `build_parser`'s; every other flag goes to trainer.task (its
 hyperparameters), to pipeline.preprocess (its flags) or, as Beam pipeline options, to every Beam
-stage (`split_flags`, `job_flags`).
+stage (`split_flags`, `job_flags`). `check_locations` refuses a --root or --input that the Beam
+stages' workers or TensorFlow cannot use.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from common import locations
 from pipeline import options as preprocess_options
 
 STAGES = ("preprocess", "train", "gate", "predict", "export", "publish")
@@ -144,3 +148,23 @@ def job_flags(beam_argv: list[str], stage: str, several: bool) -> list[str]:
         if i + 1 < len(out):
             out[i + 1] = f"{out[i + 1]}-{stage}"
     return out
+
+
+def check_locations(args: argparse.Namespace, beam_argv: list[str]) -> None:
+    """Refuses --root, --input and --temp_location that the run cannot use (`common.locations`).
+
+    The preprocess stage always runs on the runner of `beam_argv` (the trainer and the
+    prediction too with --distributed), and TensorFlow writes under --root (the dataset's
+    transform_fn/, the model, the SavedModel), so --root must be on TensorFlow's filesystems
+    and, like --input, reachable by the workers.
+
+    Raises:
+        common.cli.UsageError: naming the flag.
+    """
+    locations.check_locations(
+        PipelineOptions(beam_argv),
+        [
+            locations.Location("--root", args.root, tensorflow=True),
+            locations.Location("--input", args.input),
+        ],
+    )

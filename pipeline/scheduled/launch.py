@@ -12,7 +12,7 @@ import traceback
 
 from common import cli
 from pipeline import runstate
-from pipeline.scheduled.flags import EXIT_LOCKED, build_parser
+from pipeline.scheduled.flags import EXIT_LOCKED, build_parser, check_locations
 from pipeline.scheduled.inputs import resolve_input
 from pipeline.scheduled.stages import Run
 
@@ -21,7 +21,8 @@ def run(argv: list[str] | None = None) -> int:
     """Parses flags and runs the date's stages; returns the exit status (0, 1).
 
     Raises:
-        cli.UsageError: a bad flag, or no input for the date; nothing was run.
+        cli.UsageError: a bad flag, a location the run cannot use, or no input for the date;
+            nothing was run.
         runstate.LockedError: another launch of the date holds its lock.
         Exception: a stage failed; run.json names it, and `published` is unchanged.
     """
@@ -43,6 +44,7 @@ def run(argv: list[str] | None = None) -> int:
         raise cli.UsageError(str(error)) from None
     resolve_input(args.input, args.date, args.window_days)  # before taking the lock
     this = Run(args, extra, argv)
+    check_locations(args, this.beam_argv)
     with runstate.date_lock(this.root, args.date, args.lock_wait):
         return this.execute()
 

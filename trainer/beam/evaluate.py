@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import tempfile
-import uuid
 from collections.abc import Sequence
 
 import apache_beam as beam
@@ -27,9 +25,9 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from common import staging, worker_threads
+from common import locations, staging, worker_threads
 from trainer.beam import layout as blocks_lib
 from trainer.beam.model_blocks import read_npy_rows
 from trainer.core import metrics, topk
@@ -321,7 +319,9 @@ def evaluate_model_distributed(
             use a directory for large models).
         dataset_dir: the preprocessed dataset the model was trained on (`train/` and `eval/`
             items_for_user TFRecords).
-        pipeline_options: Beam options (or their flags), e.g. the runner.
+        pipeline_options: Beam options (or their flags), e.g. the runner. The workers leave
+            their results under --temp_location, else under the model directory
+            (`common.locations.scratch_dir`); they are deleted once read.
         ks: the cut-offs.
         block_rows: users per block.
 
@@ -341,7 +341,9 @@ def evaluate_model_distributed(
         source = np.asarray(model.user_factors, dtype=np.float32)
     if pipeline_options is None or isinstance(pipeline_options, list):
         pipeline_options = PipelineOptions(pipeline_options or [])
-    scratch = _scratch_dir(pipeline_options)
+    scratch = locations.scratch_dir(
+        pipeline_options, "evaluate", source if isinstance(source, str) else None
+    )
     with (
         worker_threads.local_budget(pipeline_options),
         beam.Pipeline(options=pipeline_options) as pipeline,
@@ -374,15 +376,6 @@ def evaluate_model_distributed(
         return {name: _read_json(f"{scratch}/{name}") for name in evaluated}
     finally:
         staging.delete_tree(scratch)
-
-
-def _scratch_dir(options: PipelineOptions) -> str:
-    """Where the workers leave the metrics for the launcher: under --temp_location (which
-    remote runners need anyway), else a local temporary directory."""
-    temp_location = options.view_as(GoogleCloudOptions).temp_location
-    if temp_location:
-        return f"{temp_location.rstrip('/')}/evaluate-{uuid.uuid4().hex[:8]}"
-    return tempfile.mkdtemp(prefix="evaluate-")
 
 
 def _read_json(path: str) -> dict:

@@ -26,18 +26,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
-from common import staging, worker_threads
+from common import locations, staging, worker_threads
 from trainer.beam.model_blocks import read_npy_rows
 from trainer.core import metrics, topk
 from trainer.core.foldin import fold_in_rows
@@ -278,7 +276,9 @@ def evaluate_distributed(
     ks: Sequence[int] = metrics.DEFAULT_KS,
     block_rows: int = DEFAULT_BLOCK_ROWS,
 ) -> dict:
-    """`evaluate_model` as one Beam run: workers read the item factors from `model_dir`.
+    """`evaluate_model` as one Beam run: workers read the item factors from `model_dir` and leave
+    their result under --temp_location, else under `model_dir` (`common.locations.scratch_dir`;
+    deleted once read).
 
     Returns:
         metrics.json's "new_visitors" ("fold_in_seconds" is the pipeline's wall time).
@@ -291,7 +291,7 @@ def evaluate_distributed(
     n_blocks = max(-(-int(n_visitors) // block_rows), 1)
     if pipeline_options is None or isinstance(pipeline_options, list):
         pipeline_options = PipelineOptions(pipeline_options or [])
-    scratch = _scratch_dir(pipeline_options)
+    scratch = locations.scratch_dir(pipeline_options, "new-visitors", model_dir)
     start = time.perf_counter()
     factors_path = model_lib.array_file(model_dir, "item_factors")
     counts_path = model_lib.array_file(model_dir, "item_counts")
@@ -337,10 +337,3 @@ def evaluate_distributed(
         "visitors": evaluated["wals"]["users_evaluated"],
         "fold_in_seconds": round(seconds, 3),
     }
-
-
-def _scratch_dir(options: PipelineOptions) -> str:
-    temp_location = options.view_as(GoogleCloudOptions).temp_location
-    if temp_location:
-        return f"{temp_location.rstrip('/')}/new-visitors-{uuid.uuid4().hex[:8]}"
-    return tempfile.mkdtemp(prefix="new-visitors-")
