@@ -54,7 +54,8 @@ def print_help(prog: str, description: str, view: type[PipelineOptions]) -> None
     print(
         "\nEvery other flag is a Beam pipeline option: --runner, --project, --region, "
         "--temp_location,\n--setup_file, --direct_num_workers, --direct_running_mode, "
-        "--flink_master, ..."
+        "--flink_master, ...\n--workers_share_filesystem: the workers see this machine's files "
+        "(local paths are then\naccepted on any runner)"
     )
 
 
