@@ -1,11 +1,11 @@
-"""The state of scheduled runs on disk: each date's run.json, its lock, and the published pointer.
+"""The state of scheduled runs: each date's run.json, its lock, and the published pointer.
 
-Layout under a root directory (local, or an object store such as gs:// for Dataflow runs):
+Layout under a root directory (local, or gs:// for Dataflow runs; `check_root`):
 
-    ROOT/published              "runs/2026-11-22\\n": the run whose model is live (replaced
-                                atomically, by `common.atomic.write_text_atomically`)
+    ROOT/published              "runs/2026-11-22\\n": the run whose model is live (`publish`)
+    ROOT/.publish.lock          held while a launch compares against and replaces `published`
     ROOT/runs/DATE/run.json     the run's record (below), rewritten atomically after each step
-    ROOT/runs/DATE/.lock        held while a launch works on DATE: {"pid", "host", "started"}
+    ROOT/runs/DATE/.lock        held while a launch works on DATE (`date_lock`)
 
 run.json:
 
@@ -23,49 +23,100 @@ output is staged (written elsewhere, moved into place when complete), neither a 
 full disk can leave a run that looks complete: the worst case is a stage marked "running",
 which the next launch redoes.
 
-Both files are written with `common.atomic.write_text_atomically`: locally a temporary
-sibling, fsynced and renamed into place; on object stores a single upload, which is atomic
-(visible only when complete). Object stores have no O_EXCL: the lock is local only, and on a
-gs:// root the scheduler must serialise launches of one date (the Airflow DAG's
-max_active_runs=1 and check_if_running do).
+run.json is written with `common.atomic.write_text_atomically`: locally a temporary sibling,
+fsynced and renamed into place; on gs:// a single upload, which is atomic (visible only when
+complete).
+
+Locks (`date_lock`, `publish_lock`), by the root's scheme:
+- local: a file created with O_CREAT | O_EXCL (`pipeline.locks.file_lock`); stale when its
+  pid is gone on this host.
+- gs://: an object created only if absent (if_generation_match=0), naming its owner, renewed by
+  a heartbeat, stale once unrenewed for its lease (`--lock_lease_seconds`) or when its pid is
+  gone on this host; a stale one is taken over by a replace conditioned on its generation
+  (`pipeline.object_locks`). A holder whose lock was taken over learns it at its next renewal;
+  the held lock's `check()` then raises LockLostError, and the run calls it before each write of
+  its run.json and before replacing `published`.
+
+The pointer (`read_published`, then `publish`) is a compare-and-swap: a launch reads it with
+its version, decides (the newer-date rule, the gate), and replaces it only if it still has that
+version, else `PointerMovedError` (the run then reads it again and decides again). On gs:// the
+version is the object's generation (0: none) and the replace one upload with
+if_generation_match; locally the version is the text read, compared again under the publish
+lock, and the file is replaced atomically (a temporary sibling, then `os.replace`).
+
+Other schemes (s3://, hdfs://, ...) have no conditional write here: `check_root` refuses them,
+before anything runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import errno
+import dataclasses
 import json
 import logging
 import os
-import socket
-import time
 from collections.abc import Iterator
 
 from apache_beam.io.filesystems import FileSystems
 
+from common import cli, object_store
 from common.atomic import is_local, write_text_atomically
+from pipeline import locks, object_locks
 
 logger = logging.getLogger(__name__)
 
 RUNS_DIR = "runs"
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
+PUBLISH_LOCK_FILE = ".publish.lock"
 PUBLISHED_FILE = "published"
+SCHEMES = ("a local directory", "gs://")  # the --root schemes `check_root` accepts
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
 PUBLISHED, REJECTED = "published", "rejected"
 PASSED = "passed"  # passed the gate, not published: a newer date is
 PENDING = "pending"  # the stages asked for (--stages) are done, later ones are not
 
+LockedError = locks.LockedError  # another live launch holds the lock
+LockLostError = locks.LockLostError  # this launch's gs:// lock was taken over
+now = locks.now  # the current UTC time, ISO 8601 to the second
 
-class LockedError(RuntimeError):
-    """Another live launch holds the date's lock."""
+
+class PointerMovedError(RuntimeError):
+    """`published` is no longer the version the launch read and decided on."""
 
 
-def now() -> str:
-    """The current UTC time, ISO 8601 to the second."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+@dataclasses.dataclass(frozen=True)
+class Pointer:
+    """`published` as read: its text and the version a replacement is conditioned on.
+
+    Attributes:
+        text: "runs/DATE", or None when nothing is published.
+        version: gs://: the object's generation (0: no object); local: the file's text as read
+            (None: no file).
+    """
+
+    text: str | None
+    version: int | str | None
+
+    @property
+    def date(self) -> str | None:
+        return self.text.split("/", 1)[1] if self.text and "/" in self.text else None
+
+
+def check_root(root: str) -> None:
+    """Refuses a --root whose scheme has no conditional writes here (the module doc).
+
+    Raises:
+        cli.UsageError: `root` is neither local nor gs://.
+    """
+    if not is_local(root) and not object_store.has_preconditions(root):
+        scheme = root.split("://", 1)[0]
+        raise cli.UsageError(
+            f"--root {root}: scheduled runs need {' or '.join(SCHEMES)}, whose locks and "
+            f"`published` pointer are created and replaced with preconditions; {scheme}:// has "
+            "none here"
+        )
 
 
 def run_dir(root: str, date: str) -> str:
@@ -104,161 +155,94 @@ def write_run(root: str, date: str, record: dict) -> None:
 
 def published(root: str) -> str | None:
     """The published run as "runs/DATE", or None when nothing is published yet."""
-    text = (read_text(f"{root.rstrip('/')}/{PUBLISHED_FILE}") or "").strip()
-    return text or None
+    return read_published(root).text
 
 
 def published_date(root: str) -> str | None:
-    pointer = published(root)
-    return pointer.split("/", 1)[1] if pointer and "/" in pointer else None
+    return read_published(root).date
 
 
-def publish(root: str, date: str) -> str:
-    """Points ROOT/published at runs/DATE, atomically; returns the pointer text."""
+def read_published(root: str) -> Pointer:
+    """`published` with its version, for `publish` (the module doc)."""
+    path = f"{root.rstrip('/')}/{PUBLISHED_FILE}"
+    if object_store.has_preconditions(path):
+        current = object_store.read(path)
+        if current is None:
+            return Pointer(None, 0)
+        return Pointer(current.data.decode("utf-8").strip() or None, current.generation)
+    text = read_text(path)
+    return Pointer((text or "").strip() or None, text)
+
+
+def publish(root: str, date: str, expected: Pointer) -> str:
+    """Points ROOT/published at runs/DATE if it is still `expected`; returns the pointer text.
+
+    Locally the caller holds `publish_lock`, under which the file is read again and compared.
+
+    Raises:
+        PointerMovedError: `published` has changed since `expected` was read; nothing written.
+    """
+    check_root(root)
     pointer = f"{RUNS_DIR}/{date}"
-    write_text_atomically(f"{root.rstrip('/')}/{PUBLISHED_FILE}", pointer + "\n")
+    path = f"{root.rstrip('/')}/{PUBLISHED_FILE}"
+    if object_store.has_preconditions(path):
+        data = (pointer + "\n").encode("utf-8")
+        written = object_store.write_if(path, data, expected.version) is not None
+    else:
+        written = read_text(path) == expected.version
+        if written:
+            write_text_atomically(path, pointer + "\n")
+    if not written:
+        raise PointerMovedError(
+            f"{path} changed after this launch read it ({expected.text}): another launch "
+            "published meanwhile"
+        )
     return pointer
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _read_lock(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _is_stale(holder: dict | None, path: str) -> bool:
-    """A lock is stale when its holder ran on this host and its pid is gone.
-
-    A lock file that is empty or unreadable (its writer died between creating and filling it)
-    is stale once it is a minute old. A lock from another host is never presumed stale.
-    """
-    if holder is None:
-        try:
-            return time.time() - os.path.getmtime(path) > 60
-        except FileNotFoundError:
-            return False
-    if holder.get("host") != socket.gethostname():
-        return False
-    pid = holder.get("pid")
-    return not isinstance(pid, int) or not _pid_alive(pid)
-
-
-def _try_create(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": now()}
-        os.write(fd, json.dumps(holder).encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return True
-
-
-def _who(holder: dict | None) -> str:
-    if not holder:
-        return "a launch that has not written its pid yet"
-    return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
-
-
-def _break_stale(path: str, holder: dict | None) -> None:
-    """Removes the stale lock at path, unless another launch is doing so or has done so.
-
-    Only the launch that creates `path.break` (O_EXCL) may remove another's lock, and only after
-    re-reading it under that claim, so that two launches finding the same stale lock never
-    remove a fresh lock that one of them has just taken.
-    """
-    breaker = f"{path}.break"
-    if not _try_create(breaker):
-        if _is_stale(_read_lock(breaker), breaker):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(breaker)
-        time.sleep(0.05)
-        return
-    try:
-        current = _read_lock(path)
-        if current == holder and _is_stale(current, path):
-            logger.warning("removing the stale lock %s (its holder %s is gone)", path, holder)
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-    finally:
-        os.remove(breaker)
-
-
 @contextlib.contextmanager
-def date_lock(root: str, date: str, wait_seconds: float = 0.0, poll: float = 1.0) -> Iterator[None]:
-    """Holds the date's lock, ROOT/runs/DATE/.lock (see `file_lock`).
+def date_lock(
+    root: str,
+    date: str,
+    wait_seconds: float = 0.0,
+    poll: float = 1.0,
+    lease_seconds: float = object_locks.LEASE_SECONDS,
+) -> Iterator[locks.Held]:
+    """Holds the date's lock, ROOT/runs/DATE/.lock (the module doc).
+
+    Args:
+        lease_seconds: gs:// only: how long the lock stays fresh unrenewed (its holder renews
+            it every quarter of that).
 
     Raises:
         LockedError: another launch of the date still holds it after `wait_seconds`.
+        cli.UsageError: the root's scheme is neither local nor gs://.
     """
     directory = run_dir(root, date)
-    if not is_local(directory):
-        logger.info("no lock on %s (an object store): the scheduler serialises launches", root)
-        yield
-        return
-    os.makedirs(directory, exist_ok=True)
-    with file_lock(os.path.join(directory, LOCK_FILE), f"the run of {date}", wait_seconds, poll):
-        yield
+    path = f"{directory}/{LOCK_FILE}"
+    with _lock(path, f"the run of {date}", wait_seconds, poll, lease_seconds) as held:
+        yield held
 
 
 @contextlib.contextmanager
-def publish_lock(root: str, wait_seconds: float = 600.0) -> Iterator[None]:
+def publish_lock(
+    root: str, wait_seconds: float = 600.0, lease_seconds: float = object_locks.LEASE_SECONDS
+) -> Iterator[locks.Held]:
     """Holds ROOT/.publish.lock while a run compares against and replaces `published`."""
-    if not is_local(root):
-        yield
-        return
-    with file_lock(os.path.join(root, ".publish.lock"), "publishing", wait_seconds, 0.2):
-        yield
+    path = f"{root.rstrip('/')}/{PUBLISH_LOCK_FILE}"
+    with _lock(path, "publishing", wait_seconds, 0.2, lease_seconds) as held:
+        yield held
 
 
 @contextlib.contextmanager
-def file_lock(path: str, what: str, wait_seconds: float = 0.0, poll: float = 1.0) -> Iterator[None]:
-    """Holds a lock: a file created with O_CREAT | O_EXCL holding {"pid", "host", "started"}.
-
-    A stale lock (its pid gone, on this host) is removed and taken over. A live one makes this
-    wait up to `wait_seconds`, then raise LockedError naming the holder.
-
-    Raises:
-        LockedError: another process still holds the lock after `wait_seconds`.
-    """
-    deadline = time.monotonic() + wait_seconds
-    waited = False
-    while not _try_create(path):
-        holder = _read_lock(path)
-        if _is_stale(holder, path):
-            _break_stale(path, holder)
-            continue
-        if time.monotonic() >= deadline:
-            raise LockedError(
-                f"{what} is locked by another launch ({_who(holder)}; {path}), which is still "
-                "running, so this launch does nothing; wait for it, or pass --lock_wait SECONDS"
-            )
-        if not waited:
-            logger.info("waiting for %s, locked by %s", what, _who(holder))
-            waited = True
-        time.sleep(poll)
-    try:
-        yield
-    finally:
-        try:
-            holder = _read_lock(path)
-            if holder and holder.get("pid") == os.getpid():
-                os.remove(path)
-        except OSError as error:
-            if error.errno != errno.ENOENT:
-                logger.warning("could not remove the lock %s: %s", path, error)
+def _lock(
+    path: str, what: str, wait_seconds: float, poll: float, lease_seconds: float
+) -> Iterator[locks.Held]:
+    check_root(path)
+    if is_local(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with locks.file_lock(path, what, wait_seconds, poll) as held:
+            yield held
+    else:
+        with object_locks.object_lock(path, what, wait_seconds, poll, lease_seconds) as held:
+            yield held

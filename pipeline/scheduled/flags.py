@@ -14,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from common import locations
 from pipeline import options as preprocess_options
+from pipeline.object_locks import LEASE_SECONDS
 
 STAGES = ("preprocess", "train", "gate", "predict", "export", "publish")
 BEAM_STAGES = ("preprocess", "train", "predict")
@@ -95,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="seconds to wait when another launch of the date is running (default 0: exit "
         f"with status {EXIT_LOCKED} at once)",
+    )
+    parser.add_argument(
+        "--lock_lease_seconds",
+        type=float,
+        default=LEASE_SECONDS,
+        help="gs:// roots: a launch renews its lock every quarter of this; a lock left unrenewed "
+        f"this long is stale and taken over (default {LEASE_SECONDS:g})",
     )
     parser.add_argument(
         "--distributed",

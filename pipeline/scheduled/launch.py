@@ -23,7 +23,8 @@ def run(argv: list[str] | None = None) -> int:
     Raises:
         cli.UsageError: a bad flag, a location the run cannot use, or no input for the date;
             nothing was run.
-        runstate.LockedError: another launch of the date holds its lock.
+        runstate.LockedError: another launch of the date holds its lock (or, on gs://, took
+            it over from this one: LockLostError).
         Exception: a stage failed; run.json names it, and `published` is unchanged.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -36,6 +37,9 @@ def run(argv: list[str] | None = None) -> int:
         raise cli.UsageError(f"--window_days must be >= 1, got {args.window_days}")
     if args.num_iters is not None and args.num_iters < 0:
         raise cli.UsageError(f"--num_iters must be >= 0, got {args.num_iters}")
+    if not args.lock_lease_seconds > 0:
+        raise cli.UsageError(f"--lock_lease_seconds must be > 0, got {args.lock_lease_seconds}")
+    runstate.check_root(args.root)
     from trainer.evaluation import gate
 
     try:
@@ -45,7 +49,9 @@ def run(argv: list[str] | None = None) -> int:
     resolve_input(args.input, args.date, args.window_days)  # before taking the lock
     this = Run(args, extra, argv)
     check_locations(args, this.beam_argv)
-    with runstate.date_lock(this.root, args.date, args.lock_wait):
+    lease = args.lock_lease_seconds
+    with runstate.date_lock(this.root, args.date, args.lock_wait, lease_seconds=lease) as lock:
+        this.lock = lock
         return this.execute()
 
 

@@ -17,7 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from common import cli, staging
 from common.atomic import is_local, is_temporary, write_text_atomically
-from pipeline import runstate
+from pipeline import locks, runstate
 from pipeline.scheduled.flags import (
     BEAM_STAGES,
     EXIT_REJECTED,
@@ -31,6 +31,8 @@ from pipeline.scheduled.inputs import resolve_input
 from transforms import features
 
 logger = logging.getLogger(__name__)
+
+PUBLISH_TRIES = 3  # reads of `published` when another launch replaces it in between
 
 
 class RejectedError(RuntimeError):
@@ -63,6 +65,7 @@ class Run:
         except ValueError as error:
             raise cli.UsageError(str(error)) from None
         self.record: dict = {}
+        self.lock: locks.Held | None = None  # the date's lock, once `launch` holds it
 
     # Paths.
     def path(self, name: str) -> str:
@@ -94,6 +97,8 @@ class Run:
         return FileSystems.exists(marker)
 
     def save(self) -> None:
+        if self.lock is not None:
+            self.lock.check()  # a launch whose gs:// lock was taken over writes nothing more
         runstate.write_run(self.root, self.args.date, self.record)
 
     # Stages: each returns the facts run.json records for it.
@@ -216,22 +221,36 @@ class Run:
         return {"saved_model": self.serving}
 
     def publish(self) -> dict:
+        """Compares against `published` and replaces it, if it is still the version read."""
         from trainer.evaluation import gate
 
         date = self.args.date
-        with runstate.publish_lock(self.root):
-            previous = runstate.published_date(self.root)
-            gated = self.record.get("gate", {}).get("published_run")
-            if previous is not None and previous > date:
-                logger.warning("not publishing %s: the newer run %s is published", date, previous)
-                return {"published": False, "reason": f"the newer run {previous} is published"}
-            if previous not in (gated, date) and previous is not None:
-                # Another date was published since the gate ran: judge against that one.
-                facts = self.gate()
-                self.record["stages"]["gate"].update(facts)
-                if facts["decision"] != gate.PASS:
-                    raise RejectedError("; ".join(facts["reasons"]))
-            pointer = runstate.publish(self.root, date)
+        lease = self.args.lock_lease_seconds
+        with runstate.publish_lock(self.root, lease_seconds=lease):
+            for attempt in range(PUBLISH_TRIES):
+                current = runstate.read_published(self.root)
+                previous = current.date
+                gated = self.record.get("gate", {}).get("published_run")
+                if previous is not None and previous > date:
+                    logger.warning(
+                        "not publishing %s: the newer run %s is published", date, previous
+                    )
+                    return {"published": False, "reason": f"the newer run {previous} is published"}
+                if previous not in (gated, date) and previous is not None:
+                    # Another date was published since the gate ran: judge against that one.
+                    facts = self.gate()
+                    self.record["stages"]["gate"].update(facts)
+                    if facts["decision"] != gate.PASS:
+                        raise RejectedError("; ".join(facts["reasons"]))
+                if self.lock is not None:
+                    self.lock.check()
+                try:
+                    pointer = runstate.publish(self.root, date, current)
+                    break
+                except runstate.PointerMovedError as error:
+                    if attempt + 1 == PUBLISH_TRIES:
+                        raise
+                    logger.warning("%s; reading it again", error)
         logger.info("published %s (was %s)", pointer, previous)
         return {"published": True, "pointer": pointer, "previous": previous}
 
