@@ -2,7 +2,7 @@
 apart: does the launcher stay flat as the data grows, and does each worker stay within what its
 flags bound?
 
-    python -m benchmarks.scale [--sessions 8000] [--visitors N] [--items 1000] \\
+    python -m benchmarks.scale [--sessions 16000] [--visitors N] [--items 2000] \\
         [--latent_factors 32] [--num_iters 3] [--block_rows 512] [--work_dir DIR] \\
         [--output results.json]
 
@@ -17,11 +17,11 @@ SDK workers import this checkout:
         --runner PortableRunner --job_endpoint localhost:J --environment_type EXTERNAL \\
         --environment_config localhost:P
 
-While it runs, the RSS of the launcher (with any children), of the job service (with its
-children: the runner) and of the worker pool, and of each SDK worker (a child of the pool) is
-sampled every --interval s and attributed to the stage the launcher's log says is running
-(`benchmarks.process_memory`). A table per stage gives each process's peak at S and 8S and the
-growth per 8x (peak at 8S - peak at S), then the verdict on issue 18's targets:
+While it runs, the RSS of the launcher and of the job service (the runner runs in it), each
+with its children if any, of the worker pool alone, and of each SDK worker (a child of the pool;
+one per Beam job) is sampled every --interval s and attributed to the stage the launcher's log
+says is running (`benchmarks.process_memory`). A table per stage gives each process's peak at S
+and 8S and the growth per 8x (peak at 8S - peak at S), then the verdict on issue 18's targets:
 
     launcher   the whole run's peak grows by less than LAUNCHER_GROWTH_MB (64 MB) per 8x
     workers    each worker's peak grows by no more than what its job's flags let it hold more
@@ -30,6 +30,11 @@ growth per 8x (peak at 8S - peak at S), then the verdict on issue 18's targets:
 
 The figures go to --output as JSON too. The verdict is printed, not enforced (exit status 0
 when both runs complete).
+
+With the defaults S is about 3,500 users x 2,000 items and 98K training cells; the two runs
+take about 3 minutes on 2 cores, plus a minute writing the inputs (--work_dir keeps them for the
+next run). Before issue 18's fix the launcher's peak grew by 87 MB per 8x (in the gate stage by
+122 MB), the preprocessing worker's by 2.7 GB and the job service's by 3.8 GB.
 """
 
 from __future__ import annotations
@@ -205,9 +210,9 @@ def run(argv: list[str] | None = None) -> dict:
     from trainer.beam.layout import DEFAULT_BLOCK_ROWS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", type=int, default=8000, help="sessions of size S")
+    parser.add_argument("--sessions", type=int, default=16000, help="sessions of size S")
     parser.add_argument("--visitors", type=int, help="visitors of size S (default sessions / 4)")
-    parser.add_argument("--items", type=int, default=1000, help="content items of size S")
+    parser.add_argument("--items", type=int, default=2000, help="content items of size S")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latent_factors", type=int, default=32)
     parser.add_argument("--num_iters", type=int, default=3)
