@@ -1,7 +1,9 @@
 """The scale benchmark's comparison of two sizes, its verdict and its tables (`benchmarks.scale`).
 
-    result = compare(small, big, launcher_limit_mb=64)   # small, big: scale.run_size's dicts
+    result = compare(small, big, flags, launcher_limit_mb=64)
     print(format_report(result))
+
+where small and big are `scale.run_size`'s results and flags `worker_bounds.job_terms`'s.
 
 Growth per 8x of a process in a stage is its peak at 8S minus its peak at S (the sizes are 8x
 apart). The verdict:
