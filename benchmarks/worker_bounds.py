@@ -1,0 +1,97 @@
+"""What an SDK worker of each stage of `pipeline.run --distributed` may hold more when the data
+grows, from its flags.
+
+A worker's memory should be bounded by the flags of the job it runs (block sizes, shuffle keys,
+k, the factor exchange), with the data's shape entering only where those flags say it does
+(README, "Sizing"). Between two sizes of the data run with the same flags, a job's worker may
+therefore grow by at most
+
+    allowed growth = SLACK_MB + Σ over the job's terms of (term at the larger size - at the smaller)
+
+where the terms (bytes; U users, I items, C training cells, P all (visitor, item) pairs, k
+latent factors) are, per job:
+
+    preprocess   per-pair sums      PAIR_BYTES · P / buckets        (one key's dict at a time)
+                 matrix groups      CELL_BYTES · C / groups         (one group's cells, copies)
+                 vocabularies       VOCAB_ENTRY_BYTES · (U + I + held-out visitors)
+    train        broadcast tables   TABLES_KEPT · max(U, I) · k · 4 (the fixed side, cached)
+                 (join: received    k · 4 · C · block_rows / min(U, I), a block's vectors)
+                 cached problems    SLOT_BYTES · min(PLAN_CACHE_SLOTS, PAD · 2C)
+    evaluate,    scores             SCORE_COPIES · min(B, rows) · I · 4 (a block × every item)
+    new visitors item table         I · k · 4
+    predict      (the same, rows = U; B = the block of those jobs, 4096)
+
+Whatever a worker holds regardless of the data (the interpreter, TensorFlow, Beam's harness,
+traced graphs) cancels out in the difference. The constants are first-order estimates of the
+data structures the modules' docstrings name; the allowance is a model, printed with its terms
+so that a miss can be read.
+"""
+
+from __future__ import annotations
+
+SLACK_MB = 64.0
+PAIR_BYTES = 300  # pipeline.options: a SumPerPair key holds ~300 bytes a pair
+CELL_BYTES = 60  # pipeline.options: 20 bytes a cell, a few copies while sorting and encoding
+VOCAB_ENTRY_BYTES = 200  # a Python str and its count in an analyzer's accumulator
+SLOT_BYTES = 12  # trainer.beam.block_problems: 2**27 slots are "about 1.5 GB"
+PAD = 2  # padded tile slots per cell, at most (tiles padded to a fraction of a full one)
+SCORE_COPIES = 3  # a block's float32 scores, the seen items masked, the top-k partition
+# The Beam jobs of each stage, in the order they run (one SDK worker each on the portable runner).
+JOBS = {
+    "preprocess": ("preprocess",),
+    "train": ("train", "evaluate", "new visitors"),
+    "predict": ("predict",),
+}
+
+
+def job_terms(job: str, shape: dict, flags: dict) -> dict[str, float]:
+    """A job's terms (module doc), MB.
+
+    Args:
+        job: one of the values of JOBS.
+        shape: "nusers", "nitems", "train_interactions", "pairs", "heldout_visitors", and
+            "buckets", "groups" (the preprocessing's shuffle keys).
+        flags: "latent_factors", "block_rows" (training), "factor_exchange", and
+            "eval_block_rows" (the evaluation, new-visitor and prediction block).
+    """
+    from trainer.beam.block_problems import PLAN_CACHE_SLOTS
+    from trainer.beam.exchange import TABLES_KEPT
+
+    users, items, cells = shape["nusers"], shape["nitems"], shape["train_interactions"]
+    k, mb = flags["latent_factors"], 2**20
+    if job == "preprocess":
+        vocab = users + items + shape.get("heldout_visitors", 0)
+        return {
+            "per-pair sums": PAIR_BYTES * shape["pairs"] / shape["buckets"] / mb,
+            "matrix groups": CELL_BYTES * cells / shape["groups"] / mb,
+            "vocabularies": VOCAB_ENTRY_BYTES * vocab / mb,
+        }
+    if job == "train":
+        if flags["factor_exchange"] == "join":
+            share = min(1.0, flags["block_rows"] / max(min(users, items), 1))
+            exchange = {"received vectors": k * 4 * cells * share / mb}
+        else:
+            exchange = {"broadcast tables": TABLES_KEPT * max(users, items) * k * 4 / mb}
+        cache = SLOT_BYTES * min(PLAN_CACHE_SLOTS, PAD * 2 * cells) / mb
+        return {**exchange, "cached problems": cache}
+    rows = {"evaluate": users, "new visitors": shape.get("heldout_visitors", 0), "predict": users}
+    if job not in rows:
+        raise ValueError(f"unknown job {job!r}")
+    block = min(flags["eval_block_rows"], rows[job])
+    return {
+        "scores": SCORE_COPIES * block * items * 4 / mb,
+        "item table": items * k * 4 / mb,
+    }
+
+
+def allowed_growth(job: str, small: dict, big: dict, flags: dict) -> dict:
+    """{"job", "allowed_mb", "slack_mb", "terms_mb": {term: growth MB}}: how much a worker of
+    `job` may grow from shape `small` to shape `big` (module doc)."""
+    before, after = job_terms(job, small, flags), job_terms(job, big, flags)
+    terms = {name: after[name] - before[name] for name in after}
+    return {
+        "job": job,
+        "allowed_mb": SLACK_MB + sum(terms.values()),
+        "slack_mb": SLACK_MB,
+        "terms_mb": terms,
+    }
