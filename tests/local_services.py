@@ -8,15 +8,18 @@ tool virtualenvs cached across runs (Airflow, the GCS emulator's tools).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import venv
 
 import pytest
+
+# Shared with benchmarks/scale.py, which cannot import from tests/.
+from benchmarks.portable_services import free_port, stop_process_groups
+
+__all__ = ["cached_venv", "free_port", "stop_process_groups"]
 
 CACHE = os.environ.get("GA_WALS_CACHE", os.path.expanduser("~/.cache/ga-wals"))
 INSTALL_TIMEOUT_S = 420
@@ -31,28 +34,6 @@ UNREACHABLE = (
     "Read timed out",
     "ProxyError",
 )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port of `host` that nothing listens on now (the OS picks it)."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def stop_process_groups(processes: list[subprocess.Popen], grace_s: float = 20) -> None:
-    """Ends each process's group (started with start_new_session=True): SIGTERM, then SIGKILL
-    for whatever still runs after `grace_s`; waits for every one."""
-    for process in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 15)
-    for process in processes:
-        try:
-            process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, 9)
-            process.wait()
 
 
 def cached_venv(prefix: str, requirements: str) -> str:
