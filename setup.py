@@ -22,10 +22,19 @@ REQUIRED = [
     # pipeline/records.py parses JSONL sessions with it.
     "orjson>=3.9.7,<4",
     "tqdm>=4.66",
+    # common/worker_threads.py sizes a worker process's BLAS and OpenMP pools with it.
+    "threadpoolctl>=3.1,<4",
 ]
+# Beam's filesystems beyond gs:// (README, Other object stores); the extras only add the client
+# each one loads, so they pin Beam as REQUIRED does.
+BEAM_S3 = "apache-beam[aws]>=2.77,<2.78"  # s3:// (boto3)
+BEAM_HDFS = "apache-beam[hadoop]>=2.77,<2.78"  # hdfs:// over WebHDFS (hdfs)
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    # tests/test_s3.py reads s3:// through Beam, against moto's server (in a venv of its own).
+    "test": ["pytest>=8", "pytest-timeout>=2.3", BEAM_S3],
+    "aws": [BEAM_S3],
+    "hadoop": [BEAM_HDFS],
     # Peers for benchmarks/ only: never imported by the product.
     "bench": ["implicit>=0.7", "pyspark>=3.5", "psutil>=5.9"],
     "lint": ["ruff>=0.6"],

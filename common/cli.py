@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 
@@ -30,7 +31,8 @@ def unknown_flags(argv: list[str]) -> list[str]:
 
 
 def parse_options(argv: list[str] | None, view: type[PipelineOptions]) -> PipelineOptions:
-    """Parses argv into PipelineOptions, refusing flags that nothing defines.
+    """Parses argv into PipelineOptions, refusing flags that nothing defines, and hands them to
+    Beam's FileSystems (so that s3:// and hdfs:// paths are read with the run's flags).
 
     Raises:
         UsageError: a flag is unknown; the message names it.
@@ -41,6 +43,10 @@ def parse_options(argv: list[str] | None, view: type[PipelineOptions]) -> Pipeli
         raise UsageError(f"unknown flag(s): {', '.join(unknown)} (see --help)")
     options = PipelineOptions(argv)
     options.view_as(view)
+    # Beam's filesystems read their own flags (--s3_endpoint_url, --hdfs_host, ...) from the
+    # options FileSystems holds, which a Pipeline sets only once it is built; the entry points
+    # check and size their input before that.
+    FileSystems.set_options(options)
     return options
 
 

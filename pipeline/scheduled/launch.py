@@ -46,7 +46,7 @@ def run(argv: list[str] | None = None) -> int:
         gate.GateConfig(args.gate_k, args.gate_min_lift, args.gate_tolerance).validate()
     except ValueError as error:
         raise cli.UsageError(str(error)) from None
-    resolve_input(args.input, args.date, args.window_days)  # before taking the lock
+    resolve_input(args.input, args.date, args.window_days, extra)  # before taking the lock
     this = Run(args, extra, argv)
     check_locations(args, this.beam_argv)
     lease = args.lock_lease_seconds

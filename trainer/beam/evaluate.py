@@ -128,6 +128,9 @@ class _BlockSums(beam.DoFn):
         self._users = Metrics.counter(_METRICS, "users_evaluated")
         self._blocks = Metrics.counter(_METRICS, "blocks")
 
+    def setup(self):
+        worker_threads.apply_in_worker()  # this worker's BLAS pool
+
     def process(self, block: EvalBlock, item_factors: np.ndarray):
         sums = block_sums(block, item_factors, self._ks, self._with_rmse)
         self._blocks.inc()

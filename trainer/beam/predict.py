@@ -92,6 +92,9 @@ class _PredictForUsers(beam.DoFn):
         self._lines = Metrics.counter(_METRICS, "lines")
         self._short = Metrics.counter(_METRICS, "lines_shorter_than_k")
 
+    def setup(self):
+        worker_threads.apply_in_worker()  # this worker's BLAS pool
+
     def process(self, block: UserBlock, item_factors: np.ndarray, items: list[str]):
         spec = self._spec
         scores = topk.score(block.factors, item_factors)
@@ -141,6 +144,9 @@ class _PartialTopUsers(beam.DoFn):
 
     def __init__(self, spec: PredictSpec):
         self._spec = spec
+
+    def setup(self):
+        worker_threads.apply_in_worker()  # this worker's BLAS pool
 
     def process(self, block: UserBlock, item_factors: np.ndarray):
         spec = self._spec

@@ -21,6 +21,7 @@ import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 
+from common import worker_threads
 from trainer.beam import checkpoint_files as files
 from trainer.beam import checkpoints
 from trainer.beam.layout import FactorRef
@@ -61,6 +62,9 @@ class _InitFactors(beam.DoFn):
         self._spec = spec
         self._side = side
 
+    def setup(self):
+        worker_threads.apply_in_worker()  # before this worker's TensorFlow runtime starts
+
     def process(self, element):
         block_id, row_ids = element
         spec, config, side = self._spec, self._spec.config, self._side
@@ -99,6 +103,9 @@ class _LoadFactors(beam.DoFn):
         self._spec = spec
         self._side = side
         self._marker = marker
+
+    def setup(self):
+        worker_threads.apply_in_worker()  # before this worker's TensorFlow runtime starts
 
     def process(self, element):
         block_id, row_ids = element

@@ -28,6 +28,7 @@ import time
 import apache_beam as beam
 import numpy as np
 
+from common import worker_threads
 from trainer.beam import block_problems, checkpoint_files, exchange
 from trainer.beam.layout import FactorRef
 from trainer.beam.side_state import SideState, publish, read_ref
@@ -137,6 +138,7 @@ class _Solve(beam.DoFn):
         self._with_loss = with_loss
 
     def setup(self):
+        worker_threads.apply_in_worker()  # before this worker's TensorFlow runtime starts
         configure_xla()  # before this worker's first XLA compile
 
     def process(
@@ -169,6 +171,7 @@ class _MeasureLoss(beam.DoFn):
         self._side = side
 
     def setup(self):
+        worker_threads.apply_in_worker()  # before this worker's TensorFlow runtime starts
         configure_xla()  # before this worker's first XLA compile
 
     def process(self, element, item_counts, fixed_state: SideState, solving_refs=None):

@@ -186,6 +186,9 @@ class _BlockSums(beam.DoFn):
     def __init__(self, config: WALSConfig, ks: tuple[int, ...]):
         self._config, self._ks = config, ks
 
+    def setup(self):
+        worker_threads.apply_in_worker()  # before this worker's TensorFlow runtime starts (fold-in)
+
     def process(self, element, item_factors: np.ndarray, item_counts: np.ndarray):
         _, rows = element
         _, foldin, target, _ = assemble(list(rows), item_factors.shape[0])
