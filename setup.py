@@ -22,6 +22,9 @@ REQUIRED = [
     # pipeline/records.py parses JSONL sessions with it.
     "orjson>=3.9.7,<4",
     "tqdm>=4.66",
+    # common/object_store.py: generation preconditions for the gs:// locks and pointer (Beam's
+    # gcs filesystem has none). The range apache-beam[gcp] 2.77 requires.
+    "google-cloud-storage>=2.18.2,<4",
     # common/worker_threads.py sizes a worker process's BLAS and OpenMP pools with it.
     "threadpoolctl>=3.1,<4",
 ]
