@@ -26,9 +26,9 @@ Every count in summary.json (its top-level counts and "counters") is pipeline ou
 every runner: the steps that count emit {name: count} dicts per bundle (`common.counts`), summed
 by one CombineGlobally into tmp/counts.json, which `make_summary` reads. The outputs of a
 retried bundle are discarded, whereas Beam metrics may count it again (a runner without
-committed metrics reports attempted ones), which made the trainer's consistency check reject
-valid datasets. The same counts are still Beam counters (namespace 'preprocess'), for
-monitoring only.
+committed metrics reports attempted ones), and the trainer's consistency check, which compares
+summary.json with the data it reads, would then reject a valid dataset. The same counts are
+still Beam counters (namespace 'preprocess'), for monitoring only.
 """
 
 from __future__ import annotations
