@@ -18,14 +18,16 @@ import json
 import zlib
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from common import counts
 from pipeline import records
 
 METRICS_NAMESPACE = "preprocess"
 EVENTS_TAG = "events"
 REJECTED_TAG = "rejected"
+PAIRS_TAG = "pairs"
+COUNTS_TAG = counts.COUNTS_TAG
 
 FORMAT_GA360 = "ga360"
 FORMAT_CSV = "csv"
@@ -52,25 +54,23 @@ MAX_BUFFERED_PAIRS = 1 << 20  # Pairs summed in one bundle before they go to the
 
 
 class _ParseFn(beam.DoFn):
-    """A batch of lines -> one list of their events; rejected lines go to REJECTED_TAG."""
+    """A batch of lines -> one list of their events; rejected lines go to REJECTED_TAG, the
+    bundle's counts to COUNTS_TAG (`common.counts.BundleCounts`)."""
 
     def __init__(self, input_format: str, session_config: records.SessionConfig):
         self._format = input_format
         self._config = session_config
-        self._lines = Metrics.counter(METRICS_NAMESPACE, "lines_read")
-        self._parsed = Metrics.counter(METRICS_NAMESPACE, "records_parsed")
-        self._hits = Metrics.counter(METRICS_NAMESPACE, "hits")
-        self._page_hits = Metrics.counter(METRICS_NAMESPACE, "page_hits")
-        self._events = Metrics.counter(METRICS_NAMESPACE, "events")
-        self._headers = Metrics.counter(METRICS_NAMESPACE, "header_lines")
-        self._rejected = Metrics.counter(METRICS_NAMESPACE, "lines_rejected")
-        self._reasons: dict[str, object] = {}
+        self._counts = counts.BundleCounts(METRICS_NAMESPACE)
+
+    def start_bundle(self):
+        self._counts.reset()
+
+    def finish_bundle(self):
+        yield from self._counts.outputs()
 
     def _reject(self, line, reason: str):
-        self._rejected.inc()
-        if reason not in self._reasons:
-            self._reasons[reason] = Metrics.counter(METRICS_NAMESPACE, f"rejected:{reason}")
-        self._reasons[reason].inc()
+        self._counts.inc("lines_rejected")
+        self._counts.inc(f"rejected:{reason}")
         return beam.pvalue.TaggedOutput(REJECTED_TAG, rejected_record(line, reason))
 
     def process(self, lines):
@@ -98,17 +98,13 @@ class _ParseFn(beam.DoFn):
                 continue
             parsed += 1
             batch.extend(events)
-        # Counters are only touched when they count something, as one per line would be.
-        for counter, count in (
-            (self._lines, len(lines)),
-            (self._parsed, parsed),
-            (self._headers, headers),
-            (self._hits, hits),
-            (self._page_hits, page_hits),
-            (self._events, len(batch)),
-        ):
-            if count:
-                counter.inc(count)
+        add = self._counts.inc
+        add("lines_read", len(lines))
+        add("records_parsed", parsed)
+        add("header_lines", headers)
+        add("hits", hits)
+        add("page_hits", page_hits)
+        add("events", len(batch))
         if batch:
             yield batch
 
@@ -120,10 +116,12 @@ class ParseEvents(beam.PTransform):
     Output: a DoOutputsTuple with
         events: PCollection[list[tuple[str, str, float]]], batches of (visitorId, contentId,
             value), or of (.., (timestamp, rating)) for MovieLens;
-        rejected: PCollection[str], JSON lines {"reason", "line"}.
-    Counters (namespace 'preprocess'): lines_read, records_parsed, header_lines, lines_rejected,
-    rejected:<reason>, hits, page_hits, events. lines_read = records_parsed + header_lines +
-    lines_rejected.
+        rejected: PCollection[str], JSON lines {"reason", "line"};
+        counts: PCollection[dict[str, int]], exact counts (one dict per bundle; sum them with
+            `common.counts.SumCounts`) of lines_read, records_parsed, header_lines,
+            lines_rejected, rejected:<reason>, hits, page_hits, events, each also a Beam
+            counter (namespace 'preprocess'). lines_read = records_parsed + header_lines +
+            lines_rejected.
 
     Args:
         batched: the input is already batches of lines, PCollection[list[bytes]].
@@ -155,7 +153,7 @@ class ParseEvents(beam.PTransform):
         if self._redistribute:
             batches = batches | "Redistribute" >> beam.Reshuffle()
         return batches | "Parse" >> beam.ParDo(_ParseFn(self._format, self._config)).with_outputs(
-            REJECTED_TAG, main=EVENTS_TAG
+            REJECTED_TAG, COUNTS_TAG, main=EVENTS_TAG
         )
 
 
@@ -241,13 +239,10 @@ class _PartialSumsFn(beam.DoFn):
         yield from parts.items()
 
 
-_nonpositive = Metrics.counter(METRICS_NAMESPACE, "pairs_dropped_nonpositive")
-
-
 def _pair_batches(bucket_partials, latest: bool):
     """(bucket, iterable of {(visitor, content): partial total}) -> batches of at most
     PAIRS_PER_BATCH (visitor, content, float) pairs of the bucket's totals; non-positive sums
-    dropped and counted."""
+    dropped and counted (COUNTS_TAG {"pairs_dropped_nonpositive": n})."""
     _, partials = bucket_partials
     totals: dict = {}
     for partial in partials:
@@ -270,17 +265,18 @@ def _pair_batches(bucket_partials, latest: bool):
             batch = []
     if batch:
         yield batch
-    if dropped:
-        _nonpositive.inc(dropped)
+    yield from counts.counted(METRICS_NAMESPACE, {"pairs_dropped_nonpositive": dropped})
 
 
 class SumPerPair(beam.PTransform):
     """Event batches -> batches of pairs, one value per (visitor, content) pair.
 
     Input: PCollection[list[tuple[str, str, V]]] from `ParseEvents`.
-    Output: PCollection[list[tuple[str, str, float]]], each pair in exactly one batch: time on
-    page summed over all visits, pairs with sums <= 0 dropped (counter
-    pairs_dropped_nonpositive); for MovieLens the latest rating.
+    Output: a DoOutputsTuple with
+        pairs: PCollection[list[tuple[str, str, float]]], each pair in exactly one batch: time
+            on page summed over all visits, pairs with sums <= 0 dropped; for MovieLens the
+            latest rating;
+        counts: PCollection[dict[str, int]], pairs_dropped_nonpositive (also a Beam counter).
 
     Each bundle's events are summed per pair before the shuffle (`_PartialSumsFn`), which then
     groups the partial sums by `buckets` visitor buckets (crc32(visitorId) mod buckets); each
@@ -302,7 +298,8 @@ class SumPerPair(beam.PTransform):
             events
             | "SumInBundle" >> beam.ParDo(_PartialSumsFn(latest, self._buckets))
             | "GroupByBucket" >> beam.GroupByKey()
-            | "ToPairBatches" >> beam.FlatMap(_pair_batches, latest)
+            | "ToPairBatches"
+            >> beam.FlatMap(_pair_batches, latest).with_outputs(COUNTS_TAG, main=PAIRS_TAG)
         )
 
 

@@ -12,7 +12,9 @@ each other and of the per-pair train/eval split (`pipeline.events.is_eval`, unsa
 
 Held-out cells are transformed by the train split's TF Transform graph (the same vocabulary
 lookup and rating scaling as every train cell); cells whose content is not in the train
-vocabulary are counted (`heldout_dropped_unknown_content`) and dropped.
+vocabulary are dropped. They are counted twice: by the Beam counter
+`heldout_dropped_unknown_content` (monitoring), and exactly, as data, by `dropped_unknown`:
+held-out pairs (`count_pairs`) minus the cells `WriteHeldOut` writes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import tensorflow as tf
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
 
+from common import counts
 from pipeline.events import METRICS_NAMESPACE
 from transforms import examples, features
 
@@ -49,6 +52,31 @@ def is_foldin(visitor_id: str, content_id: str, foldin_fraction: float) -> bool:
 
 
 HELDOUT_TAG = "heldout"
+HELDOUT_PAIRS = "heldout_pairs"  # An exact count only `dropped_unknown` reads.
+DROPPED_UNKNOWN = "heldout_dropped_unknown_content"
+
+
+def count_pairs(batch: list) -> dict[str, int]:
+    """A batch of held-out pairs -> {HELDOUT_PAIRS: its length}."""
+    return {HELDOUT_PAIRS: len(batch)}
+
+
+def dropped_unknown(totals: dict[str, int]) -> dict[str, int]:
+    """Summed counts with HELDOUT_PAIRS replaced by DROPPED_UNKNOWN (left out when 0):
+
+        heldout_dropped_unknown_content = heldout_pairs - heldout_foldin_interactions
+                                          - heldout_target_interactions
+
+    `TransformHeldOut` turns each held-out pair into one cell unless its content is unknown,
+    and `WriteHeldOut` counts every cell in one part.
+    """
+    totals = dict(totals)
+    dropped = totals.pop(HELDOUT_PAIRS, 0) - sum(
+        totals.get(f"heldout_{part}_interactions", 0) for part in PARTS
+    )
+    if dropped:
+        totals[DROPPED_UNKNOWN] = dropped
+    return dict(sorted(totals.items()))
 
 
 def _split_batch(pairs: list, fraction: float):
@@ -157,13 +185,39 @@ class TransformHeldOut(beam.PTransform):
         )
 
 
+class _EncodeVisitorFn(beam.DoFn):
+    """(visitorId, its cells) -> (part index, serialized Example) for each non-empty part; the
+    bundle's counts heldout_visitors and heldout_<part>_interactions to COUNTS_TAG."""
+
+    def __init__(self):
+        self._counts = counts.BundleCounts(METRICS_NAMESPACE)
+
+    def start_bundle(self):
+        self._counts.reset()
+
+    def process(self, element):
+        visitor, visitor_cells = element
+        self._counts.inc("heldout_visitors")
+        by_part: dict[str, list] = {part: [] for part in PARTS}
+        for part, item, rating, value in visitor_cells:
+            by_part[part].append((item, rating, value))
+        for index, part in enumerate(PARTS):
+            if by_part[part]:
+                self._counts.inc(f"heldout_{part}_interactions", len(by_part[part]))
+                yield index, examples.heldout_example(visitor, by_part[part])
+
+    def finish_bundle(self):
+        yield from self._counts.outputs()
+
+
 class WriteHeldOut(beam.PTransform):
     """Cells -> `foldin-*` and `target-*` gzip TFRecords under `directory`, one record per
     visitor and non-empty part.
 
     Input: PCollection[tuple[str, tuple[str, int, float, float]]] from `TransformHeldOut`.
-    Counters: heldout_visitors (with at least one cell in vocabulary),
-    heldout_foldin_interactions, heldout_target_interactions.
+    Output: PCollection[dict[str, int]], exact counts (also Beam counters): heldout_visitors
+    (with at least one cell in vocabulary), heldout_foldin_interactions,
+    heldout_target_interactions.
     """
 
     def __init__(self, directory: str, num_shards: int = 0):
@@ -172,26 +226,15 @@ class WriteHeldOut(beam.PTransform):
         self._num_shards = num_shards
 
     def expand(self, cells):
-        visitors = Metrics.counter(METRICS_NAMESPACE, "heldout_visitors")
-        counted = {
-            part: Metrics.counter(METRICS_NAMESPACE, f"heldout_{part}_interactions")
-            for part in PARTS
-        }
-
-        def encode(visitor: str, visitor_cells):
-            visitors.inc()
-            by_part: dict[str, list] = {part: [] for part in PARTS}
-            for part, item, rating, value in visitor_cells:
-                by_part[part].append((item, rating, value))
-            for index, part in enumerate(PARTS):
-                if by_part[part]:
-                    counted[part].inc(len(by_part[part]))
-                    yield index, examples.heldout_example(visitor, by_part[part])
-
         encoded = (
-            cells | "GroupByVisitor" >> beam.GroupByKey() | "Encode" >> beam.FlatMapTuple(encode)
+            cells
+            | "GroupByVisitor" >> beam.GroupByKey()
+            | "Encode"
+            >> beam.ParDo(_EncodeVisitorFn()).with_outputs(counts.COUNTS_TAG, main="encoded")
         )
-        parts = encoded | "ByPart" >> beam.Partition(lambda element, _: element[0], len(PARTS))
+        parts = encoded.encoded | "ByPart" >> beam.Partition(
+            lambda element, _: element[0], len(PARTS)
+        )
         for index, part in enumerate(PARTS):
             _ = (
                 parts[index]
@@ -204,4 +247,4 @@ class WriteHeldOut(beam.PTransform):
                     compression_type=CompressionTypes.GZIP,
                 )
             )
-        return parts
+        return encoded[counts.COUNTS_TAG]

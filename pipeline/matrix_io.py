@@ -11,9 +11,9 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from common import counts
 from pipeline.events import METRICS_NAMESPACE
 from pipeline.options import GROUP_SHARDS
 from transforms import examples, features
@@ -21,6 +21,7 @@ from transforms import examples, features
 # (userId int64 [n], itemId int64 [n], rating float32 [n]): a batch of cells of the matrix.
 CellBatch = tuple[np.ndarray, np.ndarray, np.ndarray]
 MAX_BUFFERED_CELLS = 1 << 21  # Cells (40 MB) buffered in one bundle before they are shuffled.
+CELLS_TAG = "cells"
 
 
 def _column(batch: pa.RecordBatch, name: str) -> np.ndarray:
@@ -41,13 +42,41 @@ def transformed_cells(batch: pa.RecordBatch) -> CellBatch:
     )
 
 
+class _KeepInVocabularyFn(beam.DoFn):
+    """A transformed batch -> its CellBatch of cells inside both vocabularies (none if empty);
+    the bundle's counts `<split>_interactions` and `<split>_dropped_out_of_vocabulary` to
+    COUNTS_TAG."""
+
+    def __init__(self, split: str):
+        self._kept = f"{split}_interactions"
+        self._dropped = f"{split}_dropped_out_of_vocabulary"
+        self._counts = counts.BundleCounts(METRICS_NAMESPACE)
+
+    def start_bundle(self):
+        self._counts.reset()
+
+    def process(self, batch_and_passthrough):
+        users, items, ratings = transformed_cells(batch_and_passthrough[0])
+        keep = (users >= 0) & (items >= 0)
+        kept = int(keep.sum())
+        self._counts.inc(self._kept, kept)
+        self._counts.inc(self._dropped, len(keep) - kept)
+        if kept:
+            yield users[keep], items[keep], ratings[keep]
+
+    def finish_bundle(self):
+        yield from self._counts.outputs()
+
+
 class DropOutOfVocabulary(beam.PTransform):
     """Transformed batches -> batches of (userId, itemId, rating) cells inside both vocabularies.
 
     Input: PCollection[tuple[pa.RecordBatch, dict]] from TF Transform with
     `output_record_batches=True`: columns userId, itemId (-1 when out of vocabulary), rating.
-    Output: PCollection[CellBatch], (userId int64 [n], itemId int64 [n], rating float32 [n]).
-    Counters `<split>_interactions` and `<split>_dropped_out_of_vocabulary`.
+    Output: a DoOutputsTuple with
+        cells: PCollection[CellBatch], (userId int64 [n], itemId int64 [n], rating float32 [n]);
+        counts: PCollection[dict[str, int]], exact counts `<split>_interactions` (cells kept)
+            and `<split>_dropped_out_of_vocabulary` (rows dropped), also Beam counters.
     """
 
     def __init__(self, split: str):
@@ -55,21 +84,9 @@ class DropOutOfVocabulary(beam.PTransform):
         self._split = split
 
     def expand(self, batches):
-        kept = Metrics.counter(METRICS_NAMESPACE, f"{self._split}_interactions")
-        dropped = Metrics.counter(METRICS_NAMESPACE, f"{self._split}_dropped_out_of_vocabulary")
-
-        def cells(batch_and_passthrough):
-            users, items, ratings = transformed_cells(batch_and_passthrough[0])
-            keep = (users >= 0) & (items >= 0)
-            count = int(keep.sum())
-            if count:
-                kept.inc(count)
-            if count < len(keep):
-                dropped.inc(len(keep) - count)
-            if count:
-                yield users[keep], items[keep], ratings[keep]
-
-        return batches | "KeepInVocabulary" >> beam.FlatMap(cells)
+        return batches | "KeepInVocabulary" >> beam.ParDo(
+            _KeepInVocabularyFn(self._split)
+        ).with_outputs(counts.COUNTS_TAG, main=CELLS_TAG)
 
 
 def _by_shard(cells: CellBatch, key_index: int, shards: int):

@@ -15,10 +15,20 @@ arrays):
     eval | TransformEval (with the train transform_fn) -> transformed eval
     each split | DropOutOfVocabulary | WriteSparseMatrix -> items_for_user-*, users_for_item-*
     held-out pairs | TransformHeldOut | WriteHeldOut -> heldout/foldin-*, heldout/target-*
+    counts of ParseEvents, SumPerPair, DropOutOfVocabulary, held-out pairs, WriteHeldOut
+        | WriteCounts -> tmp/counts.json
 
 Output under --output_dir: transform_fn/, transformed_metadata/, train/, eval/, rejected/,
 heldout/ (with --holdout_visitors), summary.json (written last; its presence means the output is
 complete).
+
+Every count in summary.json (its top-level counts and "counters") is pipeline output, exact on
+every runner: the steps that count emit {name: count} dicts per bundle (`common.counts`), summed
+by one CombineGlobally into tmp/counts.json, which `make_summary` reads. The outputs of a
+retried bundle are discarded, whereas Beam metrics may count it again (a runner without
+committed metrics reports attempted ones), and the trainer's consistency check, which compares
+summary.json with the data it reads, would then reject a valid dataset. The same counts are
+still Beam counters (namespace 'preprocess'), for monitoring only.
 """
 
 from __future__ import annotations
@@ -33,12 +43,11 @@ import apache_beam as beam
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics.metric import MetricsFilter
 
-from common import cli, staging, worker_threads
+from common import cli, counts, staging, worker_threads
 from pipeline import events, holdout, records
 from pipeline import options as preprocess_options
-from pipeline.matrix_io import DropOutOfVocabulary, WriteSparseMatrix
+from pipeline.matrix_io import CELLS_TAG, DropOutOfVocabulary, WriteSparseMatrix
 from pipeline.reading import ReadInput, ReadLineBatches
 from transforms import features, preprocessing
 
@@ -50,6 +59,7 @@ _STAT_NAMES = {
     features.SCALE_MAX: "max",
 }
 SCALE_STATS_FILE = "scale_stats.json"
+COUNTS_FILE = "counts.json"
 
 
 def _first(values):
@@ -148,9 +158,11 @@ def build_pipeline(
     _ = parsed[events.REJECTED_TAG] | "WriteRejected" >> beam.io.WriteToText(
         f"{output_dir}/{features.REJECTED_DIR}/rejected", file_name_suffix=".jsonl"
     )
-    pairs = parsed[events.EVENTS_TAG] | "SumPerPair" >> events.SumPerPair(
+    summed = parsed[events.EVENTS_TAG] | "SumPerPair" >> events.SumPerPair(
         opts.input_format, sum_buckets
     )
+    pairs = summed[events.PAIRS_TAG]
+    counted = [parsed[counts.COUNTS_TAG], summed[counts.COUNTS_TAG]]
     heldout_pairs = None
     if opts.holdout_visitors > 0:
         pairs, heldout_pairs = pairs | "HoldOutVisitors" >> holdout.SplitHeldOutVisitors(
@@ -178,19 +190,22 @@ def build_pipeline(
     eval_data, _ = transformed_eval
     for split, data in ((features.TRAIN_DIR, train_data), (features.EVAL_DIR, eval_data)):
         label = split.capitalize()
-        cells = data | f"DropOutOfVocabulary{label}" >> DropOutOfVocabulary(split)
-        _ = cells | f"Write{label}Matrix" >> WriteSparseMatrix(
+        kept = data | f"DropOutOfVocabulary{label}" >> DropOutOfVocabulary(split)
+        _ = kept[CELLS_TAG] | f"Write{label}Matrix" >> WriteSparseMatrix(
             f"{output_dir}/{split}", opts.num_shards, write_groups
         )
+        counted.append(kept[counts.COUNTS_TAG])
     if heldout_pairs is not None:
         transform_fn_dir, _ = transform_fn
-        _ = (
+        counted.append(heldout_pairs | "CountHeldOutPairs" >> beam.Map(holdout.count_pairs))
+        counted.append(
             heldout_pairs
             | "TransformHeldOut"
             >> holdout.TransformHeldOut(transform_fn_dir, opts.holdout_foldin_fraction)
             | "WriteHeldOut"
             >> holdout.WriteHeldOut(f"{output_dir}/{features.HELDOUT_DIR}", opts.num_shards)
         )
+    _ = tuple(counted) | "WriteCounts" >> counts.WriteCounts(f"{output_dir}/tmp/{COUNTS_FILE}")
     _ = (
         train_data
         | "ExtractScaleStats" >> beam.ParDo(_ScaleStatsFn())
@@ -201,20 +216,11 @@ def build_pipeline(
     )
 
 
-def query_counters(result) -> dict[str, int]:
-    """The 'preprocess' namespace counters of a finished run, summed over steps."""
-    counters: dict[str, int] = {}
-    query = result.metrics().query(MetricsFilter().with_namespace(events.METRICS_NAMESPACE))
-    for counter in query["counters"]:
-        try:
-            value = counter.committed
-        except Exception:  # Some runners only report attempted values.
-            value = None
-        if value is None:
-            value = counter.attempted
-        name = counter.key.metric.name
-        counters[name] = counters.get(name, 0) + int(value or 0)
-    return counters
+def read_counters(output_dir: str) -> dict[str, int]:
+    """The exact counts a finished run of `build_pipeline(.., output_dir)` wrote to
+    tmp/counts.json (non-zero ones only), heldout_dropped_unknown_content derived
+    (`holdout.dropped_unknown`)."""
+    return holdout.dropped_unknown(counts.read_counts(f"{output_dir}/tmp/{COUNTS_FILE}"))
 
 
 def _read_text(path: str) -> str:
@@ -223,7 +229,11 @@ def _read_text(path: str) -> str:
 
 
 def make_summary(opts, output_dir: str, counters: dict[str, int], seconds: float) -> dict:
-    """summary.json: sizes, scaling statistics and counters of a finished run."""
+    """summary.json: sizes, scaling statistics and counts of a finished run.
+
+    `counters`: {name: count} as `read_counters` gives them; "counters" holds those whose name
+    has no ':', and rejected_by_reason the `rejected:<reason>` ones.
+    """
     transform_output = tft.TFTransformOutput(output_dir)
     stats_text = _read_text(f"{output_dir}/tmp/{SCALE_STATS_FILE}").strip()
     stats = json.loads(stats_text) if stats_text and stats_text != "null" else None
@@ -287,7 +297,7 @@ def run(argv: list[str] | None = None) -> dict:
             with worker_threads.local_budget(options):
                 result = pipeline.run()
                 result.wait_until_finish()
-            counters = query_counters(result)
+            counters = read_counters(out)
             summary = make_summary(opts, out, counters, time.monotonic() - start)
             if summary["train_interactions"] == 0:
                 raise RuntimeError(

@@ -8,6 +8,7 @@ import os
 from collections import Counter
 
 import pytest
+from retried_metrics import report_retried_metrics
 
 from common import cli, staging
 from trainer import batch_predict
@@ -62,6 +63,23 @@ def test_distributed_predictions_equal_local_line_for_line(
         5,
     )
     assert not [name for name in os.listdir(tmp_path) if ".incomplete-" in name]
+
+
+def test_manifest_counts_lines_as_pipeline_output_not_metrics(tiny_model, tmp_path, monkeypatch):
+    """A runner that reports only attempted metrics counts a retried bundle twice: here every
+    counter reads double, and the manifest's line count, a pipeline output, is still exact."""
+    flags = ["--model_dir", tiny_model, "--k", "4"]
+    count = batch_predict.run([*flags, "--output", str(tmp_path / "local.tsv"), "--no_progress"])
+    results = report_retried_metrics(monkeypatch)
+    out = tmp_path / "distributed"
+    assert batch_predict.run([*flags, "--output", str(out), "--distributed"]) == count > 0
+    reported = results[0].metrics().query()["counters"]
+    assert [c.attempted for c in reported if c.key.metric.name == "lines"] == [2 * count]
+    with open(out / beam_predict.MARKER) as handle:
+        manifest = json.load(handle)
+    assert manifest["lines"] == count
+    published = {beam_predict.MARKER, staging.STAGING_MARKER, *manifest["shards"]}
+    assert set(os.listdir(out)) == published, "the counts' scratch file is not published"
 
 
 def test_reruns_replace_their_output_but_never_foreign_files(tiny_model, tmp_path):

@@ -15,7 +15,14 @@ import numpy as np
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from trainer.beam.predict import PredictForContent, PredictForUsers, PredictSpec, UserBlock
+from common import counts
+from trainer.beam.predict import (
+    LINES_TAG,
+    PredictForContent,
+    PredictForUsers,
+    PredictSpec,
+    UserBlock,
+)
 from trainer.core.sparse import CsrMatrix
 
 ITEMS = ["a", "b", "c", "d"]
@@ -56,8 +63,11 @@ def test_predict_for_users_lists_each_visitors_best_unseen_content():
     with TestPipeline() as p:
         item_factors = p | "ItemFactors" >> beam.Create([Y])
         items = p | "Items" >> beam.Create([ITEMS])
-        lines = p | beam.Create(user_blocks()) | PredictForUsers(spec, item_factors, items)
-        assert_that(lines | beam.Map(parsed), equal_to(expected))
+        predicted = p | beam.Create(user_blocks()) | PredictForUsers(spec, item_factors, items)
+        assert_that(predicted[LINES_TAG] | beam.Map(parsed), equal_to(expected))
+        totals = predicted[counts.COUNTS_TAG] | beam.CombineGlobally(counts.SumCounts())
+        want = {"lines": 3, "lines_shorter_than_k": 1}  # u2's line holds only c
+        assert_that(totals, equal_to([want]), label="Counts")
 
 
 def test_predict_for_content_merges_each_contents_best_visitors_over_blocks():
@@ -71,5 +81,8 @@ def test_predict_for_content_merges_each_contents_best_visitors_over_blocks():
     with TestPipeline() as p:
         item_factors = p | "ItemFactors" >> beam.Create([Y])
         items = p | "Items" >> beam.Create([ITEMS])
-        lines = p | beam.Create(user_blocks()) | PredictForContent(spec, item_factors, items)
-        assert_that(lines | beam.Map(parsed), equal_to(expected))
+        predicted = p | beam.Create(user_blocks()) | PredictForContent(spec, item_factors, items)
+        assert_that(predicted[LINES_TAG] | beam.Map(parsed), equal_to(expected))
+        totals = predicted[counts.COUNTS_TAG] | beam.CombineGlobally(counts.SumCounts())
+        want = {"lines": 4, "lines_shorter_than_k": 2}  # a's and d's lines
+        assert_that(totals, equal_to([want]), label="Counts")

@@ -10,6 +10,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from common import counts
 from pipeline import events, matrix_io, records
 from transforms import examples
 
@@ -50,6 +51,18 @@ def test_parse_events_and_rejected():
         )
         reasons = parsed[events.REJECTED_TAG] | beam.Map(lambda r: json.loads(r)["reason"])
         assert_that(reasons, equal_to(["malformed_json", "empty_hits"]), label="Reasons")
+        totals = parsed[counts.COUNTS_TAG] | beam.CombineGlobally(counts.SumCounts())
+        want = {
+            "lines_read": 5,
+            "records_parsed": 3,
+            "lines_rejected": 2,
+            "rejected:malformed_json": 1,
+            "rejected:empty_hits": 1,
+            "hits": 8,
+            "page_hits": 8,
+            "events": 4,
+        }
+        assert_that(totals, equal_to([want]), label="Counts")
 
 
 def test_rejected_record_keeps_the_line_losslessly():
@@ -64,14 +77,18 @@ def _unbatch(batches, label=""):
 def test_sum_per_pair_over_visits_drops_nonpositive():
     evts = [("v1", "a", 1000.0), ("v1", "a", 250.0), ("v1", "b", 0.0), ("v2", "b", 3.0)]
     with TestPipeline() as p:
-        pairs = p | beam.Create([evts[:2], evts[2:]]) | events.SumPerPair("ga360")
+        summed = p | beam.Create([evts[:2], evts[2:]]) | events.SumPerPair("ga360")
+        pairs = summed[events.PAIRS_TAG]
         assert_that(_unbatch(pairs), equal_to([("v1", "a", 1250.0), ("v2", "b", 3.0)]))
+        dropped = summed[counts.COUNTS_TAG] | beam.CombineGlobally(counts.SumCounts())
+        assert_that(dropped, equal_to([{"pairs_dropped_nonpositive": 1}]), label="Counts")
 
 
 def test_movielens_keeps_latest_rating():
     evts = [("u", "m", (10.0, 2.0)), ("u", "m", (20.0, 4.5)), ("u", "n", (5.0, 1.0))]
     with TestPipeline() as p:
-        pairs = p | beam.Create([evts[1:], evts[:1]]) | events.SumPerPair("movielens")
+        summed = p | beam.Create([evts[1:], evts[:1]]) | events.SumPerPair("movielens")
+        pairs = summed[events.PAIRS_TAG]
         assert_that(_unbatch(pairs), equal_to([("u", "m", 4.5), ("u", "n", 1.0)]))
 
 
@@ -108,7 +125,8 @@ def test_sum_per_pair_does_not_depend_on_buckets(monkeypatch, input_format):
     with TestPipeline() as p:
         source = p | beam.Create(batches)
         for buckets in (1, 3, 16, 1000):
-            pairs = source | f"Sum{buckets}" >> events.SumPerPair(input_format, buckets)
+            summed = source | f"Sum{buckets}" >> events.SumPerPair(input_format, buckets)
+            pairs = summed[events.PAIRS_TAG]
             assert_that(_unbatch(pairs, buckets), equal_to(want), label=f"Pairs{buckets}")
 
 
@@ -204,12 +222,14 @@ def test_write_sparse_matrix_rows_and_columns(tmp_path):
     assert 33 % matrix_io.GROUP_SHARDS == 1
     with TestPipeline() as p:
         batches = p | beam.Create([_transformed(first), _transformed(second)])
-        cells = batches | matrix_io.DropOutOfVocabulary("train")
-        _ = cells | matrix_io.WriteSparseMatrix(str(tmp_path))
+        kept = batches | matrix_io.DropOutOfVocabulary("train")
+        _ = kept[matrix_io.CELLS_TAG] | matrix_io.WriteSparseMatrix(str(tmp_path))
+        totals = kept[counts.COUNTS_TAG] | beam.CombineGlobally(counts.SumCounts())
+        want = {"train_interactions": 5, "train_dropped_out_of_vocabulary": 2}
+        assert_that(totals, equal_to([want]))
     result = p.result.metrics().query()["counters"]
-    counts = {c.key.metric.name: c.committed for c in result}
-    assert counts["train_interactions"] == 5
-    assert counts["train_dropped_out_of_vocabulary"] == 2
+    metrics = {c.key.metric.name: c.committed for c in result}
+    assert metrics == want, "the Beam counters stay, for monitoring"
 
     def read(name):
         out = {}
@@ -257,7 +277,8 @@ def test_write_sparse_matrix_does_not_depend_on_groups(tmp_path, monkeypatch):
     monkeypatch.setattr(matrix_io, "MAX_BUFFERED_CELLS", 700)
     counts = (1, 7, 32, 5000)
     with TestPipeline() as p:
-        cells_in = p | beam.Create(batches) | matrix_io.DropOutOfVocabulary("train")
+        kept = p | beam.Create(batches) | matrix_io.DropOutOfVocabulary("train")
+        cells_in = kept[matrix_io.CELLS_TAG]
         for groups in counts:
             _ = cells_in | f"Write{groups}" >> matrix_io.WriteSparseMatrix(
                 str(tmp_path / str(groups)), groups=groups

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import reference
 from conftest import read_cells, read_sparse_records, read_vocabulary
+from retried_metrics import report_retried_metrics
 
 from common import cli
 from pipeline import options as preprocess_options
@@ -122,6 +123,87 @@ def test_counts_add_up_and_rejects_match_the_reference(sample, preprocessed):
     assert collections.Counter(r["reason"] for r in rejected) == reasons
     assert {r["line"] for r in rejected} <= set(lines), "rejected lines are kept verbatim"
     assert not [d for d in os.listdir(os.path.dirname(out)) if ".incomplete-" in d]
+
+
+def _reference_counters(lines: list[str], holdout_visitors: float = 0.0) -> dict:
+    """summary["counters"] by plain Python, one line at a time: the parse counts from each
+    line's JSON and `reference._session_events`, the matrix and held-out counts from
+    `reference.reference_holdout`; zero counts left out, as the pipeline leaves them out."""
+    counters: collections.Counter = collections.Counter()
+    reasons: collections.Counter = collections.Counter()
+    for line in lines:
+        counters["lines_read"] += 1
+        try:
+            session = reference._session_events(line, "customDimension:10", 14_400_000, 256)
+        except reference.Rejected as rejection:
+            counters["lines_rejected"] += 1
+            reasons[rejection.args[0]] += 1
+            continue
+        counters["records_parsed"] += 1
+        hits = json.loads(line)["hits"]
+        counters["hits"] += len(hits)
+        counters["page_hits"] += sum(hit.get("type") == "PAGE" for hit in hits)
+        per_content: collections.Counter = collections.Counter()
+        for _, content, duration in session:
+            per_content[content] += duration
+        counters["events"] += sum(total > 0 for total in per_content.values())
+    events, _ = reference.reference_events(lines)
+    ref = reference.reference_holdout(events, EVAL_FRACTION, holdout_visitors, 0.8)
+    kept = [
+        (v, c)
+        for v, c in events
+        if reference._unit_hash(f"holdout-visitor\x1f{v}") >= holdout_visitors
+    ]
+    eval_pairs = sum(reference.split_is_eval(v, c, EVAL_FRACTION) for v, c in kept)
+    counters["train_interactions"] = len(ref["train"])
+    counters["eval_interactions"] = len(ref["eval"])
+    counters["eval_dropped_out_of_vocabulary"] = eval_pairs - len(ref["eval"])
+    counters["heldout_visitors"] = len(ref["heldout_visitors"])
+    counters["heldout_foldin_interactions"] = len(ref["foldin"])
+    counters["heldout_target_interactions"] = len(ref["target"])
+    counters["heldout_dropped_unknown_content"] = ref["heldout_dropped"]
+    plain = {name: count for name, count in sorted(counters.items()) if count}
+    return {**plain, "rejected_by_reason": dict(reasons)}
+
+
+def _assert_counts(summary: dict, counters: dict) -> None:
+    """summary.json's counts, top level and "counters", are `counters` (from
+    `_reference_counters`)."""
+    assert summary["counters"] == counters
+    for key, name in (
+        ("train_interactions", "train_interactions"),
+        ("eval_interactions", "eval_interactions"),
+        ("eval_dropped_unknown", "eval_dropped_out_of_vocabulary"),
+        ("heldout_visitors", "heldout_visitors"),
+        ("heldout_foldin_interactions", "heldout_foldin_interactions"),
+        ("heldout_target_interactions", "heldout_target_interactions"),
+        ("heldout_dropped_unknown", "heldout_dropped_unknown_content"),
+    ):
+        assert summary[key] == counters.get(name, 0), key
+
+
+def test_every_count_equals_the_plain_python_count(sample, preprocessed):
+    _, summary = preprocessed
+    counters = _reference_counters(_lines(sample))
+    assert counters["lines_rejected"] > 0
+    _assert_counts(summary, counters)
+
+
+def test_counts_are_pipeline_outputs_not_metrics(tmp_path, monkeypatch):
+    """A runner that reports only attempted metrics counts a retried bundle twice: here every
+    counter reads double, and summary.json, whose counts are pipeline outputs, is still exact.
+    Many rare items, so that eval and held-out cells of unknown content are dropped too."""
+    sample = str(tmp_path / "rare.json.gz")
+    synthetic.write_sessions(sample, num_sessions=300, seed=3, num_items=3000, bad_lines=4)
+    results = report_retried_metrics(monkeypatch)
+    summary = _run(sample, str(tmp_path / "out"), "--holdout_visitors", "0.2")
+    counters = _reference_counters(_lines(sample), 0.2)
+    reported = results[0].metrics().query()["counters"]
+    lines_read = [c.attempted for c in reported if c.key.metric.name == "lines_read"]
+    assert lines_read == [2 * counters["lines_read"]], "the metrics are inflated"
+    assert counters["eval_dropped_out_of_vocabulary"] > 0
+    assert counters["heldout_visitors"] > 0 and counters["heldout_dropped_unknown_content"] > 0
+    _assert_counts(summary, counters)
 
 
 def test_multiprocessing_runner_gives_identical_output(sample, preprocessed, tmp_path):

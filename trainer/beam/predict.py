@@ -20,7 +20,10 @@ predictions file `predictions.read_predictions` (or pandas) reads on its own.
 Each worker holds the item factors ([n_items, k] float32) and the content vocabulary; user
 factors and visitor IDs travel only in blocks. The output directory is staged
 (`common.staging`): the shards and `predictions.json` (the completion marker: format, k,
-targeting, lines, shards) appear only when the whole run succeeded.
+targeting, lines, shards) appear only when the whole run succeeded. Its `lines` is an exact
+count carried as pipeline output (`common.counts`: the formatting steps emit their bundle's count
+and one CombineGlobally sums them), not a Beam metric, which a runner without committed metrics
+reports as attempted, counting retried bundles twice.
 """
 
 from __future__ import annotations
@@ -31,13 +34,10 @@ import logging
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from common import staging, worker_threads
+from common import counts, staging, worker_threads
 from trainer.beam import layout as blocks_lib
 from trainer.beam.model_blocks import (
     ReadUserBlocks,
@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 MARKER = "predictions.json"
 SHARD_PREFIX = "predictions"
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
+LINES_TAG = "lines"
+COUNTS_DIR = "tmp"  # Under the staged output; removed before it is published.
 _METRICS = "batch_predict"
 
 
@@ -84,13 +86,23 @@ class PredictSpec:
 # --- predicting --------------------------------------------------------------------------------
 
 
-class _PredictForUsers(beam.DoFn):
-    """UserBlock -> str lines: top-K unseen content per visitor, `predictions.format_line`."""
+class _CountingFn(beam.DoFn):
+    """A DoFn that counts its lines per bundle (`common.counts.BundleCounts`): "lines" and
+    "lines_shorter_than_k", emitted to COUNTS_TAG when the bundle ends."""
 
     def __init__(self, spec: PredictSpec):
         self._spec = spec
-        self._lines = Metrics.counter(_METRICS, "lines")
-        self._short = Metrics.counter(_METRICS, "lines_shorter_than_k")
+        self._counts = counts.BundleCounts(_METRICS)
+
+    def start_bundle(self):
+        self._counts.reset()
+
+    def finish_bundle(self):
+        yield from self._counts.outputs()
+
+
+class _PredictForUsers(_CountingFn):
+    """UserBlock -> str lines: top-K unseen content per visitor, `predictions.format_line`."""
 
     def setup(self):
         worker_threads.apply_in_worker()  # this worker's BLAS pool
@@ -99,15 +111,16 @@ class _PredictForUsers(beam.DoFn):
         spec = self._spec
         scores = topk.score(block.factors, item_factors)
         ids, top = topk.top_k_excluding(scores, block.seen, spec.k)
+        short = 0
         for row, visitor in enumerate(block.visitor_ids):
             valid = ids[row] >= 0
-            if not valid.all():
-                self._short.inc()
+            short += not valid.all()
             ranked = [items[i] for i in ids[row][valid]]
-            self._lines.inc()
             yield predictions.format_line(
                 visitor, ranked, top[row][valid].tolist(), False, spec.output_format
             )
+        self._counts.inc("lines", len(block.visitor_ids))
+        self._counts.inc("lines_shorter_than_k", short)
 
 
 @dataclasses.dataclass
@@ -181,22 +194,16 @@ class _MergeTopUsers(beam.CombineFn):
         return accumulator
 
 
-class _FormatContentLines(beam.DoFn):
+class _FormatContentLines(_CountingFn):
     """(item_block, _TopUsers) -> str lines, one per content of the block."""
-
-    def __init__(self, spec: PredictSpec):
-        self._spec = spec
-        self._lines = Metrics.counter(_METRICS, "lines")
-        self._short = Metrics.counter(_METRICS, "lines_shorter_than_k")
 
     def process(self, element, items: list[str]):
         item_block, top = element
         start = item_block * self._spec.block_rows
+        short = 0
         for row in range(top.ids.shape[0]):
             valid = top.ids[row] >= 0
-            if not valid.all():
-                self._short.inc()
-            self._lines.inc()
+            short += not valid.all()
             yield predictions.format_line(
                 items[start + row],
                 list(top.names[row][valid]),
@@ -204,10 +211,17 @@ class _FormatContentLines(beam.DoFn):
                 True,
                 self._spec.output_format,
             )
+        self._counts.inc("lines", top.ids.shape[0])
+        self._counts.inc("lines_shorter_than_k", short)
 
 
 class PredictForUsers(beam.PTransform):
-    """PCollection[UserBlock] -> PCollection[str]: each visitor's line (top-K unseen content).
+    """PCollection[UserBlock] -> each visitor's line (top-K unseen content).
+
+    Output: a DoOutputsTuple with
+        lines: PCollection[str];
+        counts: PCollection[dict[str, int]], exact counts "lines" and "lines_shorter_than_k"
+            (also Beam counters, namespace 'batch_predict').
 
     Args:
         spec: what to predict.
@@ -224,14 +238,14 @@ class PredictForUsers(beam.PTransform):
             _PredictForUsers(self._spec),
             beam.pvalue.AsSingleton(self._item_factors),
             beam.pvalue.AsSingleton(self._items),
-        )
+        ).with_outputs(counts.COUNTS_TAG, main=LINES_TAG)
 
 
 class PredictForContent(beam.PTransform):
-    """PCollection[UserBlock] -> PCollection[str]: each content's line (top-K visitors who have
-    not seen it), for --targeting.
+    """PCollection[UserBlock] -> each content's line (top-K visitors who have not seen it), for
+    --targeting.
 
-    Args: as `PredictForUsers`.
+    Output and Args: as `PredictForUsers`.
     """
 
     def __init__(self, spec: PredictSpec, item_factors, items):
@@ -245,13 +259,19 @@ class PredictForContent(beam.PTransform):
             >> beam.ParDo(_PartialTopUsers(self._spec), beam.pvalue.AsSingleton(self._item_factors))
             | "MergeTopVisitors" >> beam.CombinePerKey(_MergeTopUsers())
             | "FormatContentLines"
-            >> beam.ParDo(_FormatContentLines(self._spec), beam.pvalue.AsSingleton(self._items))
+            >> beam.ParDo(
+                _FormatContentLines(self._spec), beam.pvalue.AsSingleton(self._items)
+            ).with_outputs(counts.COUNTS_TAG, main=LINES_TAG)
         )
 
 
-def build_pipeline(pipeline: beam.Pipeline, spec: PredictSpec, output_prefix: str) -> None:
+def build_pipeline(
+    pipeline: beam.Pipeline, spec: PredictSpec, output_prefix: str, counts_path: str
+) -> None:
     """Adds the whole prediction to `pipeline`: read blocks, predict, write shards under
-    `output_prefix` + SHARD_TEMPLATE + ".tsv" (or ".jsonl")."""
+    `output_prefix` + SHARD_TEMPLATE + ".tsv" (or ".jsonl") and the counts of their lines to
+    `counts_path` (`common.counts.WriteCounts`: {"lines": n, "lines_shorter_than_k": m},
+    zeros left out)."""
     n_items = npy_rows(spec.path("item_factors.npy"))
     model_files = pipeline | "ModelFiles" >> beam.Create(
         [(spec.path("item_factors.npy"), spec.path("vocab_items.txt"))]
@@ -264,18 +284,18 @@ def build_pipeline(pipeline: beam.Pipeline, spec: PredictSpec, output_prefix: st
     )
     predict = PredictForContent if spec.targeting else PredictForUsers
     header = predictions.header_line(spec.targeting, spec.output_format)
-    _ = (
+    predicted = (
         pipeline
         | "ReadUserBlocks" >> ReadUserBlocks(spec.model_dir, spec.block_rows, n_items)
         | "Predict" >> predict(spec, item_factors, items)
-        | "WriteShards"
-        >> beam.io.WriteToText(
-            output_prefix,
-            file_name_suffix=f".{spec.output_format}",
-            append_trailing_newlines=False,  # format_line ends each line with '\n'
-            shard_name_template=SHARD_TEMPLATE,
-            header=header,
-        )
+    )
+    _ = (predicted[counts.COUNTS_TAG],) | "WriteCounts" >> counts.WriteCounts(counts_path)
+    _ = predicted[LINES_TAG] | "WriteShards" >> beam.io.WriteToText(
+        output_prefix,
+        file_name_suffix=f".{spec.output_format}",
+        append_trailing_newlines=False,  # format_line ends each line with '\n'
+        shard_name_template=SHARD_TEMPLATE,
+        header=header,
     )
 
 
@@ -325,18 +345,17 @@ def write_predictions(spec: PredictSpec, output_dir: str, beam_argv: list[str]) 
     with staging.staged_output(output_dir, overwrite=True, marker=MARKER) as staged:
         options = PipelineOptions(beam_argv)
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, spec, f"{staged}/{SHARD_PREFIX}")
+        counts_path = f"{staged}/{COUNTS_DIR}/counts.json"
+        build_pipeline(pipeline, spec, f"{staged}/{SHARD_PREFIX}", counts_path)
         with worker_threads.local_budget(options):
             result = pipeline.run()
             result.wait_until_finish()
-        lines = _counter(result, "lines")
+        lines = counts.read_counts(counts_path).get("lines", 0)
+        staging.delete_tree(f"{staged}/{COUNTS_DIR}")
         shards = sorted(
             m.path.rsplit("/", 1)[-1]
             for m in FileSystems.match([f"{staged}/{SHARD_PREFIX}-*"])[0].metadata_list
         )
-        if lines is None:  # a runner that reports no metrics: count the lines ourselves
-            lines = sum(_count_lines(f"{staged}/{name}") for name in shards)
-            lines -= len(shards) if spec.output_format == "tsv" else 0
         manifest = {
             "format": spec.output_format,
             "targeting": spec.targeting,
@@ -349,20 +368,6 @@ def write_predictions(spec: PredictSpec, output_dir: str, beam_argv: list[str]) 
             handle.write(json.dumps(manifest, indent=1).encode("utf-8"))
     logger.info("wrote %d predictions in %d shards to %s", lines, len(shards), output_dir)
     return lines
-
-
-def _counter(result, name: str) -> int | None:
-    try:
-        counters = result.metrics().query(MetricsFilter().with_namespace(_METRICS).with_name(name))
-    except Exception:  # a runner without metrics support
-        return None
-    values = [c.committed if c.committed is not None else c.attempted for c in counters["counters"]]
-    return int(sum(values)) if values else None
-
-
-def _count_lines(path: str) -> int:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return sum(1 for _ in handle)
 
 
 def shard_paths(output_dir: str) -> list[str]:
