@@ -52,8 +52,9 @@ from apache_beam.options.pipeline_options import (
     DirectOptions,
     PipelineOptions,
     PortableOptions,
-    StandardOptions,
 )
+
+from common import locations
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +97,8 @@ class WorkerThreadsOptions(PipelineOptions):
 
 def runner_name(options: PipelineOptions) -> str:
     """The runner's name, lower case, without module path and "runner" suffix: "direct",
-    "dataflow", "flink", "portable", ... ("direct" when none is named)."""
-    runner = options.view_as(StandardOptions).runner
-    if runner is None:
-        return "direct"
-    name = runner if isinstance(runner, str) else type(runner).__name__
-    name = name.rsplit(".", 1)[-1].lower()
-    return name.removesuffix("runner") or "direct"
+    "dataflow", "flink", "portable", ... (`common.locations.runner_name`, shortened)."""
+    return locations.runner_name(options).lower().removesuffix("runner") or "direct"
 
 
 def available_cpus() -> int:
