@@ -74,8 +74,9 @@ def score(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return products.astype(SCORE_DTYPE)
 
 
-def _exclusion_rows(exclude: Exclusions, n_rows: int, n_items: int) -> tuple[np.ndarray, ...]:
-    """(row, item) int64 arrays of the excluded cells of a [n_rows, n_items] batch."""
+def excluded_cells(exclude: Exclusions, n_rows: int, n_items: int) -> tuple[np.ndarray, ...]:
+    """(rows, items): int64 arrays [e] of the excluded cells of a [n_rows, n_items] batch,
+    checked against that shape (ValueError)."""
     if exclude is None:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if isinstance(exclude, CsrMatrix):
@@ -128,10 +129,18 @@ def top_k_excluding(
         (ids, top_scores): ids int64 [b, k] and top_scores float32 [b, k], best first. A row with
         fewer than k eligible (non-excluded) items is padded with id -1 and score -inf.
     """
-    k = positive_int(k)
     scores = np.asarray(scores)
     if scores.ndim != 2:
         raise ValueError(f"scores must be 2-D [b, n_items], got shape {scores.shape}")
+    return top_k_excluding_cells(scores, *excluded_cells(exclude, *scores.shape), k)
+
+
+def top_k_excluding_cells(
+    scores: np.ndarray, rows: np.ndarray, items: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k_excluding` with the excluded cells given as (rows, items), int64 [e] each, in
+    any order, duplicates allowed (`excluded_cells`; not checked here)."""
+    k = positive_int(k)
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
     b, n_items = scores.shape
@@ -140,7 +149,6 @@ def top_k_excluding(
     if b == 0 or n_items == 0:
         return ids, top_scores
 
-    rows, items = _exclusion_rows(exclude, b, n_items)
     k_eff = min(k, n_items)
     n_chunks = min(n_items, _SELECTION_CHUNKS * k_eff)
     width = n_items // n_chunks
