@@ -140,6 +140,16 @@ def test_empty_blocks_and_bad_arguments():
     assert chunked_topk.item_chunk_for(10**9) == 1 and chunked_topk.item_chunk_for(7, 3) == 3
 
 
+def test_scores_formed_in_slabs_of_rows_are_the_same_bits():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(37, 16)).astype(np.float32)
+    y = rng.normal(size=(101, 16)).astype(np.float32)
+    whole = topk.score(x, y)
+    assert whole.tobytes() == full_scores(x, y).tobytes()
+    for product_bytes in (1, 8 * 101 * 5, 10**9):
+        assert topk.score(x, y, product_bytes).tobytes() == whole.tobytes(), product_bytes
+
+
 def _peak_bytes(run) -> int:
     tracemalloc.start()
     try:

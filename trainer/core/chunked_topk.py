@@ -22,10 +22,13 @@ tie) skip the merge.
 
 Memory: the peak of one call is O(b · item_chunk + b · k) whatever n_items: the chunk's
 float32 scores (b · item_chunk · 4 bytes), the float64 products `topk.score` rounds them from
-(b · item_chunk · 8 bytes), the selection's work arrays (at most about b · item_chunk · 6
-bytes, for rows with many ties), and the running and merged lists (b · 3k · 12 bytes); the
-exclusions (int64 row and item of each excluded cell, 16 bytes a cell) are the block's own.
-`item_chunk_for` picks the chunk from `DEFAULT_SCORE_BYTES` when none is given.
+(formed a slab of rows at a time, at most `PRODUCT_BYTES`), the selection's work arrays (about
+b · min(item_chunk, 32k) · 6 bytes more; up to b · item_chunk · 6 for rows with many ties), and
+the running and merged lists (b · 3k · 12 bytes); the exclusions (int64 row and item of each
+excluded cell, 16 bytes a cell) are the block's own. `item_chunk_for` picks the chunk from
+`DEFAULT_SCORE_BYTES` when none is given: 4,096 items for a block of 4,096 rows, whose call
+then peaks at 165 MiB (tracemalloc, k = 50, 64 factors, 20,000 items; the whole [4096, 20000]
+matrix and its ranking: 947 MiB), and as fast (1.2 s against 2.0 s on 2 vCPUs).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from trainer.core import topk
 from trainer.core.topk import Exclusions, positive_int
 
 # The float32 scores of one chunk (b · item_chunk · 4 bytes) stay within this by default.
-DEFAULT_SCORE_BYTES = 16 << 20
+DEFAULT_SCORE_BYTES = 64 << 20
+# The float64 products behind them are formed at most this many bytes at a time.
+PRODUCT_BYTES = 8 << 20
 
 
 def item_chunk_for(n_rows: int, item_chunk: int = 0, score_bytes: int = DEFAULT_SCORE_BYTES):
@@ -90,7 +95,7 @@ class FactorScores(BlockScores):
         return int(np.shape(self.candidates)[0])
 
     def scores(self, start: int, stop: int) -> np.ndarray:
-        return topk.score(self.query, self.candidates[start:stop])
+        return topk.score(self.query, self.candidates[start:stop], PRODUCT_BYTES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,9 @@ def positive_int(value: int, name: str = "k") -> int:
     return int(value)
 
 
-def score(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+def score(
+    query: np.ndarray, candidates: np.ndarray, product_bytes: int | None = None
+) -> np.ndarray:
     """float32 [b, m]: s[u, i] = Σ_f query[u, f] · candidates[i, f] (module doc: precision).
 
     The factors are taken as float32, the products summed in float64 and rounded once to
@@ -63,6 +65,9 @@ def score(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     Args:
         query: float [b, k_factors], e.g. the users' factors X_b.
         candidates: float [m, k_factors], e.g. the item factors Y.
+        product_bytes: when given, the float64 products are formed a slab of rows at a time,
+            at most max(product_bytes, m · 8) bytes of them at once (the same scores); None:
+            all b · m · 8 bytes at once.
     """
     query = np.asarray(query, dtype=SCORE_DTYPE)
     candidates = np.asarray(candidates, dtype=SCORE_DTYPE)
@@ -70,8 +75,15 @@ def score(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"query {query.shape} and candidates {candidates.shape} must be [b, k] and [m, k]"
         )
-    products = query.astype(np.float64) @ candidates.astype(np.float64).T
-    return products.astype(SCORE_DTYPE)
+    transposed = candidates.astype(np.float64).T
+    if product_bytes is None:
+        return (query.astype(np.float64) @ transposed).astype(SCORE_DTYPE)
+    b, m = query.shape[0], candidates.shape[0]
+    out = np.empty((b, m), dtype=SCORE_DTYPE)
+    slab = max(1, int(product_bytes) // (8 * max(m, 1)))
+    for start in range(0, b, slab):
+        out[start : start + slab] = query[start : start + slab].astype(np.float64) @ transposed
+    return out
 
 
 def excluded_cells(exclude: Exclusions, n_rows: int, n_items: int) -> tuple[np.ndarray, ...]:
