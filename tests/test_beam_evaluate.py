@@ -50,12 +50,15 @@ def test_local_helper_matches_the_trainers_metrics_json(tiny_model, tiny_preproc
     assert_same({k: written[k] for k in ("wals", "popularity")}, expected)
 
 
-@pytest.mark.parametrize("workers, block_rows", [([], 16), (MULTI, 16), (MULTI, 1000)])
+@pytest.mark.parametrize(
+    "workers, block_rows, item_chunk", [([], 16, 0), (MULTI, 16, 7), (MULTI, 1000, 1)]
+)
 def test_distributed_metrics_equal_local_metrics(
-    tiny_model, tiny_preprocessed, workers, block_rows
+    tiny_model, tiny_preprocessed, workers, block_rows, item_chunk
 ):
+    """Any block size and any chunk of items (7: not a divisor of the item count; 1)."""
     actual = beam_evaluate.evaluate_model_distributed(
-        tiny_model, tiny_preprocessed, workers, block_rows=block_rows
+        tiny_model, tiny_preprocessed, workers, block_rows=block_rows, item_chunk=item_chunk
     )
     assert_same(actual, local_metrics(tiny_model, tiny_preprocessed))
 

@@ -24,19 +24,24 @@ def lines(path: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "output_format, targeting, block_rows",
-    [("tsv", False, 16), ("jsonl", False, 1000), ("tsv", True, 50), ("jsonl", True, 7)],
+    "output_format, targeting, block_rows, chunk",
+    [("tsv", False, 16, 7), ("jsonl", False, 1000, 0), ("tsv", True, 50, 3), ("jsonl", True, 7, 0)],
 )
 def test_distributed_predictions_equal_local_line_for_line(
-    tiny_model, tmp_path, output_format, targeting, block_rows
+    tiny_model, tmp_path, output_format, targeting, block_rows, chunk
 ):
+    """Any block size, and any --score_item_chunk (candidates scored at once; 0: automatic)."""
     flags = ["--model_dir", tiny_model, "--format", output_format, "--k", "5"]
     flags += ["--targeting"] if targeting else []
     local = str(tmp_path / f"local.{output_format}")
     count = batch_predict.run([*flags, "--output", local, "--no_progress"])
     out = str(tmp_path / "distributed")
     written = batch_predict.run(
-        [*flags, "--output", out, "--distributed", "--block_rows", str(block_rows), *MULTI]
+        [
+            *flags,
+            *("--output", out, "--distributed", "--block_rows", str(block_rows)),
+            *("--score_item_chunk", str(chunk), *MULTI),
+        ]
     )
 
     assert written == count > 0

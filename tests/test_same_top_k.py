@@ -2,8 +2,10 @@
 metrics.json (the trainer's evaluation), the quality gate's scoring of the candidate and batch
 prediction are the same items in the same order for every visitor they share.
 
-The evaluation's lists are caught where every ranking is made (`trainer.core.topk`); that they
-are metrics.json's lists is checked by recomputing metrics.json's figures from them."""
+The evaluation's lists are caught where every ranking of a batch of users is made
+(`trainer.core.chunked_topk.chunked_top_k`, or `trainer.core.topk.top_k_excluding` for a scorer
+that returns whole score rows); that they are metrics.json's lists is checked by recomputing
+metrics.json's figures from them."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from trainer import batch_predict, task
-from trainer.core import metrics, topk
+from trainer.core import chunked_topk, metrics, topk
 from trainer.core.factors import WALSFactors
 from trainer.evaluation import gate
 from trainer.local import dataset as data
@@ -25,18 +27,26 @@ K = 20
 
 
 class ListSpy:
-    """Records the lists `topk.top_k_excluding` returns, per top-level `metrics.evaluate` call."""
+    """Records the lists `chunked_topk.chunked_top_k` and `topk.top_k_excluding` return, per
+    top-level `metrics.evaluate` call."""
 
     def __init__(self, monkeypatch):
         self.calls: list[list[np.ndarray]] = []
         self._depth = 0
-        top_k, evaluate = topk.top_k_excluding, metrics.evaluate
+        top_k, chunked, evaluate = (
+            topk.top_k_excluding,
+            chunked_topk.chunked_top_k,
+            metrics.evaluate,
+        )
 
-        def spy_top_k(scores, exclude, k):
-            ids, top = top_k(scores, exclude, k)
-            if self._depth:
-                self.calls[-1].append(ids)
-            return ids, top
+        def spy(rank):
+            def ranked(*args, **kwargs):
+                ids, top = rank(*args, **kwargs)
+                if self._depth:
+                    self.calls[-1].append(ids)
+                return ids, top
+
+            return ranked
 
         def spy_evaluate(*args, **kwargs):
             if self._depth == 0:
@@ -47,7 +57,8 @@ class ListSpy:
             finally:
                 self._depth -= 1
 
-        monkeypatch.setattr(topk, "top_k_excluding", spy_top_k)
+        monkeypatch.setattr(topk, "top_k_excluding", spy(top_k))
+        monkeypatch.setattr(chunked_topk, "chunked_top_k", spy(chunked))
         monkeypatch.setattr(metrics, "evaluate", spy_evaluate)
 
     def lists(self, call: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from common import cli, locations, staging
 from common.atomic import write_atomically
 from trainer.beam import predict as beam_predict
-from trainer.core import topk
+from trainer.core.chunked_topk import DEFAULT_SCORE_BYTES, FactorScores, chunked_top_k
 from trainer.core.sparse import CsrMatrix
 from trainer.core.xla import configure_xla
 from trainer.serving import model as model_lib
@@ -44,20 +44,25 @@ def _rows(
     k: int,
     batch_size: int,
     progress: bool,
+    item_chunk: int = 0,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(row, top-k candidate ids, scores) for every row of `query`, seen candidates excluded.
+
+    Rows are ranked `batch_size` at a time against `item_chunk` candidates at a time
+    (`chunked_top_k`: memory O(batch_size · item_chunk + batch_size · k)).
 
     Args:
         query: float32 [n, k_factors], e.g. user factors.
         candidates: float32 [m, k_factors], e.g. item factors.
         seen: CsrMatrix [n, m], the candidates each row must not get.
+        item_chunk: candidates scored at once; 0: automatic (`chunked_topk.item_chunk_for`).
     """
     n = query.shape[0]
     with tqdm(total=n, disable=not progress, unit="rows", desc="predicting") as bar:
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            scores = topk.score(query[start:stop], candidates)
-            ids, top = topk.top_k_excluding(scores, seen.row_slice(start, stop), k)
+            scores = FactorScores(query[start:stop], candidates)
+            ids, top = chunked_top_k(scores, seen.row_slice(start, stop), k, item_chunk)
             for offset in range(stop - start):
                 valid = ids[offset] >= 0
                 yield start + offset, ids[offset][valid], top[offset][valid]
@@ -70,6 +75,7 @@ def predict(
     targeting: bool = False,
     batch_size: int = 1024,
     progress: bool = False,
+    item_chunk: int = 0,
 ) -> Iterator[tuple[str, list, list]]:
     """(key, ranked original IDs, scores) for every visitor (or content, with targeting)."""
     seen = model.seen_matrix()
@@ -88,7 +94,7 @@ def predict(
             model.users,
             model.items,
         )
-    for row, ids, scores in _rows(query, candidates, seen, k, batch_size, progress):
+    for row, ids, scores in _rows(query, candidates, seen, k, batch_size, progress, item_chunk):
         yield keys[row], [names[i] for i in ids], scores.tolist()
 
 
@@ -99,6 +105,7 @@ def write_predictions(
     targeting: bool = False,
     output_format: str = "tsv",
     progress: bool = False,
+    item_chunk: int = 0,
 ) -> int:
     """Writes predictions to `output` (local or any Beam filesystem).
 
@@ -114,7 +121,8 @@ def write_predictions(
         header = header_line(targeting, output_format)
         if header is not None:
             handle.write(header.encode("utf-8"))
-        for key, ranked, scores in predict(model, k, targeting, progress=progress):
+        rows = predict(model, k, targeting, progress=progress, item_chunk=item_chunk)
+        for key, ranked, scores in rows:
             line = format_line(key, ranked, scores, targeting, output_format)
             handle.write(line.encode("utf-8"))
             count += 1
@@ -136,6 +144,14 @@ def run(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--format", dest="output_format", choices=FORMATS, default="tsv")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--score_item_chunk",
+        type=int,
+        default=0,
+        help="candidates (contents; visitors with --targeting) scored at once per block of "
+        "rows, which bounds the scores' memory at rows x chunk x 4 bytes (default 0: as many as "
+        f"fit in {DEFAULT_SCORE_BYTES >> 20} MiB); the output does not depend on it",
+    )
     dist = parser.add_argument_group(
         "distributed prediction (every other flag is a Beam pipeline option: --runner, "
         "--project, --region, --temp_location, --flink_master, --direct_num_workers, "
@@ -164,6 +180,8 @@ def run(argv: list[str] | None = None) -> int:
         raise cli.UsageError(f"--k must be > 0, got {args.k}")
     if args.block_rows <= 0:
         raise cli.UsageError(f"--block_rows must be > 0, got {args.block_rows}")
+    if args.score_item_chunk < 0:
+        raise cli.UsageError(f"--score_item_chunk must be >= 0, got {args.score_item_chunk}")
     locations.check_locations(
         PipelineOptions(beam_argv) if args.distributed else None,
         [
@@ -173,7 +191,12 @@ def run(argv: list[str] | None = None) -> int:
     )
     if args.distributed:
         spec = beam_predict.PredictSpec(
-            args.model_dir, args.k, args.targeting, args.output_format, args.block_rows
+            args.model_dir,
+            args.k,
+            args.targeting,
+            args.output_format,
+            args.block_rows,
+            args.score_item_chunk,
         )
         try:
             return beam_predict.write_predictions(spec, args.output, beam_argv)
@@ -187,6 +210,7 @@ def run(argv: list[str] | None = None) -> int:
             args.targeting,
             args.output_format,
             progress=not args.no_progress,
+            item_chunk=args.score_item_chunk,
         )
     except FileNotFoundError as error:
         raise cli.UsageError(str(error)) from None

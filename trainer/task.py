@@ -34,6 +34,7 @@ from trainer.beam import checkpoints
 from trainer.beam import layout as blocks_lib
 from trainer.beam import train as distributed
 from trainer.core import objective
+from trainer.core.chunked_topk import DEFAULT_SCORE_BYTES
 from trainer.core.objective import WALSConfig
 from trainer.core.xla import configure_xla
 from trainer.local import dataset as data
@@ -241,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
         "an iteration; the history says which iterations have it)",
     )
     ev.add_argument("--no_progress", action="store_true", help="log instead of a progress bar")
+    ev.add_argument(
+        "--score_item_chunk",
+        type=int,
+        default=0,
+        help="items scored at once per batch of users when ranking (evaluation, new visitors; "
+        "locally and per Beam element), which bounds the scores' memory at users x chunk x 4 "
+        f"bytes (default 0: as many as fit in {DEFAULT_SCORE_BYTES >> 20} MiB); the metrics do not "
+        "depend on it",
+    )
     hp.add_argument(
         "--warm_start_from",
         default=None,
@@ -307,6 +317,8 @@ def run(argv: list[str] | None = None) -> dict:
         raise cli.UsageError(f"unknown flag(s): {', '.join(unknown)} (see --help)")
     if args.block_rows < 1:
         raise cli.UsageError(f"--block_rows must be >= 1, got {args.block_rows}")
+    if args.score_item_chunk < 0:
+        raise cli.UsageError(f"--score_item_chunk must be >= 0, got {args.score_item_chunk}")
     try:
         config = config_from_args(args)  # WALSConfig validates itself
     except ValueError as error:

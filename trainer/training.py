@@ -49,19 +49,22 @@ def _summaries(writer, step: int, values: dict, prefix: str) -> None:
 
 
 def _scorer(factors: WALSFactors):
-    """userIds int [b] -> scores float32 [b, n_items] = X[users] Yᵀ (`metrics.factor_scorer`)."""
+    """userIds int [b] -> their scores X[users] Yᵀ, ranked chunk by chunk of items
+    (`metrics.factor_scorer`)."""
     return metrics.factor_scorer(factors.user_factors, factors.item_factors)
 
 
 def per_iteration_evaluator(
-    train, heldout, ks: tuple[int, ...], eval_users: int, seed: int
+    train, heldout, ks: tuple[int, ...], eval_users: int, seed: int, item_chunk: int = 0
 ) -> Callable[[WALSFactors], dict]:
     """factors -> `metrics.evaluate` of them on a fixed seeded sample of `eval_users` of the
     users with held-out items (all of them when eval_users is 0 or exceeds their number): the
     evaluation of the per-iteration history. Its "users_evaluated" says how many were scored;
     the same users every iteration, so the curve's steps are not sampling noise."""
     users = metrics.sample_users(heldout, eval_users, seed) if eval_users > 0 else None
-    return lambda factors: metrics.evaluate(_scorer(factors), train, heldout, ks=ks, users=users)
+    return lambda factors: metrics.evaluate(
+        _scorer(factors), train, heldout, ks=ks, users=users, item_chunk=item_chunk
+    )
 
 
 def _train_distributed(
@@ -106,7 +109,10 @@ def train_and_evaluate(
     train, heldout = dataset.train, dataset.heldout
     writer = tf.summary.create_file_writer(f"{out}/tensorboard")
     history = []
-    evaluate = per_iteration_evaluator(train, heldout, args.eval_ks, args.eval_users, args.seed)
+    chunk = args.score_item_chunk
+    evaluate = per_iteration_evaluator(
+        train, heldout, args.eval_ks, args.eval_users, args.seed, chunk
+    )
 
     # Wall seconds of each iteration after the first (which also holds the set-up and the
     # kernels' compilation), the callback's own work (evaluation) left out.
@@ -193,7 +199,7 @@ def train_and_evaluate(
         if args.distributed:
             # Beam combiners over blocks of users, reading the model just saved.
             evaluated = beam_evaluate.evaluate_model_distributed(
-                out, args.input_dir, beam_argv, ks=args.eval_ks
+                out, args.input_dir, beam_argv, ks=args.eval_ks, item_chunk=chunk
             )
         else:
             rows = heldout.row_ids()
@@ -203,17 +209,23 @@ def train_and_evaluate(
             evaluated = {
                 "wals": {
                     "rmse": metrics.rmse(predicted, heldout.values),
-                    **metrics.evaluate(_scorer(factors), train, heldout, ks=args.eval_ks),
+                    **metrics.evaluate(
+                        _scorer(factors), train, heldout, ks=args.eval_ks, item_chunk=chunk
+                    ),
                 },
-                "popularity": metrics.evaluate_popularity(train, heldout, ks=args.eval_ks),
+                "popularity": metrics.evaluate_popularity(
+                    train, heldout, ks=args.eval_ks, item_chunk=chunk
+                ),
             }
         result.update(evaluated)
         _summaries(writer, config.num_iters, result["popularity"], "popularity")
     if new_visitors.has_heldout(args.input_dir):  # held-out visitors: fold in and score
         if args.distributed:
-            new = new_visitors.evaluate_distributed(out, args.input_dir, beam_argv, args.eval_ks)
+            new = new_visitors.evaluate_distributed(
+                out, args.input_dir, beam_argv, args.eval_ks, item_chunk=chunk
+            )
         else:
-            new = new_visitors.evaluate_model(trained, args.input_dir, args.eval_ks)
+            new = new_visitors.evaluate_model(trained, args.input_dir, args.eval_ks, chunk)
         result["new_visitors"] = new
         for name in ("wals", "popularity"):
             _summaries(writer, config.num_iters, new[name], f"new_visitors/{name}")

@@ -4,10 +4,13 @@
 
 Each block scores its users against every item (Y a singleton side input; `topk.score`,
 float32, bitwise the scores of the local evaluation), excludes their training items and adds
-`metrics.batch_sums` of the block, exactly the per-batch sums the local
-`metrics.evaluate` adds; a CombineFn merges them (`RankingSums.merge`), and the squared errors
-of the held-out cells for RMSE. The result therefore equals the local evaluation of the same
-model whatever the block size or worker count (up to float round-off in the sums).
+`metrics.batch_sums` of the block, exactly the per-batch sums the local `metrics.evaluate`
+adds. The items are scored `item_chunk` at a time with a running top max(ks)
+(`trainer.core.chunked_topk`), so an element of B users peaks at O(B · item_chunk + B · max(ks))
+of scores, never B · n_items. A CombineFn merges the sums (`RankingSums.merge`; its coverage
+holds one bool per item and cut-off) and the squared errors of the held-out cells for RMSE. The
+result therefore equals the local evaluation of the same model whatever the block size, chunk
+size or worker count (up to float round-off in the sums).
 
 The trainer's pipeline can apply `EvaluateBlocks` to its own blocks; `evaluate_model_distributed`
 runs it as a pipeline of its own on a saved model and a preprocessed dataset.
@@ -30,7 +33,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from common import locations, staging, worker_threads
 from trainer.beam import layout as blocks_lib
 from trainer.beam.model_blocks import read_npy_rows
-from trainer.core import metrics, topk
+from trainer.core import metrics
+from trainer.core.chunked_topk import ConstantScores, FactorScores
 from trainer.core.sparse import CsrMatrix
 from trainer.serving import model as model_lib
 from transforms import examples, features
@@ -75,15 +79,21 @@ class _Sums:
 
 
 def block_sums(
-    block: EvalBlock, item_factors: np.ndarray, ks: Sequence[int], with_rmse: bool = True
+    block: EvalBlock,
+    item_factors: np.ndarray,
+    ks: Sequence[int],
+    with_rmse: bool = True,
+    item_chunk: int = 0,
 ) -> _Sums:
     """The sums of one block: `metrics.batch_sums` of its users with >= 1 held-out item, scored
-    X_b Yᵀ by `topk.score` as the local evaluation scores, and their held-out cells' squared
-    errors."""
+    X_b Yᵀ by `topk.score` as the local evaluation scores (`item_chunk` items at a time: peak
+    O(B · item_chunk + B · max(ks)) for B users, 0: `chunked_topk.item_chunk_for`), and their
+    held-out cells' squared errors."""
     users = np.flatnonzero(block.heldout.row_counts() > 0)
     relevant = metrics.take_rows(block.heldout, users)
-    scores = topk.score(block.factors[users], item_factors)
-    sums = _Sums(metrics.batch_sums(scores, metrics.take_rows(block.train, users), relevant, ks))
+    scores = FactorScores(block.factors[users], item_factors)
+    seen = metrics.take_rows(block.train, users)
+    sums = _Sums(metrics.batch_sums(scores, seen, relevant, ks, item_chunk))
     if with_rmse and relevant.nnz:
         rows = users[relevant.row_ids()]
         predicted = np.einsum(
@@ -123,8 +133,8 @@ class _CombineSums(beam.CombineFn):
 
 
 class _BlockSums(beam.DoFn):
-    def __init__(self, ks: tuple[int, ...], with_rmse: bool):
-        self._ks, self._with_rmse = ks, with_rmse
+    def __init__(self, ks: tuple[int, ...], with_rmse: bool, item_chunk: int = 0):
+        self._ks, self._with_rmse, self._item_chunk = ks, with_rmse, item_chunk
         self._users = Metrics.counter(_METRICS, "users_evaluated")
         self._blocks = Metrics.counter(_METRICS, "blocks")
 
@@ -132,7 +142,7 @@ class _BlockSums(beam.DoFn):
         worker_threads.apply_in_worker()  # this worker's BLAS pool
 
     def process(self, block: EvalBlock, item_factors: np.ndarray):
-        sums = block_sums(block, item_factors, self._ks, self._with_rmse)
+        sums = block_sums(block, item_factors, self._ks, self._with_rmse, self._item_chunk)
         self._blocks.inc()
         self._users.inc(sums.ranking.users)
         yield sums
@@ -148,6 +158,7 @@ class EvaluateBlocks(beam.PTransform):
         n_items: the number of items (for coverage).
         ks: the cut-offs.
         with_rmse: also compute "rmse" of the held-out cells (x_u · y_i against r_ui).
+        item_chunk: items scored at once per block (`block_sums`); 0: automatic.
     """
 
     def __init__(
@@ -156,19 +167,22 @@ class EvaluateBlocks(beam.PTransform):
         n_items: int,
         ks: Sequence[int] = metrics.DEFAULT_KS,
         with_rmse: bool = True,
+        item_chunk: int = 0,
     ):
         super().__init__()
         self._item_factors = item_factors
         self._n_items = n_items
         self._ks = tuple(sorted(set(ks)))
         self._with_rmse = with_rmse
+        self._item_chunk = item_chunk
 
     def expand(self, eval_blocks):
         return (
             eval_blocks
             | "SumBlocks"
             >> beam.ParDo(
-                _BlockSums(self._ks, self._with_rmse), beam.pvalue.AsSingleton(self._item_factors)
+                _BlockSums(self._ks, self._with_rmse, self._item_chunk),
+                beam.pvalue.AsSingleton(self._item_factors),
             )
             | "CombineSums"
             >> beam.CombineGlobally(_CombineSums(self._ks, self._n_items, self._with_rmse))
@@ -195,20 +209,21 @@ class _CountItems(beam.CombineFn):
 
 
 class _PopularityBlock(beam.DoFn):
-    """EvalBlock -> _Sums of the popularity baseline: every user scores item i as c_i."""
+    """EvalBlock -> _Sums of the popularity baseline: every user scores item i as c_i (ranked
+    `item_chunk` items at a time, as `block_sums`)."""
 
-    def __init__(self, ks: tuple[int, ...]):
-        self._ks = ks
+    def __init__(self, ks: tuple[int, ...], item_chunk: int = 0):
+        self._ks, self._item_chunk = ks, item_chunk
 
     def process(self, block: EvalBlock, counts: np.ndarray):
-        scores = metrics.popularity_from_counts(counts)
         users = np.flatnonzero(block.heldout.row_counts() > 0)
         yield _Sums(
             metrics.batch_sums(
-                np.broadcast_to(scores, (users.size, scores.size)),
+                ConstantScores(metrics.popularity_from_counts(counts), users.size),
                 metrics.take_rows(block.train, users),
                 metrics.take_rows(block.heldout, users),
                 self._ks,
+                self._item_chunk,
             )
         )
 
@@ -218,16 +233,20 @@ class EvaluatePopularity(beam.PTransform):
     (the most popular unseen items for everyone), popularity counted from the blocks' train rows.
     """
 
-    def __init__(self, n_items: int, ks: Sequence[int] = metrics.DEFAULT_KS):
+    def __init__(self, n_items: int, ks: Sequence[int] = metrics.DEFAULT_KS, item_chunk: int = 0):
         super().__init__()
         self._n_items = n_items
         self._ks = tuple(sorted(set(ks)))
+        self._item_chunk = item_chunk
 
     def expand(self, eval_blocks):
         counts = eval_blocks | "CountItems" >> beam.CombineGlobally(_CountItems(self._n_items))
         return (
             eval_blocks
-            | "SumBlocks" >> beam.ParDo(_PopularityBlock(self._ks), beam.pvalue.AsSingleton(counts))
+            | "SumBlocks"
+            >> beam.ParDo(
+                _PopularityBlock(self._ks, self._item_chunk), beam.pvalue.AsSingleton(counts)
+            )
             | "CombineSums" >> beam.CombineGlobally(_CombineSums(self._ks, self._n_items, False))
         )
 
@@ -313,6 +332,7 @@ def evaluate_model_distributed(
     pipeline_options: PipelineOptions | list[str] | None = None,
     ks: Sequence[int] = metrics.DEFAULT_KS,
     block_rows: int = blocks_lib.DEFAULT_BLOCK_ROWS,
+    item_chunk: int = 0,
 ) -> dict[str, dict[str, float | int]]:
     """The metrics of a saved model on a preprocessed dataset's eval split, from one Beam run.
 
@@ -327,6 +347,8 @@ def evaluate_model_distributed(
             (`common.locations.scratch_dir`); they are deleted once read.
         ks: the cut-offs.
         block_rows: users per block.
+        item_chunk: items scored at once per block (0: automatic, `chunked_topk.item_chunk_for`);
+            a block's scores peak at O(block_rows · item_chunk). The result does not depend on it.
 
     Returns:
         {"wals": {"rmse", "recall@k", ..., "users_evaluated"}, "popularity": {...}}, the
@@ -365,8 +387,10 @@ def evaluate_model_distributed(
             factors = np.asarray(model.item_factors, dtype=np.float32)
             item_factors = pipeline | "ItemFactors" >> beam.Create([factors])
         evaluated = {
-            "wals": blocks | "EvaluateModel" >> EvaluateBlocks(item_factors, shape[1], ks),
-            "popularity": blocks | "EvaluatePopularity" >> EvaluatePopularity(shape[1], ks),
+            "wals": blocks
+            | "EvaluateModel" >> EvaluateBlocks(item_factors, shape[1], ks, item_chunk=item_chunk),
+            "popularity": blocks
+            | "EvaluatePopularity" >> EvaluatePopularity(shape[1], ks, item_chunk),
         }
         for name, result in evaluated.items():
             _ = (

@@ -2,8 +2,9 @@
 
     broadcast   every worker reads the whole fixed table ([n_fixed, k] float32) from the block
                 files the `SideState` names, once per process and half-sweep, and holds one
-                copy (`fixed_table`). Simple and fast while n_fixed · k · 4 bytes fits easily
-                in a worker.
+                copy (`fixed_table`, a `trainer.core.fixed_table.FixedTable` that every solve
+                and thread of the process reads without a copy of its own). Simple and fast
+                while n_fixed · k · 4 bytes fits easily in a worker.
     join        Spark ALS's block join: once per launch, each solving block lists the fixed rows
                 its cells touch, grouped by the fixed block that owns them, in a requests file
                 per fixed block (`WriteRequests`). Every sweep, each fixed block reads its own
@@ -19,7 +20,6 @@ positions in those rows.
 
 from __future__ import annotations
 
-import collections
 import threading
 
 import apache_beam as beam
@@ -30,40 +30,46 @@ from trainer.beam import layout as blocks_lib
 from trainer.beam.layout import FactorRef, RowBlock
 from trainer.beam.side_state import SideState, read_ref
 from trainer.beam.spec import TrainSpec
+from trainer.core.fixed_table import FixedTable
 from trainer.core.sides import Side
 
 # --- broadcast -----------------------------------------------------------------------------------
 
-# Each worker process reads a side's whole table from the checkpoint files once per half-sweep
-# and keeps the newest few (one per side is in use).
-_TABLES: collections.OrderedDict = collections.OrderedDict()
-_TABLES_LOCK = threading.Lock()
-TABLES_KEPT = 2
+# Each worker process holds one fixed table: the one of the half-sweep it is solving, read from
+# the checkpoint files by the first solve that needs it and replaced (dropped first, then read)
+# when a solve of the next half-sweep asks for its table. (key, FixedTable) or None.
+_TABLE: tuple[tuple, FixedTable] | None = None
+_TABLE_LOCK = threading.Lock()
+TABLES_KEPT = 1
 
 
-def fixed_table(spec: TrainSpec, state: SideState) -> np.ndarray:
-    """The whole table of `state`'s side, float32 [n, k], read from its block files."""
+def fixed_table(spec: TrainSpec, state: SideState) -> FixedTable:
+    """The whole table of `state`'s side, float32 [n, k], read from its block files once per
+    process and half-sweep; every solve and thread of the process shares it."""
+    global _TABLE
     key = (spec.checkpoint_dir, state.side, state.iteration) + tuple(
         entry["sha256"] for entry in state.entries
     )
-    with _TABLES_LOCK:
-        if key in _TABLES:
-            _TABLES.move_to_end(key)
-            return _TABLES[key]
+    with _TABLE_LOCK:
+        if _TABLE is not None and _TABLE[0] == key:
+            return _TABLE[1]
+        _TABLE = None  # the previous half-sweep's table goes before the next one is read
         n = spec.side_shape(state.side)[0]
-        table = np.zeros((n, spec.config.latent_factors), dtype=np.float32)
         seen = 0
-        for entry in state.entries:
-            row_ids, factors = files.read_factor_block(
-                spec.checkpoint_dir, state.iteration, state.side, entry
-            )
-            table[row_ids] = factors
-            seen += row_ids.size
+
+        def fill(table: np.ndarray) -> None:
+            nonlocal seen
+            for entry in state.entries:
+                row_ids, factors = files.read_factor_block(
+                    spec.checkpoint_dir, state.iteration, state.side, entry
+                )
+                table[row_ids] = factors
+                seen += row_ids.size
+
+        table = FixedTable.filled(n, spec.config.latent_factors, fill)
         if seen != n:
             raise RuntimeError(f"{Side(state.side).label} factor table has {seen} of {n} rows")
-        _TABLES[key] = table
-        while len(_TABLES) > TABLES_KEPT:
-            _TABLES.popitem(last=False)
+        _TABLE = (key, table)
         return table
 
 

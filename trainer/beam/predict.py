@@ -13,9 +13,12 @@ whose elements are blocks of users (block = userId // block_rows, `trainer.beam.
         ─ WriteToText: <output>/predictions-SSSSS-of-NNNNN.tsv (or .jsonl)
 
 Scores and lists are `trainer.core.topk`'s (float32 x_u · y_i, bitwise the same whatever the
-block size; ties to the lower ID), as locally. Lines are formatted by
-`predictions.format_line`; every TSV shard starts with the header line, so each shard is a
-predictions file `predictions.read_predictions` (or pandas) reads on its own.
+block size; ties to the lower ID), as locally, ranked by `trainer.core.chunked_topk`: a block
+of B visitors is scored `item_chunk` contents at a time with a running top K, so an element's
+scores peak at O(B · item_chunk + B · K), never B · n_items (with --targeting, an item block of
+block_rows contents is scored against the B visitors `item_chunk` visitors at a time). Lines
+are formatted by `predictions.format_line`; every TSV shard starts with the header line, so
+each shard is a predictions file `predictions.read_predictions` (or pandas) reads on its own.
 
 Each worker holds the item factors ([n_items, k] float32) and the content vocabulary; user
 factors and visitor IDs travel only in blocks. The output directory is staged
@@ -48,6 +51,7 @@ from trainer.beam.model_blocks import (
     read_npy_rows,
 )
 from trainer.core import topk
+from trainer.core.chunked_topk import FactorScores, chunked_top_k
 from trainer.serving import predictions
 
 logger = logging.getLogger(__name__)
@@ -70,6 +74,8 @@ class PredictSpec:
         targeting: top-K visitors per content instead of top-K content per visitor.
         output_format: "tsv" or "jsonl".
         block_rows: users per block.
+        item_chunk: candidates scored at once per block (contents; visitors with targeting);
+            0: automatic (`chunked_topk.item_chunk_for`). The lines do not depend on it.
     """
 
     model_dir: str
@@ -77,6 +83,7 @@ class PredictSpec:
     targeting: bool = False
     output_format: str = "tsv"
     block_rows: int = blocks_lib.DEFAULT_BLOCK_ROWS
+    item_chunk: int = 0
 
     def path(self, name: str) -> str:
         """The path of one of the model's files."""
@@ -109,8 +116,8 @@ class _PredictForUsers(_CountingFn):
 
     def process(self, block: UserBlock, item_factors: np.ndarray, items: list[str]):
         spec = self._spec
-        scores = topk.score(block.factors, item_factors)
-        ids, top = topk.top_k_excluding(scores, block.seen, spec.k)
+        scores = FactorScores(block.factors, item_factors)
+        ids, top = chunked_top_k(scores, block.seen, spec.k, spec.item_chunk)
         short = 0
         for row, visitor in enumerate(block.visitor_ids):
             valid = ids[row] >= 0
@@ -168,8 +175,9 @@ class _PartialTopUsers(beam.DoFn):
         n_items = item_factors.shape[0]
         for item_block in range(blocks_lib.num_blocks(n_items, spec.block_rows)):
             start, stop = blocks_lib.block_bounds(item_block, spec.block_rows, n_items)
-            scores = topk.score(item_factors[start:stop], block.factors)
-            local, top = topk.top_k_excluding(scores, seen_by_item.row_slice(start, stop), spec.k)
+            scores = FactorScores(item_factors[start:stop], block.factors)
+            seen = seen_by_item.row_slice(start, stop)
+            local, top = chunked_top_k(scores, seen, spec.k, spec.item_chunk)
             ids = np.where(local >= 0, local + block.start, -1)
             yield item_block, _TopUsers(ids, top, names[local])  # names[-1] is None
 
@@ -341,6 +349,8 @@ def write_predictions(spec: PredictSpec, output_dir: str, beam_argv: list[str]) 
         raise ValueError(f"unknown format {spec.output_format!r}")
     if spec.k <= 0 or spec.block_rows <= 0:
         raise ValueError(f"k and block_rows must be > 0, got {spec.k} and {spec.block_rows}")
+    if spec.item_chunk < 0:
+        raise ValueError(f"item_chunk must be >= 0, got {spec.item_chunk}")
     _check_model(spec)
     with staging.staged_output(output_dir, overwrite=True, marker=MARKER) as staged:
         options = PipelineOptions(beam_argv)

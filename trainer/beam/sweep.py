@@ -34,6 +34,7 @@ from trainer.beam.layout import FactorRef
 from trainer.beam.side_state import SideState, publish, read_ref
 from trainer.beam.spec import JOIN, METRICS_NAMESPACE, TrainSpec
 from trainer.core import loss
+from trainer.core.fixed_table import FixedTable
 from trainer.core.sides import Side
 from trainer.core.xla import configure_xla
 
@@ -95,7 +96,9 @@ def _receive(spec: TrainSpec, side: Side, element, item_counts, fixed_state, sol
     """A solving block's main input -> (its FactorRef, its BlockProblem, the fixed table
     float32 [n, k] its problem's columns index).
 
-    broadcast: the element is the block's FactorRef, and the table the whole fixed side.
+    broadcast: the element is the block's FactorRef, and the table the whole fixed side, the
+    process's one `FixedTable` of the half-sweep (`exchange.fixed_table`), which the solves of
+    all its threads read without copying it.
     join: the element is (block_id, [(fixed rows, factors)]) from `SendFixedFactors`, and the
     table the rows received, padded to the problem's column count.
     """
@@ -120,7 +123,10 @@ def _receive(spec: TrainSpec, side: Side, element, item_counts, fixed_state, sol
 def _loss_terms(solving, side: Side, factors, table) -> loss.LossSums:
     """A block's loss terms of its incoming factors: observed terms (counted on the user side
     only, against the fixed item table) and regularisation terms."""
-    return loss.loss_sums(solving.problem, factors, table if side == Side.USERS else None)
+    if side != Side.USERS:
+        return loss.loss_sums(solving.problem, factors, None)
+    fixed = table.factors if isinstance(table, FixedTable) else table
+    return loss.loss_sums(solving.problem, factors, fixed)
 
 
 class _Solve(beam.DoFn):

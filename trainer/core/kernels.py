@@ -42,6 +42,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from trainer.core.fixed_table import FixedTable
 from trainer.core.plans import RowPlan, Tile
 from trainer.core.tiling import CG, CHOLESKY, validate_solver
 
@@ -279,7 +280,9 @@ def solve_planned(
 
     Args:
         plan: the block's layout from `trainer.core.plans.plan_rows`.
-        fixed: [n_other, k] fixed factors (Y when solving users).
+        fixed: [n_other, k] fixed factors (Y when solving users), or a `FixedTable` of them
+            (read without a copy when its dtype is the plan's; a plain array is extended by a
+            zero row, i.e. copied, on every call).
         gramian_matrix: [k, k] G = fixedᵀ fixed over all of `fixed`, from `gramian`.
         solver: "cholesky" for the exact solve, "cg" for `cg_steps` conjugate-gradient steps.
         x0: [n_rows, k] warm start for "cg" (the current factors); zeros when None. Unused by
@@ -297,14 +300,21 @@ def solve_planned(
         raise ValueError(f"tiles_in_flight must be >= 1, got {tiles_in_flight}")
     dtype = tf.as_dtype(plan.dtype)
     n_rows, n_other = plan.shape
-    fixed = as_tensor(fixed, dtype)
+    table = fixed if isinstance(fixed, FixedTable) and fixed.extended.dtype == dtype else None
+    if table is not None:
+        fixed = table.factors
+    else:
+        fixed = as_tensor(fixed.factors if isinstance(fixed, FixedTable) else fixed, dtype)
     if fixed.shape.rank != 2 or fixed.shape[0] != n_other:
         raise ValueError(f"fixed must be [{n_other}, k], got {fixed.shape}")
     k = int(fixed.shape[1])
     w0_gramian = plan.w0 * as_tensor(gramian_matrix, dtype)
     if w0_gramian.shape != (k, k):
         raise ValueError(f"gramian must be [{k}, {k}], got {w0_gramian.shape}")
-    fixed_ext = tf.concat([fixed, tf.zeros([1, k], dtype)], axis=0)
+    if table is not None:
+        fixed_ext = table.extended  # shared by every solve against the table
+    else:
+        fixed_ext = tf.concat([fixed, tf.zeros([1, k], dtype)], axis=0)
     if solver == CG:
         x0 = tf.zeros([n_rows, k], dtype) if x0 is None else as_tensor(x0, dtype)
         if x0.shape != (n_rows, k):
@@ -312,9 +322,17 @@ def solve_planned(
         x0_ext = tf.concat([x0, tf.zeros([1, k], dtype)], axis=0)
     woodbury = solver == CHOLESKY and plan.min_reg > 0
     if woodbury and any(_short(tile.flat(), k) for tile in plan.tiles):
-        eigenvalues, basis = tf.linalg.eigh(w0_gramian)
-        eigenvalues = tf.maximum(eigenvalues, 0)  # G is positive semi-definite
-        fixed_rotated = tf.matmul(fixed_ext, basis)
+
+        def eigenbasis():
+            values, vectors = tf.linalg.eigh(w0_gramian)
+            # G is positive semi-definite; the table rotated into its eigenbasis
+            return tf.maximum(values, 0), vectors, tf.matmul(fixed_ext, vectors)
+
+        if table is not None:  # once per table and Gramian, not per solve
+            key = ("eigenbasis", w0_gramian.numpy().tobytes())
+            eigenvalues, basis, fixed_rotated = table.memo(key, eigenbasis)
+        else:
+            eigenvalues, basis, fixed_rotated = eigenbasis()
 
     def solve_tile(tile: Tile) -> tf.Tensor:
         """[T · R, k] the solutions of a tile's rows, sub-tile after sub-tile."""

@@ -2,10 +2,12 @@
 
 For every user u with at least one held-out item, the recommender scores all n_items items, the
 items u saw in training are removed (they are never recommended, so they can never count as
-hits or misses), and the K best remaining items form u's list rec_u = (rec_u[1], ..., rec_u[K]):
-`trainer.core.topk.top_k_excluding`, score descending, ties to the lower item id. A factor model
-is scored by `factor_scorer` (`topk.score`, float32), so these lists are the ones batch
-prediction and the quality gate produce for the same model.
+hits or misses), and the K = max(ks) best remaining items form u's list rec_u = (rec_u[1], ...,
+rec_u[K]): `trainer.core.topk.top_k_excluding`, score descending, ties to the lower item id. A
+factor model is scored by `factor_scorer` (`topk.score`, float32) chunk by chunk of items
+(`trainer.core.chunked_topk.chunked_top_k`, the same lists), so these lists are the ones batch
+prediction and the quality gate produce for the same model. The metrics need only these top-K
+lists, never the whole score rows.
 With R_u the set of u's held-out items, n_u = |R_u| >= 1 and hit_r = [rec_u[r] ∈ R_u]:
 
     precision@k = Σ_{r≤k} hit_r / k
@@ -20,8 +22,11 @@ precision, recall, ndcg and map are means over the evaluated users; coverage is 
 all of them. Dividing by min(k, n_u) rather than n_u makes recall@k and map@k reach 1 for a
 perfect ranking even when a user has more than k held-out items.
 
-`evaluate` runs this in batches of users, so memory is O(batch_size · n_items) whatever the
-number of users; `evaluate_popularity` is the most-popular-items baseline every model must beat.
+`evaluate` runs this in batches of users; a scorer that returns `BlockScores` (as
+`factor_scorer` and the popularity baseline do) is ranked in chunks of items, so memory is
+O(batch_size · item_chunk + batch_size · K) whatever the numbers of users and items (a scorer
+that returns the whole [batch_size, n_items] matrix: O(batch_size · n_items));
+`evaluate_popularity` is the most-popular-items baseline every model must beat.
 Each batch's `batch_sums` is a `RankingSums` of per-user sums; the Beam evaluation
 (`trainer.beam.evaluate`) merges the same sums over blocks of users, so both give one result.
 """
@@ -34,7 +39,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from trainer.core import topk
+from trainer.core import chunked_topk, topk
+from trainer.core.chunked_topk import BlockScores, ConstantScores, FactorScores
 from trainer.core.sparse import CsrMatrix
 from trainer.core.topk import positive_int
 
@@ -45,7 +51,8 @@ DEFAULT_BATCH_SIZE = 256
 # The per-k metrics, in the order their keys appear in the result.
 METRIC_NAMES = ("recall", "ndcg", "map", "precision", "coverage")
 
-ScoreFn = Callable[[np.ndarray], np.ndarray]
+# userIds int [b] -> their scores: float [b, n_items], or `BlockScores` (ranked chunk by chunk).
+ScoreFn = Callable[[np.ndarray], np.ndarray | BlockScores]
 ProgressFn = Callable[[int, int], None]
 
 
@@ -58,9 +65,10 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
 
 
 def factor_scorer(user_factors: np.ndarray, item_factors: np.ndarray) -> ScoreFn:
-    """The score_fn of a factor model: userIds int [b] -> float32 [b, n_items] = X[users] Yᵀ,
-    scored by `topk.score` (float32), as every other ranking of the model is."""
-    return lambda users: topk.score(user_factors[users], item_factors)
+    """The score_fn of a factor model: userIds int [b] -> `FactorScores` of X[users] Yᵀ
+    (`topk.score`, float32, as every other ranking of the model), scored chunk by chunk of
+    items when ranked."""
+    return lambda users: FactorScores(user_factors[users], item_factors)
 
 
 @dataclasses.dataclass
@@ -159,27 +167,40 @@ def _ranking_sums(recommended: np.ndarray, relevant: CsrMatrix, ks: tuple[int, .
 
 
 def batch_sums(
-    scores: np.ndarray, seen: CsrMatrix, relevant: CsrMatrix, ks: Sequence[int]
+    scores: np.ndarray | BlockScores,
+    seen: CsrMatrix,
+    relevant: CsrMatrix,
+    ks: Sequence[int],
+    item_chunk: int = 0,
 ) -> RankingSums:
     """The ranking sums of one batch of users (formulas in the module doc).
 
     Each row's `seen` items are excluded, the max(ks) best remaining items are ranked
-    (`top_k_excluding`: descending score, ties to the lower item id) and scored against the
-    row's `relevant` items. Rows without relevant items add nothing.
+    (descending score, ties to the lower item id) and scored against the row's `relevant`
+    items. Rows without relevant items add nothing.
 
     Args:
-        scores: float [b, n_items], every item's score for each user of the batch.
+        scores: the batch's scores: `BlockScores`, ranked chunk by chunk of `item_chunk` items
+            (`chunked_top_k`: memory O(b · item_chunk + b · max(ks))), or every item's score,
+            float [b, n_items] (`topk.top_k_excluding`); both give the same lists.
         seen: CsrMatrix (b, n_items), the users' training items (excluded).
         relevant: CsrMatrix (b, n_items), the users' held-out items.
         ks: the cut-offs, each > 0.
+        item_chunk: items scored at once for `BlockScores`; 0: `chunked_topk.item_chunk_for`.
     """
     ks = _check_ks(ks)
-    b, n_items = np.shape(scores)
+    if isinstance(scores, BlockScores):
+        b, n_items = scores.n_rows, scores.n_items
+    else:
+        b, n_items = np.shape(scores)
     if seen.shape != (b, n_items) or relevant.shape != (b, n_items):
         raise ValueError(
             f"seen {seen.shape} and relevant {relevant.shape} must match the scores' {(b, n_items)}"
         )
-    ids, _ = topk.top_k_excluding(scores, seen, ks[-1])
+    if isinstance(scores, BlockScores):
+        ids, _ = chunked_topk.chunked_top_k(scores, seen, ks[-1], item_chunk)
+    else:
+        ids, _ = topk.top_k_excluding(scores, seen, ks[-1])
     sums = _ranking_sums(ids, relevant, ks)
     seen_keys = seen.row_ids() * n_items + seen.indices
     sums.overlap = int(np.isin(relevant.row_ids() * n_items + relevant.indices, seen_keys).sum())
@@ -249,32 +270,37 @@ def evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: ProgressFn | None = None,
     users: np.ndarray | None = None,
+    item_chunk: int = 0,
 ) -> dict[str, float | int]:
     """Ranking metrics of a recommender on the held-out split, with training items excluded.
 
-    For each batch of users with at least one held-out item, `score_fn` scores every item,
-    `topk.top_k_excluding` drops the user's training items and keeps the max(ks) best, and the lists
-    are scored against the held-out items (formulas in the module doc). Held-out items that also
+    For each batch of users with at least one held-out item, `score_fn` scores every item
+    (chunk by chunk of items when it returns `BlockScores`), the user's training items are
+    dropped and the max(ks) best kept (`batch_sums`), and the lists are scored against the
+    held-out items (formulas in the module doc). Held-out items that also
     appear in the user's training row can never be hit; they are counted and logged as a
     warning, since the split should keep them disjoint.
 
     Args:
-        score_fn: maps user ids int64 [b] to scores float [b, n_items] (for factors:
-            `factor_scorer(X, Y)`).
+        score_fn: maps user ids int64 [b] to their scores: `BlockScores` (for factors:
+            `factor_scorer(X, Y)`), or float [b, n_items].
         train: the training matrix, shape (n_users, n_items); its entries are excluded.
         heldout: the held-out matrix, same shape; its entries are the relevant items.
         ks: the cut-offs, each > 0.
-        batch_size: users scored at once; memory is O(batch_size · n_items).
+        batch_size: users scored at once; memory is O(batch_size · item_chunk +
+            batch_size · max(ks)) for `BlockScores`, else O(batch_size · n_items).
         progress: called after each batch as progress(users_done, users_total).
         users: int [n], the users to evaluate (e.g. `sample_users`); those without
             held-out items are skipped. Default: every user.
+        item_chunk: items scored at once (`BlockScores` only); 0: automatic
+            (`chunked_topk.item_chunk_for`). The result does not depend on it.
 
     Returns:
         A flat dict: for each k ascending, "recall@k", "ndcg@k", "map@k", "precision@k",
         "coverage@k" (floats), then "users_evaluated" (int, the users with >= 1 held-out item).
         Means over zero users are NaN.
     """
-    sums = ranking_sums(score_fn, train, heldout, ks, batch_size, progress, users)
+    sums = ranking_sums(score_fn, train, heldout, ks, batch_size, progress, users, item_chunk)
     warn_overlap(sums)
     return sums.result()
 
@@ -287,9 +313,10 @@ def ranking_sums(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: ProgressFn | None = None,
     users: np.ndarray | None = None,
+    item_chunk: int = 0,
 ) -> RankingSums:
     """The `RankingSums` that `evaluate` reports (same arguments), batch by batch, so that
-    memory stays O(batch_size · n_items) however many users are scored."""
+    memory stays that of one batch (`evaluate`: batch_size) however many users are scored."""
     ks = _check_ks(ks)
     batch_size = positive_int(batch_size, "batch_size")
     if train.shape != heldout.shape:
@@ -306,13 +333,19 @@ def ranking_sums(
     sums = RankingSums.zero(ks, n_items)
     for start in range(0, users.size, batch_size):
         batch = users[start : start + batch_size]
-        scores = np.asarray(score_fn(batch))
-        if scores.shape != (batch.size, n_items):
+        scores = score_fn(batch)
+        if isinstance(scores, BlockScores):
+            shape = (scores.n_rows, scores.n_items)
+        else:
+            scores = np.asarray(scores)
+            shape = scores.shape
+        if shape != (batch.size, n_items):
             raise ValueError(
-                f"score_fn returned shape {scores.shape} for {batch.size} users, expected "
+                f"score_fn returned shape {shape} for {batch.size} users, expected "
                 f"{(batch.size, n_items)}"
             )
-        sums.merge(batch_sums(scores, take_rows(train, batch), take_rows(heldout, batch), ks))
+        seen, relevant = take_rows(train, batch), take_rows(heldout, batch)
+        sums.merge(batch_sums(scores, seen, relevant, ks, item_chunk))
         done = min(start + batch_size, users.size)
         logger.debug("evaluated %d of %d users", done, users.size)
         if progress is not None:
@@ -337,12 +370,13 @@ def evaluate_popularity(
     ks: Sequence[int] = DEFAULT_KS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: ProgressFn | None = None,
+    item_chunk: int = 0,
 ) -> dict[str, float | int]:
     """`evaluate` of the popularity baseline: every user scores item i as c_i (see
     `popularity_scores`), so each gets the most popular items not in its training row."""
     scores = popularity_scores(train)
 
-    def score_fn(user_ids: np.ndarray) -> np.ndarray:
-        return np.broadcast_to(scores, (user_ids.size, scores.size))
+    def score_fn(user_ids: np.ndarray) -> BlockScores:
+        return ConstantScores(scores, user_ids.size)
 
-    return evaluate(score_fn, train, heldout, ks, batch_size, progress)
+    return evaluate(score_fn, train, heldout, ks, batch_size, progress, item_chunk=item_chunk)

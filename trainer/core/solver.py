@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.core import kernels
+from trainer.core.fixed_table import FixedTable
 from trainer.core.kernels import (
     DEFAULT_TILES_IN_FLIGHT,
     gramian,
@@ -137,7 +138,8 @@ class Solver(abc.ABC):
 
         Args:
             plan: the block's tiles, from `plan`.
-            fixed: [n_other, k] the fixed side's factors (Y when solving users).
+            fixed: [n_other, k] the fixed side's factors (Y when solving users), or a
+                `FixedTable` of them, which many solves (and threads) share without a copy.
             gramian_matrix: [k, k] G = fixedᵀ fixed over the whole fixed side; computed from
                 `fixed` when None (pass it when `fixed` is only the rows a block touches).
             x0: [n_rows, k] the block's current factors, the warm start of iterative solvers.
@@ -157,8 +159,12 @@ class Solver(abc.ABC):
         many blocks (a Beam worker) compiles a side's shapes at once; a no-op for solvers that
         are not XLA-compiled."""
 
-    def _gramian_of(self, plan: RowPlan, fixed: FloatArray, given: FloatArray | None):
-        return given if given is not None else gramian(fixed, tf.as_dtype(plan.dtype))
+    def _gramian_of(self, plan: RowPlan, fixed, given: FloatArray | None):
+        if given is not None:
+            return given
+        return gramian(
+            fixed.factors if isinstance(fixed, FixedTable) else fixed, tf.as_dtype(plan.dtype)
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,9 @@ def positive_int(value: int, name: str = "k") -> int:
     return int(value)
 
 
-def score(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+def score(
+    query: np.ndarray, candidates: np.ndarray, product_bytes: int | None = None
+) -> np.ndarray:
     """float32 [b, m]: s[u, i] = Σ_f query[u, f] · candidates[i, f] (module doc: precision).
 
     The factors are taken as float32, the products summed in float64 and rounded once to
@@ -63,6 +65,9 @@ def score(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     Args:
         query: float [b, k_factors], e.g. the users' factors X_b.
         candidates: float [m, k_factors], e.g. the item factors Y.
+        product_bytes: when given, the float64 products are formed a slab of rows at a time,
+            at most max(product_bytes, m · 8) bytes of them at once (the same scores); None:
+            all b · m · 8 bytes at once.
     """
     query = np.asarray(query, dtype=SCORE_DTYPE)
     candidates = np.asarray(candidates, dtype=SCORE_DTYPE)
@@ -70,12 +75,20 @@ def score(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"query {query.shape} and candidates {candidates.shape} must be [b, k] and [m, k]"
         )
-    products = query.astype(np.float64) @ candidates.astype(np.float64).T
-    return products.astype(SCORE_DTYPE)
+    transposed = candidates.astype(np.float64).T
+    if product_bytes is None:
+        return (query.astype(np.float64) @ transposed).astype(SCORE_DTYPE)
+    b, m = query.shape[0], candidates.shape[0]
+    out = np.empty((b, m), dtype=SCORE_DTYPE)
+    slab = max(1, int(product_bytes) // (8 * max(m, 1)))
+    for start in range(0, b, slab):
+        out[start : start + slab] = query[start : start + slab].astype(np.float64) @ transposed
+    return out
 
 
-def _exclusion_rows(exclude: Exclusions, n_rows: int, n_items: int) -> tuple[np.ndarray, ...]:
-    """(row, item) int64 arrays of the excluded cells of a [n_rows, n_items] batch."""
+def excluded_cells(exclude: Exclusions, n_rows: int, n_items: int) -> tuple[np.ndarray, ...]:
+    """(rows, items): int64 arrays [e] of the excluded cells of a [n_rows, n_items] batch,
+    checked against that shape (ValueError)."""
     if exclude is None:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     if isinstance(exclude, CsrMatrix):
@@ -128,10 +141,18 @@ def top_k_excluding(
         (ids, top_scores): ids int64 [b, k] and top_scores float32 [b, k], best first. A row with
         fewer than k eligible (non-excluded) items is padded with id -1 and score -inf.
     """
-    k = positive_int(k)
     scores = np.asarray(scores)
     if scores.ndim != 2:
         raise ValueError(f"scores must be 2-D [b, n_items], got shape {scores.shape}")
+    return top_k_excluding_cells(scores, *excluded_cells(exclude, *scores.shape), k)
+
+
+def top_k_excluding_cells(
+    scores: np.ndarray, rows: np.ndarray, items: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k_excluding` with the excluded cells given as (rows, items), int64 [e] each, in
+    any order, duplicates allowed (`excluded_cells`; not checked here)."""
+    k = positive_int(k)
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
     b, n_items = scores.shape
@@ -140,7 +161,6 @@ def top_k_excluding(
     if b == 0 or n_items == 0:
         return ids, top_scores
 
-    rows, items = _exclusion_rows(exclude, b, n_items)
     k_eff = min(k, n_items)
     n_chunks = min(n_items, _SELECTION_CHUNKS * k_eff)
     width = n_items // n_chunks

@@ -9,7 +9,10 @@ and writes each one's cells as a fold-in part and a target part under `heldout/`
                 the exact row solve against the trained item factors Y, batched over all
                 held-out visitors (`trainer.core.foldin.fold_in_rows`; the normal equations are
                 stated once, at `trainer.core.problem.define_rows`)
-    ranked:     every item by y_i·x_v (`trainer.core.topk`, float32), except v's fold-in items
+    ranked:     every item by y_i·x_v (`trainer.core.topk`, float32), except v's fold-in items,
+                `item_chunk` items at a time with a running top max(ks)
+                (`trainer.core.chunked_topk`: a block of B visitors peaks at
+                O(B · item_chunk + B · max(ks)) of scores, never B · n_items)
     scored:     against v's target items, with `trainer.core.metrics.batch_sums` (the metrics and
                 cut-offs of the known-visitor evaluation)
 
@@ -37,7 +40,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from common import locations, staging, worker_threads
 from trainer.beam.model_blocks import read_npy_rows
-from trainer.core import metrics, topk
+from trainer.core import metrics
+from trainer.core.chunked_topk import ConstantScores, FactorScores
 from trainer.core.foldin import fold_in_rows
 from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
@@ -75,19 +79,19 @@ def block_sums(
     item_counts: np.ndarray,
     config: WALSConfig,
     ks: Sequence[int],
+    item_chunk: int = 0,
 ) -> tuple[metrics.RankingSums, metrics.RankingSums]:
     """(WALS, popularity) ranking sums of a block of held-out visitors (module docstring).
 
     Scores are y_i·x_v by `topk.score` (float32, bitwise the same whatever the block), so a
-    visitor's ranking does not depend on the block it is in.
+    visitor's ranking does not depend on the block it is in. Both rankings score `item_chunk`
+    items at a time (0: `chunked_topk.item_chunk_for`), so the scores of a block of B visitors
+    peak at O(B · item_chunk + B · max(ks)); the result does not depend on it.
     """
     x = fold_in_rows(foldin, item_factors, item_counts, config)
-    scores = topk.score(x, item_factors)
-    wals = metrics.batch_sums(scores, foldin, target, ks)
-    popular = metrics.popularity_from_counts(item_counts)
-    popularity = metrics.batch_sums(
-        np.broadcast_to(popular, (foldin.shape[0], popular.size)), foldin, target, ks
-    )
+    wals = metrics.batch_sums(FactorScores(x, item_factors), foldin, target, ks, item_chunk)
+    popular = ConstantScores(metrics.popularity_from_counts(item_counts), foldin.shape[0])
+    popularity = metrics.batch_sums(popular, foldin, target, ks, item_chunk)
     return wals, popularity
 
 
@@ -107,10 +111,12 @@ def evaluate(
     config: WALSConfig,
     ks: Sequence[int] = metrics.DEFAULT_KS,
     batch_size: int = DEFAULT_BLOCK_ROWS,
+    item_chunk: int = 0,
 ) -> dict:
     """metrics.json's "new_visitors": {"wals", "popularity", "visitors", "fold_in_seconds"}.
 
-    Visitors are folded in and scored `batch_size` at a time (memory O(batch_size · n_items)).
+    Visitors are folded in and scored `batch_size` at a time, `item_chunk` items at a time
+    (`block_sums`: memory O(batch_size · item_chunk + batch_size · max(ks))).
     """
     n_items = item_factors.shape[0]
     wals = metrics.RankingSums.zero(ks, n_items)
@@ -126,16 +132,22 @@ def evaluate(
             item_counts,
             config,
             ks,
+            item_chunk,
         )
         wals.merge(sums[0])
         popularity.merge(sums[1])
     return _result(wals, popularity, time.perf_counter() - start)
 
 
-def evaluate_model(model: model_lib.WALSModel, dataset_dir: str, ks: Sequence[int]) -> dict:
+def evaluate_model(
+    model: model_lib.WALSModel, dataset_dir: str, ks: Sequence[int], item_chunk: int = 0
+) -> dict:
     """`evaluate` of a trained model on a dataset's held-out visitors."""
     heldout = load_heldout(dataset_dir, len(model.items))
-    return evaluate(heldout, model.item_factors, model.item_counts, model.wals_config(), ks)
+    config = model.wals_config()
+    return evaluate(
+        heldout, model.item_factors, model.item_counts, config, ks, item_chunk=item_chunk
+    )
 
 
 def format_metrics(result: dict) -> str:
@@ -183,8 +195,8 @@ def _visitor_row(element, n_blocks: int):
 class _BlockSums(beam.DoFn):
     """(block, rows) -> (wals RankingSums, popularity RankingSums) of the block."""
 
-    def __init__(self, config: WALSConfig, ks: tuple[int, ...]):
-        self._config, self._ks = config, ks
+    def __init__(self, config: WALSConfig, ks: tuple[int, ...], item_chunk: int = 0):
+        self._config, self._ks, self._item_chunk = config, ks, item_chunk
 
     def setup(self):
         worker_threads.apply_in_worker()  # before this worker's TensorFlow runtime starts (fold-in)
@@ -192,7 +204,8 @@ class _BlockSums(beam.DoFn):
     def process(self, element, item_factors: np.ndarray, item_counts: np.ndarray):
         _, rows = element
         _, foldin, target, _ = assemble(list(rows), item_factors.shape[0])
-        yield block_sums(foldin, target, item_factors, item_counts, self._config, self._ks)
+        config, ks = self._config, self._ks
+        yield block_sums(foldin, target, item_factors, item_counts, config, ks, self._item_chunk)
 
 
 class _MergeSums(beam.CombineFn):
@@ -237,14 +250,26 @@ class EvaluateNewVisitors(beam.PTransform):
         n_items: the number of items.
         ks: the cut-offs.
         n_blocks: blocks of visitors (by a hash of the visitor ID); the unit of work.
+        item_chunk: items scored at once per block (`block_sums`); 0: automatic.
     """
 
-    def __init__(self, dataset_dir, item_factors, item_counts, config, n_items, ks, n_blocks):
+    def __init__(
+        self,
+        dataset_dir,
+        item_factors,
+        item_counts,
+        config,
+        n_items,
+        ks,
+        n_blocks,
+        item_chunk: int = 0,
+    ):
         super().__init__()
         self._dir = dataset_dir.rstrip("/")
         self._item_factors, self._item_counts = item_factors, item_counts
         self._config, self._n_items = config, n_items
         self._ks, self._n_blocks = tuple(sorted(set(ks))), max(int(n_blocks), 1)
+        self._item_chunk = item_chunk
 
     def expand(self, root):
         parts = []
@@ -264,7 +289,7 @@ class EvaluateNewVisitors(beam.PTransform):
             | "GroupByBlock" >> beam.GroupByKey()
             | "FoldInAndScore"
             >> beam.ParDo(
-                _BlockSums(self._config, self._ks),
+                _BlockSums(self._config, self._ks, self._item_chunk),
                 beam.pvalue.AsSingleton(self._item_factors),
                 beam.pvalue.AsSingleton(self._item_counts),
             )
@@ -278,10 +303,12 @@ def evaluate_distributed(
     pipeline_options: PipelineOptions | list[str] | None = None,
     ks: Sequence[int] = metrics.DEFAULT_KS,
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    item_chunk: int = 0,
 ) -> dict:
     """`evaluate_model` as one Beam run: workers read the item factors from `model_dir` and leave
     their result under --temp_location, else under `model_dir` (`common.locations.scratch_dir`;
-    deleted once read).
+    deleted once read). An element is a block of about `block_rows` visitors, scored
+    `item_chunk` items at a time.
 
     Returns:
         metrics.json's "new_visitors" ("fold_in_seconds" is the pipeline's wall time).
@@ -323,6 +350,7 @@ def evaluate_distributed(
                 n_items,
                 ks,
                 n_blocks,
+                item_chunk,
             )
             | "ToJson" >> beam.Map(json.dumps)
             | "Write" >> beam.io.WriteToText(f"{scratch}/new_visitors", shard_name_template="")
