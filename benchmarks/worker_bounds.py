@@ -17,7 +17,8 @@ latent factors) are, per job:
     train        broadcast tables   TABLES_KEPT · max(U, I) · k · 4 (the fixed side, cached)
                  (join: received    k · 4 · C · block_rows / min(U, I), a block's vectors)
                  cached problems    SLOT_BYTES · min(PLAN_CACHE_SLOTS, PAD · 2C)
-    evaluate,    scores             SCORE_COPIES · min(B, rows) · I · 4 (a block × every item)
+    evaluate,    scores             SCORE_COPIES · min(min(B, rows) · I · 4, S): a block × a
+                                    chunk of items, S = `chunked_topk.DEFAULT_SCORE_BYTES`
     new visitors item table         I · k · 4
     predict      (the same, rows = U; B = the block of those jobs, 4096)
 
@@ -37,9 +38,12 @@ SLOT_BYTES = 12  # trainer.beam.block_problems: 2**27 slots are "about 1.5 GB"
 PAD = 2  # padded tile slots per cell, at most (tiles padded to a fraction of a full one)
 SCORE_COPIES = 3  # a block's float32 scores, the seen items masked, the top-k partition
 # The Beam jobs of each stage, in the order they run (one SDK worker each on the portable runner).
+# The gate runs the candidate's evaluation on the runner; with a published model (not in the
+# benchmark's one-date runs) a second job folds it in.
 JOBS = {
     "preprocess": ("preprocess",),
     "train": ("train", "evaluate", "new visitors"),
+    "gate": ("evaluate",),
     "predict": ("predict",),
 }
 
@@ -56,6 +60,7 @@ def job_terms(job: str, shape: dict, flags: dict) -> dict[str, float]:
     """
     from trainer.beam.block_problems import PLAN_CACHE_SLOTS
     from trainer.beam.exchange import TABLES_KEPT
+    from trainer.core.chunked_topk import DEFAULT_SCORE_BYTES
 
     users, items, cells = shape["nusers"], shape["nitems"], shape["train_interactions"]
     k, mb = flags["latent_factors"], 2**20
@@ -78,8 +83,9 @@ def job_terms(job: str, shape: dict, flags: dict) -> dict[str, float]:
     if job not in rows:
         raise ValueError(f"unknown job {job!r}")
     block = min(flags["eval_block_rows"], rows[job])
+    chunk_bytes = min(block * items * 4, DEFAULT_SCORE_BYTES)  # trainer.core.chunked_topk
     return {
-        "scores": SCORE_COPIES * block * items * 4 / mb,
+        "scores": SCORE_COPIES * chunk_bytes / mb,
         "item table": items * k * 4 / mb,
     }
 

@@ -153,14 +153,22 @@ FLAGS = {
 
 def test_the_growth_a_workers_flags_allow():
     train = worker_bounds.allowed_growth("train", SMALL, BIG, FLAGS)
-    # 2 tables kept x (8000 - 1000) rows x 32 x 4 bytes; 12 bytes x 2 x 2 x (160K - 20K) slots.
+    # 1 table kept x (8000 - 1000) rows x 32 x 4 bytes; 12 bytes x 2 x 2 x (160K - 20K) slots.
     assert train["terms_mb"] == pytest.approx(
-        {"broadcast tables": 2 * 7000 * 128 / MB, "cached problems": 12 * 4 * 140_000 / MB}
+        {"broadcast tables": 7000 * 128 / MB, "cached problems": 12 * 4 * 140_000 / MB}
     )
-    assert train["allowed_mb"] == pytest.approx(64 + (1_792_000 + 6_720_000) / MB)
+    assert train["allowed_mb"] == pytest.approx(64 + (896_000 + 6_720_000) / MB)
     evaluate = worker_bounds.allowed_growth("evaluate", SMALL, BIG, FLAGS)
-    # 3 copies of float32 scores of a block (1000 users, then 4096 of 8000) x every item.
-    assert evaluate["terms_mb"]["scores"] == pytest.approx((4096 * 4000 - 1000 * 500) * 12 / MB)
+    # 3 copies of float32 scores of a block (1000 users, then 4096 of 8000) x a chunk of items,
+    # capped at the bytes a chunk may take (`chunked_topk.DEFAULT_SCORE_BYTES`).
+    from trainer.core.chunked_topk import DEFAULT_SCORE_BYTES
+
+    big_chunk = min(4096 * 4000 * 4, DEFAULT_SCORE_BYTES)
+    assert evaluate["terms_mb"]["scores"] == pytest.approx((big_chunk - 1000 * 500 * 4) * 3 / MB)
+    capped = worker_bounds.allowed_growth("evaluate", SMALL, {**BIG, "nitems": 40_000}, FLAGS)
+    assert capped["terms_mb"]["scores"] == pytest.approx(
+        (DEFAULT_SCORE_BYTES - 1000 * 500 * 4) * 3 / MB
+    )
     assert evaluate["terms_mb"]["item table"] == pytest.approx(3500 * 128 / MB)
     new = worker_bounds.allowed_growth("new visitors", SMALL, BIG, FLAGS)
     assert new["terms_mb"]["scores"] == pytest.approx((800 * 4000 - 100 * 500) * 12 / MB)
@@ -203,7 +211,7 @@ def test_the_verdict_pairs_each_job_with_its_worker_and_judges_the_launchers_gro
         "8S",
         BIG,
         1000.0,
-        # train's worker grows by 100 MB: more than 64 + 8.1; evaluate's by 200 < 64 + 183.
+        # train's worker grows by 100 MB: more than 64 + 7.3; evaluate's by 200 < 64 + 183.
         {"preprocess": [950], "train": [900, 1050, 870], "predict": [700, 710]},
     )
     result = scale_report.compare(small, big, FLAGS, launcher_limit_mb=64)
@@ -222,11 +230,11 @@ def test_the_verdict_pairs_each_job_with_its_worker_and_judges_the_launchers_gro
     report = scale_report.format_report(result)
     assert "x8.0 users, x8.0 items, x8.0 cells" in report
     assert "launcher: the whole run's peak grows by +200 MB per 8x (target < 64 MB): FAIL" in report
-    assert "workers: grown past what their flags allow: train/train +100 > +72 MB: FAIL" in report
+    assert "workers: grown past what their flags allow: train/train +100 > +71 MB: FAIL" in report
     train = scale_report.stage_table(result, "train").splitlines()
     assert train[0] == "train: S 2.0 s, 8S 2.0 s"
     assert train[2].split() == ["launcher", "800", "1000", "+200", "<", "+64:", "FAIL"]
-    assert train[4].split() == ["worker", "(train)", "800", "900", "+100", "<=", "+72:", "FAIL"]
+    assert train[4].split() == ["worker", "(train)", "800", "900", "+100", "<=", "+71:", "FAIL"]
     assert train[7].split() == ["workers", "started", "3", "3"]
     # Another number of workers than jobs: the stage's largest peaks against the most allowed.
     big["stages"]["train"]["workers"].append({"pid": 99, "peak_mb": 500.0})

@@ -187,7 +187,10 @@ class Run:
         config = gate.GateConfig(
             self.args.gate_k, self.args.gate_min_lift, self.args.gate_tolerance
         )
-        decision = gate.evaluate(self.path("train"), self.path("preprocessed"), baseline, config)
+        beam_argv = self.stage_beam_argv("gate") if self.args.distributed else None
+        decision = gate.evaluate(
+            self.path("train"), self.path("preprocessed"), baseline, config, beam_argv
+        )
         decision["published_run"] = published if baseline else None
         write_text_atomically(self.path("gate.json"), json.dumps(decision, indent=2))
         self.record["gate"] = decision

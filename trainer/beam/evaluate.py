@@ -269,7 +269,9 @@ class _AssembleEvalBlock(beam.DoFn):
         train = blocks_lib.assemble(0, block_id, list(grouped["train"]), layout, self._shape[1])
         heldout = blocks_lib.assemble(0, block_id, list(grouped["heldout"]), layout, self._shape[1])
         start, stop = blocks_lib.block_bounds(block_id, self._block_rows, self._shape[0])
-        if isinstance(self._source, str):
+        if self._source is None:  # blocks for fold-in (the gate's published model)
+            factors = np.zeros((stop - start, 0), dtype=np.float32)
+        elif isinstance(self._source, str):
             path = f"{self._source.rstrip('/')}/{model_lib.MODEL_SUBDIR}/user_factors.npy"
             factors = read_npy_rows(path, start, stop)
         else:
@@ -299,6 +301,10 @@ def _read_rows(root, dataset_dir: str, split: str, block_rows: int, label: str):
 
 class ReadEvalBlocks(beam.PTransform):
     """A preprocessed dataset's train and eval rows, with a model's user factors, as blocks.
+
+    `model`: a model directory (each block reads its slice of user_factors.npy), user factors
+    float32 [n_users, k] in memory, or None for blocks without factors ([b, 0]: the gate folds
+    the published model's in, `trainer.evaluation.published_foldin`).
 
     Input: the pipeline root. Output: PCollection[EvalBlock], one per block of `block_rows`
     users (including users without held-out items).

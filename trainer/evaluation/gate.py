@@ -19,6 +19,14 @@ A candidate is blessed when both hold:
     non-regression:  m(candidate) >= (1 - tolerance) · m(published), m in {recall@K, ndcg@K}
 
 With nothing published yet, only the floor applies.
+
+Where it runs: in this process by default (the dataset and both models loaded), or, given Beam
+flags (the scheduled run's --distributed), on the runner: the candidate and popularity by the
+distributed evaluation (`trainer.beam.evaluate`), the published model by
+`trainer.evaluation.published_foldin`, blockwise, with the same fold-in, chunked ranking and
+sums; the launching process then reads only summary.json, config.json and the arrays' headers.
+Both rank every user's items a chunk at a time (`trainer.core.chunked_topk`), so both give the
+same decision.
 """
 
 from __future__ import annotations
@@ -28,10 +36,12 @@ import logging
 
 import numpy as np
 
-from trainer.core import foldin, metrics, topk
-from trainer.core.sparse import CsrMatrix
+from trainer.beam import evaluate as beam_evaluate
+from trainer.core import foldin, metrics
+from trainer.evaluation import published_foldin
 from trainer.local import dataset as data
 from trainer.serving import model as model_lib
+from transforms import features
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +49,6 @@ PASS, REJECT = "pass", "reject"
 DEFAULT_K = 20
 DEFAULT_MIN_LIFT = 1.1
 DEFAULT_TOLERANCE = 0.05
-_UNKNOWN_SCORE = np.float32(-1e30)  # content the published model cannot recommend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,57 +74,30 @@ class GateConfig:
             raise ValueError(f"--gate_tolerance must be in [0, 1), got {self.tolerance}")
 
 
-def _rows_in_vocabulary(
-    train: CsrMatrix, users: np.ndarray, item_map: np.ndarray, n_items: int
-) -> CsrMatrix:
-    """The train rows of `users`, columns mapped by item_map (-1: dropped), sorted per row.
-
-    Returns:
-        [len(users), n_items] CsrMatrix in the target vocabulary's item indices.
-    """
-    rows = metrics.take_rows(train, users)
-    row_ids = np.repeat(np.arange(users.size), rows.row_counts())
-    mapped = item_map[rows.indices]
-    keep = mapped >= 0
-    row_ids, mapped, values = row_ids[keep], mapped[keep], rows.values[keep]
-    order = np.lexsort((mapped, row_ids))
-    counts = np.bincount(row_ids, minlength=users.size)
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return CsrMatrix(
-        indptr,
-        mapped[order].astype(np.int64),
-        values[order].astype(np.float32),
-        (users.size, n_items),
-    )
-
-
 def published_scorer(published: model_lib.WALSModel, dataset: data.Dataset):
     """score_fn for `metrics.evaluate` of the published model on `dataset`, by fold-in.
 
     Returns:
-        (score_fn, facts): score_fn maps dataset userIds int64 [b] to float32 [b, n_items of
-        the dataset]; facts counts the content the published model knows.
+        (score_fn, facts): score_fn maps dataset userIds int64 [b] to their
+        `published_foldin.PublishedScores` over the dataset's items (ranked a chunk at a time);
+        facts counts the content and the eval visitors the published model knows.
     """
     index = {content: i for i, content in enumerate(published.items)}
     item_map = np.array([index.get(c, -1) for c in dataset.items], dtype=np.int64)
-    known = item_map >= 0
     users = np.flatnonzero(dataset.heldout.row_counts() > 0).astype(np.int64)
-    rows = _rows_in_vocabulary(dataset.train, users, item_map, len(published.items))
+    rows = published_foldin.map_rows(dataset.train, users, item_map, len(published.items))
     x = foldin.fold_in_rows(
         rows, published.item_factors, published.item_counts, published.wals_config()
     )
     position = np.full(dataset.train.shape[0], -1, dtype=np.int64)
     position[users] = np.arange(users.size)
-    y = np.zeros((len(dataset.items), published.item_factors.shape[1]), np.float32)
-    y[known] = published.item_factors[item_map[known]]
+    y = np.asarray(published.item_factors, dtype=np.float32)
 
-    def score_fn(batch: np.ndarray) -> np.ndarray:
-        scores = topk.score(x[position[batch]], y)
-        scores[:, ~known] = _UNKNOWN_SCORE
-        return scores
+    def score_fn(batch: np.ndarray) -> published_foldin.PublishedScores:
+        return published_foldin.PublishedScores(x[position[batch]], y, item_map)
 
     facts = {
-        "known_content": int(known.sum()),
+        "known_content": int((item_map >= 0).sum()),
         "content": len(dataset.items),
         "known_visitors": sum(published.user_index(dataset.users[u]) is not None for u in users),
         "eval_visitors": int(users.size),
@@ -132,6 +114,8 @@ def evaluate(
     dataset_dir: str,
     published_dir: str | None,
     config: GateConfig,
+    beam_argv: list[str] | None = None,
+    item_chunk: int = 0,
 ) -> dict:
     """Scores the candidate, popularity and the published model; decides.
 
@@ -140,6 +124,10 @@ def evaluate(
         dataset_dir: the candidate's preprocessed dataset (its eval split is the gate's data).
         published_dir: the published run's trainer.task --output_dir, or None.
         config: the thresholds.
+        beam_argv: Beam pipeline flags to score on the runner (the scheduled run's
+            --distributed): this process then reads only metadata (`_score_distributed`);
+            None scores here, with the dataset and both models loaded (`_score_local`).
+        item_chunk: items scored at once per block of users (0: `chunked_topk.item_chunk_for`).
 
     Returns:
         {"decision": "pass" | "reject", "reasons": [str], "k", "min_lift", "tolerance",
@@ -147,30 +135,84 @@ def evaluate(
          "published_from": str | None, "published_coverage": {...} | None}.
     """
     config.validate()
+    score = _score_local if beam_argv is None else _score_distributed
+    ours, baseline, theirs, coverage = score(
+        candidate_dir, dataset_dir, published_dir, config.k, beam_argv, item_chunk
+    )
+    return _decide(config, ours, baseline, theirs, coverage, published_dir)
+
+
+def _names(k: int) -> tuple[str, str]:
+    return f"recall@{k}", f"ndcg@{k}"
+
+
+def _pick(result: dict, k: int) -> dict:
+    return {name: float(result[name]) for name in _names(k)} | {
+        "users_evaluated": int(result["users_evaluated"])
+    }
+
+
+def _score_local(candidate_dir, dataset_dir, published_dir, k, beam_argv, item_chunk):
+    """(candidate, popularity, published or None, coverage or None), scored in this process."""
     dataset = data.load_dataset(dataset_dir)
     if not dataset.heldout.nnz:
         raise ValueError(f"{dataset_dir} has no eval interactions: the gate has nothing to judge")
     candidate = model_lib.load(candidate_dir)
     if candidate.users != dataset.users or candidate.items != dataset.items:
         raise ValueError(f"{candidate_dir} was not trained on {dataset_dir} (vocabularies differ)")
-    k = config.k
-    names = (f"recall@{k}", f"ndcg@{k}")
-
-    def pick(result: dict) -> dict:
-        return {name: float(result[name]) for name in names} | {
-            "users_evaluated": int(result["users_evaluated"])
-        }
-
     train, heldout = dataset.train, dataset.heldout
-    ours = pick(
-        metrics.evaluate(
-            metrics.factor_scorer(candidate.user_factors, candidate.item_factors),
-            train,
-            heldout,
-            ks=(k,),
-        )
+    scorer = metrics.factor_scorer(candidate.user_factors, candidate.item_factors)
+    ours = _pick(metrics.evaluate(scorer, train, heldout, ks=(k,), item_chunk=item_chunk), k)
+    baseline = _pick(metrics.evaluate_popularity(train, heldout, ks=(k,), item_chunk=item_chunk), k)
+    if published_dir is None:
+        return ours, baseline, None, None
+    score_fn, coverage = published_scorer(model_lib.load(published_dir), dataset)
+    theirs = metrics.evaluate(score_fn, train, heldout, ks=(k,), item_chunk=item_chunk)
+    return ours, baseline, _pick(theirs, k), coverage
+
+
+def _score_distributed(candidate_dir, dataset_dir, published_dir, k, beam_argv, item_chunk):
+    """`_score_local`'s result from Beam runs on `beam_argv`'s runner: the candidate and
+    popularity by `trainer.beam.evaluate`, the published model by
+    `published_foldin.score_published`; this process reads summary.json, config.json and the
+    arrays' headers."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    summary = data.read_json(f"{dataset_dir.rstrip('/')}/{features.SUMMARY_FILE}")
+    if not summary.get("eval_interactions"):
+        raise ValueError(f"{dataset_dir} has no eval interactions: the gate has nothing to judge")
+    shape = (
+        model_lib.array_shape(candidate_dir, "user_factors")[0],
+        model_lib.array_shape(candidate_dir, "item_factors")[0],
     )
-    baseline = pick(metrics.evaluate_popularity(train, heldout, ks=(k,)))
+    if shape != (summary["nusers"], summary["nitems"]):
+        raise ValueError(
+            f"{candidate_dir} was not trained on {dataset_dir} (it has {shape[0]} x {shape[1]} "
+            f"rows, the dataset {summary['nusers']} x {summary['nitems']})"
+        )
+    options = PipelineOptions(beam_argv)
+    evaluated = beam_evaluate.evaluate_model_distributed(
+        candidate_dir, dataset_dir, options, ks=(k,), item_chunk=item_chunk
+    )
+    ours, baseline = _pick(evaluated["wals"], k), _pick(evaluated["popularity"], k)
+    if published_dir is None:
+        return ours, baseline, None, None
+    theirs, coverage = published_foldin.score_published(
+        published_dir, candidate_dir, dataset_dir, options, (k,), item_chunk
+    )
+    return ours, baseline, _pick(theirs, k), coverage
+
+
+def _decide(
+    config: GateConfig,
+    ours: dict,
+    baseline: dict,
+    theirs: dict | None,
+    coverage: dict | None,
+    published_dir: str | None,
+) -> dict:
+    """The decision of the module doc from the three scorings."""
+    names = _names(config.k)
     reasons = []
     recall = names[0]
     floor = config.min_lift * baseline[recall]
@@ -179,10 +221,7 @@ def evaluate(
             f"{recall} {ours[recall]:.4f} is below the floor {floor:.4f} "
             f"({config.min_lift} x popularity's {baseline[recall]:.4f})"
         )
-    theirs, coverage = None, None
-    if published_dir is not None:
-        score_fn, coverage = published_scorer(model_lib.load(published_dir), dataset)
-        theirs = pick(metrics.evaluate(score_fn, train, heldout, ks=(k,)))
+    if theirs is not None:
         for name in names:
             drop = _drop(ours[name], theirs[name])
             if drop > config.tolerance:
@@ -202,7 +241,7 @@ def evaluate(
     return {
         "decision": decision,
         "reasons": reasons,
-        "k": k,
+        "k": config.k,
         "min_lift": config.min_lift,
         "tolerance": config.tolerance,
         "candidate": ours,
