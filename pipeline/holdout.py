@@ -19,6 +19,7 @@ held-out pairs (`count_pairs`) minus the cells `WriteHeldOut` writes.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 
 import apache_beam as beam
@@ -26,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
 
 from common import counts
 from pipeline.events import METRICS_NAMESPACE
@@ -108,23 +110,41 @@ class SplitHeldOutVisitors(beam.PTransform):
         return split["known"], split[HELDOUT_TAG]
 
 
+# One transform model per worker process, shared by every _TransformBatch instance (each of
+# the process's threads has its own) and tagged with its SavedModel directory: Beam's Shared, as
+# tft_beam shares its graph (tensorflow_transform.beam.impl._RunMetaGraphDoFn). The handle is
+# created at import, so each process has its own; `Shared` builds the model under a lock, once.
+_TRANSFORM_MODEL = shared.Shared()
+# Transform models this process has loaded, by SavedModel directory.
+TRANSFORM_MODEL_LOADS: collections.Counter = collections.Counter()
+
+
 class _TransformBatch(beam.DoFn):
     """A batch of held-out pairs -> (visitorId, (part, itemId, rating, value)) cells in vocabulary.
 
-    The transform graph (a side input: its SavedModel directory) is loaded once per worker.
+    The transform graph (a side input: its SavedModel directory) is loaded once per worker
+    process and shared by all its DoFn instances (`_TRANSFORM_MODEL`); each instance keeps a
+    reference, so the model lives as long as one of them does.
     """
 
     def __init__(self, foldin_fraction: float):
         self._foldin_fraction = foldin_fraction
         self._loaded: tuple[str, object] | None = None
         self._dropped = Metrics.counter(METRICS_NAMESPACE, "heldout_dropped_unknown_content")
+        self._loads = Metrics.counter(METRICS_NAMESPACE, "heldout_transform_model_loads")
 
     def _transform(self, saved_model_dir: str):
         if self._loaded is None or self._loaded[0] != saved_model_dir:
-            from tensorflow_transform.saved import saved_transform_io_v2
 
-            loader = saved_transform_io_v2.SavedModelLoader(saved_model_dir)
-            self._loaded = (saved_model_dir, loader)
+            def load():
+                from tensorflow_transform.saved import saved_transform_io_v2
+
+                TRANSFORM_MODEL_LOADS[saved_model_dir] += 1
+                self._loads.inc()
+                return saved_transform_io_v2.SavedModelLoader(saved_model_dir)
+
+            model = _TRANSFORM_MODEL.acquire(load, tag=saved_model_dir)
+            self._loaded = (saved_model_dir, model)
         return self._loaded[1]
 
     def process(self, batch, saved_model_dir: str):

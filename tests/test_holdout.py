@@ -3,13 +3,16 @@ target parts, checked against the plain-Python oracle (tests/reference.py)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from apache_beam.internal import pickler
 
 from common import cli
 from pipeline import holdout, preprocess, synthetic
@@ -157,3 +160,20 @@ def test_bad_holdout_flags_are_refused(sample, tmp_path, flags):
     argv = ["--input", str(sample / "sessions.json.gz"), "--output_dir", str(tmp_path / "o")]
     with pytest.raises(cli.UsageError, match=flags[0].lstrip("-")):
         preprocess.run(argv + flags)
+
+
+def test_a_process_loads_the_transform_model_once_for_all_its_dofns(preprocessed, tmp_path):
+    """Every DoFn instance of a process (a thread each; Beam unpickles one per thread) uses the
+    one transform model, loaded once per SavedModel directory, also when they start at once."""
+    directory = str(tmp_path / "transform_fn")  # a directory no DoFn of this process has seen
+    shutil.copytree(os.path.join(preprocessed, "transform_fn"), directory)
+    known = read_vocabulary(preprocessed, features.ITEM_VOCAB)[0]
+    batch = [("visitor-a", known, 30.0), ("visitor-b", "no-such-content", 10.0)]
+    original = holdout._TransformBatch(FOLDIN)
+    fns = [holdout._TransformBatch(FOLDIN), *(pickler.loads(pickler.dumps(original)) for _ in "ab")]
+    with concurrent.futures.ThreadPoolExecutor(len(fns)) as pool:
+        outputs = list(pool.map(lambda fn: list(fn.process(batch, directory)), fns))
+    assert holdout.TRANSFORM_MODEL_LOADS[directory] == 1
+    assert len({id(fn._transform(directory)) for fn in fns}) == 1
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert [cell[0] for cell in outputs[0]] == ["visitor-a"]  # unknown content is dropped
