@@ -1,7 +1,7 @@
 """Memory of the Beam elements and worker processes: a trainer process with `broadcast`, and
 one evaluation element, measured on the trees given (e.g. this one and an earlier commit's).
 
-    python benchmarks/beam_memory.py --work_dir DIR [--trees .,/tmp/base] [--threads 4]
+    python benchmarks/beam_memory.py --work_dir DIR [--trees .,/tmp/base] [--threads 1]
         [--users 250000] [--items 250000] [--cells 500000] [--element_users 4096]
         [--element_items 50000]
 
@@ -9,7 +9,9 @@ Each measurement runs in a subprocess with PYTHONPATH set to the tree, so the co
 that tree's (run this file by its path: the earlier tree need not hold it).
 
     process     `trainer.beam.train.train` with --factor_exchange broadcast, k = 64, CG, 2
-                iterations, DirectRunner multi_threading with --threads workers in one process,
+                iterations, DirectRunner in_memory (or multi_threading with --threads > 1
+                workers, in one process; Beam 2.77's multi_threading mode failed to decode a
+                shuffle here and retried until memory ran out),
                 on a synthetic matrix (`benchmarks.distributed_benchmark.write_dataset`: the
                 fixed tables are users · 64 · 4 and items · 64 · 4 bytes). Reported: the
                 process's RSS before the pipeline, its peak during it (sampled every 10 ms from
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -46,7 +49,8 @@ def _measure_process(data_dir: str, out_dir: str, threads: int) -> dict:
 
     dataset = data.load_dataset(data_dir)
     config = WALSConfig(latent_factors=K, num_iters=2, solver="cg")
-    argv = ["--direct_running_mode", "multi_threading", "--direct_num_workers", str(threads)]
+    mode = "in_memory" if threads == 1 else "multi_threading"
+    argv = ["--direct_running_mode", mode, "--direct_num_workers", str(threads)]
     baseline = _rss_mb()
     peak = [baseline]
     done = threading.Event()
@@ -100,21 +104,40 @@ def _measure_element(n_users: int, n_items: int) -> dict:
     return {"peak_mb": round(peak / 2**20, 1), "seconds": round(seconds, 2)}
 
 
+def _watch(process: subprocess.Popen, max_rss_gb: float) -> bool:
+    """Waits for `process`; kills it (True) if its RSS exceeds max_rss_gb (a shared machine)."""
+    statm = f"/proc/{process.pid}/statm"
+    while process.poll() is None:
+        try:
+            with open(statm) as handle:
+                rss = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            rss = 0
+        if rss > max_rss_gb * 2**30:
+            process.kill()
+            process.wait()
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", required=True)
     parser.add_argument("--trees", default=".")
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--users", type=int, default=250_000)
     parser.add_argument("--items", type=int, default=250_000)
     parser.add_argument("--cells", type=int, default=500_000)
     parser.add_argument("--element_users", type=int, default=4096)
     parser.add_argument("--element_items", type=int, default=50_000)
     parser.add_argument("--only", default="process,element")
+    parser.add_argument("--max_rss_gb", type=float, default=6.0, help="kill a child beyond this")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         kind, *rest = args.child
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         if kind == "process":
             result = _measure_process(rest[0], rest[1], int(rest[2]))
         else:
@@ -142,12 +165,17 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 child = ["element", str(args.element_users), str(args.element_items)]
             command = [sys.executable, os.path.abspath(__file__), "--work_dir", "-", "--child"]
-            done = subprocess.run(
-                [*command, *child], env=env, cwd=tree, capture_output=True, text=True
-            )
-            if done.returncode:
-                raise RuntimeError(f"{tree} {kind} failed:\n{done.stderr[-3000:]}")
-            print(tree, kind, done.stdout.strip().splitlines()[-1], flush=True)
+            log = os.path.join(args.work_dir, f"{kind}.log")
+            with open(log, "w") as errors:
+                child_process = subprocess.Popen(
+                    [*command, *child], env=env, cwd=tree, stdout=subprocess.PIPE, stderr=errors
+                )
+                killed = _watch(child_process, args.max_rss_gb)
+                out = child_process.stdout.read().decode()
+            if child_process.returncode or killed:
+                why = "over --max_rss_gb" if killed else f"exit {child_process.returncode}"
+                raise RuntimeError(f"{tree} {kind} failed ({why}); see {log}")
+            print(tree, kind, out.strip().splitlines()[-1], flush=True)
 
 
 if __name__ == "__main__":
