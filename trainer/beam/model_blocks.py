@@ -49,16 +49,6 @@ class UserBlock:
     seen: CsrMatrix
 
 
-def _read_header(handle, path: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran_order, dtype) of an open .npy file, leaving it at the data."""
-    version = np.lib.format.read_magic(handle)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(handle)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(handle)
-    raise ValueError(f"{path}: .npy format version {version} is not supported")
-
-
 def read_npy_rows(path: str, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Rows [start, stop) of a C-ordered .npy file on any Beam filesystem, reading only them.
 
@@ -66,7 +56,7 @@ def read_npy_rows(path: str, start: int = 0, stop: int | None = None) -> np.ndar
         ValueError: a Fortran-ordered or object array, or rows outside the array.
     """
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        shape, fortran_order, dtype = _read_header(handle, path)
+        shape, fortran_order, dtype = model_lib.read_npy_header(handle, path)
         if fortran_order or dtype.hasobject:
             raise ValueError(f"{path}: not a C-ordered numeric array")
         stop = shape[0] if stop is None else stop
@@ -81,7 +71,7 @@ def read_npy_rows(path: str, start: int = 0, stop: int | None = None) -> np.ndar
 def npy_rows(path: str) -> int:
     """The number of rows of a .npy file, from its header."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return _read_header(handle, path)[0][0]
+        return model_lib.read_npy_header(handle, path)[0][0]
 
 
 def load_vocabulary(path: str) -> list[str]:
