@@ -54,6 +54,10 @@ from transforms.dataset_info import DatasetError
 
 logger = logging.getLogger(__name__)
 
+SEEN_INDPTR = "seen_indptr"
+# The dtype of each array of `trainer.serving.model`'s files.
+_DTYPES = {**parts_lib.DTYPES, SEEN_INDPTR: np.dtype("<i8")}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -221,21 +225,24 @@ class _WriteArray(beam.DoFn):
     def __init__(self, spec: ModelSpec):
         self._spec = spec
 
+    def _parts(self, array: str, written: list):
+        """The parts of `array`, in order, one at a time."""
+        for part, _, _ in written:
+            yield parts_lib.read_part(self._spec.scratch, array, part)
+
     def process(self, name: str, written: list):
         spec = self._spec
         n_users, n_items = spec.shape
         path = model_file(spec.model_dir, f"{name}.npy")
-        read = lambda array, written: (  # noqa: E731
-            parts_lib.read_part(spec.scratch, array, p) for p, _, _ in written
-        )
         if name in (parts_lib.USER_FACTORS, parts_lib.ITEM_FACTORS):
             n_rows = n_users if name == parts_lib.USER_FACTORS else n_items
             written = _in_order(written, n_rows, spec.factor_rows, name)
-            parts_lib.write_npy(path, np.dtype("<f4"), (n_rows, spec.k), read(name, written))
+            shape = (n_rows, spec.k)
+            chunks = self._parts(name, written)
         elif name == parts_lib.ITEM_COUNTS:
             written = _in_order(written, n_items, spec.count_rows, name)
-            parts_lib.write_npy(path, np.dtype("<i8"), (n_items,), read(name, written))
-        else:
+            shape, chunks = (n_items,), self._parts(name, written)
+        else:  # seen_indptr, seen_indices, seen_values: from the seen parts
             written = _in_order(written, n_users, spec.seen_rows, "seen")
             cells = sum(c for _, _, c in written)
             if cells != spec.train_interactions:
@@ -243,19 +250,20 @@ class _WriteArray(beam.DoFn):
                     f"train TFRecords hold {cells} cells but summary.json says "
                     f"{spec.train_interactions}"
                 )
-            if name == "seen_indptr":
-                parts_lib.write_npy(path, np.dtype("<i8"), (n_users + 1,), _indptr(read, written))
+            if name == SEEN_INDPTR:
+                shape = (n_users + 1,)
+                chunks = _indptr(self._parts(parts_lib.SEEN_COUNTS, written))
             else:
-                dtype = parts_lib.DTYPES[name]
-                parts_lib.write_npy(path, dtype, (cells,), read(name, written))
+                shape, chunks = (cells,), self._parts(name, written)
+        parts_lib.write_npy(path, _DTYPES[name], shape, chunks)
         yield name
 
 
-def _indptr(read, written):
-    """The CSR row pointers: 0, then the running sum of the users' cells, part by part."""
+def _indptr(counts_by_part):
+    """The CSR row pointers from the users' cells, part by part: 0, then their running sum."""
     yield np.zeros(1, np.int64)
     offset = 0
-    for counts in read(parts_lib.SEEN_COUNTS, written):
+    for counts in counts_by_part:
         ends = offset + np.cumsum(counts, dtype=np.int64)
         yield ends
         offset = int(ends[-1]) if ends.size else offset
@@ -356,7 +364,7 @@ class WriteModel(beam.PTransform):
         sources = {
             parts_lib.USER_FACTORS: lists[USERS],
             parts_lib.ITEM_FACTORS: lists[ITEMS],
-            "seen_indptr": seen_list,
+            SEEN_INDPTR: seen_list,
             parts_lib.SEEN_INDICES: seen_list,
             parts_lib.SEEN_VALUES: seen_list,
             parts_lib.ITEM_COUNTS: counts | "CountParts" >> beam.combiners.ToList(),
