@@ -55,7 +55,7 @@ def read_ref(spec: TrainSpec, ref: FactorRef) -> tuple[np.ndarray, np.ndarray]:
 
 class _InitFactors(beam.DoFn):
     """(block_id, {"rows": [row_ids], "keys": [(rows, keys)], "warm": [(rows, factors)]}) ->
-    the FactorRef of the block's initial factors (iteration 0): each row's seeded by the key
+    the FactorRef of the block's initial factors (iteration 0): each row seeded by the key
     of its original ID (`trainer.core.seeding`; the keys from `seed_keys.SeedKeys`), and the
     rows a warm start matched (`warm_start.WarmStartRows`) overwritten with the earlier
     model's factors."""
