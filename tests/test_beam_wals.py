@@ -9,6 +9,7 @@ import glob
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -271,6 +272,26 @@ def test_a_crashed_run_resumes_from_its_checkpoint(dataset, local, tmp_path, cap
     assert resumed and "iteration" in resumed[0]
     assert_same_model(local, out)
     assert not os.path.exists(checkpoint_dir)
+
+
+def test_a_run_that_crashed_after_its_last_half_sweep_only_writes_the_model(
+    dataset, local, tmp_path, caplog
+):
+    """Every iteration is checkpointed, the model is not written: the relaunch runs a pipeline
+    that writes it from the final markers' factor files, and trains nothing."""
+    out = str(tmp_path / "model")
+    argv = ["--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed"]
+    argv += ["--block_rows", "80"]
+    with pytest.raises(Exception, match=f"test fault injected after half-sweep {2 * ITERS}"):
+        task.run([*argv, "--test_fail_after_sweep", str(2 * ITERS)])
+    assert not os.path.exists(out)
+    caplog.set_level("INFO")
+    task.run(argv)
+    assert f"writing the model of the checkpoint's iteration {ITERS}" in caplog.text
+    assert not re.search(r"training \d+ x \d+ in blocks", caplog.text)
+    for left, right in zip(factors(local), factors(out)):
+        np.testing.assert_allclose(left, right, rtol=0, atol=1e-4 * np.abs(left).max())
+    assert_same_model_files(local, out)
 
 
 def crash(dataset: str, out: str, *extra: str) -> str:
