@@ -1,4 +1,4 @@
-"""The trained model's directory written by Beam workers: the launcher holds none of its arrays.
+r"""The trained model's directory written by Beam workers: the launcher holds none of its arrays.
 
     factor files | WriteModel(spec)   -> PCollection[list[str]], one element: the files written
 

@@ -106,7 +106,7 @@ def _is_utf8(data: bytes) -> bool:
 
 
 class SeedKeys(beam.PTransform):
-    """The pipeline root -> PCollection[tuple[int, tuple[np.ndarray, np.ndarray]]]: (block_id,
+    r"""The pipeline root -> PCollection[tuple[int, tuple[np.ndarray, np.ndarray]]]: (block_id,
     (rows int64 [m] ascending, keys uint64 [m])) for every row of the vocabulary at `path`,
     dealt into the blocks of `layout` (whose n_rows is summary.json's size).
 
