@@ -131,6 +131,9 @@ def test_distributed_training_equals_local_training(
     with open(os.path.join(local, task.METRICS_FILE)) as handle:
         expected = json.load(handle)
     assert metrics["wals"]["recall@20"] == pytest.approx(expected["wals"]["recall@20"], abs=0.01)
+    # The sizes come from summary.json, the local run's from the matrices it loaded.
+    for size in ("nusers", "nitems", "train_interactions", "eval_interactions"):
+        assert metrics[size] == expected[size], size
     # Both trainers time every iteration after the first (the Beam one by its checkpoints).
     for timed in (metrics, expected):
         steps = timed["iteration_seconds"]
