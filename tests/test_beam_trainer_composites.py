@@ -19,7 +19,15 @@ import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from trainer.beam import block_problems, checkpoint_files, checkpoints, exchange
+from trainer.beam import (
+    block_problems,
+    checkpoint_files,
+    checkpoints,
+    exchange,
+    model_parts,
+    seed_keys,
+)
+from trainer.beam import warm_start as beam_warm_start
 from trainer.beam.layout import FactorRef, RowBlock
 from trainer.beam.reading import CountItems, ReadRowBlocks, StashRatings
 from trainer.beam.side_state import (
@@ -36,6 +44,7 @@ from trainer.core import seeding, tiling
 from trainer.core.objective import WALSConfig
 from trainer.core.sides import ITEMS, USERS, Side
 from trainer.core.sparse import CsrMatrix
+from trainer.serving import model as model_lib
 from transforms import examples, features
 
 R = np.array(
@@ -207,20 +216,59 @@ def test_stash_ratings_lists_no_kernels_for_cholesky(tmp_path):
         assert_that(kernels, equal_to([frozenset()]))
 
 
-@pytest.mark.parametrize("warm_start", [False, True])
-def test_initial_factors_are_each_rows_seeded_or_warm_start_factors(tmp_path, warm_start):
-    spec = spec_for(tmp_path, warm_start=warm_start)
-    ids = [f"visitor-{n}" for n in range(N_USERS)]
-    layout = spec.layout(USERS)
-    keys = seeding.id_keys(ids)
-    checkpoint_files.write_keys(spec.checkpoint_dir, USERS, keys, layout)
-    if warm_start:
-        expected = random_factors(N_USERS, 7)
-        checkpoint_files.write_initial(spec.checkpoint_dir, USERS, expected, layout)
-    else:
-        expected = seeding.initial_factors(
-            keys, K, CONFIG.init_stddev, CONFIG.seed, USERS
-        )  # the whole side at once: row u depends only on its own key
+# Visitor IDs with characters that str.splitlines() would split at: a line ends at "\n" only.
+VISITORS = ["visitor-0", "v\u2028one", "v\x1ctwo", "é-three", ""]
+
+
+def write_vocabulary(path, ids: list[str]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model_lib.vocabulary_to_bytes(ids))
+    return str(path)
+
+
+def earlier_model(directory, users: list[str], factors: np.ndarray) -> str:
+    """A saved model whose user side is (users, factors); its item side is filler."""
+    empty = np.zeros(len(users) + 1, np.int64)
+    model = model_lib.WALSModel(
+        user_factors=factors,
+        item_factors=random_factors(2, 9),
+        seen_indptr=empty,
+        seen_indices=np.zeros(0, np.int32),
+        item_counts=np.zeros(2, np.int64),
+        users=users,
+        items=["a", "b"],
+        config={"latent_factors": K},
+    )
+    model_lib.save(model, str(directory))
+    return str(directory)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_initial_factors_are_each_rows_seeded_or_warm_start_factors(tmp_path, monkeypatch, warm):
+    """Seeded by the key of each row's ID, streamed from the vocabulary in small batches
+    (several per block); with a warm start, the earlier model's factors for the IDs it knew,
+    joined by ID over several shards and read in several parts."""
+    monkeypatch.setattr(seed_keys, "_HASH_LINES", 2)
+    monkeypatch.setattr(seed_keys, "FLUSH_ROWS", 3)
+    monkeypatch.setattr(beam_warm_start, "SHARD_ROWS", 2)
+    monkeypatch.setattr(beam_warm_start, "_FLUSH_IDS", 1)
+    monkeypatch.setattr(model_parts, "PART_BYTES", 2 * 4 * K)  # 2 rows a part
+    vocabulary = write_vocabulary(tmp_path / "data" / "vocab_users", VISITORS)
+    expected = seeding.initial_factors(
+        seeding.id_keys(VISITORS), K, CONFIG.init_stddev, CONFIG.seed, USERS
+    )  # the whole side at once: row u depends only on its own key
+    source = ""
+    if warm:
+        # The earlier model knew three of the visitors (in another order) and two others; one
+        # ID twice, whose last row counts (as a dict built in file order).
+        earlier_ids = ["gone", VISITORS[3], "", "v\u2028one", "x", VISITORS[3]]
+        earlier_factors = random_factors(len(earlier_ids), 7)
+        source = earlier_model(tmp_path / "earlier", earlier_ids, earlier_factors)
+        for row, visitor in enumerate(VISITORS):
+            if visitor in earlier_ids:
+                last = len(earlier_ids) - 1 - earlier_ids[::-1].index(visitor)
+                expected[row] = earlier_factors[last]
+    spec = spec_for(tmp_path, vocabularies=(vocabulary, ""), warm_start=source)
     with TestPipeline() as p:
         table = (
             p
@@ -228,7 +276,17 @@ def test_initial_factors_are_each_rows_seeded_or_warm_start_factors(tmp_path, wa
             | InitialFactors(spec, USERS)
             | as_table(spec, N_USERS)
         )
-        assert_that(table, close_to_table(expected, atol=1e-6))
+        assert_that(table, close_to_table(expected, atol=0))
+    if warm:
+        assert checkpoint_files.read_warm_matches(spec.checkpoint_dir, USERS) == 3
+
+
+def test_seed_keys_refuse_a_vocabulary_of_another_size(tmp_path):
+    vocabulary = write_vocabulary(tmp_path / "vocab_users", VISITORS[:4])
+    spec = spec_for(tmp_path, vocabularies=(vocabulary, ""))
+    with pytest.raises(Exception, match="holds 4 IDs but summary.json says 5"):
+        with TestPipeline() as p:
+            _ = p | seed_keys.SeedKeys(vocabulary, spec.layout(USERS))
 
 
 def checkpointed(spec: TrainSpec, side: Side, table: np.ndarray, iteration: int) -> dict:

@@ -6,18 +6,30 @@ both factor exchanges; and its checkpoints: a crash, a resume, a corrupt or fore
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
+from apache_beam.io.filesystems import FileSystems
 
 from common import cli
 from pipeline import preprocess, synthetic
 from trainer import task
-from trainer.beam import block_problems, checkpoint_files, checkpoints, sweep
+from trainer.beam import (
+    block_problems,
+    checkpoint_files,
+    checkpoints,
+    model_blocks,
+    model_parts,
+    sweep,
+)
 from trainer.core import solver as core_solver
 from trainer.core.sparse import CsrMatrix
+from trainer.local import dataset as data
+from trainer.serving import model as model_lib
 
 ITERS = 4
 HYPER = ["--num_iters", str(ITERS), "--latent_factors", "8", "--no_progress", "--loss_every", "1"]
@@ -67,6 +79,26 @@ def assert_same_model(a: str, b: str, rtol: float = 1e-4) -> None:
     np.testing.assert_allclose(losses_b, losses_a, rtol=rtol)
 
 
+def assert_same_model_files(local: str, distributed: str) -> None:
+    """The Beam workers' model/ holds the files `model.save` writes: all but the factors the
+    local run's bytes (same data and flags), the factors the bytes numpy.save writes of them."""
+    names = sorted(os.listdir(os.path.join(local, "model")))
+    assert sorted(os.listdir(os.path.join(distributed, "model"))) == names
+    for name in names:
+        with open(os.path.join(local, "model", name), "rb") as handle:
+            expected = handle.read()
+        with open(os.path.join(distributed, "model", name), "rb") as handle:
+            written = handle.read()
+        if name in ("user_factors.npy", "item_factors.npy"):
+            array = np.load(io.BytesIO(written))
+            assert array.shape == np.load(io.BytesIO(expected)).shape
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            assert written == buffer.getvalue(), name
+        else:
+            assert written == expected, name
+
+
 @pytest.mark.parametrize(
     "n_workers, block_rows, exchange",
     [
@@ -77,8 +109,10 @@ def assert_same_model(a: str, b: str, rtol: float = 1e-4) -> None:
     ],
 )
 def test_distributed_training_equals_local_training(
-    dataset, local, tmp_path, n_workers, block_rows, exchange
+    dataset, local, tmp_path, monkeypatch, n_workers, block_rows, exchange
 ):
+    # The model's arrays are regrouped and streamed in parts of about 1 KB (32 factor rows).
+    monkeypatch.setattr(model_parts, "PART_BYTES", 1024)
     out = str(tmp_path / "model")
     task.run(
         [
@@ -87,6 +121,7 @@ def test_distributed_training_equals_local_training(
         ]
     )  # fmt: skip
     assert_same_model(local, out)
+    assert_same_model_files(local, out)
     # The loss never increases, and the published run leaves no checkpoints behind.
     totals = [h["loss/total"] for h in history(out)]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(totals, totals[1:]))
@@ -96,6 +131,9 @@ def test_distributed_training_equals_local_training(
     with open(os.path.join(local, task.METRICS_FILE)) as handle:
         expected = json.load(handle)
     assert metrics["wals"]["recall@20"] == pytest.approx(expected["wals"]["recall@20"], abs=0.01)
+    # The sizes come from summary.json, the local run's from the matrices it loaded.
+    for size in ("nusers", "nitems", "train_interactions", "eval_interactions"):
+        assert metrics[size] == expected[size], size
     # Both trainers time every iteration after the first (the Beam one by its checkpoints).
     for timed in (metrics, expected):
         steps = timed["iteration_seconds"]
@@ -239,6 +277,26 @@ def test_a_crashed_run_resumes_from_its_checkpoint(dataset, local, tmp_path, cap
     assert not os.path.exists(checkpoint_dir)
 
 
+def test_a_run_that_crashed_after_its_last_half_sweep_only_writes_the_model(
+    dataset, local, tmp_path, caplog
+):
+    """Every iteration is checkpointed, the model is not written: the relaunch runs a pipeline
+    that writes it from the final markers' factor files, and trains nothing."""
+    out = str(tmp_path / "model")
+    argv = ["--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed"]
+    argv += ["--block_rows", "80"]
+    with pytest.raises(Exception, match=f"test fault injected after half-sweep {2 * ITERS}"):
+        task.run([*argv, "--test_fail_after_sweep", str(2 * ITERS)])
+    assert not os.path.exists(out)
+    caplog.set_level("INFO")
+    task.run(argv)
+    assert f"writing the model of the checkpoint's iteration {ITERS}" in caplog.text
+    assert not re.search(r"training \d+ x \d+ in blocks", caplog.text)
+    for left, right in zip(factors(local), factors(out)):
+        np.testing.assert_allclose(left, right, rtol=0, atol=1e-4 * np.abs(left).max())
+    assert_same_model_files(local, out)
+
+
 def crash(dataset: str, out: str, *extra: str) -> str:
     argv = ["--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed"]
     with pytest.raises(Exception, match="test fault injected"):
@@ -331,3 +389,69 @@ def test_warm_start_matches_rows_by_id_locally_and_distributed(dataset, local, t
                 "4",
             ]
         )
+
+
+def test_zero_iterations_publish_the_seeded_or_warm_start_factors(dataset, local, tmp_path):
+    """With --num_iters 0 the model is the initial factors, computed by the workers: bit for bit
+    the local trainer's, seeded by each row's ID or, with a warm start, the earlier model's."""
+    zero = ["--num_iters", "0", "--latent_factors", "8", "--no_progress"]
+    for warm in ([], ["--warm_start_from", local]):
+        runs = {}
+        for name, extra in (
+            ("local", []),
+            ("distributed", ["--distributed", "--block_rows", "70"]),
+        ):
+            runs[name] = str(tmp_path / f"{name}{len(warm)}")
+            result = task.run(
+                ["--input_dir", dataset, "--output_dir", runs[name], *zero, *warm, *extra]
+            )
+            assert result.get("warm_start", {}).get("matched_items") == (
+                len(np.load(os.path.join(local, "model", "item_factors.npy"))) if warm else None
+            )
+        for left, right in zip(factors(runs["local"]), factors(runs["distributed"])):
+            np.testing.assert_array_equal(left, right)
+        assert_same_model_files(runs["local"], runs["distributed"])
+
+
+def test_the_launcher_reads_no_cells_vocabularies_or_factors(dataset, tmp_path, monkeypatch):
+    """With worker processes (multi_processing), whatever this process opens is the
+    launcher's: summary.json, config.json, markers, losses and .npy headers, never a TFRecord,
+    a vocabulary, a factor block or a model array's rows."""
+    opened = []
+    open_file = FileSystems.open
+
+    def record(path, *args, **kwargs):
+        opened.append(path)
+        return open_file(path, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the launcher read the data")
+
+    monkeypatch.setattr(FileSystems, "open", staticmethod(record))
+    for module, name in (
+        (data, "load_dataset"),
+        (data, "read_sparse"),
+        (data, "read_vocabulary"),
+        (model_lib, "load"),
+        (model_lib, "save"),
+        (model_blocks, "read_npy_rows"),
+        (np, "load"),
+    ):
+        monkeypatch.setattr(module, name, refuse)
+    out = str(tmp_path / "model")
+    task.run(
+        [
+            "--input_dir", dataset, "--output_dir", out, *HYPER, "--distributed",
+            "--block_rows", "100", *workers(2),
+        ]
+    )  # fmt: skip
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(out, "export", "saved_model.pb"))
+    read = {os.path.basename(path) for path in opened}
+    assert "summary.json" in read and "config.json" in read
+    data_files = [
+        name
+        for name in read
+        if name.endswith((".tfrecord.gz", ".npz", ".bin", ".txt")) or "vocab" in name
+    ]
+    assert not data_files

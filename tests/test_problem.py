@@ -213,10 +213,7 @@ def test_a_block_layout_deals_every_row_to_exactly_one_block(n_rows, block_rows,
     layout = BlockLayout(n_rows, block_rows, interleaved)
     dealt = [layout.rows_of(b) for b in range(layout.n_blocks)]
     assert sorted(np.concatenate(dealt + [np.zeros(0, np.int64)]).tolist()) == list(range(n_rows))
-    order = layout.file_order()
     for block_id, rows in enumerate(dealt):
         assert rows.size <= block_rows
         assert np.all(layout.block_of(rows) == block_id)
         np.testing.assert_array_equal(layout.position(rows), np.arange(rows.size))
-        start, stop = layout.file_range(block_id)
-        np.testing.assert_array_equal(order[start:stop], rows)

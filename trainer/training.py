@@ -1,8 +1,14 @@
-"""One training run: load the dataset, fit WALS (locally or on Beam), evaluate, and write the
-model directory. `trainer.task` checks the flags and stages the output; this module fills it.
+"""One training run: fit WALS (locally or on Beam), evaluate, and write the model directory.
+`trainer.task` checks the flags and stages the output; this module fills it.
+
+Locally, the dataset, the factors and the model are loaded into this process. With
+--distributed, this process (the launcher) holds nothing that grows with the data: it reads
+summary.json and the checkpoint's small files, and Beam workers read the cells, the
+vocabularies and the factors, write model/ and export/, and evaluate.
 
 Under `out` (a staging directory that `trainer.task` publishes as --output_dir):
-    model/          factors, vocabularies, seen items, config (`trainer.serving.model.save`)
+    model/          factors, vocabularies, seen items, config (`trainer.serving.model.save`;
+                    with --distributed, the same files from `trainer.beam.model_writer`)
     export/         the SavedModel (`trainer.serving.export`)
     metrics.json    `METRICS_FILE`: final metrics of WALS and popularity, the per-iteration
                     history (each entry names its iteration and holds "loss/*" only where the
@@ -25,16 +31,20 @@ from apache_beam.io.filesystems import FileSystems
 
 from common import cli
 from trainer.beam import evaluate as beam_evaluate
+from trainer.beam import model_writer
 from trainer.beam import train as distributed
+from trainer.beam import warm_start as beam_warm_start
 from trainer.core import metrics, seeding
 from trainer.core.factors import WALSFactors
 from trainer.core.objective import WALSConfig
+from trainer.core.sides import ITEMS, USERS
 from trainer.evaluation import new_visitors
 from trainer.local import dataset as data
 from trainer.local import train as local_train
 from trainer.local import warm_start
 from trainer.serving import export
 from trainer.serving import model as model_lib
+from transforms.dataset_info import read_dataset_info
 
 logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -67,28 +77,51 @@ def per_iteration_evaluator(
     )
 
 
-def _train_distributed(
-    args, config, dataset, beam_argv: list[str], out: str, warm
-) -> distributed.DistributedResult:
-    """Runs the Beam trainer; per-iteration evaluation needs the factors of every iteration,
-    which the distributed run does not keep, so the history holds the losses only."""
-    result = distributed.train(
-        dataset,
-        args.input_dir,
-        config,
-        args.output_dir,
-        beam_argv,
-        exchange=args.factor_exchange,
-        block_rows=args.block_rows,
-        loss_every=args.loss_every,
-        fail_after=args.test_fail_after_sweep,
-        warm_start=warm,
-    )
-    args.checkpoint_dir = result.checkpoint_dir
-    if args.eval_every:
-        logger.warning("--eval_every is ignored with --distributed: metrics.json has final ones")
-    args.eval_every = 0
-    return result
+def _model_config(config: WALSConfig, summary: dict, input_dir: str) -> dict:
+    """The model's config.json: the hyperparameters, the rating scaling and its statistics."""
+    return {
+        **dataclasses.asdict(config),
+        "scaling": summary["scaling"],
+        "scale_stats": summary.get("scale_stats") or {},
+        "input_dir": input_dir,
+    }
+
+
+class _History:
+    """The per-iteration history of metrics.json, and TensorBoard's curves of it."""
+
+    def __init__(self, writer):
+        self.records: list[dict] = []
+        self._writer = writer
+
+    def add(self, iteration: int, loss: dict | None, evaluated: dict | None = None) -> None:
+        record = {"iteration": iteration}
+        if loss is not None:
+            record.update({f"loss/{k}": float(v) for k, v in loss.items() if k != "iteration"})
+        if evaluated:
+            record.update({f"eval/{k}": v for k, v in evaluated.items()})
+        self.records.append(record)
+        values = {k: v for k, v in record.items() if k != "iteration"}
+        _summaries(self._writer, iteration, values, "wals")
+
+
+def _result(config, train_seconds: float, iteration_seconds: dict, sizes: tuple, history) -> dict:
+    """metrics.json's timings, sizes ((nusers, nitems, train cells, eval cells)), history and
+    config."""
+    nusers, nitems, train_interactions, eval_interactions = sizes
+    return {
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_iteration": round(train_seconds / max(config.num_iters, 1), 4),
+        "iteration_seconds": [
+            {"iteration": t, "seconds": round(s, 4)} for t, s in sorted(iteration_seconds.items())
+        ],
+        "nusers": nusers,
+        "nitems": nitems,
+        "train_interactions": train_interactions,
+        "eval_interactions": eval_interactions,
+        "history": history.records,
+        "config": dataclasses.asdict(config),
+    }
 
 
 def train_and_evaluate(
@@ -97,7 +130,10 @@ def train_and_evaluate(
     out: str,
     beam_argv: list[str] | None = None,
 ) -> dict:
-    """Loads, trains, evaluates and writes everything under `out`; returns metrics.json.
+    """Trains, evaluates and writes everything under `out`; returns metrics.json.
+
+    Without --distributed, everything is loaded into this process. With it, the launcher holds
+    nothing that grows with the data (`_train_and_evaluate_distributed`).
 
     Args:
         args: `trainer.task`'s checked flags (loss_every and eval_every resolved to numbers).
@@ -105,10 +141,21 @@ def train_and_evaluate(
         out: the staging directory to fill.
         beam_argv: Beam pipeline options, for --distributed.
     """
+    writer = tf.summary.create_file_writer(f"{out}/tensorboard")
+    if args.distributed:
+        result = _train_and_evaluate_distributed(args, config, out, beam_argv or [], writer)
+    else:
+        result = _train_and_evaluate_locally(args, config, out, writer)
+    with FileSystems.create(f"{out}/{METRICS_FILE}") as handle:
+        handle.write(json.dumps(result, indent=2).encode("utf-8"))
+    return result
+
+
+def _train_and_evaluate_locally(args, config: WALSConfig, out: str, writer) -> dict:
+    """The in-memory run: the dataset, the factors and the model all in this process."""
     dataset = data.load_dataset(args.input_dir)
     train, heldout = dataset.train, dataset.heldout
-    writer = tf.summary.create_file_writer(f"{out}/tensorboard")
-    history = []
+    history = _History(writer)
     chunk = args.score_item_chunk
     evaluate = per_iteration_evaluator(
         train, heldout, args.eval_ks, args.eval_users, args.seed, chunk
@@ -120,15 +167,12 @@ def train_and_evaluate(
     last_end = [None]
 
     def on_iteration(iteration: int, factors, loss: dict | None) -> None:
-        if last_end[0] is not None and not args.distributed:
+        if last_end[0] is not None:
             iteration_seconds[iteration] = time.monotonic() - last_end[0]
-        record = {"iteration": iteration}
-        if loss is not None:
-            record.update({f"loss/{k}": float(v) for k, v in loss.items() if k != "iteration"})
+        evaluated = None
         if args.eval_every and iteration % args.eval_every == 0 and heldout.nnz:
-            record.update({f"eval/{k}": v for k, v in evaluate(factors).items()})
-        history.append(record)
-        _summaries(writer, iteration, {k: v for k, v in record.items() if k != "iteration"}, "wals")
+            evaluated = evaluate(factors)
+        history.add(iteration, loss, evaluated)
         last_end[0] = time.monotonic()
 
     warm = None
@@ -138,46 +182,26 @@ def train_and_evaluate(
         except (FileNotFoundError, ValueError) as error:
             raise cli.UsageError(f"--warm_start_from {args.warm_start_from}: {error}") from None
     start = time.monotonic()
-    if args.distributed:
-        trained = _train_distributed(args, config, dataset, beam_argv, out, warm)
-        factors = trained.factors
-        iteration_seconds.update(trained.iteration_seconds)
-        for loss in factors.history:
-            on_iteration(loss["iteration"], factors, loss)
-    else:
-        factors = local_train.fit(
-            train,
-            config,
-            callback=on_iteration,
-            show_progress=not args.no_progress,
-            user_keys=seeding.id_keys(dataset.users),
-            item_keys=seeding.id_keys(dataset.items),
-            compute_loss=args.loss_every > 0,
-            loss_every=max(args.loss_every, 1),
-            initial=warm.factors if warm else None,
-        )
+    factors = local_train.fit(
+        train,
+        config,
+        callback=on_iteration,
+        show_progress=not args.no_progress,
+        user_keys=seeding.id_keys(dataset.users),
+        item_keys=seeding.id_keys(dataset.items),
+        compute_loss=args.loss_every > 0,
+        loss_every=max(args.loss_every, 1),
+        initial=warm.factors if warm else None,
+    )
     train_seconds = time.monotonic() - start
-
-    result = {
-        "train_seconds": round(train_seconds, 3),
-        "seconds_per_iteration": round(train_seconds / max(config.num_iters, 1), 4),
-        "iteration_seconds": [
-            {"iteration": t, "seconds": round(s, 4)} for t, s in sorted(iteration_seconds.items())
-        ],
-        "nusers": train.shape[0],
-        "nitems": train.shape[1],
-        "train_interactions": train.nnz,
-        "eval_interactions": heldout.nnz,
-    }
-    result["history"] = history
-    result["config"] = dataclasses.asdict(config)
+    sizes = (train.shape[0], train.shape[1], train.nnz, heldout.nnz)
+    result = _result(config, train_seconds, iteration_seconds, sizes, history)
     if warm is not None:
         result["warm_start"] = {
             "from": warm.source,
             "matched_users": warm.matched_users,
             "matched_items": warm.matched_items,
         }
-
     trained = model_lib.WALSModel(
         user_factors=factors.user_factors.astype(np.float32),
         item_factors=factors.item_factors.astype(np.float32),
@@ -187,51 +211,109 @@ def train_and_evaluate(
         item_counts=train.col_counts().astype(np.int64),
         users=dataset.users,
         items=dataset.items,
-        config={
-            **dataclasses.asdict(config),
-            "scaling": dataset.summary["scaling"],
-            "scale_stats": dataset.summary.get("scale_stats") or {},
-            "input_dir": args.input_dir,
-        },
+        config=_model_config(config, dataset.summary, args.input_dir),
     )
     model_lib.save(trained, out)
     if heldout.nnz:
-        if args.distributed:
-            # Beam combiners over blocks of users, reading the model just saved.
-            evaluated = beam_evaluate.evaluate_model_distributed(
-                out, args.input_dir, beam_argv, ks=args.eval_ks, item_chunk=chunk
-            )
-        else:
-            rows = heldout.row_ids()
-            predicted = np.einsum(
-                "ij,ij->i", factors.user_factors[rows], factors.item_factors[heldout.indices]
-            )
-            evaluated = {
-                "wals": {
-                    "rmse": metrics.rmse(predicted, heldout.values),
-                    **metrics.evaluate(
-                        _scorer(factors), train, heldout, ks=args.eval_ks, item_chunk=chunk
-                    ),
-                },
-                "popularity": metrics.evaluate_popularity(
-                    train, heldout, ks=args.eval_ks, item_chunk=chunk
-                ),
-            }
-        result.update(evaluated)
+        rows = heldout.row_ids()
+        predicted = np.einsum(
+            "ij,ij->i", factors.user_factors[rows], factors.item_factors[heldout.indices]
+        )
+        result["wals"] = {
+            "rmse": metrics.rmse(predicted, heldout.values),
+            **metrics.evaluate(_scorer(factors), train, heldout, ks=args.eval_ks, item_chunk=chunk),
+        }
+        result["popularity"] = metrics.evaluate_popularity(
+            train, heldout, ks=args.eval_ks, item_chunk=chunk
+        )
         _summaries(writer, config.num_iters, result["popularity"], "popularity")
     if new_visitors.has_heldout(args.input_dir):  # held-out visitors: fold in and score
-        if args.distributed:
-            new = new_visitors.evaluate_distributed(
-                out, args.input_dir, beam_argv, args.eval_ks, item_chunk=chunk
-            )
-        else:
-            new = new_visitors.evaluate_model(trained, args.input_dir, args.eval_ks, chunk)
-        result["new_visitors"] = new
-        for name in ("wals", "popularity"):
-            _summaries(writer, config.num_iters, new[name], f"new_visitors/{name}")
+        result["new_visitors"] = new_visitors.evaluate_model(
+            trained, args.input_dir, args.eval_ks, chunk
+        )
+        _new_visitor_summaries(writer, config.num_iters, result["new_visitors"])
     export.export_saved_model(trained, f"{out}/export", k=args.export_k)
-    with FileSystems.create(f"{out}/{METRICS_FILE}") as handle:
-        handle.write(json.dumps(result, indent=2).encode("utf-8"))
+    return result
+
+
+def _new_visitor_summaries(writer, step: int, new: dict) -> None:
+    for name in ("wals", "popularity"):
+        _summaries(writer, step, new[name], f"new_visitors/{name}")
+
+
+def _train_and_evaluate_distributed(
+    args, config: WALSConfig, out: str, beam_argv: list[str], writer
+) -> dict:
+    """The Beam run, whose launcher reads summary.json (`transforms.dataset_info`) and the
+    checkpoint's small files only: the workers seed the factors from the vocabularies, train,
+    write `out`/model/ and export it (`trainer.beam.train`, `trainer.beam.model_writer`), then
+    evaluate the model from its files (`trainer.beam.evaluate`, `new_visitors`). This process
+    writes config.json and metrics.json.
+
+    Per-iteration evaluation needs the factors of every iteration, which the distributed run
+    does not keep, so the history holds the losses only. train_seconds includes writing and
+    exporting the model, which the training pipeline does after the last iteration.
+    """
+    info = read_dataset_info(args.input_dir)
+    warm = None
+    if args.warm_start_from:
+        try:
+            digest = beam_warm_start.describe(args.warm_start_from, config.latent_factors)
+        except (FileNotFoundError, ValueError) as error:
+            raise cli.UsageError(f"--warm_start_from {args.warm_start_from}: {error}") from None
+        warm = (args.warm_start_from, digest)
+    if args.eval_every:
+        logger.warning("--eval_every is ignored with --distributed: metrics.json has final ones")
+    args.eval_every = 0
+    model_lib.write_config(out, _model_config(config, info.summary, args.input_dir))
+    model = model_writer.ModelSpec(
+        model_dir=out,
+        input_dir=info.directory,
+        shape=info.shape,
+        k=config.latent_factors,
+        vocabularies=info.vocabularies,
+        train_interactions=info.train_interactions,
+        export_k=args.export_k,
+    )
+    start = time.monotonic()
+    trained = distributed.train(
+        info,
+        config,
+        args.output_dir,
+        beam_argv,
+        model=model,
+        exchange=args.factor_exchange,
+        block_rows=args.block_rows,
+        loss_every=args.loss_every,
+        fail_after=args.test_fail_after_sweep,
+        warm_start=warm,
+    )
+    train_seconds = time.monotonic() - start
+    args.checkpoint_dir = trained.checkpoint_dir
+    history = _History(writer)
+    for loss in trained.history:
+        history.add(loss["iteration"], loss)
+    sizes = (*info.shape, info.train_interactions, info.eval_interactions)
+    result = _result(config, train_seconds, trained.iteration_seconds, sizes, history)
+    if warm is not None:
+        result["warm_start"] = {
+            "from": args.warm_start_from,
+            "matched_users": trained.warm_matched[USERS],
+            "matched_items": trained.warm_matched[ITEMS],
+        }
+    if info.eval_interactions:  # Beam combiners over blocks of users, reading the model's files
+        result.update(
+            beam_evaluate.evaluate_model_distributed(
+                out, args.input_dir, beam_argv, ks=args.eval_ks, item_chunk=args.score_item_chunk
+            )
+        )
+        _summaries(writer, config.num_iters, result["popularity"], "popularity")
+    if new_visitors.has_heldout(args.input_dir):  # held-out visitors: fold in and score
+        new = new_visitors.evaluate_distributed(
+            out, args.input_dir, beam_argv, args.eval_ks, item_chunk=args.score_item_chunk
+        )
+        result["new_visitors"] = new
+        _new_visitor_summaries(writer, config.num_iters, new)
     return result
 
 

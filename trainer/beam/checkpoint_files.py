@@ -6,9 +6,6 @@ Where each file sits in the directory, and what a relaunch does with them, is in
     entry       what a marker says about one factor block file: {block, file, bytes, sha256};
                 a reader checks the file's bytes against it
     ratings     a block's observed ratings (CSR), `rows/<side>/block-NNNNN.npz`
-    per-row     a file with one value (or one vector) per row of a side, in block order
-                (`BlockLayout.file_order`), so that a block reads one contiguous range: the
-                rows' ID keys, a warm start's initial factors
     requests    with the join exchange, the fixed rows each solving block needs from one
                 fixed block
 
@@ -73,62 +70,24 @@ def _read_checked(path: str, entry: dict) -> bytes:
     return data
 
 
-# --- per-row files: the ID keys and a warm start's factors ---------------------------------------
+# --- a warm start's matched rows ---------------------------------------------------------------
 
 
-def _write_per_row(path: str, values: np.ndarray, layout: blocks_lib.BlockLayout) -> None:
-    """One value (or vector) per row, in the layout's block order."""
-    ordered = np.ascontiguousarray(np.asarray(values)[layout.file_order()])
-    write_file(path, ordered.tobytes())
+def _warm_start_path(checkpoint_dir: str, side: Side) -> str:
+    return f"{checkpoint_dir}/warm-start/{Side(side).label}.json"
 
 
-def _read_block_range(
-    path: str, layout: blocks_lib.BlockLayout, block_id: int, row_bytes: int
-) -> bytes:
-    """The bytes of a block's rows: one contiguous range of a `_write_per_row` file."""
-    start, stop = layout.file_range(block_id)
-    if stop == start:
-        return b""
-    with FileSystems.open(path, compression_type="uncompressed") as handle:
-        handle.seek(start * row_bytes)
-        data = handle.read((stop - start) * row_bytes)
-    if len(data) != (stop - start) * row_bytes:
-        raise CheckpointError(f"{path} is shorter than the vocabulary")
-    return data
+def write_warm_matches(checkpoint_dir: str, side: Side, matched: int) -> None:
+    """How many rows of `side` a warm start took from the earlier model: {"matched": n}."""
+    write_file(_warm_start_path(checkpoint_dir, side), json.dumps({"matched": matched}).encode())
 
 
-def write_keys(
-    checkpoint_dir: str, side: Side, keys: np.ndarray, layout: blocks_lib.BlockLayout
-) -> None:
-    """The rows' ID keys (uint64 little-endian [n]), in block order."""
-    path = f"{checkpoint_dir}/keys/{Side(side).label}.u64"
-    _write_per_row(path, np.asarray(keys, dtype="<u8"), layout)
-
-
-def read_keys(
-    checkpoint_dir: str, side: Side, layout: blocks_lib.BlockLayout, block_id: int
-) -> np.ndarray:
-    """uint64 [b], the keys of a block's rows (in `layout.rows_of(block_id)` order)."""
-    path = f"{checkpoint_dir}/keys/{Side(side).label}.u64"
-    data = _read_block_range(path, layout, block_id, 8)
-    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
-
-
-def write_initial(
-    checkpoint_dir: str, side: Side, factors: np.ndarray, layout: blocks_lib.BlockLayout
-) -> None:
-    """A warm start's initial factors of one side: float32 little-endian [n, k], block order."""
-    path = f"{checkpoint_dir}/init/{Side(side).label}.f32"
-    _write_per_row(path, np.asarray(factors, dtype="<f4"), layout)
-
-
-def read_initial(
-    checkpoint_dir: str, side: Side, layout: blocks_lib.BlockLayout, block_id: int, k: int
-) -> np.ndarray:
-    """float32 [b, k], the warm start's factors of a block's rows."""
-    path = f"{checkpoint_dir}/init/{Side(side).label}.f32"
-    data = _read_block_range(path, layout, block_id, 4 * k)
-    return np.frombuffer(data, dtype="<f4").reshape(-1, k).astype(np.float32)
+def read_warm_matches(checkpoint_dir: str, side: Side) -> int | None:
+    """The count `write_warm_matches` wrote, or None when there is none."""
+    path = _warm_start_path(checkpoint_dir, side)
+    if not FileSystems.exists(path):
+        return None
+    return int(json.loads(read_file(path).decode("utf-8"))["matched"])
 
 
 # --- a block's ratings ---------------------------------------------------------------------------

@@ -4,10 +4,8 @@ Layout, under `<output_dir>.checkpoints/` (outside the staged output, so a faile
 it):
 
     run.json                       the fingerprint of (data, hyperparameters, block_rows)
-    keys/users.u64, keys/items.u64 uint64 little-endian, the `trainer.core.seeding.id_keys` of each
-                                   row's original ID, in block order (each block reads one range)
-    init/users.f32, init/items.f32 with a warm start: the initial factors, float32 [n, k], in
-                                   block order
+    warm-start/users.json          with a warm start: how many rows of each side the earlier
+    warm-start/items.json          model gave their initial factors ({"matched": n})
     rows/users/block-NNNNN.npz     a block's ratings (CSR arrays), written once per launch:
                                    sweeps move only factors, and a worker that has not cached
                                    a block's problem reads its ratings from here
@@ -16,11 +14,15 @@ it):
                                    user rows the item blocks need), written once per launch
     iter-NNNN/users/block-NNNNN-<sha>.npz
                                    a block's (row_ids, factors) after that half-sweep, named by
-                                   its content (iter-0000: the initial factors); the sweeps
-                                   read each other's factors from these files
+                                   its content (iter-0000: the initial factors, seeded on the
+                                   workers from the vocabularies, `trainer.beam.seed_keys`); the
+                                   sweeps read each other's factors from these files, and the
+                                   final ones are regrouped into the model's arrays
+                                   (`trainer.beam.model_writer`)
     iter-NNNN/users/_COMPLETE      the marker: JSON naming every block file with its size and
                                    SHA-256 (its entries); written last, so its presence means
-                                   the half is complete
+                                   the half is complete (iter-0000 has markers only with
+                                   --num_iters 0, whose model is the initial factors)
     iter-NNNN/items/...
     loss-NNNN.json                 the loss after iteration NNNN
 
@@ -28,8 +30,9 @@ A relaunch resumes from the newest iteration whose two halves are complete. A ch
 for other data or other hyperparameters, a marker naming a missing or truncated file, or a
 block whose bytes do not match its SHA-256 is reported by name, never silently used.
 How each file is written and read is in `trainer.beam.checkpoint_files`; this module holds
-what concerns the directory as a whole: claiming it, the markers, finding where to resume, the
-final read and the removal.
+what concerns the directory as a whole: claiming it, the markers, finding where to resume, and
+the removal. The launcher reads only these small files (run.json, markers, losses), never a
+factor block.
 """
 
 from __future__ import annotations
@@ -224,19 +227,6 @@ def read_marked_block(marker: dict, block_id: int) -> tuple[np.ndarray, np.ndarr
         raise CheckpointError(f"checkpoint {marker['_dir']} has no block {block_id}")
     entry = entries[block_id]
     return files.read_verified_block(f"{marker['_dir']}/{entry['file']}", entry)
-
-
-def read_factors(markers: dict, shape: tuple[int, int], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The whole (X float32 [n_users, k], Y float32 [n_items, k]) from a complete iteration's
-    markers (the launcher's final read)."""
-    tables = []
-    for side, n in zip(SIDES, shape):
-        table = np.zeros((n, k), dtype=np.float32)
-        for entry in markers[side]["blocks"]:
-            row_ids, factors = read_marked_block(markers[side], entry["block"])
-            table[row_ids] = factors
-        tables.append(table)
-    return tables[0], tables[1]
 
 
 def remove(checkpoint_dir: str) -> None:

@@ -64,9 +64,6 @@ class BlockLayout:
     block 0, a straggler with most of the cells; dealing the rows out round-robin gives every
     block a fair share of popular and rare rows. Contiguous (interleaved=False): row r goes to
     block r // block_rows.
-
-    Files that hold one value per row (the ID keys, a warm start's factors) are written in
-    block order, `file_order()`, so that a block reads one contiguous range, `file_range()`.
     """
 
     n_rows: int
@@ -96,19 +93,6 @@ class BlockLayout:
             return np.arange(block_id, self.n_rows, self.n_blocks, dtype=np.int64)
         start, stop = block_bounds(block_id, self.block_rows, self.n_rows)
         return np.arange(start, stop, dtype=np.int64)
-
-    def file_range(self, block_id: int) -> tuple[int, int]:
-        """[start, stop) of a block's rows in a file written in `file_order`."""
-        if not self.interleaved:
-            return block_bounds(block_id, self.block_rows, self.n_rows)
-        base, extra = divmod(self.n_rows, self.n_blocks) if self.n_blocks else (0, 0)
-        start = block_id * base + min(block_id, extra)
-        return start, start + base + (1 if block_id < extra else 0)
-
-    def file_order(self) -> np.ndarray:
-        """int64 [n_rows], the rows in block order (block 0's rows, then block 1's, ...)."""
-        rows = np.arange(self.n_rows, dtype=np.int64)
-        return rows[np.argsort(self.block_of(rows), kind="stable")]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from common import worker_threads
 from trainer.beam import checkpoint_files as files
-from trainer.beam import checkpoints
+from trainer.beam import checkpoints, seed_keys, warm_start
 from trainer.beam.layout import FactorRef
 from trainer.beam.spec import TrainSpec
 from trainer.core import seeding
@@ -55,8 +55,11 @@ def read_ref(spec: TrainSpec, ref: FactorRef) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _InitFactors(beam.DoFn):
-    """(block_id, row_ids) -> the FactorRef of the block's initial factors (iteration 0):
-    seeded (`trainer.core.seeding`), or a warm start's."""
+    """(block_id, {"rows": [row_ids], "keys": [(rows, keys)], "warm": [(rows, factors)]}) ->
+    the FactorRef of the block's initial factors (iteration 0): each row seeded by the key
+    of its original ID (`trainer.core.seeding`; the keys from `seed_keys.SeedKeys`), and the
+    rows a warm start matched (`warm_start.WarmStartRows`) overwritten with the earlier
+    model's factors."""
 
     def __init__(self, spec: TrainSpec, side: Side):
         self._spec = spec
@@ -66,26 +69,24 @@ class _InitFactors(beam.DoFn):
         worker_threads.apply_in_worker()  # before this worker's TensorFlow runtime starts
 
     def process(self, element):
-        block_id, row_ids = element
+        block_id, grouped = element
         spec, config, side = self._spec, self._spec.config, self._side
-        layout = spec.layout(side)
-        if spec.warm_start:
-            initial = files.read_initial(
-                spec.checkpoint_dir, side, layout, block_id, config.latent_factors
-            )
-        else:
-            keys = files.read_keys(spec.checkpoint_dir, side, layout, block_id)
-            initial = seeding.initial_factors(
-                keys, config.latent_factors, config.init_stddev, config.seed, side
-            )
+        (row_ids,) = grouped["rows"]
+        keys = seed_keys.block_keys(block_id, row_ids, list(grouped["keys"]))
+        initial = seeding.initial_factors(
+            keys, config.latent_factors, config.init_stddev, config.seed, side
+        )
+        for rows, factors in grouped.get("warm", ()):
+            initial[spec.layout(side).position(rows)] = factors
         yield publish(spec, 0, side, block_id, row_ids, initial)
 
 
 class InitialFactors(beam.PTransform):
     """PCollection[tuple[int, np.ndarray]] (block_id, row_ids int64 [b]) of one side ->
     PCollection[FactorRef], each block's initial factors (iteration 0) written to the
-    checkpoint directory: seeded by each row's ID (`trainer.core.seeding`), or, with
-    `spec.warm_start`, the warm start's (`checkpoint_files.read_initial`)."""
+    checkpoint directory: seeded by each row's ID, read from the side's vocabulary file on a
+    worker (`seed_keys.SeedKeys`, joined with the blocks by block), or, with `spec.warm_start`,
+    for the rows an earlier model knew, its factors (`warm_start.WarmStartRows`, joined too)."""
 
     def __init__(self, spec: TrainSpec, side: Side):
         super().__init__()
@@ -93,7 +94,19 @@ class InitialFactors(beam.PTransform):
         self._side = side
 
     def expand(self, blocks):
-        return blocks | "Initialise" >> beam.ParDo(_InitFactors(self._spec, self._side))
+        spec, side, root = self._spec, self._side, blocks.pipeline
+        inputs = {
+            "rows": blocks,
+            "keys": root
+            | "SeedKeys" >> seed_keys.SeedKeys(spec.vocabularies[side], spec.layout(side)),
+        }
+        if spec.warm_start:
+            inputs["warm"] = root | "WarmStart" >> warm_start.WarmStartRows(spec, side)
+        return (
+            inputs
+            | "JoinByBlock" >> beam.CoGroupByKey()
+            | "Initialise" >> beam.ParDo(_InitFactors(spec, side))
+        )
 
 
 class _LoadFactors(beam.DoFn):

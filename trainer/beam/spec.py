@@ -39,8 +39,10 @@ class TrainSpec:
         fail_after: test-only fault injection: raise after writing the marker of this
             half-sweep (2·iteration − 1 for users, 2·iteration for items); 0 never.
         start_loss: compute the loss of start_iteration too (a crash lost it).
-        warm_start: initial factors come from `checkpoint_files.write_initial` files (a warm
-            start from an earlier model), not from the seeded initialisation.
+        vocabularies: the dataset's (user, item) vocabulary files, whose lines are the rows'
+            original IDs: the seeds of the initial factors (`trainer.beam.seed_keys`).
+        warm_start: an earlier model's output directory whose factors the rows it knows start
+            from (`trainer.beam.warm_start`); "" for the seeded initialisation alone.
     """
 
     input_dir: str
@@ -54,7 +56,8 @@ class TrainSpec:
     loss_every: int = 1
     fail_after: int = 0
     start_loss: bool = False
-    warm_start: bool = False
+    vocabularies: tuple[str, str] = ("", "")
+    warm_start: str = ""
 
     def solver(self):
         """The solver the config names (`trainer.core.solver.solver_for`), float32, its kernels

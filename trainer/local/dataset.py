@@ -9,13 +9,14 @@
 
 Every inconsistency a trainer could trip over later (no summary.json, vocabularies that disagree
 with the TFRecords, rows and columns that disagree, non-finite ratings) raises `DatasetError`
-naming the problem.
+naming the problem. The distributed trainer loads none of this in its launcher: it reads
+`transforms.dataset_info.DatasetInfo` (summary.json and the vocabularies' paths) and its workers
+check the data.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 
 import numpy as np
@@ -26,7 +27,10 @@ from apache_beam.io.filesystems import FileSystems
 from trainer.core.sparse import CsrMatrix
 from trainer.serving.model import vocabulary_from_bytes
 from transforms import features
+from transforms.dataset_info import DatasetError, read_summary
 
+# DatasetError is shared with the distributed trainer (`transforms.dataset_info`).
+__all__ = ["Dataset", "DatasetError", "load_dataset", "read_sparse", "read_vocabulary"]
 logger = logging.getLogger(__name__)
 
 _SPEC = {
@@ -34,10 +38,6 @@ _SPEC = {
     features.INDICES: tf.io.RaggedFeature(tf.int64),
     features.VALUES: tf.io.RaggedFeature(tf.float32),
 }
-
-
-class DatasetError(ValueError):
-    """The preprocessed dataset is missing, unfinished or inconsistent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +99,6 @@ def read_sparse(files: list[str], shape: tuple[int, int], what: str) -> CsrMatri
     return matrix
 
 
-def read_json(path: str) -> dict:
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read().decode("utf-8"))
-
-
 def read_vocabulary(path: str) -> list[str]:
     r"""A TF Transform vocabulary file: one ID per '\n'-ended line, line number = index.
 
@@ -121,13 +116,7 @@ def load_dataset(directory: str) -> Dataset:
         DatasetError: naming what is missing or inconsistent.
     """
     directory = directory.rstrip("/")
-    summary_path = f"{directory}/{features.SUMMARY_FILE}"
-    if not FileSystems.exists(summary_path):
-        raise DatasetError(
-            f"{directory} is not a finished preprocessing output (no {features.SUMMARY_FILE}); "
-            "run python -m pipeline.preprocess first"
-        )
-    summary = read_json(summary_path)
+    summary = read_summary(directory)
     transform_output = tft.TFTransformOutput(directory)
     users = read_vocabulary(transform_output.vocabulary_file_by_name(features.USER_VOCAB))
     items = read_vocabulary(transform_output.vocabulary_file_by_name(features.ITEM_VOCAB))

@@ -304,7 +304,16 @@ def save(model: WALSModel, model_dir: str) -> None:
         _write_bytes(f"{directory}/{name}.npy", buffer.getvalue())
     _write_bytes(f"{directory}/vocab_users.txt", vocabulary_to_bytes(model.users))
     _write_bytes(f"{directory}/vocab_items.txt", vocabulary_to_bytes(model.items))
-    _write_bytes(f"{directory}/config.json", json.dumps(model.config, indent=2).encode())
+    write_config(model_dir, model.config)
+
+
+def write_config(model_dir: str, config: dict) -> None:
+    """Writes `<model_dir>/model/config.json` alone, the bytes `save` writes for it (the
+    distributed trainer's launcher writes it; its workers write the arrays)."""
+    directory = f"{model_dir.rstrip('/')}/{MODEL_SUBDIR}"
+    if "://" not in directory:
+        os.makedirs(directory, exist_ok=True)
+    _write_bytes(f"{directory}/config.json", json.dumps(config, indent=2).encode())
 
 
 def read_config(model_dir: str) -> dict:
