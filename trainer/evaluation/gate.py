@@ -41,7 +41,7 @@ from trainer.core import foldin, metrics
 from trainer.evaluation import published_foldin
 from trainer.local import dataset as data
 from trainer.serving import model as model_lib
-from transforms import features
+from transforms import dataset_info
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _score_distributed(candidate_dir, dataset_dir, published_dir, k, beam_argv, 
     arrays' headers."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    summary = data.read_json(f"{dataset_dir.rstrip('/')}/{features.SUMMARY_FILE}")
+    summary = dataset_info.read_summary(dataset_dir)
     if not summary.get("eval_interactions"):
         raise ValueError(f"{dataset_dir} has no eval interactions: the gate has nothing to judge")
     shape = (
