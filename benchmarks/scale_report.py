@@ -57,6 +57,10 @@ def worker_checks(small: dict, big: dict, flags: dict, runner: str | None = None
                     "peak_mb": [before, after],
                     "growth_mb": growth,
                     "passed": growth <= allowance["allowed_mb"],
+                    # Whether the job's own terms and the slack cover the growth, the runner's
+                    # part left out.
+                    "within_flags_alone": growth
+                    <= allowance["allowed_mb"] - sum(allowance["runner_mb"].values()),
                 }
             )
     return checks
@@ -179,13 +183,13 @@ def format_report(result: dict) -> str:
         f"{'?' if grew is None else f'{grew:+.0f}'} MB per 8x (target < "
         f"{launcher['limit_mb']:.0f} MB): {_verdict(launcher['passed'])}"
     )
-    held = {
-        f"{c['stage']}/{c['job']}": sum(c["runner_mb"].values())
-        for c in workers["checks"]
-        if c.get("runner_mb")
-    }
+    held = [c for c in workers["checks"] if c.get("runner_mb")]
     if held:
-        text = ", ".join(f"{name} {mb:+.0f} MB" for name, mb in held.items())
+        text = ", ".join(
+            f"{c['stage']}/{c['job']} {sum(c['runner_mb'].values()):+.0f} MB (its growth "
+            f"{'within' if c['within_flags_alone'] else 'past'} what its flags alone allow)"
+            for c in held
+        )
         parts.append(
             f"the runner's part of the allowances (the local portable runner hands a stage its "
             f"grouped input whole): {text}"

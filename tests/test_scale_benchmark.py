@@ -276,11 +276,16 @@ def test_the_verdict_pairs_each_job_with_its_worker_and_judges_the_launchers_gro
     big["stages"]["preprocess"]["workers"] = [{"pid": 0, "peak_mb": 3500.0}]
     local = scale_report.compare(small, big, FLAGS, 64, runner=worker_bounds.LOCAL_PORTABLE)
     (pre,) = [c for c in local["workers"]["checks"] if c["stage"] == "preprocess"]
-    assert pre["growth_mb"] == 2600 and pre["passed"]
+    assert pre["growth_mb"] == 2600 and pre["passed"] and not pre["within_flags_alone"]
     assert not scale_report.compare(small, big, FLAGS, 64)["workers"]["checks"][0]["passed"]
     report = scale_report.format_report(local)
     assert "the runner's: redistributed lines +3010.0" in report
-    assert "grouped input whole): preprocess/preprocess +3010 MB" in report
+    assert (
+        "grouped input whole): preprocess/preprocess +3010 MB (its growth past what its flags "
+        "alone allow)" in report
+    )
+    within = [c["within_flags_alone"] for c in result["workers"]["checks"]]
+    assert within == [c["passed"] for c in result["workers"]["checks"]]  # no runner: the same
     # Within the limit, and every worker within its allowance: both pass.
     big = _size("8S", BIG, 850.0, {"preprocess": [950], "train": [800, 850, 860]})
     result = scale_report.compare(small, big, FLAGS, launcher_limit_mb=64)
