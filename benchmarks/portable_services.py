@@ -72,17 +72,26 @@ class PortableRunner:
     Args:
         pythonpath: a directory the services and their workers import the project from (its
             checkout); None: the installed project.
+        job_service_module: the module run as the job service (`python -m`, with --port);
+            `benchmarks.logged_job_service` logs the stage of each bundle.
 
     Attributes:
         flags: the Beam flags that submit a pipeline to them.
         job_service_pid, worker_pool_pid: their process IDs (the pool's children are the SDK
             workers), set on entry.
+        job_service_log: the job service's stdout and stderr (a file removed on exit).
     """
 
-    def __init__(self, pythonpath: str | None = None) -> None:
+    def __init__(
+        self,
+        pythonpath: str | None = None,
+        job_service_module: str = "apache_beam.runners.portability.local_job_service_main",
+    ) -> None:
         self._processes: list[subprocess.Popen] = []
         self._scratch = tempfile.TemporaryDirectory(prefix="ga-wals-portable-")
         self._pythonpath = pythonpath
+        self._job_service_module = job_service_module
+        self.job_service_log = os.path.join(self._scratch.name, "job_service.log")
         self.flags: list[str] = []
         self.job_service_pid: int | None = None
         self.worker_pool_pid: int | None = None
@@ -114,7 +123,7 @@ class PortableRunner:
         try:
             self.job_service_pid = self._start(
                 "job_service",
-                ["apache_beam.runners.portability.local_job_service_main", "--port", str(job_port)],
+                [self._job_service_module, "--port", str(job_port)],
                 job_port,
             )
             self.worker_pool_pid = self._start(

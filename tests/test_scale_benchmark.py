@@ -176,10 +176,16 @@ def test_the_growth_a_workers_flags_allow():
     assert preprocess["terms_mb"] == pytest.approx(
         {
             "per-pair sums": 300 * 175_000 / 16 / MB,
+            "bundle sums": 300 * 175_000 / MB,  # every pair: both sizes under the 2^20 cap
             "matrix groups": 60 * 140_000 / 32 / MB,
+            "bundle cells": 60 * 140_000 / MB,
             "vocabularies": 200 * (12_800 - 1_600) / MB,  # users, items, held-out visitors
         }
     )
+    assert preprocess["runner_mb"] == {}  # no runner named: the job's terms alone
+    # A bundle's partial sums stop growing at MAX_BUFFERED_PAIRS pairs (then they are shuffled).
+    huge = worker_bounds.allowed_growth("preprocess", BIG, {**BIG, "pairs": 5 << 20}, FLAGS)
+    assert huge["terms_mb"]["bundle sums"] == pytest.approx(300 * ((1 << 20) - 200_000) / MB)
     join = worker_bounds.allowed_growth("train", SMALL, BIG, {**FLAGS, "factor_exchange": "join"})
     # A block's share of the cells: 512 of min(U, I) rows (at S all 500 items are one block).
     want = 128 * (160_000 * 512 / 4000 - 20_000) / MB
@@ -187,6 +193,25 @@ def test_the_growth_a_workers_flags_allow():
     # Nothing that the flags bound grows with the same data: the slack alone.
     same = worker_bounds.allowed_growth("predict", BIG, BIG, FLAGS)
     assert same["allowed_mb"] == worker_bounds.SLACK_MB
+
+
+def test_the_local_portable_runner_s_part_is_named_apart_and_counts_the_redistributed_lines():
+    small, big = (
+        {**SMALL, "redistributed_bytes": 100 * MB},
+        {**BIG, "redistributed_bytes": 800 * MB},
+    )
+    local = worker_bounds.LOCAL_PORTABLE
+    got = worker_bounds.allowed_growth("preprocess", small, big, FLAGS, runner=local)
+    ours = worker_bounds.allowed_growth("preprocess", small, big, FLAGS)
+    assert got["terms_mb"] == ours["terms_mb"]
+    assert got["runner_mb"] == {"redistributed lines": worker_bounds.RUNNER_COPIES * 700.0}
+    assert got["allowed_mb"] == pytest.approx(
+        ours["allowed_mb"] + got["runner_mb"]["redistributed lines"]
+    )
+    # Other jobs, and other runners (Dataflow, Flink: bounded bundles), hold nothing more.
+    assert worker_bounds.allowed_growth("train", small, big, FLAGS, runner=local)["runner_mb"] == {}
+    other = worker_bounds.allowed_growth("preprocess", small, big, FLAGS, runner="DataflowRunner")
+    assert other["runner_mb"] == {}
 
 
 def _size(label: str, shape: dict, launcher: float, workers: dict[str, list[float]]) -> dict:
@@ -242,6 +267,25 @@ def test_the_verdict_pairs_each_job_with_its_worker_and_judges_the_launchers_gro
         c for c in scale_report.worker_checks(small, big, FLAGS) if c["stage"] == "train"
     ]
     assert train_check["job"] == "evaluate" and train_check["peak_mb"] == [860, 1050]
+    # On the local portable runner the preprocessing worker may also hold the reshuffled lines
+    # (4.3 x 700 MB more at 8S), printed apart from what its flags allow.
+    small["shape"], big["shape"] = (
+        {**SMALL, "redistributed_bytes": 100 * MB},
+        {**BIG, "redistributed_bytes": 800 * MB},
+    )
+    big["stages"]["preprocess"]["workers"] = [{"pid": 0, "peak_mb": 3500.0}]
+    local = scale_report.compare(small, big, FLAGS, 64, runner=worker_bounds.LOCAL_PORTABLE)
+    (pre,) = [c for c in local["workers"]["checks"] if c["stage"] == "preprocess"]
+    assert pre["growth_mb"] == 2600 and pre["passed"] and not pre["within_flags_alone"]
+    assert not scale_report.compare(small, big, FLAGS, 64)["workers"]["checks"][0]["passed"]
+    report = scale_report.format_report(local)
+    assert "the runner's: redistributed lines +3010.0" in report
+    assert (
+        "grouped input whole): preprocess/preprocess +3010 MB (its growth past what its flags "
+        "alone allow)" in report
+    )
+    within = [c["within_flags_alone"] for c in result["workers"]["checks"]]
+    assert within == [c["passed"] for c in result["workers"]["checks"]]  # no runner: the same
     # Within the limit, and every worker within its allowance: both pass.
     big = _size("8S", BIG, 850.0, {"preprocess": [950], "train": [800, 850, 860]})
     result = scale_report.compare(small, big, FLAGS, launcher_limit_mb=64)
