@@ -1,11 +1,12 @@
 """Peak memory of exporting a model directory as a SavedModel, at two sizes 8x apart.
 
     python -m benchmarks.export_memory [--users 100000] [--items 5000] [--cells_per_user 20]
-        [--k 32] [--main /work/main] [--workdir DIR]
+        [--k 32] [--chunk_mb 8] [--main /work/main] [--workdir DIR]
 
 Writes a random model directory (`trainer.serving.model.save`) of `--users` visitors and one of
 8x the visitors and cells (same items and k), then exports each in a fresh process and reads that
-process's peak resident set (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, after the export):
+process's peak resident set (VmHWM of /proc/self/status, after the export; not ru_maxrss,
+which Linux carries over from the forking parent's size across exec):
 
     streamed   this checkout's `export_saved_model(model_dir, ...)`: the tables read and written
                chunk by chunk (`trainer.serving.export_tables`, `sliced_variables`)
@@ -30,13 +31,17 @@ import numpy as np
 
 MB = 2**20
 _CHILD = """
-import json, resource, sys
+import json, sys
 from trainer.serving import export
 from trainer.serving import model as model_lib
-mode, model_dir, export_dir = sys.argv[1:4]
-source = model_lib.load(model_dir) if mode == "loading" else model_dir
-export.export_saved_model(source, export_dir, k=10)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+mode, model_dir, export_dir, chunk_bytes = sys.argv[1:5]
+if mode == "loading":
+    export.export_saved_model(model_lib.load(model_dir), export_dir, k=10)
+else:
+    export.export_saved_model(model_dir, export_dir, k=10, chunk_bytes=int(chunk_bytes))
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mb": peak / 1024}))
 """
 
 
@@ -71,11 +76,11 @@ def write_model(directory: str, users: int, items: int, cells_per_user: int, k: 
     return (users + items) * k * 4 + (users + 1) * 8 + nnz * 4
 
 
-def measure(mode: str, model_dir: str, export_dir: str, root: str) -> float:
+def measure(mode: str, model_dir: str, export_dir: str, root: str, chunk_bytes: int) -> float:
     """The peak RSS (MB) of a fresh process exporting model_dir with `root`'s code."""
     env = {**os.environ, "PYTHONPATH": root, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, mode, model_dir, export_dir],
+        [sys.executable, "-c", _CHILD, mode, model_dir, export_dir, str(chunk_bytes)],
         cwd=root,
         env=env,
         capture_output=True,
@@ -93,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=5_000)
     parser.add_argument("--cells_per_user", type=int, default=20)
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument(
+        "--chunk_mb",
+        type=int,
+        default=8,
+        help="the streamed export's chunk_bytes, in MiB (default 8: below both sizes' tables, "
+        "so that the growth shows what does not depend on the chunk)",
+    )
     parser.add_argument("--main", default=None, help="a checkout to measure the loading export of")
     parser.add_argument("--workdir", default=None, help="where the models go (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -109,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             peaks = {}
             for scale in (1, 8):
                 export_dir = os.path.join(work, f"{mode}-x{scale}", "1")
-                peaks[scale] = measure(mode, os.path.join(work, f"x{scale}"), export_dir, root)
+                peaks[scale] = measure(
+                    mode, os.path.join(work, f"x{scale}"), export_dir, root, args.chunk_mb * MB
+                )
                 print(
                     json.dumps(
                         {

@@ -11,7 +11,8 @@ stages the output; `trainer.training` trains, evaluates and writes it.
 Output under --output_dir (written to a temporary directory, then moved into place):
     model/          factors, vocabularies, seen items, config (`trainer.serving.model.load`)
     export/         TensorFlow SavedModel: serving_default (visitorId -> contentIds, scores,
-                    known) and fold_in (contentIds, durations -> contentIds, scores)
+                    known) and fold_in (contentIds, durations -> contentIds, scores);
+                    with --serving_model fold_in, the item side and fold_in alone
     metrics.json    final metrics for WALS and the popularity baseline, per-iteration history
     tensorboard/    loss and metric curves (`tensorboard --logdir <output_dir>/tensorboard`)
 

@@ -13,7 +13,7 @@ directory (`export_tables`), and writes each table into the checkpoint slice by 
 
 The fold-in-only model (serving_model=FOLD_IN) holds the item side alone: item factors, item
 vocabulary, item counts and popularity, w0·G; no user table, seen items or user vocabulary
-(at 50M visitors that is 33 GB of the full model's 37 GB; README). Its signatures are `fold_in`
+(at 50M visitors, 34 GB of the full model's 37 GB; README). Its signatures are `fold_in`
 and `serving_default`, the same function: a client that names no signature, or names
 `fold_in` (as it does with the full model), sends a history and gets its top k.
 
