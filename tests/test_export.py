@@ -391,7 +391,13 @@ def test_file_by_file_publishing_moves_the_marker_first_and_saved_model_pb_last(
         marker = json.load(handle)
     assert marker["completion_marker"] == "saved_model.pb"
     assert sorted(marker["files"]) == sorted(set(names) - {version_dir.MARKER})
-    assert marker["export"] == {"k": 4, "users": N_USERS, "items": N_ITEMS, "latent_factors": 3}
+    assert marker["export"] == {
+        "k": 4,
+        "users": N_USERS,
+        "items": N_ITEMS,
+        "latent_factors": 3,
+        "serving_model": "full",
+    }
 
 
 def test_a_failed_move_takes_back_what_it_moved(tmp_path, monkeypatch):

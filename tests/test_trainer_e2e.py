@@ -17,6 +17,7 @@ from common import cli
 from pipeline import preprocess, synthetic
 from trainer import batch_predict, task
 from trainer.local import dataset as data
+from trainer.serving import export
 from trainer.serving import model as model_lib
 from trainer.serving.predictions import read_predictions
 from transforms import features
@@ -250,3 +251,36 @@ def test_the_command_logs_one_headline_line_and_trainer_show_the_table():
         "Recall@10 0.3442 (popularity 0.1273), Recall@20 0.5000 (popularity 0.2500)"
     )
     assert training.headline({}) == "no held-out interactions: nothing to evaluate"
+
+
+def test_serving_model_fold_in_exports_the_item_side_that_folds_in_as_the_full_model(
+    trained, preprocessed, tmp_path
+):
+    """--serving_model fold_in through the real entry point: assets and tables of the item side
+    alone, and fold_in answers equal to those of the full model exported from the same model
+    directory (streamed from its files) and of the Python model."""
+    out, _ = trained
+    model = model_lib.load(out)
+    history = model.items[:3] + ["never-seen-content"]
+    durations = [30000.0, 5000.0, 90000.0, 1000.0]
+
+    def fold_in(path: str) -> list[str]:
+        answer = tf.saved_model.load(path).signatures["fold_in"](
+            contentIds=tf.constant(history), durations=tf.constant(durations, tf.float32)
+        )
+        return [c.decode() for c in answer["contentIds"].numpy()]
+
+    full = export.export_saved_model(out, str(tmp_path / "full" / "1"), k=10)
+    assert fold_in(full) == fold_in(os.path.join(out, "export"))
+    assert fold_in(full) == model.recommend_for_history(history, durations, k=10).content_ids
+    small = str(tmp_path / "small")
+    task.run(
+        ["--input_dir", preprocessed, "--output_dir", small, "--num_iters", "2"]
+        + ["--eval_every", "0", "--no_progress", "--serving_model", "fold_in"]
+    )
+    exported = os.path.join(small, "export")
+    assert sorted(os.listdir(os.path.join(exported, "assets"))) == ["vocab_items.txt"]
+    small_model = model_lib.load(small)
+    assert fold_in(exported) == (
+        small_model.recommend_for_history(history, durations, k=10).content_ids
+    )

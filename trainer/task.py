@@ -11,7 +11,8 @@ stages the output; `trainer.training` trains, evaluates and writes it.
 Output under --output_dir (written to a temporary directory, then moved into place):
     model/          factors, vocabularies, seen items, config (`trainer.serving.model.load`)
     export/         TensorFlow SavedModel: serving_default (visitorId -> contentIds, scores,
-                    known) and fold_in (contentIds, durations -> contentIds, scores)
+                    known) and fold_in (contentIds, durations -> contentIds, scores);
+                    with --serving_model fold_in, the item side and fold_in alone
     metrics.json    final metrics for WALS and the popularity baseline, per-iteration history
     tensorboard/    loss and metric curves (`tensorboard --logdir <output_dir>/tensorboard`)
 
@@ -38,6 +39,7 @@ from trainer.core.chunked_topk import DEFAULT_SCORE_BYTES
 from trainer.core.objective import WALSConfig
 from trainer.core.xla import configure_xla
 from trainer.local import dataset as data
+from trainer.serving import export_size
 from trainer.training import METRICS_FILE, headline, train_and_evaluate
 
 # Re-exported: trainer.show and the tests read them from the entry point.
@@ -232,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=10,
         help="how many items the SavedModel returns (default 10)",
+    )
+    ev.add_argument(
+        "--serving_model",
+        default=export_size.FULL,
+        choices=export_size.SERVING_MODELS,
+        help="the SavedModel under export/: full (serving_default for known visitors by "
+        "visitorId, and fold_in) or fold_in (item factors, item vocabulary and fold_in only, "
+        "serving_default = fold_in: no user table, for models whose user table does not "
+        "belong in a server; default full)",
     )
     ev.add_argument(
         "--loss_every",

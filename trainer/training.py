@@ -232,7 +232,9 @@ def _train_and_evaluate_locally(args, config: WALSConfig, out: str, writer) -> d
             trained, args.input_dir, args.eval_ks, chunk
         )
         _new_visitor_summaries(writer, config.num_iters, result["new_visitors"])
-    export.export_saved_model(trained, f"{out}/export", k=args.export_k)
+    export.export_saved_model(
+        trained, f"{out}/export", k=args.export_k, serving_model=args.serving_model
+    )
     return result
 
 
@@ -274,6 +276,7 @@ def _train_and_evaluate_distributed(
         vocabularies=info.vocabularies,
         train_interactions=info.train_interactions,
         export_k=args.export_k,
+        serving_model=args.serving_model,
     )
     start = time.monotonic()
     trained = distributed.train(

@@ -214,13 +214,17 @@ class Run:
 
     def export(self) -> dict:
         from trainer.serving import export
-        from trainer.serving import model as model_lib
 
-        k = self.trainer_args.export_k
         # replace: an export of this date that run.json does not record (--force, a retrained
         # model, a launch killed before run.json was saved); an interrupted one is redone.
-        model = model_lib.load(self.path("train"))
-        export.export_saved_model(model, self.serving, k=k, replace=True)
+        # The model's files are streamed chunk by chunk: this process never holds the model.
+        export.export_saved_model(
+            self.path("train"),
+            self.serving,
+            k=self.trainer_args.export_k,
+            replace=True,
+            serving_model=self.trainer_args.serving_model,
+        )
         return {"saved_model": self.serving}
 
     def publish(self) -> dict:

@@ -19,7 +19,8 @@ config.json itself, `model.write_config`):
         `vocabulary_to_bytes` round-trip), then `FileSystems.copy` (a final '\n' added if
         the file lacks one)
     everything written ─> the scratch parts removed; with `spec.export_k`, the SavedModel
-        exported by one worker (`trainer.serving.export`, which loads the whole model)
+        exported by one worker (`trainer.serving.export`, which streams the model's files
+        chunk by chunk: the worker holds one chunk, never the model)
 
 Parts are contiguous rows, part = row // part_rows, of about `model_parts.PART_BYTES` each, so a
 worker holds one part at a time. Cost: the factors and the train cells are shuffled once, and
@@ -72,6 +73,7 @@ class ModelSpec:
         train_interactions: summary.json's train cells.
         export_k: > 0: also export the SavedModel to `<model_dir>/export` with k
             recommendations; 0: no export.
+        serving_model: the export's `trainer.serving.export.SERVING_MODELS` name.
         part_bytes: the target size of a part (`model_parts.PART_BYTES`).
     """
 
@@ -82,6 +84,7 @@ class ModelSpec:
     vocabularies: tuple[str, str]
     train_interactions: int
     export_k: int = 0
+    serving_model: str = export.FULL
     part_bytes: int = dataclasses.field(default_factory=lambda: parts_lib.PART_BYTES)
 
     @property
@@ -300,7 +303,9 @@ class _Finish(beam.DoFn):
         if spec.export_k:
             export_dir = f"{spec.model_dir.rstrip('/')}/export"
             try:
-                export.export_saved_model(model_lib.load(spec.model_dir), export_dir, spec.export_k)
+                export.export_saved_model(
+                    spec.model_dir, export_dir, spec.export_k, serving_model=spec.serving_model
+                )
             except FileExistsError:  # an earlier attempt of this step published it
                 logger.info("%s was exported by an earlier attempt", export_dir)
         yield sorted(written)

@@ -3,10 +3,19 @@
     path = trainer.serving.export.export_saved_model(model, "exports/wals/1", k=10)
     tf.saved_model.load(path).signatures["serving_default"](visitorId=tf.constant(["7291..."]))
 
-Everything the signatures need lives inside the SavedModel: the factors, the seen items and the
-train counts per item as variables (`variables/`), the two vocabularies as assets
-(`assets/vocab_users.txt`, `assets/vocab_items.txt`, read into static hash tables at load time),
-and the hyperparameters as constants of the graphs.
+Everything the signatures need lives inside the SavedModel: the factors, the seen items
+(seen_indptr int64, seen_indices int32) and the train counts per item as variables
+(`variables/`), the two vocabularies as assets (`assets/vocab_users.txt`,
+`assets/vocab_items.txt`, read into static hash tables at load time), and the hyperparameters
+as constants of the graphs. The export reads the model chunk by chunk, in memory or from its
+directory (`export_tables`), and writes each table into the checkpoint slice by slice
+(`sliced_variables`); sizes by table: `export_size`.
+
+The fold-in-only model (serving_model=FOLD_IN) holds the item side alone: item factors, item
+vocabulary, item counts and popularity, w0·G; no user table, seen items or user vocabulary
+(at 50M visitors, 34 GB of the full model's 37 GB; README). Its signatures are `fold_in`
+and `serving_default`, the same function: a client that names no signature, or names
+`fold_in` (as it does with the full model), sends a history and gets its top k.
 
 The export directory is never half there: the SavedModel is written to a hidden temporary
 sibling with the project's ownership marker and moved into place (one atomic rename locally; on
@@ -75,10 +84,10 @@ import numpy as np
 import tensorflow as tf
 
 from common import atomic
-from trainer.core import objective, objective_tf, solver
-from trainer.serving import version_dir
-from trainer.serving.model import vocabulary_to_bytes
-from transforms import features, scaling
+from trainer.core import objective_tf, solver
+from trainer.serving import export_size, export_tables, sliced_variables, version_dir
+from trainer.serving import model as model_lib
+from transforms import scaling
 
 if TYPE_CHECKING:
     from trainer.serving.model import WALSModel
@@ -93,68 +102,46 @@ DURATIONS = "durations"
 SCORES = "scores"
 KNOWN = "known"
 
-_BASE_CONFIG_KEYS = (
-    "scaling",
-    "scale_stats",
-    "unobserved_weight",
-    "regularization",
-    "regularization_exp",
-    "weighting",
-)
 _NEG_INF = float("-inf")
+# Bytes of a table read and written at a time.
+CHUNK_BYTES = 64 << 20
+FULL, FOLD_IN, SERVING_MODELS = export_size.FULL, export_size.FOLD_IN, export_size.SERVING_MODELS
 
 
-def _check_model(model: WALSModel) -> None:
-    """Raises ValueError (or KeyError for config keys) unless the model can be exported."""
-    n_users, n_items = len(model.users), len(model.items)
-    if n_users == 0 or n_items == 0:
-        raise ValueError(f"cannot export a model with {n_users} users and {n_items} items")
-    k = model.item_factors.shape[1] if model.item_factors.ndim == 2 else -1
-    if model.item_factors.shape != (n_items, k) or model.user_factors.shape != (n_users, k):
-        raise ValueError(
-            f"factors {model.user_factors.shape} and {model.item_factors.shape} do not match "
-            f"{n_users} users and {n_items} items"
-        )
-    if model.seen_indptr.shape != (n_users + 1,) or model.item_counts.shape != (n_items,):
-        raise ValueError(
-            f"seen_indptr {model.seen_indptr.shape} or item_counts {model.item_counts.shape} do "
-            f"not match {n_users} users and {n_items} items"
-        )
-    if model.seen_indptr[-1] != model.seen_indices.size:
-        raise ValueError("seen_indptr[-1] must equal the number of seen_indices")
-    config = model.config
-    missing = [key for key in _BASE_CONFIG_KEYS if key not in config]
-    if not missing:
-        scheme = objective.canonical_weighting(config["weighting"])
-        if scheme not in objective.WEIGHTING_FIELDS:
-            raise ValueError(f"unknown weighting {config['weighting']!r}")
-        # The weighting's parameters, under their names or those of earlier releases.
-        upgraded = objective.upgrade_legacy_fields(config)
-        missing = [key for key in objective.WEIGHTING_FIELDS[scheme] if key not in upgraded]
-    if missing:
-        raise KeyError(f"model config lacks {missing}; export needs the keys listed in {__name__}")
-    if config["scaling"] not in scaling.STATS_BY_SCALING:
-        raise ValueError(f"unknown scaling {config['scaling']!r}; expected {features.SCALINGS}")
-    stats = config["scale_stats"]
-    missing = [name for name in scaling.STATS_BY_SCALING[config["scaling"]] if name not in stats]
-    if missing:
-        raise KeyError(f"scale_stats lacks {missing} for scaling {config['scaling']!r}")
+def _table(name: str, dtype, inner: tuple[int, ...] = ()) -> tf.Variable:
+    """A variable of unknown row count, saved empty; `sliced_variables.write` fills it."""
+    return tf.Variable(
+        np.zeros((0, *inner), dtype),
+        shape=tf.TensorShape([None, *inner]),
+        trainable=False,
+        name=name,
+    )
 
 
-class _Recommender(tf.Module):
-    """The serving graph: state as variables and tables, the two signatures as tf.functions."""
+def _static_table(
+    path: str, key, key_index, value, value_index, default
+) -> tf.lookup.StaticHashTable:
+    return tf.lookup.StaticHashTable(
+        tf.lookup.TextFileInitializer(path, key, key_index, value, value_index), default
+    )
 
-    def __init__(self, model: WALSModel, k: int, vocab_dir: str):
-        """Builds the state.
+
+class _FoldIn(tf.Module):
+    """The fold-in-only serving graph: item-side state, the `fold_in` signature."""
+
+    def __init__(self, tables, shape: tuple[int, int, int], k: int, vocab_dir: str):
+        """Builds the state, the tables empty (filled after saving: see `export_saved_model`).
 
         Args:
-            model: the trained model (checked by `_check_model`).
+            tables: the model's `export_tables.ExportTables`, checked by `export_tables.check`.
+            shape: (n_users, n_items, latent factors).
             k: recommendations per visitor, > 0.
-            vocab_dir: a scratch directory for the vocabulary files that become assets.
+            vocab_dir: a scratch directory for the vocabularies' stand-ins (one-line files of
+                the assets' names, replaced by the real files in the saved model).
         """
         super().__init__(name="wals_recommender")
-        config = model.config
-        n_items = len(model.items)
+        config = tables.config
+        _, n_items, factors = shape
         self._k = k
         self._k_top = min(k, n_items)
         self._w0 = float(config["unobserved_weight"])
@@ -165,62 +152,39 @@ class _Recommender(tf.Module):
         }
         # f, t and λ_u of a new visitor's row come from this config through the TF twins of
         # the objective (`trainer.core.objective_tf`); its values become graph constants.
-        self._objective = model.wals_config()
+        self._objective = model_lib.config_of(config)
         self._n_items = n_items
-
-        users_file = os.path.join(vocab_dir, f"{features.USER_VOCAB}.txt")
-        items_file = os.path.join(vocab_dir, f"{features.ITEM_VOCAB}.txt")
         # TextFileInitializer splits lines on '\n' only (and would drop a final '\r', which no
-        # ID has), so every ID, U+2028 or \\x1c included, maps to its own line number.
-        for path, vocabulary in ((users_file, model.users), (items_file, model.items)):
-            with open(path, "wb") as handle:
-                handle.write(vocabulary_to_bytes(vocabulary))
+        # ID has), so every ID, U+2028 or \\x1c included, maps to its own line number. The
+        # tables read their files when the model loads; here they read one-line stand-ins.
+        items_file = self._stand_in(vocab_dir, export_tables.ITEM_VOCAB)
         whole_line = tf.lookup.TextFileIndex.WHOLE_LINE
         line_number = tf.lookup.TextFileIndex.LINE_NUMBER
-        self.user_ids = tf.lookup.StaticHashTable(
-            tf.lookup.TextFileInitializer(users_file, tf.string, whole_line, tf.int64, line_number),
-            default_value=-1,
+        self.item_ids = _static_table(items_file, tf.string, whole_line, tf.int64, line_number, -1)
+        self.item_names = _static_table(
+            items_file, tf.int64, line_number, tf.string, whole_line, ""
         )
-        self.item_ids = tf.lookup.StaticHashTable(
-            tf.lookup.TextFileInitializer(items_file, tf.string, whole_line, tf.int64, line_number),
-            default_value=-1,
-        )
-        self.item_names = tf.lookup.StaticHashTable(
-            tf.lookup.TextFileInitializer(items_file, tf.int64, line_number, tf.string, whole_line),
-            default_value="",
-        )
-
-        item_factors = np.asarray(model.item_factors, dtype=np.float32)
-        self.user_factors = tf.Variable(
-            np.asarray(model.user_factors, dtype=np.float32), trainable=False, name="user_factors"
-        )
-        self.item_factors = tf.Variable(item_factors, trainable=False, name="item_factors")
-        self.seen_indptr = tf.Variable(
-            np.asarray(model.seen_indptr, dtype=np.int64), trainable=False, name="seen_indptr"
-        )
-        self.seen_indices = tf.Variable(
-            np.asarray(model.seen_indices, dtype=np.int64), trainable=False, name="seen_indices"
-        )
-        self.popularity = tf.Variable(
-            np.asarray(model.item_counts, dtype=np.float32), trainable=False, name="popularity"
-        )
+        self.item_factors = _table("item_factors", np.float32, (factors,))
+        self.popularity = _table("popularity", np.float32)
+        # c_i, the train count of each item, which f_ui depends on.
+        self.item_counts = _table("item_counts", np.float64)
         # w0·G, in float64 like the rest of the fold-in solve.
         self.w0_gramian = tf.Variable(
-            self._w0 * solver.gramian(item_factors, tf.float64),
-            trainable=False,
-            name="w0_gramian",
+            self._w0 * tables.gramian(), trainable=False, name="w0_gramian"
         )
-        # c_i, the train count of each item, which f_ui depends on.
-        self.item_counts = tf.Variable(
-            np.asarray(model.item_counts, dtype=np.float64), trainable=False, name="item_counts"
-        )
-
-        popular, counts = model.popular(k)
+        popular, counts = tables.popular(k)
         pad = k - popular.size
-        self.popular_names = tf.constant([model.items[i] for i in popular] + [""] * pad)
+        self.popular_names = tf.constant(tables.item_names(popular) + [""] * pad)
         self.popular_scores = tf.constant(
             np.concatenate([counts, np.full(pad, _NEG_INF)]).astype(np.float32)
         )
+
+    @staticmethod
+    def _stand_in(vocab_dir: str, name: str) -> str:
+        path = os.path.join(vocab_dir, f"{name}.txt")
+        with open(path, "wb") as handle:
+            handle.write(b"-\n")  # one ID: the initializer refuses empty files and lines
+        return path
 
     def _top_k(self, scores: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Best k per row, excluded (-inf) items and missing places as "" and -inf.
@@ -240,30 +204,6 @@ class _Recommender(tf.Module):
         ids = tf.pad(ids, pad, constant_values=-1)
         values = tf.pad(values, pad, constant_values=_NEG_INF)
         return self.item_names.lookup(ids), values
-
-    # The camelCase argument names are the signatures' input keys.
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=VISITOR_ID)])
-    def serve(self, visitorId: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Top-k unseen content per visitor; see the module docstring."""
-        users = self.user_ids.lookup(visitorId)  # int64 [b], -1 when unknown
-        known = users >= 0
-        safe = tf.where(known, users, tf.zeros_like(users))
-        scores = tf.matmul(tf.gather(self.user_factors, safe), self.item_factors, transpose_b=True)
-        # The seen items of every known row, as a ragged [b, (n_u)] gathered from the CSR.
-        starts = tf.where(known, tf.gather(self.seen_indptr, safe), tf.zeros_like(safe))
-        limits = tf.where(known, tf.gather(self.seen_indptr, safe + 1), tf.zeros_like(safe))
-        positions = tf.ragged.range(starts, limits)
-        cells = tf.stack(
-            [positions.value_rowids(), tf.gather(self.seen_indices, positions.flat_values)], 1
-        )
-        scores = tf.tensor_scatter_nd_update(scores, cells, tf.fill(tf.shape(cells)[:1], _NEG_INF))
-        names, values = self._top_k(scores)
-        column = known[:, None]
-        return {
-            CONTENT_IDS: tf.where(column, names, self.popular_names[None, :]),
-            SCORES: tf.where(column, values, self.popular_scores[None, :]),
-            KNOWN: known,
-        }
 
     def _solve(self, items: tf.Tensor, ratings: tf.Tensor) -> tf.Tensor:
         """The exact WALS row solve for one new visitor.
@@ -318,10 +258,60 @@ class _Recommender(tf.Module):
         return {CONTENT_IDS: names[0], SCORES: values[0]}
 
 
+class _Recommender(_FoldIn):
+    """The full serving graph: `_FoldIn` and the user-side state, the `serving_default`
+    signature of known visitors."""
+
+    def __init__(self, tables, shape: tuple[int, int, int], k: int, vocab_dir: str):
+        """As `_FoldIn`, with the user tables and vocabulary."""
+        super().__init__(tables, shape, k, vocab_dir)
+        users_file = self._stand_in(vocab_dir, export_tables.USER_VOCAB)
+        self.user_ids = _static_table(
+            users_file,
+            tf.string,
+            tf.lookup.TextFileIndex.WHOLE_LINE,
+            tf.int64,
+            tf.lookup.TextFileIndex.LINE_NUMBER,
+            -1,
+        )
+        self.user_factors = _table("user_factors", np.float32, (shape[2],))
+        self.seen_indptr = _table("seen_indptr", np.int64)
+        self.seen_indices = _table("seen_indices", np.int32)
+
+    # The camelCase argument names are the signatures' input keys.
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=VISITOR_ID)])
+    def serve(self, visitorId: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Top-k unseen content per visitor; see the module docstring."""
+        users = self.user_ids.lookup(visitorId)  # int64 [b], -1 when unknown
+        known = users >= 0
+        safe = tf.where(known, users, tf.zeros_like(users))
+        scores = tf.matmul(tf.gather(self.user_factors, safe), self.item_factors, transpose_b=True)
+        # The seen items of every known row, as a ragged [b, (n_u)] gathered from the CSR.
+        starts = tf.where(known, tf.gather(self.seen_indptr, safe), tf.zeros_like(safe))
+        limits = tf.where(known, tf.gather(self.seen_indptr, safe + 1), tf.zeros_like(safe))
+        positions = tf.ragged.range(starts, limits)
+        seen = tf.cast(tf.gather(self.seen_indices, positions.flat_values), tf.int64)
+        cells = tf.stack([positions.value_rowids(), seen], 1)
+        scores = tf.tensor_scatter_nd_update(scores, cells, tf.fill(tf.shape(cells)[:1], _NEG_INF))
+        names, values = self._top_k(scores)
+        column = known[:, None]
+        return {
+            CONTENT_IDS: tf.where(column, names, self.popular_names[None, :]),
+            SCORES: tf.where(column, values, self.popular_scores[None, :]),
+            KNOWN: known,
+        }
+
+
 def export_saved_model(
-    model: WALSModel, export_dir: str, k: int = 10, replace: bool = False
+    model: WALSModel | str,
+    export_dir: str,
+    k: int = 10,
+    replace: bool = False,
+    serving_model: str = FULL,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> str:
-    """Writes the model as a SavedModel with the `serving_default` and `fold_in` signatures.
+    """Writes the model as a SavedModel: `serving_default` and `fold_in`, or the fold-in-only
+    model (see the module docstring), reading the model's arrays chunk by chunk.
 
     A directory named export_dir is loadable only once complete, and an interrupted export never
     blocks the next one (`trainer.serving.version_dir` holds the rules and how TensorFlow
@@ -334,12 +324,23 @@ def export_saved_model(
     is never touched. For TensorFlow Serving, pass a numbered version directory such as
     `<base>/1`.
 
+    The graph is saved with its tables empty (declared with an unknown row count), then each
+    table is written into the checkpoint chunk by chunk (`sliced_variables`) and each
+    vocabulary copied into assets/ in blocks (`export_tables`): from a model directory, memory
+    stays at one chunk of about chunk_bytes (and the item Gramian's block), whatever the
+    model's size. The size on disk by part is logged (`export_size.on_disk`).
+
     Args:
-        model: the trained model; its config must hold the keys listed in the module docstring.
+        model: the trained model, or a trained model's directory (the trainer's --output_dir,
+            local or any Beam filesystem); its config must hold the keys listed in the module
+            docstring.
         export_dir: the SavedModel directory to create (local, or any tf.io.gfile filesystem).
         k: recommendations per visitor, > 0.
         replace: replace a complete export of this project at export_dir (the old one stays
             until the new one is written, then goes saved_model.pb first).
+        serving_model: FULL (both signatures) or FOLD_IN (the fold-in-only model).
+        chunk_bytes: bytes of table read and written at a time, > 0; answers do not depend
+            on it.
 
     Returns:
         export_dir.
@@ -347,12 +348,20 @@ def export_saved_model(
     Raises:
         FileExistsError: (`common.staging.OutputExistsError`) export_dir holds a complete export
             and not `replace`, or files this project's export did not write.
-        ValueError: k <= 0, or the model is empty, inconsistent or has an unknown setting.
+        FileNotFoundError: a model directory without a trained model.
+        ValueError: k <= 0, an unknown serving_model, or the model is empty, inconsistent or
+            has an unknown setting.
         KeyError: the model config lacks a key the export needs.
     """
     if k <= 0:
         raise ValueError(f"k must be > 0, got {k}")
-    _check_model(model)
+    if serving_model not in SERVING_MODELS:
+        raise ValueError(f"serving_model must be one of {SERVING_MODELS}, got {serving_model!r}")
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+    tables = export_tables.of(model)
+    shape = export_tables.check(tables)
+    full = serving_model == FULL
     export_dir = export_dir.rstrip("/")
     version_dir.check(export_dir, replace)  # before the work; again when publishing
     parent = os.path.dirname(export_dir)
@@ -361,29 +370,40 @@ def export_saved_model(
     staging = atomic.temporary_sibling(export_dir)
     facts = {
         "k": k,
-        "users": len(model.users),
-        "items": len(model.items),
-        "latent_factors": int(model.item_factors.shape[1]),
+        "users": shape[0],
+        "items": shape[1],
+        "latent_factors": shape[2],
+        "serving_model": serving_model,
     }
     try:
         with tempfile.TemporaryDirectory() as vocab_dir:
-            module = _Recommender(model, k, vocab_dir)
+            module = (_Recommender if full else _FoldIn)(tables, shape, k, vocab_dir)
+            fold_in = module.fold_in.get_concrete_function()
             signatures = {
-                SERVING_SIGNATURE: module.serve.get_concrete_function(),
-                FOLD_IN_SIGNATURE: module.fold_in.get_concrete_function(),
+                SERVING_SIGNATURE: module.serve.get_concrete_function() if full else fold_in,
+                FOLD_IN_SIGNATURE: fold_in,
             }
             tf.saved_model.save(module, staging, signatures=signatures)
+        sliced_variables.write(staging, export_tables.contents(tables, shape, full, chunk_bytes))
+        vocabularies = {export_tables.ITEM_VOCAB: shape[1]}
+        if full:
+            vocabularies[export_tables.USER_VOCAB] = shape[0]
+        for name, expected in vocabularies.items():
+            with tf.io.gfile.GFile(f"{staging}/assets/{name}.txt", "wb") as handle:
+                lines = tables.write_vocabulary(name, handle)
+            if lines != expected:
+                raise ValueError(f"{name} holds {lines} IDs, the factors {expected} rows")
         version_dir.write_marker(staging, facts)
         version_dir.publish(staging, export_dir, replace)
     finally:
         if tf.io.gfile.exists(staging):
             tf.io.gfile.rmtree(staging)
     logger.info(
-        "Exported %d users x %d items (k=%d factors, %d recommendations) to %s",
-        len(model.users),
-        len(model.items),
-        model.item_factors.shape[1],
+        "Exported the %s model of %d users x %d items (k=%d factors, %d recommendations) to %s: %s",
+        serving_model,
+        *shape,
         k,
         export_dir,
+        export_size.describe(export_size.on_disk(export_dir)),
     )
     return export_dir
