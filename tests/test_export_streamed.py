@@ -209,3 +209,27 @@ def test_a_vocabulary_that_does_not_match_the_factors_is_refused(tmp_path):
     with pytest.raises(ValueError, match="vocab_items holds 10 IDs, the factors 9 rows"):
         export.export_saved_model(str(tmp_path / "model"), str(tmp_path / "export" / "1"))
     assert os.listdir(tmp_path / "export") == []
+
+
+def _graph_mode_answers(path: str, visitors: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """serving_default through the TF1 loader, the path TensorFlow Serving takes (C++
+    `LoadSavedModel`: the graph, the saver's restore op over `variables/`, then the init op that
+    fills the tables from `assets/`), in a graph of its own."""
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
+        signature = meta.signature_def["serving_default"]
+        fetches = {name: info.name for name, info in signature.outputs.items()}
+        feed = {signature.inputs["visitorId"].name: np.array(visitors, dtype=object)}
+        got = session.run(fetches, feed)
+    return got["contentIds"], got["scores"]
+
+
+def test_the_sliced_checkpoint_loads_as_tensorflow_serving_loads_it(exports):
+    """The variables written slice by slice restore whole through the TF1 loader too, and the
+    answers equal the eager load's."""
+    _, _, paths = exports
+    visitors = ["v0", "v2", "v5", "nobody"]
+    names, scores = _graph_mode_answers(paths["dir1"], visitors)
+    want_names, want_scores, _ = serve(tf.saved_model.load(paths["memory"]), visitors)
+    assert [[name.decode() for name in row] for row in names] == want_names
+    np.testing.assert_array_equal(scores, want_scores)
