@@ -38,7 +38,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from common import staging, worker_threads
 from common.locations import scratch_dir
-from trainer.beam import evaluate as beam_evaluate
+from trainer.beam import eval_pipeline
 from trainer.beam.model_blocks import read_npy_rows
 from trainer.core import foldin, metrics, topk
 from trainer.core.chunked_topk import BlockScores
@@ -318,7 +318,7 @@ def score_published(
             | f"Load{name}" >> beam.Map(_read_array, dtype)
             for name, dtype in (("item_factors", np.float32), ("item_counts", np.int64))
         )
-        blocks = pipeline | "ReadEvalBlocks" >> beam_evaluate.ReadEvalBlocks(
+        blocks = pipeline | "ReadEvalBlocks" >> eval_pipeline.ReadEvalBlocks(
             None, dataset_dir, (n_users, n_items), block_rows
         )
         side = beam.pvalue.AsSingleton
