@@ -41,20 +41,17 @@ The variables reach subprocesses through os.environ, and DirectRunner's workers 
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 
 import pytest
-from local_services import cached_venv, free_port, stop_process_groups
+from local_services import cached_venv, free_port, stop_process_groups, wait_for_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS = os.path.join(HERE, "requirements-gcs.txt")
@@ -106,15 +103,7 @@ class GcsEmulator:
                 start_new_session=True,
             )
         self._processes.append((name, process))
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log(name)}")
-            with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"{name} did not listen on {port} in {START_TIMEOUT_S} s")
+        wait_for_port(port, process, name, lambda: self.log(name), START_TIMEOUT_S)
 
     def log(self, name: str) -> str:
         """What one of the processes ("emulator", "batch_proxy", "tf_proxy") printed."""
