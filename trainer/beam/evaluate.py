@@ -28,6 +28,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from common import worker_threads
+from trainer.beam.combiners import PartialSumsCombineFn
 from trainer.core import metrics
 from trainer.core.chunked_topk import ConstantScores, FactorScores
 from trainer.core.sparse import CsrMatrix
@@ -96,7 +97,7 @@ def block_sums(
     return sums
 
 
-class _CombineSums(beam.CombineFn):
+class _CombineSums(PartialSumsCombineFn):
     """_Sums of blocks -> the metrics dict (as `metrics.evaluate`, with "rmse" first)."""
 
     def __init__(self, ks: tuple[int, ...], n_items: int, with_rmse: bool):
@@ -107,13 +108,6 @@ class _CombineSums(beam.CombineFn):
 
     def add_input(self, accumulator, sums: _Sums):
         return accumulator.merge(sums)
-
-    def merge_accumulators(self, accumulators):
-        accumulators = iter(accumulators)
-        total = next(accumulators)
-        for other in accumulators:
-            total.merge(other)
-        return total
 
     def extract_output(self, accumulator):
         metrics.warn_overlap(accumulator.ranking)

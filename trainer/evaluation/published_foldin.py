@@ -39,6 +39,7 @@ from apache_beam.io.filesystems import FileSystems
 from common import staging, worker_threads
 from common.locations import scratch_dir
 from trainer.beam import eval_pipeline
+from trainer.beam.combiners import PartialSumsCombineFn
 from trainer.beam.model_blocks import read_npy_rows
 from trainer.core import foldin, metrics, topk
 from trainer.core.chunked_topk import BlockScores
@@ -241,7 +242,7 @@ class _PublishedBlockSums(beam.DoFn):
         yield _Sums(sums, int(known_users[block.user_ids[users]].sum()))
 
 
-class _CombineSums(beam.CombineFn):
+class _CombineSums(PartialSumsCombineFn):
     def __init__(self, ks: tuple[int, ...], n_items: int):
         self._ks, self._n_items = ks, n_items
 
@@ -251,13 +252,6 @@ class _CombineSums(beam.CombineFn):
     def add_input(self, total, sums):
         total.ranking.merge(sums.ranking)
         total.known_visitors += sums.known_visitors
-        return total
-
-    def merge_accumulators(self, accumulators):
-        accumulators = iter(accumulators)
-        total = next(accumulators)
-        for other in accumulators:
-            self.add_input(total, other)
         return total
 
     def extract_output(self, total):
