@@ -1,13 +1,13 @@
 """gs:// end to end on a local GCS emulator (tests/gcs_emulator.py): Beam, TensorFlow, the entry
 points.
 
-One emulator serves the session, shared with the other gs:// modules (tests/conftest.py `gcs`);
-each test or module gets a bucket of its own. Beam's
-FileSystems are checked in this process. Everything that touches gs:// through TensorFlow runs in
-a subprocess with the emulator's variables from its start: TF reads its GCS cache settings when
-it is imported (tested below), and tests/conftest.py imports it before any fixture runs, so in
-this process TF's gs:// would keep its stat and read caches and could read stale objects. The
-entry points run as users run them, `python -m ...` from the repository.
+One emulator serves the session, shared with the other gs:// modules (tests/conftest.py `gcs`); each
+test or module gets a bucket of its own. Beam's FileSystems are checked in this process. Everything
+that touches gs:// through TensorFlow runs in a subprocess with the emulator's variables from its
+start: TF reads its GCS cache settings when it is imported (tested below), and tests/conftest.py
+imports it before any fixture runs, so in this process TF's gs:// would keep its stat and read
+caches and could read stale objects. The entry points run as users run them, `python -m ...` from
+the repository.
 
 After every end-to-end run, every object under the root is listed, and nothing may be there but
 the outputs the README lists (no `*.incomplete-*`, `*.tmp-*`, `*.replaced-*`, Beam temp files,
