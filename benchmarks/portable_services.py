@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 _START_TIMEOUT_S = 60
 
@@ -53,17 +54,35 @@ def stop_process_groups(processes: list[subprocess.Popen], grace_s: float = 20) 
             process.wait()
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, name: str, log: str) -> None:
-    deadline = time.monotonic() + _START_TIMEOUT_S
+def read_log(path: str) -> str:
+    """The text a service wrote to its log file (undecodable bytes replaced)."""
+    with open(path, errors="replace") as handle:
+        return handle.read()
+
+
+def wait_for_port(
+    port: int,
+    process: subprocess.Popen,
+    name: str,
+    log: Callable[[], str],
+    timeout_s: float = _START_TIMEOUT_S,
+    host: str = "127.0.0.1",
+) -> None:
+    """Returns once `host`:`port` accepts TCP connections while `process` runs.
+
+    Raises:
+        RuntimeError: `process` exited first, or nothing listened within `timeout_s`; the
+            message holds `name` and `log()` (what the process printed).
+    """
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            with open(log, errors="replace") as handle:
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{handle.read()}")
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log()}")
         with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-            if sock.connect_ex(("localhost", port)) == 0:
+            if sock.connect_ex((host, port)) == 0:
                 return
-        time.sleep(0.2)
-    raise RuntimeError(f"{name} did not listen on port {port} within {_START_TIMEOUT_S} s")
+        time.sleep(0.1)
+    raise RuntimeError(f"{name} did not listen on port {port} within {timeout_s} s:\n{log()}")
 
 
 class PortableRunner:
@@ -113,7 +132,7 @@ class PortableRunner:
                 start_new_session=True,
             )
         self._processes.append(process)
-        _wait_for_port(port, process, name, log)
+        wait_for_port(port, process, name, lambda: read_log(log))
         return process.pid
 
     def __enter__(self) -> PortableRunner:

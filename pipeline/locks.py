@@ -66,6 +66,30 @@ def who(holder: dict | None) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
 
 
+class Waiting:
+    """One acquisition's patience with a live holder, the same for a lock file and a lock object:
+    each `pause` before `wait_seconds` have passed logs "waiting for" (once) and sleeps `poll`
+    seconds; after that, it raises LockedError naming the holder."""
+
+    def __init__(self, what: str, wait_seconds: float, poll: float):
+        self.what, self.poll = what, poll
+        self._deadline = time.monotonic() + wait_seconds
+        self._logged = False
+
+    def pause(self, holder: dict | None, where: str) -> None:
+        """Waits `poll` s for `holder` (of the lock at `where`), or raises LockedError."""
+        if time.monotonic() >= self._deadline:
+            raise LockedError(
+                f"{self.what} is locked by another launch ({who(holder)}; {where}), which is "
+                "still running, so this launch does nothing; wait for it, or pass --lock_wait "
+                "SECONDS"
+            )
+        if not self._logged:
+            logger.info("waiting for %s, locked by %s", self.what, who(holder))
+            self._logged = True
+        time.sleep(self.poll)
+
+
 def _read_lock(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -139,22 +163,13 @@ def file_lock(path: str, what: str, wait_seconds: float = 0.0, poll: float = 1.0
     Raises:
         LockedError: another process still holds the lock after `wait_seconds`.
     """
-    deadline = time.monotonic() + wait_seconds
-    waited = False
+    waiting = Waiting(what, wait_seconds, poll)
     while not _try_create(path):
         holder = _read_lock(path)
         if _is_stale(holder, path):
             _break_stale(path, holder)
             continue
-        if time.monotonic() >= deadline:
-            raise LockedError(
-                f"{what} is locked by another launch ({who(holder)}; {path}), which is still "
-                "running, so this launch does nothing; wait for it, or pass --lock_wait SECONDS"
-            )
-        if not waited:
-            logger.info("waiting for %s, locked by %s", what, who(holder))
-            waited = True
-        time.sleep(poll)
+        waiting.pause(holder, path)
     try:
         yield Held(path)
     finally:

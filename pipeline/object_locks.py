@@ -134,8 +134,7 @@ class ObjectLock(locks.Held):
         Raises:
             LockedError: a live launch still holds the lock after `wait_seconds`.
         """
-        deadline = time.monotonic() + wait_seconds
-        waited = False
+        waiting = locks.Waiting(self.what, wait_seconds, poll)
         while (generation := self._write(0)) is None:
             current = object_store.read(self.path)
             if current is None:
@@ -147,17 +146,8 @@ class ObjectLock(locks.Held):
                     logger.warning("took over the stale lock %s of %s", self.path, holder)
                     break
                 continue  # another launch broke it first, or its holder renewed it
-            if time.monotonic() >= deadline:
-                age = time.time() - current.updated
-                raise locks.LockedError(
-                    f"{self.what} is locked by another launch ({locks.who(holder)}; "
-                    f"{self.path}, renewed {age:.0f} s ago), which is still running, so this "
-                    "launch does nothing; wait for it, or pass --lock_wait SECONDS"
-                )
-            if not waited:
-                logger.info("waiting for %s, locked by %s", self.what, locks.who(holder))
-                waited = True
-            time.sleep(poll)
+            age = time.time() - current.updated
+            waiting.pause(holder, f"{self.path}, renewed {age:.0f} s ago")
         self.generation = generation
         self._thread = threading.Thread(
             target=self._renew, name=f"lock-heartbeat {self.path}", daemon=True

@@ -42,6 +42,31 @@ def read_cells(preprocessed_dir: str, split: str) -> dict[tuple[str, str], float
 
 
 @pytest.fixture(scope="session")
+def gcs_emulator():
+    """The session's one gs:// emulator (tests/gcs_emulator.py), started by the first test that
+    needs it and stopped at the end; use it through `gcs`."""
+    from gcs_emulator import GcsEmulator
+
+    with GcsEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="module")
+def gcs(gcs_emulator):
+    """The session's emulator with its environment applied for the module (its fixtures and the
+    subprocesses its tests start), then restored. Tests isolate by bucket: `bucket`, or
+    `gcs.new_bucket()` in a module-scoped fixture."""
+    with gcs_emulator.applied():
+        yield gcs_emulator
+
+
+@pytest.fixture
+def bucket(gcs) -> str:
+    """A bucket of its own for the test (gs://NAME holds nothing another test wrote)."""
+    return gcs.new_bucket()
+
+
+@pytest.fixture(scope="session")
 def tmp_session_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("session")
 

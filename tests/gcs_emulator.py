@@ -1,9 +1,13 @@
 """gs:// on this machine: fake-gcs-server behind two local proxies, for Beam and for TensorFlow.
 
-    with GcsEmulator() as gcs:          # sets os.environ for the process and its children
-        gcs.create_bucket("b")
-        ... any code on gs://b/... ...
-        gcs.list_objects("b")           # every object name, as the JSON API lists them
+    with GcsEmulator() as gcs, gcs.applied():   # applied(): os.environ for this process
+        bucket = gcs.new_bucket()                # and its children; a fresh bucket's name
+        ... any code on gs://{bucket}/... ...
+        gcs.list_objects(bucket)                 # every object name, as the JSON API lists them
+
+In tests, the fixtures of tests/conftest.py share one emulator across the session (`gcs`: it is
+started once, and its variables are applied for each module that uses it); tests isolate
+themselves by bucket (`bucket`: a fresh one per test), never by restarting it.
 
 Three processes, each on a free port of 127.0.0.1, all stopped on exit:
 
@@ -35,7 +39,7 @@ When TensorFlow reads these variables (TF 2.21, found by trying; tests/test_gcs.
   built as it loads), not when gs:// is first used, and kept for the process's life. Set after
   the import, they are ignored and TF serves stale sizes and contents for seconds. A process
   that is to use gs:// through TF must have them before `import tensorflow`: in tests, a
-  subprocess started inside the `with` (tests/conftest.py imports TF before any fixture).
+  subprocess started inside `applied()` (tests/conftest.py imports TF before any fixture).
 The variables reach subprocesses through os.environ, and DirectRunner's workers run in-process.
 """
 
@@ -43,18 +47,18 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
-from local_services import cached_venv, free_port, stop_process_groups
+from local_services import cached_venv, free_port, stop_process_groups, wait_for_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS = os.path.join(HERE, "requirements-gcs.txt")
@@ -79,17 +83,18 @@ def _binary(home: str) -> str:
 
 
 class GcsEmulator:
-    """Starts the emulator and both proxies; sets the environment; undoes both on exit.
+    """Starts the emulator and both proxies on entry, stops them on exit; `applied()` sets the
+    environment that sends gs:// to them.
 
     Attributes:
         url: the emulator's own address, `http://127.0.0.1:PORT` (no batch fix, no TLS).
-        env: the variables set in os.environ while inside the `with`.
+        env: the variables that `applied()` sets in os.environ.
     """
 
     def __init__(self) -> None:
         self._processes: list[tuple[str, subprocess.Popen]] = []
         self._scratch = tempfile.TemporaryDirectory(prefix="ga-wals-gcs-")
-        self._saved: dict[str, str | None] = {}
+        self._buckets = itertools.count()
         self.url = ""
         self.env: dict[str, str] = {}
 
@@ -106,15 +111,7 @@ class GcsEmulator:
                 start_new_session=True,
             )
         self._processes.append((name, process))
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log(name)}")
-            with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"{name} did not listen on {port} in {START_TIMEOUT_S} s")
+        wait_for_port(port, process, name, lambda: self.log(name), START_TIMEOUT_S)
 
     def log(self, name: str) -> str:
         """What one of the processes ("emulator", "batch_proxy", "tf_proxy") printed."""
@@ -131,10 +128,22 @@ class GcsEmulator:
         except BaseException:
             self.__exit__(None, None, None)
             raise
-        for key, value in self.env.items():
-            self._saved[key] = os.environ.get(key)
-            os.environ[key] = value
         return self
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[GcsEmulator]:
+        """Sets `env` in os.environ (for this process and the children it starts inside);
+        restores the previous values on exit."""
+        saved = {key: os.environ.get(key) for key in self.env}
+        os.environ.update(self.env)
+        try:
+            yield self
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def _start_all(self, home: str) -> None:
         port, batch_port, proxy_port = free_port(), free_port(), free_port()
@@ -196,12 +205,6 @@ class GcsEmulator:
         }
 
     def __exit__(self, *exc) -> None:
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        self._saved.clear()
         stop_process_groups([process for _, process in self._processes])
         self._processes.clear()
         self._scratch.cleanup()
@@ -220,6 +223,12 @@ class GcsEmulator:
         """Creates bucket `name`; returns `gs://name`."""
         self._call("POST", f"/storage/v1/b?project={PROJECT}", {"name": name})
         return f"gs://{name}"
+
+    def new_bucket(self, prefix: str = "ga-wals") -> str:
+        """Creates a bucket no other caller of this emulator has (`prefix-PID-N`); its name."""
+        name = f"{prefix}-{os.getpid()}-{next(self._buckets)}"
+        self.create_bucket(name)
+        return name
 
     def list_objects(self, bucket: str, prefix: str = "") -> list[str]:
         """Every object name in `bucket` under `prefix`, sorted (flat: no delimiter)."""

@@ -1,8 +1,10 @@
-"""What the tests that start local services share: free ports, stopping what they started, and
-tool virtualenvs cached across runs (Airflow, the GCS emulator's tools).
+"""What the tests that start local services share: free ports, waiting for a service to listen,
+stopping what they started, and tool virtualenvs cached across runs (Airflow, the GCS emulator's
+tools).
 
     port = free_port()
     stop_process_groups(processes)                 # SIGTERM, then SIGKILL after 20 s
+    wait_for_port(port, process, name, log)        # until it listens; else an error with log()
     home = cached_venv("gcs-venv", requirements)   # ~/.cache/ga-wals/gcs-venv-<hash>/
 """
 
@@ -17,9 +19,9 @@ import venv
 import pytest
 
 # Shared with benchmarks/scale.py, which cannot import from tests/.
-from benchmarks.portable_services import free_port, stop_process_groups
+from benchmarks.portable_services import free_port, stop_process_groups, wait_for_port
 
-__all__ = ["cached_venv", "free_port", "stop_process_groups"]
+__all__ = ["cached_venv", "free_port", "stop_process_groups", "wait_for_port"]
 
 CACHE = os.environ.get("GA_WALS_CACHE", os.path.expanduser("~/.cache/ga-wals"))
 INSTALL_TIMEOUT_S = 420

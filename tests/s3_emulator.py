@@ -19,14 +19,11 @@ Nothing is set in os.environ: a run that forgets the flags goes to AWS, and fail
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import tempfile
-import time
 
-from local_services import cached_venv, free_port, stop_process_groups
+from local_services import cached_venv, free_port, stop_process_groups, wait_for_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS = os.path.join(HERE, "requirements-s3.txt")
@@ -62,7 +59,7 @@ class S3Emulator:
                 start_new_session=True,
             )
         try:
-            self._wait_until_listening(port)
+            wait_for_port(port, self._process, "moto", self.log, START_TIMEOUT_S)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -73,17 +70,6 @@ class S3Emulator:
             f"--s3_region_name={REGION}",
         ]
         return self
-
-    def _wait_until_listening(self, port: int) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"moto exited with {self._process.returncode}:\n{self.log()}")
-            with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"moto did not listen on {port} in {START_TIMEOUT_S} s:\n{self.log()}")
 
     def log(self) -> str:
         """What the server printed."""

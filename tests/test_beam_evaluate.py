@@ -1,4 +1,4 @@
-"""Distributed evaluation (`trainer.beam.evaluate`) against the local one of the same model, on
+"""Distributed evaluation (`trainer.beam.eval_pipeline`) against the local one of the same model, on
 DirectRunner: in-process and multi_processing with 2 workers, two block sizes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from trainer import task
-from trainer.beam import evaluate as beam_evaluate
+from trainer.beam import eval_pipeline
 from trainer.core import metrics
 from trainer.local import dataset as data
 from trainer.serving import model as model_lib
@@ -57,7 +57,7 @@ def test_distributed_metrics_equal_local_metrics(
     tiny_model, tiny_preprocessed, workers, block_rows, item_chunk
 ):
     """Any block size and any chunk of items (7: not a divisor of the item count; 1)."""
-    actual = beam_evaluate.evaluate_model_distributed(
+    actual = eval_pipeline.evaluate_model_distributed(
         tiny_model, tiny_preprocessed, workers, block_rows=block_rows, item_chunk=item_chunk
     )
     assert_same(actual, local_metrics(tiny_model, tiny_preprocessed))
@@ -66,7 +66,7 @@ def test_distributed_metrics_equal_local_metrics(
 def test_a_model_in_memory_and_other_cutoffs(tiny_model, tiny_preprocessed):
     model = model_lib.load(tiny_model)
     dataset = data.load_dataset(tiny_preprocessed)
-    actual = beam_evaluate.evaluate_model_distributed(
+    actual = eval_pipeline.evaluate_model_distributed(
         model, tiny_preprocessed, MULTI, ks=(1, 5), block_rows=40
     )
     expected = metrics.evaluate(

@@ -1,12 +1,13 @@
 """gs:// end to end on a local GCS emulator (tests/gcs_emulator.py): Beam, TensorFlow, the entry
 points.
 
-One emulator serves the session; each test or module gets a bucket of its own. Beam's
-FileSystems are checked in this process. Everything that touches gs:// through TensorFlow runs in
-a subprocess with the emulator's variables from its start: TF reads its GCS cache settings when
-it is imported (tested below), and tests/conftest.py imports it before any fixture runs, so in
-this process TF's gs:// would keep its stat and read caches and could read stale objects. The
-entry points run as users run them, `python -m ...` from the repository.
+One emulator serves the session, shared with the other gs:// modules (tests/conftest.py `gcs`); each
+test or module gets a bucket of its own. Beam's FileSystems are checked in this process. Everything
+that touches gs:// through TensorFlow runs in a subprocess with the emulator's variables from its
+start: TF reads its GCS cache settings when it is imported (tested below), and tests/conftest.py
+imports it before any fixture runs, so in this process TF's gs:// would keep its stat and read
+caches and could read stale objects. The entry points run as users run them, `python -m ...` from
+the repository.
 
 After every end-to-end run, every object under the root is listed, and nothing may be there but
 the outputs the README lists (no `*.incomplete-*`, `*.tmp-*`, `*.replaced-*`, Beam temp files,
@@ -15,7 +16,6 @@ locks or checkpoints).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -35,24 +35,6 @@ FLAGS = ["--latent_factors", "4", "--num_iters", "3", "--eval_ks", "20", "--loss
 RUN_FLAGS = [*FLAGS, "--gate_tolerance", "0.2"]
 WORSE = ["--latent_factors", "1", "--regularization", "1000"]
 FORBIDDEN = (".incomplete-", ".tmp-", ".replaced-", "beam-temp", "checkpoints", ".lock")
-_buckets = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def gcs():
-    with GcsEmulator() as emulator:
-        yield emulator
-
-
-def _new_bucket(gcs: GcsEmulator) -> str:
-    name = f"ga-wals-{os.getpid()}-{next(_buckets)}"
-    gcs.create_bucket(name)
-    return name
-
-
-@pytest.fixture
-def bucket(gcs) -> str:
-    return _new_bucket(gcs)
 
 
 def _python(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -317,7 +299,7 @@ def test_unlisted_keeps_outputs_and_names_leftovers():
 @pytest.fixture(scope="module")
 def inputs(gcs, tmp_path_factory) -> tuple[str, str]:
     """(bucket, --input pattern): a bucket for the module, with three days of exports."""
-    bucket = _new_bucket(gcs)
+    bucket = gcs.new_bucket()
     return bucket, _upload_inputs(bucket, str(tmp_path_factory.mktemp("ga360")))
 
 

@@ -18,9 +18,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-from gcs_emulator import GcsEmulator
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = ".written-by-ga-wals"
 KILL_AFTER = 3  # objects moved before the kill: the marker and two more
@@ -36,12 +33,6 @@ _PRELUDE = """
     base = "gs://{bucket}"
     model = make_model("uniform")
 """
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    with GcsEmulator() as emulator:
-        yield emulator
 
 
 def _run(code: str, bucket: str) -> subprocess.CompletedProcess:
@@ -61,9 +52,7 @@ def _under(names: list[str], prefix: str) -> list[str]:
     return sorted(name[len(prefix) :] for name in names if name.startswith(prefix))
 
 
-def test_an_export_killed_mid_move_on_gs_is_redone_by_the_next_one(gcs):
-    bucket = "ga-wals-export"
-    gcs.create_bucket(bucket)
+def test_an_export_killed_mid_move_on_gs_is_redone_by_the_next_one(gcs, bucket):
     killed = _run(
         f"""
         export.export_saved_model(model, base + "/clean/1", k=4)

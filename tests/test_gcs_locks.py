@@ -11,7 +11,6 @@ google-cloud-storage client, no TensorFlow gs://); the end-to-end test starts la
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import socket
@@ -22,7 +21,6 @@ import threading
 import time
 
 import pytest
-from gcs_emulator import GcsEmulator
 
 from common import cli, object_store
 from pipeline import locks, object_locks, runstate
@@ -32,20 +30,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATE = "2017-08-01"
 FLAGS = ["--latent_factors", "4", "--num_iters", "3", "--eval_ks", "20", "--loss_every", "0"]
 LEFTOVER_MARKS = (".lock", ".incomplete-", ".tmp-", ".replaced-", "beam-temp", "checkpoints")
-_buckets = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    with GcsEmulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def bucket(gcs) -> str:
-    name = f"ga-wals-locks-{os.getpid()}-{next(_buckets)}"
-    gcs.create_bucket(name)
-    return name
 
 
 def _holder(path: str) -> tuple[dict, int]:

@@ -281,7 +281,7 @@ def test_scheduled_run_refuses_a_local_root_for_dataflow(tmp_path, capsys):
 def test_distributed_evaluation_cleans_up_its_scratch(tiny_model, tiny_preprocessed, tmp_path):
     """The workers' results go under --temp_location, else under the model directory, and are
     removed once read."""
-    from trainer.beam import evaluate
+    from trainer.beam import eval_pipeline
 
     def tree() -> list[str]:
         return sorted(
@@ -289,9 +289,9 @@ def test_distributed_evaluation_cleans_up_its_scratch(tiny_model, tiny_preproces
         )
 
     before = tree()
-    evaluate.evaluate_model_distributed(tiny_model, tiny_preprocessed, [], block_rows=64)
+    eval_pipeline.evaluate_model_distributed(tiny_model, tiny_preprocessed, [], block_rows=64)
     assert tree() == before
     temp = tmp_path / "temp"
     flags = ["--temp_location", str(temp)]
-    evaluate.evaluate_model_distributed(tiny_model, tiny_preprocessed, flags, block_rows=64)
+    eval_pipeline.evaluate_model_distributed(tiny_model, tiny_preprocessed, flags, block_rows=64)
     assert os.listdir(temp) == [] and tree() == before  # written there, then removed

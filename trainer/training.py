@@ -30,8 +30,7 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
 from common import cli
-from trainer.beam import evaluate as beam_evaluate
-from trainer.beam import model_writer
+from trainer.beam import eval_pipeline, model_writer
 from trainer.beam import train as distributed
 from trainer.beam import warm_start as beam_warm_start
 from trainer.core import metrics, seeding
@@ -249,7 +248,7 @@ def _train_and_evaluate_distributed(
     """The Beam run, whose launcher reads summary.json (`transforms.dataset_info`) and the
     checkpoint's small files only: the workers seed the factors from the vocabularies, train,
     write `out`/model/ and export it (`trainer.beam.train`, `trainer.beam.model_writer`), then
-    evaluate the model from its files (`trainer.beam.evaluate`, `new_visitors`). This process
+    evaluate the model from its files (`trainer.beam.eval_pipeline`, `new_visitors`). This process
     writes config.json and metrics.json.
 
     Per-iteration evaluation needs the factors of every iteration, which the distributed run
@@ -306,7 +305,7 @@ def _train_and_evaluate_distributed(
         }
     if info.eval_interactions:  # Beam combiners over blocks of users, reading the model's files
         result.update(
-            beam_evaluate.evaluate_model_distributed(
+            eval_pipeline.evaluate_model_distributed(
                 out, args.input_dir, beam_argv, ks=args.eval_ks, item_chunk=args.score_item_chunk
             )
         )

@@ -5,7 +5,7 @@ r"""A saved model read in blocks of users on Beam workers, never whole.
           from the model's .npy files (only its slice: a seek, never the whole table)
 
 Users are in contiguous blocks, block = userId // block_rows (`trainer.beam.layout`). The
-distributed prediction (`trainer.beam.predict`), evaluation (`trainer.beam.evaluate`) and the
+distributed prediction (`trainer.beam.predict`), evaluation (`trainer.beam.eval_pipeline`) and the
 new-visitor evaluation read the model's files through `read_npy_rows` and `load_vocabulary`.
 """
 

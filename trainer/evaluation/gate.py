@@ -22,7 +22,7 @@ With nothing published yet, only the floor applies.
 
 Where it runs: in this process by default (the dataset and both models loaded), or, given Beam
 flags (the scheduled run's --distributed), on the runner: the candidate and popularity by the
-distributed evaluation (`trainer.beam.evaluate`), the published model by
+distributed evaluation (`trainer.beam.eval_pipeline`), the published model by
 `trainer.evaluation.published_foldin`, blockwise, with the same fold-in, chunked ranking and
 sums; the launching process then reads only summary.json, config.json and the arrays' headers.
 Both rank every user's items a chunk at a time (`trainer.core.chunked_topk`), so both give the
@@ -36,7 +36,7 @@ import logging
 
 import numpy as np
 
-from trainer.beam import evaluate as beam_evaluate
+from trainer.beam import eval_pipeline
 from trainer.core import foldin, metrics
 from trainer.evaluation import published_foldin
 from trainer.local import dataset as data
@@ -173,7 +173,7 @@ def _score_local(candidate_dir, dataset_dir, published_dir, k, beam_argv, item_c
 
 def _score_distributed(candidate_dir, dataset_dir, published_dir, k, beam_argv, item_chunk):
     """`_score_local`'s result from Beam runs on `beam_argv`'s runner: the candidate and
-    popularity by `trainer.beam.evaluate`, the published model by
+    popularity by `trainer.beam.eval_pipeline`, the published model by
     `published_foldin.score_published`; this process reads summary.json, config.json and the
     arrays' headers."""
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -191,7 +191,7 @@ def _score_distributed(candidate_dir, dataset_dir, published_dir, k, beam_argv, 
             f"rows, the dataset {summary['nusers']} x {summary['nitems']})"
         )
     options = PipelineOptions(beam_argv)
-    evaluated = beam_evaluate.evaluate_model_distributed(
+    evaluated = eval_pipeline.evaluate_model_distributed(
         candidate_dir, dataset_dir, options, ks=(k,), item_chunk=item_chunk
     )
     ours, baseline = _pick(evaluated["wals"], k), _pick(evaluated["popularity"], k)

@@ -39,6 +39,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from common import locations, staging, worker_threads
+from trainer.beam.combiners import PartialSumsCombineFn
 from trainer.beam.model_blocks import read_npy_rows
 from trainer.core import metrics
 from trainer.core.chunked_topk import ConstantScores, FactorScores
@@ -208,7 +209,7 @@ class _BlockSums(beam.DoFn):
         yield block_sums(foldin, target, item_factors, item_counts, config, ks, self._item_chunk)
 
 
-class _MergeSums(beam.CombineFn):
+class _MergeSums(PartialSumsCombineFn):
     """(wals, popularity) RankingSums of blocks -> their sums, merged (`RankingSums.merge`)."""
 
     def __init__(self, ks: tuple[int, ...], n_items: int):
@@ -224,13 +225,6 @@ class _MergeSums(beam.CombineFn):
         accumulator[0].merge(sums[0])
         accumulator[1].merge(sums[1])
         return accumulator
-
-    def merge_accumulators(self, accumulators):
-        accumulators = iter(accumulators)
-        total = next(accumulators)
-        for other in accumulators:
-            self.add_input(total, other)
-        return total
 
     def extract_output(self, accumulator):
         return {"wals": accumulator[0].result(), "popularity": accumulator[1].result()}

@@ -38,7 +38,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from common import staging, worker_threads
 from common.locations import scratch_dir
-from trainer.beam import evaluate as beam_evaluate
+from trainer.beam import eval_pipeline
+from trainer.beam.combiners import PartialSumsCombineFn
 from trainer.beam.model_blocks import read_npy_rows
 from trainer.core import foldin, metrics, topk
 from trainer.core.chunked_topk import BlockScores
@@ -241,7 +242,7 @@ class _PublishedBlockSums(beam.DoFn):
         yield _Sums(sums, int(known_users[block.user_ids[users]].sum()))
 
 
-class _CombineSums(beam.CombineFn):
+class _CombineSums(PartialSumsCombineFn):
     def __init__(self, ks: tuple[int, ...], n_items: int):
         self._ks, self._n_items = ks, n_items
 
@@ -251,13 +252,6 @@ class _CombineSums(beam.CombineFn):
     def add_input(self, total, sums):
         total.ranking.merge(sums.ranking)
         total.known_visitors += sums.known_visitors
-        return total
-
-    def merge_accumulators(self, accumulators):
-        accumulators = iter(accumulators)
-        total = next(accumulators)
-        for other in accumulators:
-            self.add_input(total, other)
         return total
 
     def extract_output(self, total):
@@ -318,7 +312,7 @@ def score_published(
             | f"Load{name}" >> beam.Map(_read_array, dtype)
             for name, dtype in (("item_factors", np.float32), ("item_counts", np.int64))
         )
-        blocks = pipeline | "ReadEvalBlocks" >> beam_evaluate.ReadEvalBlocks(
+        blocks = pipeline | "ReadEvalBlocks" >> eval_pipeline.ReadEvalBlocks(
             None, dataset_dir, (n_users, n_items), block_rows
         )
         side = beam.pvalue.AsSingleton
