@@ -39,6 +39,8 @@ SCORE_DTYPE = np.float32
 # and rows with more than this many candidates per place are selected by a partition instead.
 _SELECTION_CHUNKS = 32
 _MAX_CANDIDATES = 8
+# Rows selected by partition are taken this many bytes of their scores at a time.
+_PARTITION_BYTES = 8 << 20
 
 # Excluded items: a CsrMatrix with one row per batch row, a pair (indptr [b + 1], indices) whose
 # row j is indices[indptr[j]:indptr[j + 1]] (indptr may be a slice of a larger matrix's indptr,
@@ -207,8 +209,13 @@ def top_k_excluding_cells(
     ids[cand_rows[take], place] = cand_items[take]
     top_scores[cand_rows[take], place] = cand_scores[take]
 
-    if hard.any():
-        redo = np.flatnonzero(hard)
+    # The hard rows are re-selected a slab at a time: the partition's work arrays (the masked
+    # scores, their partitioned copy, bool masks, an int32 running count: ~20 bytes a cell) stay
+    # within a multiple of _PARTITION_BYTES however many rows are hard (ties: popularity).
+    hard_rows = np.flatnonzero(hard)
+    slab = max(1, _PARTITION_BYTES // (scores.dtype.itemsize * n_items))
+    for first in range(0, hard_rows.size, slab):
+        redo = hard_rows[first : first + slab]
         in_redo = np.isin(rows, redo)
         excluded = np.zeros((redo.size, n_items), dtype=bool)
         excluded[np.searchsorted(redo, rows[in_redo]), items[in_redo]] = True
