@@ -23,7 +23,8 @@ tie) skip the merge.
 Memory: the peak of one call is O(b · item_chunk + b · k) whatever n_items: the chunk's
 float32 scores (b · item_chunk · 4 bytes), the float64 products `topk.score` rounds them from
 (formed a slab of rows at a time, at most `PRODUCT_BYTES`), the selection's work arrays (about
-b · min(item_chunk, 32k) · 6 bytes more; up to b · item_chunk · 6 for rows with many ties), and
+b · min(item_chunk, 32k) · 6 bytes more; rows with many ties are partitioned a slab of rows
+at a time, about 5 · `topk._PARTITION_BYTES` of work arrays), and
 the running and merged lists (b · 3k · 12 bytes); the exclusions (int64 row and item of each
 excluded cell, 16 bytes a cell) are the block's own. `item_chunk_for` picks the chunk from
 `DEFAULT_SCORE_BYTES` when none is given: 4,096 items for a block of 4,096 rows, whose call
