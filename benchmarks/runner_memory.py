@@ -1,18 +1,19 @@
 """Which fused stage of a pipeline makes the SDK worker and the job service grow, on Beam's
 local portable runner, at two sizes 8x apart.
 
-    python -m benchmarks.runner_memory [--pipeline preprocess|bare|evaluate] [--sessions 16000] \\
-        [--visitors N] [--items 2000] [--factor 8] [--work_dir DIR] [--output results.json] \\
-        [--roots S_ROOT,8S_ROOT] [-- extra flags for the pipeline]
+    python -m benchmarks.runner_memory [--pipeline preprocess|bare|evaluate|train] \\
+        [--sessions 16000] [--visitors N] [--items 2000] [--factor 8] [--work_dir DIR] \\
+        [--output results.json] [--roots S_ROOT,8S_ROOT] [-- extra flags for the pipeline]
 
 The pipeline is `pipeline.preprocess` (--holdout_visitors 0.1 as `pipeline.run` runs it, plus
 the extra flags) or `benchmarks.bare_beam_reference` (plain Beam: read, parse, sum per pair,
 group by visitor and by content, write TFRecords), run on the synthetic day of
-`benchmarks.scale` (size S: --sessions, --visitors, --items; size 8S: --factor times each),
-or `trainer.beam.eval_pipeline.evaluate_model_distributed` (`evaluate`: the evaluation inside
-training and the gate's) on copies of the preprocessed data and trained model of two roots
-`benchmarks.scale` kept (--roots, S's then 8S's: their one run's preprocessed/{train,eval}
-and train/model),
+`benchmarks.scale` (size S: --sessions, --visitors, --items; size 8S: --factor times each);
+or, on copies of the preprocessed data and trained model of two roots `benchmarks.scale` kept
+(--roots, S's then 8S's), `trainer.beam.eval_pipeline.evaluate_model_distributed` (`evaluate`:
+the evaluation inside training and the gate's) or `trainer.task --distributed` (`train`: its
+train, evaluate and new-visitor jobs, one worker each; e.g. `-- --num_iters 1`; the sizes'
+--sessions, --visitors and --items are then unused),
 against a job service (`benchmarks.logged_job_service`) and an EXTERNAL worker pool
 (`benchmarks.portable_services`). The FnApiRunner in the job service runs one fused stage at a
 time, each as one bundle on the one SDK worker; the service's log says when each stage's bundle
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 REPO = scale.REPO
 BUNDLE_LINE = re.compile(r"^(\d+\.\d+) \S+ Running bundle for stage (.+)$")
 PROCESSES = ("worker", "job service")
+KEPT_ROOT_PIPELINES = ("evaluate", "train")  # run on --roots, not on a synthetic day
 
 
 EVALUATE = (
@@ -62,6 +64,9 @@ def pipeline_command(pipeline: str, input_path: str, output_dir: str, extra: lis
     `input_path` is the preprocessed dataset and `output_dir` the train dir holding model/."""
     if pipeline == "evaluate":
         return [sys.executable, "-c", EVALUATE, input_path, output_dir, *extra]
+    if pipeline == "train":
+        return [sys.executable, "-m", "trainer.task", "--input_dir", input_path, "--output_dir",
+                output_dir, "--distributed", *extra]  # fmt: skip
     if pipeline == "preprocess":
         module = ["pipeline.preprocess", "--holdout_visitors", "0.1"]
     elif pipeline == "bare":
@@ -131,15 +136,14 @@ def input_bytes(path: str) -> int:
 
 
 def copy_run(root: str, directory: str) -> tuple[str, str]:
-    """Copies the one run of a kept `benchmarks.scale` root's preprocessed train/eval rows and
-    model into `directory` (the evaluation writes its scratch next to the model; the root is
-    left as it is); returns (dataset dir, train dir)."""
+    """Copies the one run of a kept `benchmarks.scale` root's preprocessed data and model into
+    `directory` (the evaluation writes its scratch next to the model, training its output; the
+    root is left as it is); returns (dataset dir, train dir)."""
     (run,) = os.listdir(os.path.join(root, "runs"))
     source = os.path.join(root, "runs", run)
     dataset, train = os.path.join(directory, "preprocessed"), os.path.join(directory, "train")
     shutil.rmtree(directory, ignore_errors=True)
-    for split in ("train", "eval"):
-        shutil.copytree(f"{source}/preprocessed/{split}", f"{dataset}/{split}")
+    shutil.copytree(f"{source}/preprocessed", dataset)
     shutil.copytree(f"{source}/train/model", f"{train}/model")
     return dataset, train
 
@@ -147,8 +151,10 @@ def copy_run(root: str, directory: str) -> tuple[str, str]:
 def run_size(label: str, counts: dict, args: argparse.Namespace) -> dict:
     """One run at one size; returns its per-stage figures and whole-run peaks."""
     directory = os.path.join(args.work_dir, label)
-    if args.pipeline == "evaluate":
+    if args.pipeline in KEPT_ROOT_PIPELINES:
         input_path, output_dir = copy_run(args.roots[label], directory)
+        if args.pipeline == "train":
+            output_dir = os.path.join(directory, "out-train")
     else:
         pattern = scale.write_input(os.path.join(directory, "ga360"), seed=args.seed, **counts)
         input_path = pattern.format(date_nodash=scale.DATE.replace("-", ""))
@@ -229,9 +235,11 @@ def format_report(small: dict, big: dict, top: int) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--pipeline", choices=("preprocess", "bare", "evaluate"), default="preprocess"
+        "--pipeline", choices=("preprocess", "bare", *KEPT_ROOT_PIPELINES), default="preprocess"
     )
-    parser.add_argument("--roots", help="evaluate: the kept roots of size S and 8S, S_ROOT,8S_ROOT")
+    parser.add_argument(
+        "--roots", help="evaluate, train: the kept roots of size S and 8S, S_ROOT,8S_ROOT"
+    )
     parser.add_argument("--sessions", type=int, default=16000)
     parser.add_argument("--visitors", type=int, help="default sessions / 4")
     parser.add_argument("--items", type=int, default=2000)
@@ -245,8 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", help="also write the figures here, as JSON")
     parser.add_argument("extra", nargs="*", help="after --: flags for the pipeline")
     args = parser.parse_args(argv)
-    if (args.pipeline == "evaluate") != bool(args.roots):
-        parser.error("--roots is needed by --pipeline evaluate, and by it only")
+    if (args.pipeline in KEPT_ROOT_PIPELINES) != bool(args.roots):
+        parser.error(f"--roots is needed by --pipeline {'/'.join(KEPT_ROOT_PIPELINES)} only")
     if args.roots:
         args.roots = dict(zip(("S", "8S"), args.roots.split(","), strict=True))
     visitors = args.visitors or args.sessions // 4
