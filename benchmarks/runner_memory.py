@@ -1,14 +1,19 @@
 """Which fused stage of a pipeline makes the SDK worker and the job service grow, on Beam's
 local portable runner, at two sizes 8x apart.
 
-    python -m benchmarks.runner_memory [--pipeline preprocess|bare] [--sessions 16000] \\
-        [--visitors N] [--items 2000] [--factor 8] [--work_dir DIR] [--output results.json] \\
-        [-- extra flags for the pipeline]
+    python -m benchmarks.runner_memory [--pipeline preprocess|bare|evaluate|train] \\
+        [--sessions 16000] [--visitors N] [--items 2000] [--factor 8] [--work_dir DIR] \\
+        [--output results.json] [--roots S_ROOT,8S_ROOT] [-- extra flags for the pipeline]
 
 The pipeline is `pipeline.preprocess` (--holdout_visitors 0.1 as `pipeline.run` runs it, plus
 the extra flags) or `benchmarks.bare_beam_reference` (plain Beam: read, parse, sum per pair,
 group by visitor and by content, write TFRecords), run on the synthetic day of
-`benchmarks.scale` (size S: --sessions, --visitors, --items; size 8S: --factor times each)
+`benchmarks.scale` (size S: --sessions, --visitors, --items; size 8S: --factor times each);
+or, on copies of the preprocessed data and trained model of two roots `benchmarks.scale` kept
+(--roots, S's then 8S's), `trainer.beam.eval_pipeline.evaluate_model_distributed` (`evaluate`:
+the evaluation inside training and the gate's) or `trainer.task --distributed` (`train`: its
+train, evaluate and new-visitor jobs, one worker each; e.g. `-- --num_iters 1`; the sizes'
+--sessions, --visitors and --items are then unused),
 against a job service (`benchmarks.logged_job_service`) and an EXTERNAL worker pool
 (`benchmarks.portable_services`). The FnApiRunner in the job service runs one fused stage at a
 time, each as one bundle on the one SDK worker; the service's log says when each stage's bundle
@@ -45,10 +50,23 @@ logger = logging.getLogger(__name__)
 REPO = scale.REPO
 BUNDLE_LINE = re.compile(r"^(\d+\.\d+) \S+ Running bundle for stage (.+)$")
 PROCESSES = ("worker", "job service")
+KEPT_ROOT_PIPELINES = ("evaluate", "train")  # run on --roots, not on a synthetic day
+
+
+EVALUATE = (
+    "import sys; from trainer.beam.eval_pipeline import evaluate_model_distributed as e; "
+    "print(e(sys.argv[2], sys.argv[1], sys.argv[3:]))"
+)
 
 
 def pipeline_command(pipeline: str, input_path: str, output_dir: str, extra: list[str]) -> list:
-    """The command line of one run (module doc), Beam's runner flags excepted."""
+    """The command line of one run (module doc), Beam's runner flags excepted; for `evaluate`,
+    `input_path` is the preprocessed dataset and `output_dir` the train dir holding model/."""
+    if pipeline == "evaluate":
+        return [sys.executable, "-c", EVALUATE, input_path, output_dir, *extra]
+    if pipeline == "train":
+        return [sys.executable, "-m", "trainer.task", "--input_dir", input_path, "--output_dir",
+                output_dir, "--distributed", *extra]  # fmt: skip
     if pipeline == "preprocess":
         module = ["pipeline.preprocess", "--holdout_visitors", "0.1"]
     elif pipeline == "bare":
@@ -103,18 +121,45 @@ def stage_rises(samples: list, starts: list[tuple[float, str]], end: float) -> l
 
 
 def stage_key(stage: str) -> str:
-    """A fused stage's transforms, sorted: its name lists them in an order that may differ
-    between two runs of the same graph ("((A)+(B))+(C)")."""
-    return " ".join(sorted({part for part in re.split(r"[()+]", stage) if part}))
+    """A fused stage's transforms, sorted, without the numbers Beam appends to them and its
+    PCollection reads/writes: its name lists them in an order, and numbers them, in ways that
+    may differ between two runs of the same graph ("((A_7)+(B_8))+(ref_PCollection_3/Write)")."""
+    parts = {re.sub(r"_\d+$", "", part) for part in re.split(r"[()+]", stage) if part}
+    return " ".join(sorted(part for part in parts if not part.startswith("ref_PCollection")))
+
+
+def input_bytes(path: str) -> int:
+    """A file's size, or the sum of a directory tree's files' sizes."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def copy_run(root: str, directory: str) -> tuple[str, str]:
+    """Copies the one run of a kept `benchmarks.scale` root's preprocessed data and model into
+    `directory` (the evaluation writes its scratch next to the model, training its output; the
+    root is left as it is); returns (dataset dir, train dir)."""
+    (run,) = os.listdir(os.path.join(root, "runs"))
+    source = os.path.join(root, "runs", run)
+    dataset, train = os.path.join(directory, "preprocessed"), os.path.join(directory, "train")
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.copytree(f"{source}/preprocessed", dataset)
+    shutil.copytree(f"{source}/train/model", f"{train}/model")
+    return dataset, train
 
 
 def run_size(label: str, counts: dict, args: argparse.Namespace) -> dict:
     """One run at one size; returns its per-stage figures and whole-run peaks."""
     directory = os.path.join(args.work_dir, label)
-    pattern = scale.write_input(os.path.join(directory, "ga360"), seed=args.seed, **counts)
-    input_path = pattern.format(date_nodash=scale.DATE.replace("-", ""))
-    output_dir = os.path.join(directory, f"out-{args.pipeline}")
-    shutil.rmtree(output_dir, ignore_errors=True)
+    if args.pipeline in KEPT_ROOT_PIPELINES:
+        input_path, output_dir = copy_run(args.roots[label], directory)
+        if args.pipeline == "train":
+            output_dir = os.path.join(directory, "out-train")
+    else:
+        pattern = scale.write_input(os.path.join(directory, "ga360"), seed=args.seed, **counts)
+        input_path = pattern.format(date_nodash=scale.DATE.replace("-", ""))
+        output_dir = os.path.join(directory, f"out-{args.pipeline}")
+        shutil.rmtree(output_dir, ignore_errors=True)
     service = "benchmarks.logged_job_service"
     with PortableRunner(pythonpath=REPO, job_service_module=service) as portable:
         command = pipeline_command(args.pipeline, input_path, output_dir, args.extra)
@@ -149,7 +194,7 @@ def run_size(label: str, counts: dict, args: argparse.Namespace) -> dict:
     return {
         "label": label,
         "requested": counts,
-        "input_bytes": os.path.getsize(input_path),
+        "input_bytes": input_bytes(input_path),
         "seconds": end - begin,
         "stages": stage_rises(sampler.samples, starts, end),
         "peak_mb": {
@@ -189,7 +234,12 @@ def format_report(small: dict, big: dict, top: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", choices=("preprocess", "bare"), default="preprocess")
+    parser.add_argument(
+        "--pipeline", choices=("preprocess", "bare", *KEPT_ROOT_PIPELINES), default="preprocess"
+    )
+    parser.add_argument(
+        "--roots", help="evaluate, train: the kept roots of size S and 8S, S_ROOT,8S_ROOT"
+    )
     parser.add_argument("--sessions", type=int, default=16000)
     parser.add_argument("--visitors", type=int, help="default sessions / 4")
     parser.add_argument("--items", type=int, default=2000)
@@ -203,6 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", help="also write the figures here, as JSON")
     parser.add_argument("extra", nargs="*", help="after --: flags for the pipeline")
     args = parser.parse_args(argv)
+    if (args.pipeline in KEPT_ROOT_PIPELINES) != bool(args.roots):
+        parser.error(f"--roots is needed by --pipeline {'/'.join(KEPT_ROOT_PIPELINES)} only")
+    if args.roots:
+        args.roots = dict(zip(("S", "8S"), args.roots.split(","), strict=True))
     visitors = args.visitors or args.sessions // 4
     temporary = args.work_dir is None
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="runner_memory-")

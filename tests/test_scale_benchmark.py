@@ -332,3 +332,29 @@ def test_the_benchmark_runs_pipeline_run_at_two_sizes_and_attributes_every_stage
     assert len(result["workers"]["checks"]) == 5
     assert "launcher: the whole run's peak grows by" in completed.stdout
     assert "train: S " in completed.stdout and "worker (evaluate)" in completed.stdout
+
+
+def test_runner_memory_matches_a_fused_stage_across_runs_of_the_same_graph():
+    """`benchmarks.runner_memory.stage_key`: the same fused stage of the evaluation at S and at
+    8S (names from two real runs: Beam numbered the transforms and PCollections differently)
+    has one key; another stage's differs."""
+    from benchmarks.runner_memory import stage_key
+
+    small = (
+        "((((ref_AppliedPTransform_ItemFactorsPath-Impulse_33)+(ref_AppliedPTransform_"
+        "LoadItemFactors_37))+(ref_PCollection_PCollection_23/Write)"
+    )
+    big = (
+        "(((ref_AppliedPTransform_LoadItemFactors_44)+(ref_AppliedPTransform_ItemFactorsPath-"
+        "Impulse_40))+(ref_PCollection_PCollection_28/Write)"
+    )
+    grouped = (
+        "(ReadEvalBlocks/GroupRows/CoGroupByKeyImpl/Flatten/Read)+(ReadEvalBlocks/GroupRows/"
+        "CoGroupByKeyImpl/GroupByKey/Write)"
+    )
+    assert (
+        stage_key(small)
+        == stage_key(big)
+        == ("ref_AppliedPTransform_ItemFactorsPath-Impulse ref_AppliedPTransform_LoadItemFactors")
+    )
+    assert stage_key(grouped) != stage_key(big)
