@@ -18,6 +18,7 @@ Derived values, each in one streamed pass whose result does not depend on the ch
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator
 
 import numpy as np
@@ -39,33 +40,33 @@ COPY_BYTES = 16 << 20
 USER_VOCAB, ITEM_VOCAB = "vocab_users", "vocab_items"
 
 
-class ExportTables:
+class ExportTables(abc.ABC):
     """The arrays of `trainer.serving.model` by name (user_factors, item_factors, seen_indptr,
     seen_indices, item_counts) and the two vocabularies, read in chunks."""
 
     config: dict
 
+    @abc.abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
         """The array's shape."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def chunks(self, name: str, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start, rows start..start+len) of the array, in order, chunk_rows rows at most each
         (at least one chunk, empty for an empty array)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write_vocabulary(self, name: str, handle) -> int:
         r"""Writes USER_VOCAB's or ITEM_VOCAB's file (one ID a line, each ended by '\n') to a
         binary handle; returns its number of lines."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def item_names(self, ids: np.ndarray) -> list[str]:
         """The contentIds of the given itemIds, in their order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def last(self, name: str) -> int:
         """The last element of a 1-D array (seen_indptr[-1]: the number of seen cells)."""
-        raise NotImplementedError
 
     def gramian(self) -> np.ndarray:
         """G = YᵀY, float64 [k, k] (see the module docstring)."""
