@@ -168,10 +168,14 @@ class InDirectory(ExportTables):
 
     def item_names(self, ids):
         wanted = {int(i): None for i in ids}
+        left = len(wanted)
         with self._open(self._vocabulary(ITEM_VOCAB)) as source:
             for number, line in enumerate(source):
+                if left == 0:  # the popular items are found: the rest of the file is not read
+                    break
                 if number in wanted:
                     wanted[number] = line.rstrip(b"\n").decode("utf-8")
+                    left -= 1
         return [wanted[int(i)] for i in ids]
 
     def last(self, name):
