@@ -112,5 +112,6 @@ def test_evaluate_popularity_ranks_unseen_items_by_training_count():
         "users_evaluated": 2,
     }
     with TestPipeline() as p:
-        result = p | beam.Create(eval_blocks()) | EvaluatePopularity(N_ITEMS, KS)
+        counts = p | "Counts" >> beam.Create([np.array([2, 1, 0, 3], np.int64)])
+        result = p | beam.Create(eval_blocks()) | EvaluatePopularity(counts, N_ITEMS, KS)
         assert_that(result, metrics_close(expected))

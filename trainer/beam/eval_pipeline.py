@@ -24,11 +24,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from common import locations, staging, worker_threads
 from trainer.beam import layout as blocks_lib
+from trainer.beam import row_groups
 from trainer.beam.evaluate import EvalBlock, EvaluateBlocks, EvaluatePopularity
 from trainer.beam.model_blocks import read_npy_rows
 from trainer.core import metrics
 from trainer.serving import model as model_lib
-from transforms import examples, features
+from transforms import features
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ class _AssembleEvalBlock(beam.DoFn):
     def process(self, element):
         block_id, grouped = element
         layout = blocks_lib.BlockLayout(self._shape[0], self._block_rows, interleaved=False)
-        train = blocks_lib.assemble(0, block_id, list(grouped["train"]), layout, self._shape[1])
-        heldout = blocks_lib.assemble(0, block_id, list(grouped["heldout"]), layout, self._shape[1])
+        train = blocks_lib.assemble(0, block_id, grouped["train"], layout, self._shape[1])
+        heldout = blocks_lib.assemble(0, block_id, grouped["heldout"], layout, self._shape[1])
         start, stop = blocks_lib.block_bounds(block_id, self._block_rows, self._shape[0])
         if self._source is None:  # blocks for fold-in (the gate's published model)
             factors = np.zeros((stop - start, 0), dtype=np.float32)
@@ -60,22 +61,29 @@ class _AssembleEvalBlock(beam.DoFn):
         )
 
 
-def _key_by_block(record: bytes, block_rows: int):
-    """A `key/indices/values` Example -> (block_id, (userId, itemIds int64 [n], ratings [n]))."""
-    key, indices, values = examples.parse_sparse_example(record)
-    indices = np.asarray(indices, dtype=np.int64)
-    values = np.asarray(values, dtype=np.float32)
-    return int(blocks_lib.contiguous_block_of(key, block_rows)), (int(key), indices, values)
+def _rows_pattern(dataset_dir: str, split: str) -> str:
+    return f"{dataset_dir}/{split}/{features.ITEMS_FOR_USER}-*{features.TFRECORD_SUFFIX}"
 
 
-def _read_rows(root, dataset_dir: str, split: str, block_rows: int, label: str):
-    pattern = f"{dataset_dir}/{split}/{features.ITEMS_FOR_USER}-*{features.TFRECORD_SUFFIX}"
-    return (
-        root
-        | f"Read{label}"
-        >> beam.io.ReadFromTFRecord(pattern, compression_type=CompressionTypes.GZIP)
-        | f"KeyByBlock{label}" >> beam.Map(_key_by_block, block_rows)
-    )
+class _CountPackedItems(beam.CombineFn):
+    """(block_id, packed rows) -> c_i, int64 [n_items]: the rows holding each item."""
+
+    def __init__(self, n_items: int):
+        self._n_items = n_items
+
+    def create_accumulator(self):
+        return np.zeros(self._n_items, dtype=np.int64)
+
+    def add_input(self, counts, element):
+        items, users = np.unique(row_groups.unpack_arrays(element[1])[2], return_counts=True)
+        counts[items] += users  # a row holds an item at most once
+        return counts
+
+    def merge_accumulators(self, accumulators):
+        return sum(accumulators, np.zeros(self._n_items, dtype=np.int64))
+
+    def extract_output(self, counts):
+        return counts
 
 
 class ReadEvalBlocks(beam.PTransform):
@@ -86,29 +94,49 @@ class ReadEvalBlocks(beam.PTransform):
     the published model's in, `trainer.evaluation.published_foldin`).
 
     Input: the pipeline root. Output: PCollection[EvalBlock], one per block of `block_rows`
-    users (including users without held-out items).
+    users (including users without held-out items); with `count_items`, the pair (blocks,
+    PCollection of one element: c_i int64 [n_items], the training users of each item, counted
+    from the train rows before they are grouped). A ranking that needs the counts as a side
+    input then fuses with the blocks' assembly: counted from the blocks themselves, it could
+    only start once every block was assembled, and the runner would keep every block meanwhile.
     """
 
-    def __init__(self, model, dataset_dir: str, shape: tuple[int, int], block_rows: int):
+    def __init__(
+        self,
+        model,
+        dataset_dir: str,
+        shape: tuple[int, int],
+        block_rows: int,
+        count_items: bool = False,
+    ):
         super().__init__()
         self._model, self._dataset_dir = model, dataset_dir.rstrip("/")
         self._shape, self._block_rows = shape, block_rows
+        self._count_items = count_items
 
     def expand(self, root):
-        block_rows = self._block_rows
-        block_ids = (
-            root
-            | "BlockIds" >> beam.Create(range(blocks_lib.num_blocks(self._shape[0], block_rows)))
-            | "KeyBlockIds" >> beam.Map(lambda block_id: (block_id, None))
-        )
-        train = _read_rows(root, self._dataset_dir, features.TRAIN_DIR, block_rows, "Train")
-        heldout = _read_rows(root, self._dataset_dir, features.EVAL_DIR, block_rows, "Heldout")
-        return (
-            {"ids": block_ids, "train": train, "heldout": heldout}
-            | "GroupRows" >> beam.CoGroupByKey()
+        layout = blocks_lib.BlockLayout(self._shape[0], self._block_rows, interleaved=False)
+        packed = {
+            tag: root
+            | f"Read{tag.title()}"
+            >> beam.io.ReadFromTFRecord(
+                _rows_pattern(self._dataset_dir, split), compression_type=CompressionTypes.GZIP
+            )
+            | f"Pack{tag.title()}" >> row_groups.PackRows(layout, "evaluate_rows")
+            for tag, split in (("train", features.TRAIN_DIR), ("heldout", features.EVAL_DIR))
+        }
+        blocks = (
+            packed
+            | "GroupRows" >> row_groups.GroupRowsByBlock(layout.n_blocks)
             | "AssembleBlocks"
-            >> beam.ParDo(_AssembleEvalBlock(self._model, block_rows, self._shape))
+            >> beam.ParDo(_AssembleEvalBlock(self._model, self._block_rows, self._shape))
         )
+        if not self._count_items:
+            return blocks
+        counts = packed["train"] | "CountItems" >> beam.CombineGlobally(
+            _CountPackedItems(self._shape[1])
+        )
+        return blocks, counts
 
 
 def evaluate_model_distributed(
@@ -158,8 +186,8 @@ def evaluate_model_distributed(
         worker_threads.local_budget(pipeline_options),
         beam.Pipeline(options=pipeline_options) as pipeline,
     ):
-        blocks = pipeline | "ReadEvalBlocks" >> ReadEvalBlocks(
-            source, dataset_dir, shape, block_rows
+        blocks, item_counts = pipeline | "ReadEvalBlocks" >> ReadEvalBlocks(
+            source, dataset_dir, shape, block_rows, count_items=True
         )
         if isinstance(source, str):
             path = f"{source.rstrip('/')}/{model_lib.MODEL_SUBDIR}/item_factors.npy"
@@ -175,7 +203,7 @@ def evaluate_model_distributed(
             "wals": blocks
             | "EvaluateModel" >> EvaluateBlocks(item_factors, shape[1], ks, item_chunk=item_chunk),
             "popularity": blocks
-            | "EvaluatePopularity" >> EvaluatePopularity(shape[1], ks, item_chunk),
+            | "EvaluatePopularity" >> EvaluatePopularity(item_counts, shape[1], ks, item_chunk),
         }
         for name, result in evaluated.items():
             _ = (

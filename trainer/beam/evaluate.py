@@ -176,25 +176,6 @@ class EvaluateBlocks(beam.PTransform):
         )
 
 
-class _CountItems(beam.CombineFn):
-    """EvalBlock -> c_i, int64 [n_items]: the training users of each item."""
-
-    def __init__(self, n_items: int):
-        self._n_items = n_items
-
-    def create_accumulator(self):
-        return np.zeros(self._n_items, dtype=np.int64)
-
-    def add_input(self, counts, block: EvalBlock):
-        return counts + block.train.col_counts()
-
-    def merge_accumulators(self, accumulators):
-        return sum(accumulators, np.zeros(self._n_items, dtype=np.int64))
-
-    def extract_output(self, counts):
-        return counts
-
-
 class _PopularityBlock(beam.DoFn):
     """EvalBlock -> _Sums of the popularity baseline: every user scores item i as c_i (ranked
     `item_chunk` items at a time, as `block_sums`)."""
@@ -217,22 +198,34 @@ class _PopularityBlock(beam.DoFn):
 
 class EvaluatePopularity(beam.PTransform):
     """PCollection[EvalBlock] -> PCollection[dict] of one element: `metrics.evaluate_popularity`
-    (the most popular unseen items for everyone), popularity counted from the blocks' train rows.
+    (the most popular unseen items for everyone).
+
+    Args:
+        item_counts: PCollection of one element, c_i int64 [n_items]: the training users of each
+            item (`eval_pipeline.ReadEvalBlocks(count_items=True)` counts them from the train
+            rows; counted from the blocks themselves, the ranking could only start once every
+            block was assembled).
+        n_items: the number of items.
+        ks: the cut-offs.
+        item_chunk: items ranked at once per block (`block_sums`); 0: automatic.
     """
 
-    def __init__(self, n_items: int, ks: Sequence[int] = metrics.DEFAULT_KS, item_chunk: int = 0):
+    def __init__(
+        self, item_counts, n_items: int, ks: Sequence[int] = metrics.DEFAULT_KS, item_chunk: int = 0
+    ):
         super().__init__()
+        self._item_counts = item_counts
         self._n_items = n_items
         self._ks = tuple(sorted(set(ks)))
         self._item_chunk = item_chunk
 
     def expand(self, eval_blocks):
-        counts = eval_blocks | "CountItems" >> beam.CombineGlobally(_CountItems(self._n_items))
         return (
             eval_blocks
             | "SumBlocks"
             >> beam.ParDo(
-                _PopularityBlock(self._ks, self._item_chunk), beam.pvalue.AsSingleton(counts)
+                _PopularityBlock(self._ks, self._item_chunk),
+                beam.pvalue.AsSingleton(self._item_counts),
             )
             | "CombineSums" >> beam.CombineGlobally(_CombineSums(self._ks, self._n_items, False))
         )

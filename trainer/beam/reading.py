@@ -19,22 +19,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from trainer.beam import checkpoint_files as files
 from trainer.beam import layout as blocks_lib
 from trainer.beam.layout import RowBlock
+from trainer.beam.row_groups import GroupRowsByBlock, PackRows
 from trainer.beam.spec import JOIN, TrainSpec
 from trainer.core import solver as wals_solver
 from trainer.core.sides import Side
 from trainer.core.tiling import padded_fixed_length
-from transforms import examples, features
-
-
-def _key_by_block(
-    serialized: bytes, layout: blocks_lib.BlockLayout
-) -> tuple[int, tuple[int, np.ndarray, np.ndarray]]:
-    """A `key/indices/values` Example -> (block_id, (row, column indices int64 [n], ratings
-    float32 [n]))."""
-    key, indices, values = examples.parse_sparse_example(serialized)
-    if indices.size != values.size:
-        raise ValueError(f"row {key}: {indices.size} indices but {values.size} values")
-    return int(layout.block_of(key)), (int(key), indices, values)
+from transforms import features
 
 
 class ReadRowBlocks(beam.PTransform):
@@ -55,24 +45,19 @@ class ReadRowBlocks(beam.PTransform):
         pattern = f"{spec.input_dir}/{features.TRAIN_DIR}/{name}-*{features.TFRECORD_SUFFIX}"
         n_fixed = spec.side_shape(side)[1]
         layout = spec.layout(side)
-        rows = (
+        packed = (
             root
             | "ReadRecords"
             >> beam.io.ReadFromTFRecord(pattern, compression_type=CompressionTypes.GZIP)
-            | "KeyByBlock" >> beam.Map(_key_by_block, layout)
-        )
-        block_ids = (
-            root
-            | "BlockIds" >> beam.Create(range(layout.n_blocks))
-            | "KeyBlockIds" >> beam.Map(lambda block_id: (block_id, None))
+            | "PackRows" >> PackRows(layout, "train_rows")
         )
         return (
-            {"rows": rows, "ids": block_ids}
-            | "GroupRows" >> beam.CoGroupByKey()
+            {"rows": packed}
+            | "GroupRows" >> GroupRowsByBlock(layout.n_blocks)
             | "Assemble"
             >> beam.MapTuple(
                 lambda block_id, grouped: blocks_lib.assemble(
-                    side, block_id, list(grouped["rows"]), layout, n_fixed
+                    side, block_id, grouped["rows"], layout, n_fixed
                 )
             )
         )
