@@ -156,7 +156,8 @@ def read_shape(run_dir: str, input_path: str) -> dict:
     """The run's data, from its preprocessed/summary.json: "nusers", "nitems",
     "train_interactions", "eval_interactions", "heldout_visitors", "pairs" (every cell, the
     held-out visitors' included), and "buckets", "groups": the preprocessing's shuffle keys;
-    "redistributed_bytes": what its preprocessing redistributes (`redistributed_bytes`)."""
+    "redistributed_bytes": what its preprocessing redistributes (`redistributed_bytes`);
+    "grouped_bytes": {"train", "evaluate": the packed rows those jobs group (`grouped_bytes`)}."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline import options
@@ -170,7 +171,40 @@ def read_shape(run_dir: str, input_path: str) -> dict:
     flags = PipelineOptions(["--input", input_path]).view_as(options.PreprocessOptions)
     shape["buckets"], shape["groups"] = options.shuffle_keys(flags)
     shape["redistributed_bytes"] = redistributed_bytes(input_path)
+    shape["grouped_bytes"] = grouped_bytes(os.path.join(run_dir, "preprocessed"))
     return shape
+
+
+def grouped_bytes(dataset_dir: str) -> dict[str, int]:
+    """The bytes of packed rows (`trainer.beam.row_groups.pack_rows`) the distributed jobs
+    group by block, from a preprocessed dataset: "train", the larger of its two sides (train
+    items_for_user, users_for_item: grouped one after the other), and "evaluate", the train and
+    eval items_for_user rows (grouped together). Each file is packed as one bundle would pack
+    it, blocks aside: within a few percent of the packs of a few blocks."""
+    import glob
+
+    import tensorflow as tf
+
+    from trainer.beam import row_groups
+    from transforms import features
+
+    def packed(split: str, name: str) -> int:
+        total = 0
+        pattern = os.path.join(dataset_dir, split, f"{name}-*{features.TFRECORD_SUFFIX}")
+        for path in sorted(glob.glob(pattern)):
+            rows, weight = [], 0
+            for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+                rows.append(row_groups.parse_row(record.numpy()))
+                weight += rows[-1].indices.size + row_groups.ROW_WEIGHT
+                if weight >= row_groups.MAX_PACKED_CELLS:
+                    total, rows, weight = total + len(row_groups.pack_rows(rows)), [], 0
+            total += len(row_groups.pack_rows(rows)) if rows else 0
+        return total
+
+    train_rows = packed(features.TRAIN_DIR, features.ITEMS_FOR_USER)
+    train_columns = packed(features.TRAIN_DIR, features.USERS_FOR_ITEM)
+    eval_rows = packed(features.EVAL_DIR, features.ITEMS_FOR_USER)
+    return {"train": max(train_rows, train_columns), "evaluate": train_rows + eval_rows}
 
 
 def redistributed_bytes(path: str) -> int:

@@ -21,10 +21,15 @@ latent factors) are, per job:
     train        broadcast tables   TABLES_KEPT · max(U, I) · k · 4 (the fixed side, cached)
                  (join: received    k · 4 · C · block_rows / min(U, I), a block's vectors)
                  cached problems    SLOT_BYTES · min(PLAN_CACHE_SLOTS, PAD · 2C)
+                 row packs          PARSED_CELL_BYTES · min(C + ROW_WEIGHT · rows, MAX_PACKED_CELLS)
+                                    (a bundle's parsed rows before `row_groups.PackRows` packs
+                                    them; rows = U or I, whichever side is read)
     evaluate,    scores             SCORE_COPIES · min(min(B, rows) · I · 4, S): a block × a
                                     chunk of items, S = `chunked_topk.DEFAULT_SCORE_BYTES`
     new visitors item table         I · k · 4
     predict      (the same, rows = U; B = the block of those jobs, 4096)
+    evaluate     row packs          (as train's, C + eval cells, rows = U)
+                 item counts        8 · I (the popularity counts, `ReadEvalBlocks`)
 
 One more term is the runner's, not the job's, and is named apart (`runner_terms`): Beam's
 local portable runner (the FnApiRunner in `local_job_service_main`) hands a stage whose input
@@ -33,6 +38,11 @@ about RUNNER_COPIES times while it reads it (README, "What the local portable ru
 
     preprocess   redistributed lines   RUNNER_COPIES · R   (R: the bytes of the packed batches
                                     of lines `ParseEvents` reshuffles before parsing them)
+    train        grouped rows       RUNNER_COPIES · G   (G: the larger side's packed rows,
+                                    `trainer.beam.row_groups`; the sides are grouped one after
+                                    the other)
+    evaluate     grouped rows       RUNNER_COPIES · G   (G: the packed train and eval rows,
+                                    grouped together)
 
 On Dataflow and Flink a shuffle's output reaches a worker in bounded bundles, and the term is 0.
 
@@ -57,6 +67,7 @@ CELL_BYTES = 60  # pipeline.options: 20 bytes a cell, a few copies while sorting
 VOCAB_ENTRY_BYTES = 200  # a Python str and its count in an analyzer's accumulator
 SLOT_BYTES = 12  # trainer.beam.block_problems: 2**27 slots are "about 1.5 GB"
 PAD = 2  # padded tile slots per cell, at most (tiles padded to a fraction of a full one)
+PARSED_CELL_BYTES = 12  # trainer.beam.row_groups: a parsed cell (a row weighs ROW_WEIGHT cells)
 SCORE_COPIES = 3  # a block's float32 scores, the seen items masked, the top-k partition
 # The Beam jobs of each stage, in the order they run (one SDK worker each on the portable runner).
 # The gate runs the candidate's evaluation on the runner; with a published model (not in the
@@ -83,10 +94,15 @@ def job_terms(job: str, shape: dict, flags: dict) -> dict[str, float]:
     from pipeline.matrix_io import MAX_BUFFERED_CELLS
     from trainer.beam.block_problems import PLAN_CACHE_SLOTS
     from trainer.beam.exchange import TABLES_KEPT
+    from trainer.beam.row_groups import MAX_PACKED_CELLS, ROW_WEIGHT
     from trainer.core.chunked_topk import DEFAULT_SCORE_BYTES
 
     users, items, cells = shape["nusers"], shape["nitems"], shape["train_interactions"]
     k, mb = flags["latent_factors"], 2**20
+
+    def row_packs(cells: int, rows: int) -> float:
+        return PARSED_CELL_BYTES * min(cells + ROW_WEIGHT * rows, MAX_PACKED_CELLS) / mb
+
     if job == "preprocess":
         vocab = users + items + shape.get("heldout_visitors", 0)
         return {
@@ -103,25 +119,34 @@ def job_terms(job: str, shape: dict, flags: dict) -> dict[str, float]:
         else:
             exchange = {"broadcast tables": TABLES_KEPT * max(users, items) * k * 4 / mb}
         cache = SLOT_BYTES * min(PLAN_CACHE_SLOTS, PAD * 2 * cells) / mb
-        return {**exchange, "cached problems": cache}
+        packs = row_packs(cells, max(users, items))
+        return {**exchange, "cached problems": cache, "row packs": packs}
     rows = {"evaluate": users, "new visitors": shape.get("heldout_visitors", 0), "predict": users}
     if job not in rows:
         raise ValueError(f"unknown job {job!r}")
     block = min(flags["eval_block_rows"], rows[job])
     chunk_bytes = min(block * items * 4, DEFAULT_SCORE_BYTES)  # trainer.core.chunked_topk
-    return {
-        "scores": SCORE_COPIES * chunk_bytes / mb,
-        "item table": items * k * 4 / mb,
-    }
+    terms = {"scores": SCORE_COPIES * chunk_bytes / mb, "item table": items * k * 4 / mb}
+    if job == "evaluate":
+        terms["row packs"] = row_packs(cells + shape.get("eval_interactions", 0), users)
+        terms["item counts"] = 8 * items / mb
+    return terms
 
 
 def runner_terms(job: str, shape: dict, runner: str | None) -> dict[str, float]:
     """What the runner makes a worker of `job` hold on top of the job's terms (module doc), MB:
     on LOCAL_PORTABLE, preprocessing's redistributed lines (shape "redistributed_bytes",
-    `benchmarks.scale.redistributed_bytes`); nothing on any other runner."""
-    if runner != LOCAL_PORTABLE or job != "preprocess" or "redistributed_bytes" not in shape:
+    `benchmarks.scale.redistributed_bytes`) and the train and evaluate jobs' grouped rows
+    (shape "grouped_bytes": {job: bytes}, `benchmarks.scale.grouped_bytes`); nothing on any
+    other runner."""
+    if runner != LOCAL_PORTABLE:
         return {}
-    return {"redistributed lines": RUNNER_COPIES * shape["redistributed_bytes"] / 2**20}
+    if job == "preprocess" and "redistributed_bytes" in shape:
+        return {"redistributed lines": RUNNER_COPIES * shape["redistributed_bytes"] / 2**20}
+    grouped = shape.get("grouped_bytes", {})
+    if job in grouped:
+        return {"grouped rows": RUNNER_COPIES * grouped[job] / 2**20}
+    return {}
 
 
 def allowed_growth(

@@ -69,7 +69,7 @@ def test_parse_row_refuses_indices_and_values_of_different_lengths():
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
-@pytest.mark.parametrize("max_cells", [1, 7, row_groups.MAX_PACKED_CELLS])
+@pytest.mark.parametrize("max_cells", [1, 100, row_groups.MAX_PACKED_CELLS])
 def test_every_block_gets_exactly_its_rows_however_the_packs_are_cut(
     monkeypatch, interleaved, max_cells
 ):

@@ -127,6 +127,7 @@ SMALL = {
     "nusers": 1000,
     "nitems": 500,
     "train_interactions": 20_000,
+    "eval_interactions": 2_000,
     "pairs": 25_000,
     "heldout_visitors": 100,
     "buckets": 16,
@@ -136,6 +137,7 @@ BIG = {
     "nusers": 8000,
     "nitems": 4000,
     "train_interactions": 160_000,
+    "eval_interactions": 16_000,
     "pairs": 200_000,
     "heldout_visitors": 800,
     "buckets": 16,
@@ -153,11 +155,20 @@ FLAGS = {
 
 def test_the_growth_a_workers_flags_allow():
     train = worker_bounds.allowed_growth("train", SMALL, BIG, FLAGS)
-    # 1 table kept x (8000 - 1000) rows x 32 x 4 bytes; 12 bytes x 2 x 2 x (160K - 20K) slots.
+    # 1 table kept x (8000 - 1000) rows x 32 x 4 bytes; 12 bytes x 2 x 2 x (160K - 20K) slots;
+    # a bundle's parsed rows, 12 bytes a cell and 32 cells' worth a row (the larger side).
+    packs = 12 * ((160_000 + 32 * 8000) - (20_000 + 32 * 1000))
     assert train["terms_mb"] == pytest.approx(
-        {"broadcast tables": 7000 * 128 / MB, "cached problems": 12 * 4 * 140_000 / MB}
+        {
+            "broadcast tables": 7000 * 128 / MB,
+            "cached problems": 12 * 4 * 140_000 / MB,
+            "row packs": packs / MB,
+        }
     )
-    assert train["allowed_mb"] == pytest.approx(64 + (896_000 + 6_720_000) / MB)
+    assert train["allowed_mb"] == pytest.approx(64 + (896_000 + 6_720_000 + packs) / MB)
+    # The packs stop growing at MAX_PACKED_CELLS (then they are emitted).
+    huge = worker_bounds.allowed_growth("train", BIG, {**BIG, "train_interactions": 1 << 30}, FLAGS)
+    assert huge["terms_mb"]["row packs"] == pytest.approx(12 * ((1 << 20) - 416_000) / MB)
     evaluate = worker_bounds.allowed_growth("evaluate", SMALL, BIG, FLAGS)
     # 3 copies of float32 scores of a block (1000 users, then 4096 of 8000) x a chunk of items,
     # capped at the bytes a chunk may take (`chunked_topk.DEFAULT_SCORE_BYTES`).
@@ -170,6 +181,10 @@ def test_the_growth_a_workers_flags_allow():
         (DEFAULT_SCORE_BYTES - 1000 * 500 * 4) * 3 / MB
     )
     assert evaluate["terms_mb"]["item table"] == pytest.approx(3500 * 128 / MB)
+    assert evaluate["terms_mb"]["item counts"] == pytest.approx(8 * 3500 / MB)
+    # The train rows and the eval rows are packed: 12 bytes a cell and 32 cells' worth a row.
+    eval_packs = 12 * ((160_000 + 16_000 + 32 * 8000) - (20_000 + 2_000 + 32 * 1000))
+    assert evaluate["terms_mb"]["row packs"] == pytest.approx(eval_packs / MB)
     new = worker_bounds.allowed_growth("new visitors", SMALL, BIG, FLAGS)
     assert new["terms_mb"]["scores"] == pytest.approx((800 * 4000 - 100 * 500) * 12 / MB)
     preprocess = worker_bounds.allowed_growth("preprocess", SMALL, BIG, FLAGS)
@@ -208,8 +223,20 @@ def test_the_local_portable_runner_s_part_is_named_apart_and_counts_the_redistri
     assert got["allowed_mb"] == pytest.approx(
         ours["allowed_mb"] + got["runner_mb"]["redistributed lines"]
     )
+    # The train and evaluate jobs hand their grouped rows over whole as well.
+    grouped = {"grouped_bytes": {"train": 10 * MB, "evaluate": 12 * MB}}
+    small, big = (
+        {**small, **grouped},
+        {**big, "grouped_bytes": {"train": 80 * MB, "evaluate": 96 * MB}},
+    )
+    for job, growth in (("train", 70), ("evaluate", 84)):
+        held = worker_bounds.allowed_growth(job, small, big, FLAGS, runner=local)["runner_mb"]
+        assert held == {"grouped rows": pytest.approx(worker_bounds.RUNNER_COPIES * growth)}
     # Other jobs, and other runners (Dataflow, Flink: bounded bundles), hold nothing more.
-    assert worker_bounds.allowed_growth("train", small, big, FLAGS, runner=local)["runner_mb"] == {}
+    assert (
+        worker_bounds.allowed_growth("predict", small, big, FLAGS, runner=local)["runner_mb"] == {}
+    )
+    assert worker_bounds.allowed_growth("train", small, big, FLAGS)["runner_mb"] == {}
     other = worker_bounds.allowed_growth("preprocess", small, big, FLAGS, runner="DataflowRunner")
     assert other["runner_mb"] == {}
 
@@ -236,7 +263,7 @@ def test_the_verdict_pairs_each_job_with_its_worker_and_judges_the_launchers_gro
         "8S",
         BIG,
         1000.0,
-        # train's worker grows by 100 MB: more than 64 + 7.3; evaluate's by 200 < 64 + 183.
+        # train's worker grows by 100 MB: more than 64 + 11.6; evaluate's by 200 < 64 + 188.
         {"preprocess": [950], "train": [900, 1050, 870], "predict": [700, 710]},
     )
     result = scale_report.compare(small, big, FLAGS, launcher_limit_mb=64)
@@ -255,11 +282,11 @@ def test_the_verdict_pairs_each_job_with_its_worker_and_judges_the_launchers_gro
     report = scale_report.format_report(result)
     assert "x8.0 users, x8.0 items, x8.0 cells" in report
     assert "launcher: the whole run's peak grows by +200 MB per 8x (target < 64 MB): FAIL" in report
-    assert "workers: grown past what their flags allow: train/train +100 > +71 MB: FAIL" in report
+    assert "workers: grown past what their flags allow: train/train +100 > +75 MB: FAIL" in report
     train = scale_report.stage_table(result, "train").splitlines()
     assert train[0] == "train: S 2.0 s, 8S 2.0 s"
     assert train[2].split() == ["launcher", "800", "1000", "+200", "<", "+64:", "FAIL"]
-    assert train[4].split() == ["worker", "(train)", "800", "900", "+100", "<=", "+71:", "FAIL"]
+    assert train[4].split() == ["worker", "(train)", "800", "900", "+100", "<=", "+75:", "FAIL"]
     assert train[7].split() == ["workers", "started", "3", "3"]
     # Another number of workers than jobs: the stage's largest peaks against the most allowed.
     big["stages"]["train"]["workers"].append({"pid": 99, "peak_mb": 500.0})

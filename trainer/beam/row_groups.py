@@ -7,9 +7,9 @@ column indices and ratings), in no useful order; the trainer, the evaluation and
 them by block. Each input's records are parsed and keyed by `layout.block_of(key)`, and a DoFn
 packs a bundle's rows per block (`pack_rows`: the keys, lengths, int32 or int64 indices and
 float32 ratings of the rows as four arrays, pickled and zlib-compressed at level 1) and emits
-one element per block it met when the bundle ends, or earlier once it holds MAX_PACKED_CELLS
-cells. A CoGroupByKey with every block id (so empty blocks are kept) brings a block's packs
-together, and `unpack_rows` turns them back into rows.
+one element per block it met when the bundle ends, or earlier once it holds about 12 MiB of
+parsed rows (MAX_PACKED_CELLS). A CoGroupByKey with every block id (so empty blocks are kept)
+brings a block's packs together, and `unpack_rows` turns them back into rows.
 
 Why packed: a row travelling alone is a pickled tuple of two NumPy arrays, about 300 bytes of
 framing for a few 12-byte cells (21.5 encoded bytes a cell on the 8S sample of
@@ -34,9 +34,12 @@ from apache_beam.transforms.window import GlobalWindows
 
 from transforms import examples
 
-# A bundle's buffered rows are packed and emitted once they hold this many cells: about 21 MB of
-# parsed rows (12 bytes a cell, ~250 bytes a row of Python framing, ~28 cells a row).
+# A bundle's buffered rows are packed and emitted once their weight reaches MAX_PACKED_CELLS,
+# a row weighing its cells plus ROW_WEIGHT: parsed, a cell takes about 12 bytes and a row's
+# Python framing (the tuple, two arrays) about 400 (tracemalloc on the 8S sample of
+# `benchmarks.scale`), so the buffer holds at most about 12 bytes x MAX_PACKED_CELLS = 12 MiB.
 MAX_PACKED_CELLS = 1 << 20
+ROW_WEIGHT = 32
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -96,9 +99,9 @@ class _PackRowsFn(beam.DoFn):
     """Serialized rows -> (block_id, pack_rows(the bundle's rows of the block)).
 
     Buffers a bundle's rows per block and emits them when the bundle ends, or earlier once
-    they hold MAX_PACKED_CELLS cells; the buffer is the bundle's, so a retried bundle emits the
-    same packs again (retry-safe). Counts "rows_packed" and "packed_bytes" (Beam metrics,
-    namespace `metrics_namespace`).
+    their weight (cells + ROW_WEIGHT a row) reaches MAX_PACKED_CELLS; the buffer is the
+    bundle's, so a retried bundle emits the same packs again (retry-safe). Counts "rows_packed"
+    and "packed_bytes" (Beam metrics, namespace `metrics_namespace`).
     """
 
     def __init__(self, layout, metrics_namespace: str):
@@ -106,16 +109,16 @@ class _PackRowsFn(beam.DoFn):
         self._rows = Metrics.counter(metrics_namespace, "rows_packed")
         self._bytes = Metrics.counter(metrics_namespace, "packed_bytes")
         self._buffer: dict[int, list[SparseRow]] = {}
-        self._cells = 0
+        self._weight = 0
 
     def start_bundle(self):
-        self._buffer, self._cells = {}, 0
+        self._buffer, self._weight = {}, 0
 
     def process(self, serialized: bytes):
         row = parse_row(serialized)
         self._buffer.setdefault(int(self._layout.block_of(row.key)), []).append(row)
-        self._cells += row.indices.size
-        if self._cells >= MAX_PACKED_CELLS:
+        self._weight += row.indices.size + ROW_WEIGHT
+        if self._weight >= MAX_PACKED_CELLS:
             yield from self._flush()
 
     def finish_bundle(self):
@@ -123,7 +126,7 @@ class _PackRowsFn(beam.DoFn):
             yield GlobalWindows.windowed_value(element)
 
     def _flush(self):
-        buffer, self._buffer, self._cells = self._buffer, {}, 0
+        buffer, self._buffer, self._weight = self._buffer, {}, 0
         for block_id, rows in sorted(buffer.items()):
             packed = pack_rows(rows)
             self._rows.inc(len(rows))
