@@ -26,13 +26,13 @@ incremented (the keys a metrics query used to give). The Beam counters stay, for
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
+
+from common.worker_json import WriteJson, read_json
 
 COUNTS_TAG = "counts"
 
@@ -121,12 +121,10 @@ class WriteCounts(beam.PTransform):
             tuple(counts)
             | "FlattenCounts" >> beam.Flatten()
             | "SumCounts" >> beam.CombineGlobally(SumCounts())
-            | "EncodeCounts" >> beam.Map(json.dumps, sort_keys=True)
-            | "WriteCounts" >> beam.io.WriteToText(self._path, shard_name_template="")
+            | "WriteCounts" >> WriteJson(self._path, sort_keys=True)
         )
 
 
 def read_counts(path: str) -> dict[str, int]:
     """The totals `WriteCounts` wrote to `path`."""
-    with FileSystems.open(path) as handle:
-        return {name: int(count) for name, count in json.loads(handle.read()).items()}
+    return {name: int(count) for name, count in read_json(path).items()}

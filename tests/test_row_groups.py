@@ -16,6 +16,7 @@ from trainer.beam import layout as blocks_lib
 from trainer.beam import row_groups
 from trainer.beam.row_groups import SparseRow
 from transforms import examples, features
+from transforms.dataset_info import DatasetError
 
 
 def random_rows(n_rows: int, n_cols: int, seed: int) -> list[SparseRow]:
@@ -64,7 +65,7 @@ def test_parse_row_refuses_indices_and_values_of_different_lengths():
     assert row_groups.parse_row(serialized).key == 3
     example = example_pb2.Example.FromString(serialized)
     example.features.feature[features.VALUES].float_list.value.append(9.0)
-    with pytest.raises(ValueError, match="2 indices but 3 values"):
+    with pytest.raises(DatasetError, match=r"different numbers of indices and values \(2, 3\)"):
         row_groups.parse_row(example.SerializeToString())
 
 

@@ -12,17 +12,16 @@ sums of `trainer.beam.evaluate` and returns trainer.task's "wals" and "popularit
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from common import locations, staging, worker_threads
+from common.worker_json import WriteJson, read_json
 from trainer.beam import layout as blocks_lib
 from trainer.beam import row_groups
 from trainer.beam.evaluate import EvalBlock, EvaluateBlocks, EvaluatePopularity
@@ -206,18 +205,8 @@ def evaluate_model_distributed(
             | "EvaluatePopularity" >> EvaluatePopularity(item_counts, shape[1], ks, item_chunk),
         }
         for name, result in evaluated.items():
-            _ = (
-                result
-                | f"ToJson{name.title()}" >> beam.Map(json.dumps)
-                | f"Write{name.title()}"
-                >> beam.io.WriteToText(f"{scratch}/{name}", num_shards=1, shard_name_template="")
-            )
+            _ = result | f"Write{name.title()}" >> WriteJson(f"{scratch}/{name}")
     try:
-        return {name: _read_json(f"{scratch}/{name}") for name in evaluated}
+        return {name: read_json(f"{scratch}/{name}") for name in evaluated}
     finally:
         staging.delete_tree(scratch)
-
-
-def _read_json(path: str) -> dict:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return json.loads(handle.read().decode("utf-8"))

@@ -9,8 +9,9 @@ format, the same bytes `model.save` writes for the same factors and data (the la
 config.json itself, `model.write_config`):
 
     factor block files ─ split by part ─ GroupByKey(part) ─> user_factors / item_factors parts
-    train/items_for_user-* ─ key by part ─ GroupByKey(part) ─> seen_counts / seen_indices /
-        seen_values parts, and each part's item counts ─ GroupByKey(item part) ─> item_counts
+    train/items_for_user-* ─ packed and grouped by part (`row_groups`) ─> seen_counts /
+        seen_indices / seen_values parts, and each part's item counts ─ GroupByKey(item
+        part) ─> item_counts
     parts (side input, complete once every part is written) ─> one DoFn per array streams
         its parts in order into <model_dir>/model/<array>.npy: the .npy header of the full
         shape, then the parts' bytes (seen_indptr: 0 and the running sum of seen_counts)
@@ -46,11 +47,13 @@ from apache_beam.io.filesystems import FileSystems
 from common import atomic, staging
 from trainer.beam import checkpoint_files as files
 from trainer.beam import model_parts as parts_lib
+from trainer.beam.layout import BlockLayout
 from trainer.beam.model_blocks import model_file
+from trainer.beam.row_groups import GroupRowsByBlock, PackRows
 from trainer.core.sides import ITEMS, SIDES, USERS, Side
 from trainer.serving import export
 from trainer.serving import model as model_lib
-from transforms import examples, features
+from transforms import features
 from transforms.dataset_info import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -135,12 +138,6 @@ def _read_block(element, part_rows: int):
         yield part, (row_ids[positions], factors[positions])
 
 
-def _key_record(serialized: bytes, part_rows: int):
-    """An items_for_user Example -> (part, (user, items int64 [n], ratings float32 [n]))."""
-    user, indices, values = examples.parse_sparse_example(serialized)
-    return int(user) // part_rows, (int(user), indices, values)
-
-
 def _group_by_part(pieces, n_parts: int, label: str):
     """PCollection[(part, piece)] -> PCollection[(part, list of pieces)] for every part in
     [0, n_parts), parts without pieces included; a part outside raises in the writers."""
@@ -169,14 +166,15 @@ class _WriteFactorPart(beam.DoFn):
 
 
 class _WriteSeenPart(beam.DoFn):
-    """(part, records) -> writes the part's seen_counts, seen_indices and seen_values; emits
-    (part, rows, cells), and (tag "counts") its item counts by item part."""
+    """(part, {"rows": the part's rows, `row_groups.SparseRow`}) -> writes the part's
+    seen_counts, seen_indices and seen_values; emits (part, rows, cells), and (tag "counts") its
+    item counts by item part."""
 
     def __init__(self, spec: ModelSpec):
         self._spec = spec
 
     def process(self, element):
-        part, records = element
+        part, records = element[0], element[1]["rows"]
         spec = self._spec
         if not 0 <= part < parts_lib.n_parts(spec.shape[0], spec.seen_rows):
             raise DatasetError(f"items_for_user: a key outside the vocabulary of {spec.shape[0]}")
@@ -348,16 +346,18 @@ class WriteModel(beam.PTransform):
             f"{spec.input_dir}/{features.TRAIN_DIR}/{features.ITEMS_FOR_USER}-*"
             f"{features.TFRECORD_SUFFIX}"
         )
-        records = (
+        seen_parts = BlockLayout(spec.shape[0], spec.seen_rows, interleaved=False)
+        packed = (
             root
             | "ReadSeen"
             >> beam.io.ReadFromTFRecord(pattern, compression_type=CompressionTypes.GZIP)
-            | "KeySeen" >> beam.Map(_key_record, spec.seen_rows)
+            | "PackSeen" >> PackRows(seen_parts, "model_rows")
         )
-        seen = _group_by_part(
-            records, parts_lib.n_parts(spec.shape[0], spec.seen_rows), "SeenPart"
-        ) | "WriteSeenParts" >> beam.ParDo(_WriteSeenPart(spec)).with_outputs(
-            "counts", main="parts"
+        seen = (
+            {"rows": packed}
+            | "SeenPart" >> GroupRowsByBlock(seen_parts.n_blocks)
+            | "WriteSeenParts"
+            >> beam.ParDo(_WriteSeenPart(spec)).with_outputs("counts", main="parts")
         )
         columns = (
             () if self._column_counts is None else (beam.pvalue.AsSingleton(self._column_counts),)

@@ -33,6 +33,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms import examples
+from transforms.dataset_info import DatasetError
 
 # A bundle's buffered rows are packed and emitted once their weight reaches MAX_PACKED_CELLS,
 # a row weighing its cells plus ROW_WEIGHT: parsed, a cell takes about 12 bytes and a row's
@@ -52,10 +53,16 @@ class SparseRow(NamedTuple):
 
 
 def parse_row(serialized: bytes) -> SparseRow:
-    """A `key/indices/values` Example -> SparseRow; ValueError when the lengths differ."""
+    """A `key/indices/values` Example -> SparseRow.
+
+    Raises:
+        DatasetError: the row has different numbers of indices and values.
+    """
     key, indices, values = examples.parse_sparse_example(serialized)
     if indices.size != values.size:
-        raise ValueError(f"row {key}: {indices.size} indices but {values.size} values")
+        raise DatasetError(
+            f"row {key} has different numbers of indices and values ({indices.size}, {values.size})"
+        )
     return SparseRow(int(key), indices, values)
 
 

@@ -39,6 +39,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from common import locations, staging, worker_threads
+from common.worker_json import WriteJson, read_json
 from trainer.beam.combiners import PartialSumsCombineFn
 from trainer.beam.model_blocks import read_npy_rows
 from trainer.core import metrics
@@ -346,15 +347,11 @@ def evaluate_distributed(
                 n_blocks,
                 item_chunk,
             )
-            | "ToJson" >> beam.Map(json.dumps)
-            | "Write" >> beam.io.WriteToText(f"{scratch}/new_visitors", shard_name_template="")
+            | "Write" >> WriteJson(f"{scratch}/new_visitors")
         )
     seconds = time.perf_counter() - start
     try:
-        with FileSystems.open(
-            f"{scratch}/new_visitors", compression_type=CompressionTypes.UNCOMPRESSED
-        ) as handle:
-            evaluated = json.loads(handle.read().decode("utf-8"))
+        evaluated = read_json(f"{scratch}/new_visitors")
     finally:
         staging.delete_tree(scratch)
     return {

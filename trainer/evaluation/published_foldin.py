@@ -27,7 +27,6 @@ arrays' headers and the small result.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import zlib
 
@@ -38,6 +37,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from common import staging, worker_threads
 from common.locations import scratch_dir
+from common.worker_json import WriteJson, read_json
 from trainer.beam import eval_pipeline
 from trainer.beam.combiners import PartialSumsCombineFn
 from trainer.beam.model_blocks import read_npy_rows
@@ -327,18 +327,16 @@ def score_published(
                 side(known_users),
             )
             | "CombineSums" >> beam.CombineGlobally(_CombineSums(ks, n_items))
-            | "ToJson" >> beam.Map(json.dumps)
-            | "Write" >> beam.io.WriteToText(f"{scratch}/published", shard_name_template="")
+            | "Write" >> WriteJson(f"{scratch}/published")
         )
         _ = (
             item_map
-            | "CountKnownContent" >> beam.Map(lambda mapping: json.dumps(int((mapping >= 0).sum())))
-            | "WriteKnownContent"
-            >> beam.io.WriteToText(f"{scratch}/known_content", shard_name_template="")
+            | "CountKnownContent" >> beam.Map(lambda mapping: int((mapping >= 0).sum()))
+            | "WriteKnownContent" >> WriteJson(f"{scratch}/known_content")
         )
     try:
-        result = json.loads(_read_text(f"{scratch}/published"))
-        known_content = json.loads(_read_text(f"{scratch}/known_content"))
+        result = read_json(f"{scratch}/published")
+        known_content = read_json(f"{scratch}/known_content")
     finally:
         staging.delete_tree(scratch)
     scored = result["metrics"]
@@ -349,8 +347,3 @@ def score_published(
         "eval_visitors": int(scored["users_evaluated"]),
     }
     return scored, coverage
-
-
-def _read_text(path: str) -> str:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return handle.read().decode("utf-8")
