@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from trainer.core import chunked_topk, metrics, topk
-from trainer.core.chunked_topk import ConstantScores, FactorScores, chunked_top_k
+from trainer.core.chunked_topk import BlockScores, ConstantScores, FactorScores, chunked_top_k
 from trainer.core.sparse import CsrMatrix
 
 N_ITEMS = 96
@@ -50,6 +50,17 @@ def exclusions(rng: np.random.Generator, b: int, n_items: int) -> np.ndarray:
     excluded[3, [0, 40, 95]] = False
     excluded[4] = True
     return excluded
+
+
+class BroadcastRow(BlockScores):
+    """Every row scores item i as row[i], ranked by the general chunked path (a
+    `ConstantScores` walks its ranking instead: tests/test_popularity_ranking.py)."""
+
+    def __init__(self, row: np.ndarray, n_rows: int):
+        self.row, self.n_rows, self.n_items = np.asarray(row, np.float32), n_rows, len(row)
+
+    def scores(self, start: int, stop: int) -> np.ndarray:
+        return np.broadcast_to(self.row[start:stop], (self.n_rows, stop - start))
 
 
 def as_csr(excluded: np.ndarray) -> CsrMatrix:
@@ -107,6 +118,8 @@ def test_constant_scores_rank_ties_and_minus_infinity_like_the_full_sort(chunk):
     got = chunked_top_k(ConstantScores(row, 5), as_csr(excluded), k, chunk)
     np.testing.assert_array_equal(got[0], expected[0])
     assert got[1].tobytes() == expected[1].tobytes()
+    general = chunked_top_k(BroadcastRow(row, 5), as_csr(excluded), k, chunk)
+    assert got[0].tobytes() == general[0].tobytes() and got[1].tobytes() == general[1].tobytes()
     assert list(got[0][0]) == [0, 2, 5, 10, 4, 9, 1, 6, 8, 3]  # -inf items last, before padding
 
 
@@ -134,8 +147,9 @@ def test_empty_blocks_and_bad_arguments():
         chunked_top_k(FactorScores(np.ones((2, 2), np.float32), y), None, 0, 2)
     with pytest.raises(ValueError, match="shape"):
         chunked_top_k(FactorScores(np.ones((2, 2), np.float32), y), as_csr(np.ones((3, 5))), 1)
-    with pytest.raises(ValueError, match="NaN"):
-        chunked_top_k(ConstantScores(np.array([1, np.nan], np.float32), 2), None, 1, 1)
+    for block in (ConstantScores, BroadcastRow):
+        with pytest.raises(ValueError, match="NaN"):
+            chunked_top_k(block(np.array([1, np.nan], np.float32), 2), None, 1, 1)
     assert chunked_topk.item_chunk_for(4096) == chunked_topk.DEFAULT_SCORE_BYTES // (4 * 4096)
     assert chunked_topk.item_chunk_for(10**9) == 1 and chunked_topk.item_chunk_for(7, 3) == 3
 
@@ -205,21 +219,21 @@ def test_metrics_from_chunked_top_k_equal_the_unchunked_ones(chunk):
 
 @pytest.mark.parametrize("chunk", [1, 3, 11])
 def test_tie_heavy_rows_selected_a_few_rows_at_a_time_rank_as_the_full_sort(monkeypatch, chunk):
-    """Popularity-like scores (counts: ties everywhere) send every row to the partition path,
-    which then works two rows at a time; the lists stay the full sort's."""
+    """Popularity-like scores (counts: ties everywhere) on the general path send every row to
+    the partition path, which then works two rows at a time; the lists stay the full sort's."""
     rng = np.random.default_rng(11)
     b, n_items, k = 9, 23, 6
     row = rng.integers(0, 3, n_items).astype(np.float32)
     excluded = rng.random((b, n_items)) < 0.3
     monkeypatch.setattr(topk, "_PARTITION_BYTES", 2 * 4 * n_items)
     expected = oracle(np.tile(row, (b, 1)), excluded, k)
-    got = chunked_top_k(ConstantScores(row, b), as_csr(excluded), k, chunk)
+    got = chunked_top_k(BroadcastRow(row, b), as_csr(excluded), k, chunk)
     np.testing.assert_array_equal(got[0], expected[0])
     assert got[1].tobytes() == expected[1].tobytes()
 
 
 def test_tie_heavy_rows_do_not_multiply_the_chunks_memory(monkeypatch):
-    """A block ranked against popularity (counts 0 or 1: every row has more tied candidates
+    """A block of popularity-like scores (counts 0 or 1: every row has more tied candidates
     than the candidate path takes) peaked at about 7 times its chunk of float32 scores when all
     its rows were partitioned at once (110 MiB here); a slab of rows at a time keeps the
     partition's work arrays near `_PARTITION_BYTES` each."""
@@ -228,6 +242,6 @@ def test_tie_heavy_rows_do_not_multiply_the_chunks_memory(monkeypatch):
     row = (rng.random(n_items) < 0.1).astype(np.float32)
     seen = as_csr(rng.random((b, n_items)) < 0.001)
     monkeypatch.setattr(topk, "_PARTITION_BYTES", 1 << 20)
-    peak = _peak_bytes(lambda: chunked_top_k(ConstantScores(row, b), seen, k, chunk))
+    peak = _peak_bytes(lambda: chunked_top_k(BroadcastRow(row, b), seen, k, chunk))
     scores_bytes = b * chunk * 4  # 16 MiB
     assert peak < 3.5 * scores_bytes, peak / 2**20

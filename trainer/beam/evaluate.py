@@ -30,7 +30,7 @@ from apache_beam.metrics import Metrics
 from common import worker_threads
 from trainer.beam.combiners import PartialSumsCombineFn
 from trainer.core import metrics
-from trainer.core.chunked_topk import ConstantScores, FactorScores
+from trainer.core.chunked_topk import ConstantScores, FactorScores, RankingCache
 from trainer.core.sparse import CsrMatrix
 
 logger = logging.getLogger(__name__)
@@ -177,17 +177,20 @@ class EvaluateBlocks(beam.PTransform):
 
 
 class _PopularityBlock(beam.DoFn):
-    """EvalBlock -> _Sums of the popularity baseline: every user scores item i as c_i (ranked
-    `item_chunk` items at a time, as `block_sums`)."""
+    """EvalBlock -> _Sums of the popularity baseline: every user scores item i as c_i, each
+    user's list walking one ranking of the catalogue (`chunked_topk.ConstantScores`), sorted
+    once per worker while the counts side input stays the same (`RankingCache`)."""
 
     def __init__(self, ks: tuple[int, ...], item_chunk: int = 0):
         self._ks, self._item_chunk = ks, item_chunk
+        self._rankings = RankingCache()
 
     def process(self, block: EvalBlock, counts: np.ndarray):
         users = np.flatnonzero(block.heldout.row_counts() > 0)
+        popular = metrics.popularity_from_counts(counts)
         yield _Sums(
             metrics.batch_sums(
-                ConstantScores(metrics.popularity_from_counts(counts), users.size),
+                ConstantScores(popular, users.size, self._rankings.order(counts)),
                 metrics.take_rows(block.train, users),
                 metrics.take_rows(block.heldout, users),
                 self._ks,

@@ -23,10 +23,12 @@ all of them. Dividing by min(k, n_u) rather than n_u makes recall@k and map@k re
 perfect ranking even when a user has more than k held-out items.
 
 `evaluate` runs this in batches of users; a scorer that returns `BlockScores` (as
-`factor_scorer` and the popularity baseline do) is ranked in chunks of items, so memory is
+`factor_scorer` does) is ranked in chunks of items, so memory is
 O(batch_size · item_chunk + batch_size · K) whatever the numbers of users and items (a scorer
 that returns the whole [batch_size, n_items] matrix: O(batch_size · n_items));
-`evaluate_popularity` is the most-popular-items baseline every model must beat.
+`evaluate_popularity` is the most-popular-items baseline every model must beat: its
+`ConstantScores` rank the catalogue once and each user walks that ranking past its training
+items (`chunked_topk` module doc, fast path; the same lists).
 Each batch's `batch_sums` is a `RankingSums` of per-user sums; the Beam evaluation
 (`trainer.beam.evaluate`) merges the same sums over blocks of users, so both give one result.
 """
@@ -373,10 +375,12 @@ def evaluate_popularity(
     item_chunk: int = 0,
 ) -> dict[str, float | int]:
     """`evaluate` of the popularity baseline: every user scores item i as c_i (see
-    `popularity_scores`), so each gets the most popular items not in its training row."""
+    `popularity_scores`), so each gets the most popular items not in its training row (the
+    catalogue sorted once, `chunked_topk.popularity_order`, for every batch)."""
     scores = popularity_scores(train)
+    order = chunked_topk.popularity_order(scores)  # one ranking for every batch
 
     def score_fn(user_ids: np.ndarray) -> BlockScores:
-        return ConstantScores(scores, user_ids.size)
+        return ConstantScores(scores, user_ids.size, order)
 
     return evaluate(score_fn, train, heldout, ks, batch_size, progress, item_chunk=item_chunk)

@@ -43,7 +43,7 @@ from common.worker_json import WriteJson, read_json
 from trainer.beam.combiners import PartialSumsCombineFn
 from trainer.beam.model_blocks import read_npy_rows
 from trainer.core import metrics
-from trainer.core.chunked_topk import ConstantScores, FactorScores
+from trainer.core.chunked_topk import ConstantScores, FactorScores, RankingCache, popularity_order
 from trainer.core.foldin import fold_in_rows
 from trainer.core.objective import WALSConfig
 from trainer.core.sparse import CsrMatrix
@@ -82,17 +82,21 @@ def block_sums(
     config: WALSConfig,
     ks: Sequence[int],
     item_chunk: int = 0,
+    order: np.ndarray | None = None,
 ) -> tuple[metrics.RankingSums, metrics.RankingSums]:
     """(WALS, popularity) ranking sums of a block of held-out visitors (module docstring).
 
     Scores are y_i·x_v by `topk.score` (float32, bitwise the same whatever the block), so a
-    visitor's ranking does not depend on the block it is in. Both rankings score `item_chunk`
-    items at a time (0: `chunked_topk.item_chunk_for`), so the scores of a block of B visitors
-    peak at O(B · item_chunk + B · max(ks)); the result does not depend on it.
+    visitor's ranking does not depend on the block it is in. WALS scores `item_chunk` items at
+    a time (0: `chunked_topk.item_chunk_for`), so the scores of a block of B visitors peak at
+    O(B · item_chunk + B · max(ks)); the result does not depend on it. Popularity walks one
+    ranking of the catalogue, `order` = `chunked_topk.popularity_order(item_counts)` (sorted
+    here when None; pass it to sort once for many blocks): O(B · max(ks) + foldin cells).
     """
     x = fold_in_rows(foldin, item_factors, item_counts, config)
     wals = metrics.batch_sums(FactorScores(x, item_factors), foldin, target, ks, item_chunk)
-    popular = ConstantScores(metrics.popularity_from_counts(item_counts), foldin.shape[0])
+    scores = metrics.popularity_from_counts(item_counts)
+    popular = ConstantScores(scores, foldin.shape[0], order)
     popularity = metrics.batch_sums(popular, foldin, target, ks, item_chunk)
     return wals, popularity
 
@@ -124,6 +128,7 @@ def evaluate(
     wals = metrics.RankingSums.zero(ks, n_items)
     popularity = metrics.RankingSums.zero(ks, n_items)
     start = time.perf_counter()
+    order = popularity_order(item_counts)  # one ranking for every block
     n = len(heldout.visitors)
     for first in range(0, n, batch_size):
         rows = np.arange(first, min(first + batch_size, n))
@@ -135,6 +140,7 @@ def evaluate(
             config,
             ks,
             item_chunk,
+            order,
         )
         wals.merge(sums[0])
         popularity.merge(sums[1])
@@ -199,6 +205,7 @@ class _BlockSums(beam.DoFn):
 
     def __init__(self, config: WALSConfig, ks: tuple[int, ...], item_chunk: int = 0):
         self._config, self._ks, self._item_chunk = config, ks, item_chunk
+        self._rankings = RankingCache()  # popularity sorted once per worker and counts
 
     def setup(self):
         worker_threads.apply_in_worker()  # before this worker's TensorFlow runtime starts (fold-in)
@@ -207,7 +214,10 @@ class _BlockSums(beam.DoFn):
         _, rows = element
         _, foldin, target, _ = assemble(list(rows), item_factors.shape[0])
         config, ks = self._config, self._ks
-        yield block_sums(foldin, target, item_factors, item_counts, config, ks, self._item_chunk)
+        order = self._rankings.order(item_counts)
+        yield block_sums(
+            foldin, target, item_factors, item_counts, config, ks, self._item_chunk, order
+        )
 
 
 class _MergeSums(PartialSumsCombineFn):
