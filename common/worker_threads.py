@@ -54,7 +54,7 @@ from apache_beam.options.pipeline_options import (
     PortableOptions,
 )
 
-from common import locations
+from common import allocator, locations
 
 logger = logging.getLogger(__name__)
 
@@ -218,13 +218,16 @@ def _limit_tensorflow(threads: int) -> bool:
 def apply_in_worker(options: PipelineOptions | None = None) -> int | None:
     """Gives this process's BLAS, OpenMP and TensorFlow pools the budget `worker_budget` of
     `options` (default `worker_options()`); once per process, later calls return the first
-    budget. For the setup() of DoFns that run TensorFlow or BLAS-heavy NumPy.
+    budget. For the setup() of DoFns that run TensorFlow or BLAS-heavy NumPy, or hold large
+    elements: in an SDK worker process it also has glibc give freed blocks back to the OS
+    (`common.allocator`).
 
     Returns:
         The threads per pool, or None when there is nothing to set (in-process DirectRunner
         without --worker_threads).
     """
     global _applied
+    allocator.return_freed_memory()  # a worker process: its freed blocks go back to the OS
     with _lock:
         if _applied is not None:
             return _applied

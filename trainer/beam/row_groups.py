@@ -32,6 +32,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from common import worker_threads
 from transforms import examples
 from transforms.dataset_info import DatasetError
 
@@ -117,6 +118,9 @@ class _PackRowsFn(beam.DoFn):
         self._bytes = Metrics.counter(metrics_namespace, "packed_bytes")
         self._buffer: dict[int, list[SparseRow]] = {}
         self._weight = 0
+
+    def setup(self):
+        worker_threads.apply_in_worker()  # the first stage of its jobs to hold large elements
 
     def start_bundle(self):
         self._buffer, self._weight = {}, 0
