@@ -65,8 +65,11 @@ LOCAL_PORTABLE = "local portable"  # the runner `benchmarks.scale` runs on
 PAIR_BYTES = 300  # pipeline.options: a SumPerPair key holds ~300 bytes a pair
 CELL_BYTES = 60  # pipeline.options: 20 bytes a cell, a few copies while sorting and encoding
 VOCAB_ENTRY_BYTES = 200  # a Python str and its count in an analyzer's accumulator
-SLOT_BYTES = 12  # trainer.beam.block_problems: 2**27 slots are "about 1.5 GB"
-PAD = 2  # padded tile slots per cell, at most (tiles padded to a fraction of a full one)
+# A cached block problem holds ~16 bytes a padded tile slot (its tiles and f, targets and λ:
+# tracemalloc of 8 blocks of 512 rows a side of the 8S sample of `benchmarks.scale`, 15.3 and
+# 16.4 bytes), and 3.12 slots a cell on the users' side, 2.05 on the items' (the same blocks).
+SLOT_BYTES = 16
+PAD = 3.2
 PARSED_CELL_BYTES = 12  # trainer.beam.row_groups: a parsed cell (a row weighs ROW_WEIGHT cells)
 SCORE_COPIES = 3  # a block's float32 scores, the seen items masked, the top-k partition
 # The Beam jobs of each stage, in the order they run (one SDK worker each on the portable runner).

@@ -27,7 +27,8 @@ from trainer.core.tiling import padded_fixed_length
 
 _PLAN_CACHE: collections.OrderedDict = collections.OrderedDict()
 _PLAN_CACHE_LOCK = threading.Lock()
-PLAN_CACHE_SLOTS = 1 << 27  # about 1.5 GB of float32 tiles per worker process
+# About 2 GB of problems per worker process: ~16 bytes a slot (`benchmarks.worker_bounds`).
+PLAN_CACHE_SLOTS = 1 << 27
 
 
 @dataclasses.dataclass(frozen=True)
