@@ -397,6 +397,7 @@ def test_file_by_file_publishing_moves_the_marker_first_and_saved_model_pb_last(
         "items": N_ITEMS,
         "latent_factors": 3,
         "serving_model": "full",
+        "format": export.FORMAT,
     }
 
 

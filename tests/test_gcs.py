@@ -338,6 +338,8 @@ def _check_two_dates_published(deployment: dict) -> None:
     assert second["stages"]["predict"]["lines"] == counts["nusers"] > 0
     serving = f"{root}/runs/{DATES[1]}/serving/{DATES[1].replace('-', '')}"
     assert FileSystems.exists(f"{serving}/saved_model.pb")
+    # The export stage copied the train stage's SavedModel rather than writing it again.
+    assert second["stages"]["export"]["copied_from"] == f"{root}/runs/{DATES[1]}/train/export"
 
 
 def test_two_dates_are_published_on_gs(deployment):

@@ -118,3 +118,40 @@ def test_an_export_killed_mid_move_on_gs_is_redone_by_the_next_one(gcs, bucket):
     # (and the "folder" objects of TensorFlow's makedirs, names ending in "/").
     top = {"/".join(name.split("/")[:2]) for name in names if not name.endswith("/")}
     assert top == {"clean/1", "other/1", "served/1", *(f"served/{s}" for s in staging)}
+
+
+def test_a_copy_of_the_trainers_export_on_gs_answers_as_a_streamed_export(gcs, bucket):
+    """The scheduled run's export stage on gs:// (`copy_from`): the train stage's export is
+    copied object by object (server-side) into the version directory and published, the same
+    objects and answers as a streamed export; with another k the model is streamed instead."""
+    done = _run(
+        """
+        from trainer.serving import export_copy
+        source = export.export_saved_model(model, base + "/train/export", k=4)
+        clean = export.export_saved_model(model, base + "/clean/1", k=4)
+
+        def must_not_stream(*args, **kwargs):
+            raise AssertionError("streamed")
+
+        real_write, export._write = export._write, must_not_stream
+        copied = export.export_saved_model(model, base + "/served/1", k=4, copy_from=source)
+        export._write = real_write
+        other_k = export.export_saved_model(model, base + "/other/1", k=5, copy_from=source)
+        got = outputs(tf.saved_model.load(copied))
+        want = outputs(tf.saved_model.load(clean))
+        print(json.dumps({
+            "same": all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)),
+            "copied_from": version_dir.read_facts(copied).get(export_copy.COPIED_FROM),
+            "other_k": [version_dir.read_facts(other_k).get(export_copy.COPIED_FROM),
+                        outputs(tf.saved_model.load(other_k))[0].shape[1]],
+        }))
+        """,
+        bucket,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {"same": True, "copied_from": f"gs://{bucket}/train/export", "other_k": [None, 5]}
+    names = gcs.list_objects(bucket)
+    clean = _under(names, "clean/1/")
+    assert _under(names, "served/1/") == clean == _under(names, "train/export/")
+    assert not [name for name in names if ".incomplete-" in name]  # no staging left

@@ -119,6 +119,42 @@ def test_second_date_is_published_warm_started_with_every_stage_recorded(deploym
     assert not os.path.exists(os.path.join(root, "runs", DATES[1], runstate.LOCK_FILE))
 
 
+def test_the_export_stage_copies_the_train_stages_savedmodel_which_answers_as_a_streamed_one(
+    deployment, tmp_path
+):
+    """The train stage already wrote train/export with the run's k and serving model: the export
+    stage publishes a copy of it, the same files and the same answers as the model streamed
+    again into a version directory (what the stage did before copying)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer.serving import export, model, version_dir
+
+    _, root = deployment
+    run_dir = os.path.join(root, "runs", DATES[1])
+    train = os.path.join(run_dir, "train")
+    record = _record(root, DATES[1])
+    assert record["stages"]["export"]["copied_from"] == f"{train}/export"
+    served = record["stages"]["export"]["saved_model"]
+    assert served == os.path.join(run_dir, "serving", DATES[1].replace("-", ""))
+    streamed = export.export_saved_model(train, str(tmp_path / "1"), k=10)
+    assert version_dir._files(served) == version_dir._files(streamed)
+    trained = model.load(train)
+    visitors = tf.constant([*trained.users[:50], "a visitor never seen"])
+    history = {"contentIds": tf.constant(trained.items[:3]), "durations": tf.constant([9e3] * 3)}
+    answers = []
+    for path in (served, streamed):
+        loaded = tf.saved_model.load(path)
+        answers.append(
+            [
+                *loaded.signatures["serving_default"](visitorId=visitors).values(),
+                *loaded.signatures["fold_in"](**history).values(),
+            ]
+        )
+    for got, want in zip(*answers, strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
 def test_rerun_skips_completed_stages(deployment):
     pattern, root = deployment
     before = _record(root, DATES[1])
@@ -336,6 +372,8 @@ def test_a_full_disk_in_a_stage_leaves_no_run_that_looks_complete(
 
     import tensorflow as tf
 
+    from trainer.serving import export_copy
+
     pattern, _ = deployment
     root = str(tmp_path / "root")
     argv = ["--date", DATES[0], "--input", pattern, "--root", root, *FLAGS]
@@ -349,7 +387,19 @@ def test_a_full_disk_in_a_stage_leaves_no_run_that_looks_complete(
             handle.write(b"\0" * 1024)  # a partial file, as a full disk leaves one
         raise OSError(errno.ENOSPC, "No space left on device", export_dir)
 
+    def copy_until_the_disk_is_full(source, target):
+        if f"{os.sep}serving{os.sep}" not in target:
+            return real_copy(source, target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as handle:
+            handle.write(b"\0" * 1024)  # a partial copy
+        raise OSError(errno.ENOSPC, "No space left on device", target)
+
+    # The export stage copies the train stage's SavedModel (export_copy) or streams the model
+    # (tf.saved_model.save, then the tables): the disk fills up whichever it does.
+    real_copy = export_copy._copy_file
     monkeypatch.setattr(tf.saved_model, "save", save_until_the_disk_is_full)
+    monkeypatch.setattr(export_copy, "_copy_file", copy_until_the_disk_is_full)
     assert run_lib.main(argv) == 1
     record = _record(root, DATES[0])
     assert record["status"] == "failed"
@@ -363,9 +413,11 @@ def test_a_full_disk_in_a_stage_leaves_no_run_that_looks_complete(
     done_before = {name: stage for name, stage in record["stages"].items() if name != "export"}
 
     monkeypatch.setattr(tf.saved_model, "save", real_save)
+    monkeypatch.setattr(export_copy, "_copy_file", real_copy)
     assert run_lib.main(argv) == 0
     record = _record(root, DATES[0])
     assert record["status"] == "published" and record["stages"]["export"]["status"] == "done"
+    assert record["stages"]["export"]["copied_from"] == f"{run_dir}/train/export"
     for name in ("preprocess", "train", "gate", "predict"):
         assert record["stages"][name] == done_before[name]  # not redone
     assert runstate.published(root) == f"runs/{DATES[0]}"

@@ -213,19 +213,23 @@ class Run:
         return {"lines": batch_predict.run(argv)}
 
     def export(self) -> dict:
-        from trainer.serving import export
+        from trainer.serving import export, export_copy, version_dir
 
         # replace: an export of this date that run.json does not record (--force, a retrained
         # model, a launch killed before run.json was saved); an interrupted one is redone.
-        # The model's files are streamed chunk by chunk: this process never holds the model.
+        # The train stage's own export (train/export, same k and serving model) is copied, not
+        # written again; without it the model's files are streamed chunk by chunk: this process
+        # never holds the model.
         export.export_saved_model(
             self.path("train"),
             self.serving,
             k=self.trainer_args.export_k,
             replace=True,
             serving_model=self.trainer_args.serving_model,
+            copy_from=self.path("train/export"),
         )
-        return {"saved_model": self.serving}
+        facts = version_dir.read_facts(self.serving) or {}
+        return {"saved_model": self.serving, "copied_from": facts.get(export_copy.COPIED_FROM)}
 
     def publish(self) -> dict:
         """Compares against `published` and replaces it, if it is still the version read."""

@@ -23,6 +23,9 @@ gs:// file by file, `saved_model.pb` last, since TensorFlow Serving takes a numb
 for a version as soon as it appears but cannot load it without that file). An export killed
 mid-move is removed and redone by the next export to the same directory; see
 `trainer.serving.version_dir` for the rules and the TensorFlow Serving sources they rest on.
+With `copy_from`, an export of the same model already written (the scheduled run's export stage
+names the trainer's `export/`) is copied into the staging directory instead of streaming the
+model again, when its marker's facts match (`trainer.serving.export_copy`).
 
 Signatures (k is fixed at export time; N_items is the number of items):
 
@@ -83,7 +86,7 @@ from typing import TYPE_CHECKING
 import tensorflow as tf
 
 from common import atomic
-from trainer.serving import export_size, export_tables, sliced_variables, version_dir
+from trainer.serving import export_copy, export_size, export_tables, sliced_variables, version_dir
 from trainer.serving.serving_graph import (
     FOLD_IN_SIGNATURE,
     SERVING_SIGNATURE,
@@ -99,6 +102,11 @@ logger = logging.getLogger(__name__)
 # Bytes of a table read and written at a time.
 CHUNK_BYTES = 64 << 20
 FULL, FOLD_IN, SERVING_MODELS = export_size.FULL, export_size.FOLD_IN, export_size.SERVING_MODELS
+# The SavedModel's format, a fact of every export's marker: raise it whenever what an export
+# writes changes (its graphs and signatures, `serving_graph`; its files, `sliced_variables`,
+# `export_tables`), so that an export of the earlier format is never copied for a new one
+# (`export_copy`); markers written before this fact existed count as another format.
+FORMAT = 1
 
 
 def export_saved_model(
@@ -108,6 +116,7 @@ def export_saved_model(
     replace: bool = False,
     serving_model: str = FULL,
     chunk_bytes: int = CHUNK_BYTES,
+    copy_from: str | None = None,
 ) -> str:
     """Writes the model as a SavedModel: `serving_default` and `fold_in`, or the fold-in-only
     model (see the module docstring), reading the model's arrays chunk by chunk.
@@ -140,6 +149,13 @@ def export_saved_model(
         serving_model: FULL (both signatures) or FOLD_IN (the fold-in-only model).
         chunk_bytes: bytes of table read and written at a time, > 0; answers do not depend
             on it.
+        copy_from: an export of this model already written (the trainer's `export/`): when it
+            is a complete export of this project with the same facts (k, serving_model, the
+            model's shape and FORMAT; `trainer.serving.export_copy`), its files are copied
+            into the staging directory instead (hard links on the local disk, server-side
+            copies on gs://) and published by the same rules; otherwise (missing, incomplete,
+            other facts) the model is streamed as without it. The marker of a copy names its
+            source ("copied_from").
 
     Returns:
         export_dir.
@@ -173,36 +189,57 @@ def export_saved_model(
         "items": shape[1],
         "latent_factors": shape[2],
         "serving_model": serving_model,
+        "format": FORMAT,
     }
+    copied = None
+    if copy_from is not None:
+        copy_from = copy_from.rstrip("/")
+        why = export_copy.why_not(copy_from, export_dir, facts)
+        if why is None:
+            copied = copy_from
+        else:
+            logger.info("not copying %s (%s): exporting the model", copy_from, why)
     try:
-        with tempfile.TemporaryDirectory() as vocab_dir:
-            module = (RecommenderGraph if full else FoldInGraph)(tables, shape, k, vocab_dir)
-            fold_in = module.fold_in.get_concrete_function()
-            signatures = {
-                SERVING_SIGNATURE: module.serve.get_concrete_function() if full else fold_in,
-                FOLD_IN_SIGNATURE: fold_in,
-            }
-            tf.saved_model.save(module, staging, signatures=signatures)
-        sliced_variables.write(staging, export_tables.contents(tables, shape, full, chunk_bytes))
-        vocabularies = {export_tables.ITEM_VOCAB: shape[1]}
-        if full:
-            vocabularies[export_tables.USER_VOCAB] = shape[0]
-        for name, expected in vocabularies.items():
-            with tf.io.gfile.GFile(f"{staging}/assets/{name}.txt", "wb") as handle:
-                lines = tables.write_vocabulary(name, handle)
-            if lines != expected:
-                raise ValueError(f"{name} holds {lines} IDs, the factors {expected} rows")
+        if copied is not None:
+            export_copy.copy_files(copied, staging)
+            facts[export_copy.COPIED_FROM] = copied
+        else:
+            _write(tables, shape, k, full, staging, chunk_bytes)
         version_dir.write_marker(staging, facts)
         version_dir.publish(staging, export_dir, replace)
     finally:
         if tf.io.gfile.exists(staging):
             tf.io.gfile.rmtree(staging)
     logger.info(
-        "Exported the %s model of %d users x %d items (k=%d factors, %d recommendations) to %s: %s",
+        "Exported the %s model of %d users x %d items (k=%d factors, %d recommendations) to %s%s: "
+        "%s",
         serving_model,
         *shape,
         k,
         export_dir,
+        f" (a copy of {copied})" if copied else "",
         export_size.describe(export_size.on_disk(export_dir)),
     )
     return export_dir
+
+
+def _write(tables, shape: tuple[int, int, int], k: int, full: bool, staging: str, chunk_bytes):
+    """Streams the model into a SavedModel at staging: the graph with empty tables, then each
+    table chunk by chunk and the vocabularies (see `export_saved_model`)."""
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        module = (RecommenderGraph if full else FoldInGraph)(tables, shape, k, vocab_dir)
+        fold_in = module.fold_in.get_concrete_function()
+        signatures = {
+            SERVING_SIGNATURE: module.serve.get_concrete_function() if full else fold_in,
+            FOLD_IN_SIGNATURE: fold_in,
+        }
+        tf.saved_model.save(module, staging, signatures=signatures)
+    sliced_variables.write(staging, export_tables.contents(tables, shape, full, chunk_bytes))
+    vocabularies = {export_tables.ITEM_VOCAB: shape[1]}
+    if full:
+        vocabularies[export_tables.USER_VOCAB] = shape[0]
+    for name, expected in vocabularies.items():
+        with tf.io.gfile.GFile(f"{staging}/assets/{name}.txt", "wb") as handle:
+            lines = tables.write_vocabulary(name, handle)
+        if lines != expected:
+            raise ValueError(f"{name} holds {lines} IDs, the factors {expected} rows")

@@ -103,8 +103,9 @@ def _few(names: Iterable[str]) -> str:
     return f"{shown} and {more} more" if more > 0 else shown
 
 
-def _read_marker(directory: str) -> dict | None:
-    """The marker's content if this module wrote it, else None."""
+def read_marker(directory: str) -> dict | None:
+    """The marker's content if this module wrote it (a dict with "files", the relative paths of
+    the other files, and "export", the facts), else None."""
     try:
         with tf.io.gfile.GFile(f"{directory}/{MARKER}", "rb") as handle:
             content = json.loads(handle.read().decode("utf-8"))
@@ -130,7 +131,7 @@ def inspect(export_dir: str) -> Existing:
         return Existing(
             files, problem=f"this project's export did not write it (no {MARKER}): {_few(files)}"
         )
-    content = _read_marker(export_dir)
+    content = read_marker(export_dir)
     if content is None:
         return Existing(files, problem=f"its {MARKER} is not one this project's export wrote")
     listed = set(content["files"]) | {MARKER}
@@ -140,6 +141,14 @@ def inspect(export_dir: str) -> Existing:
             files, problem=f"it holds files this project did not write: {_few(foreign)}"
         )
     return Existing(files, complete=SAVED_MODEL in files)
+
+
+def read_facts(export_dir: str) -> dict | None:
+    """The "export" facts (`write_marker`'s `facts`) of the marker at export_dir if this project
+    wrote it, else None: one read of the marker; `inspect` checks the files."""
+    content = read_marker(export_dir)
+    facts = content.get("export") if content is not None else None
+    return facts if isinstance(facts, dict) else None
 
 
 def check(export_dir: str, replace: bool = False) -> Existing:
