@@ -36,6 +36,7 @@ def described() -> dict:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "GA_WALS_ROOT": "gs://test-bucket/ga-wals",
         "GA_WALS_RETRIES": "3",
+        "GA_WALS_TRAIN_FLAGS": "--export_k 25 --serving_model fold_in",
     }
     result = subprocess.run(
         [python, INSPECT, DAGS], capture_output=True, text=True, env=env, timeout=180
@@ -93,6 +94,19 @@ def test_gate_and_publish_are_tasks_of_their_own(described):
         assert "-m pipeline.run" in command
         assert command.endswith(f"--stages {stage}")
         assert "--date '{{ ds }}'" in command
+    # The gate's scoring (and publish's, when it judges again) runs on Dataflow, not on the
+    # Airflow worker; export serves what the train task exported, so it copies that SavedModel.
+    for stage in ("gate", "publish"):
+        command = tasks[stage]["bash_command"]
+        assert " --distributed " in command
+        assert "--runner DataflowRunner" in command
+        assert f"--job_name 'ga-wals-{stage}-{{{{ ds_nodash }}}}'" in command
+        assert "--temp_location gs://my-bucket/tmp" in command
+    export = tasks["export"]["bash_command"]
+    assert "--distributed" not in export and "--runner" not in export
+    assert "--export_k 25" in export and "--serving_model fold_in" in export
+    train = tasks["train"]["pipeline_options"]
+    assert train["export_k"] == "25" and train["serving_model"] == "fold_in"
 
 
 def test_the_dag_runs_the_project_entry_point():

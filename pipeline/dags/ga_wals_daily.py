@@ -9,7 +9,11 @@
   duplicate. `pipeline.run` itself skips a stage its run.json records as done.
 - gate, export and publish run `python -m pipeline.run --stages STAGE` on the worker. The gate
   task fails when the candidate is rejected (exit status 1), so export and publish never run
-  and the published model stays live.
+  and the published model stays live. The gate scores on Dataflow (`--distributed` and the
+  Dataflow flags: the Airflow worker only launches its jobs and reads their metrics), and so
+  does publish when it must judge the run again against a model published since. Export gets
+  GA_WALS_TRAIN_FLAGS too, so that it serves the --export_k and --serving_model the train task
+  exported with, and copies that SavedModel instead of streaming the model again.
 
 Settings come from environment variables of the Airflow workers (on Cloud Composer: the
 environment's "Environment variables"), read when the DAG file is parsed:
@@ -101,8 +105,22 @@ def _beam_stage(
     )
 
 
-def _local_stage(stage: str) -> BashOperator:
-    flags = " ".join(f"--{name} {shlex.quote(value)}" for name, value in RUN_OPTIONS.items())
+def _local_stage(stage: str, dataflow: bool = False, extra: dict | None = None) -> BashOperator:
+    """A stage run by `python -m pipeline.run` on the Airflow worker; with `dataflow`, its Beam
+    jobs (the gate's scoring) run on Dataflow, named ga-wals-<stage>-<date>."""
+    options = {**RUN_OPTIONS, **(extra or {})}
+    if dataflow:
+        options.update(
+            runner="DataflowRunner",
+            project=PROJECT,
+            region=REGION,
+            temp_location=TEMP_LOCATION,
+            setup_file=SETUP_FILE,
+            job_name=f"ga-wals-{stage}-{{{{ ds_nodash }}}}",
+        )
+    flags = " ".join(f"--{name} {shlex.quote(value)}" for name, value in options.items())
+    if dataflow:
+        flags += " --distributed"
     return BashOperator(
         task_id=stage,
         bash_command=f"{PYTHON} -m pipeline.run {flags} --stages {stage}",
@@ -123,8 +141,8 @@ with DAG(
 ) as dag:
     preprocess = _beam_stage("preprocess", distributed=False)
     train = _beam_stage("train", distributed=True, extra=TRAIN_OPTIONS)
-    gate = _local_stage("gate")
+    gate = _local_stage("gate", dataflow=True)
     predict = _beam_stage("predict", distributed=True)
-    export = _local_stage("export")
-    publish = _local_stage("publish")
+    export = _local_stage("export", extra=TRAIN_OPTIONS)
+    publish = _local_stage("publish", dataflow=True)
     preprocess >> train >> gate >> predict >> export >> publish
