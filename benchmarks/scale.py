@@ -3,14 +3,15 @@ apart: does the launcher stay flat as the data grows, and does each worker stay 
 flags bound?
 
     python -m benchmarks.scale [--sessions 16000] [--visitors N] [--items 2000] \\
-        [--latent_factors 32] [--num_iters 3] [--block_rows 512] [--work_dir DIR] \\
-        [--output results.json]
+        [--latent_factors 32] [--num_iters 3] [--block_rows 512] [--repeats 1] \\
+        [--work_dir DIR] [--output results.json]
 
 Size S is one day of synthetic GA360 sessions (`pipeline.synthetic`: --sessions, --visitors
 (default sessions / 4), --items); size 8S has 8 times each, so users, items and cells all grow
-about 8x (the realised counts and ratios are printed). Each size runs once, from a fresh root,
-against its own job service and EXTERNAL worker pool (`benchmarks.portable_services`), whose
-SDK workers import this checkout:
+about 8x (the realised counts and ratios are printed). Each size runs --repeats times (S and
+8S alternating; every figure is then the median of its runs: a run's peaks vary by tens of MB),
+each time from a fresh root, against its own job service and EXTERNAL worker pool
+(`benchmarks.portable_services`), whose SDK workers import this checkout:
 
     python -m pipeline.run --date 2017-08-01 --input .../ga_sessions_{date_nodash}.json.gz \\
         --root DIR --distributed --holdout_visitors 0.1 --gate_min_lift 0 [the flags above] \\
@@ -55,6 +56,7 @@ import logging
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -268,6 +270,43 @@ def run_size(label: str, counts: dict, args: argparse.Namespace) -> dict:
     }
 
 
+def median_size(runs: list[dict]) -> dict:
+    """Several runs of one size (`run_size`) -> one, each figure the median over the runs: a
+    stage's seconds, each named process's peak, and each worker's peak by start order within
+    the stage (a stage whose runs started different numbers of workers keeps the workers all
+    its runs have). The shape and the rest are the first run's; "runs" counts them."""
+    if len(runs) == 1:
+        return {**runs[0], "runs": 1}
+    first = runs[0]
+    stages = {}
+    for stage, entry in first["stages"].items():
+        entries = [run["stages"][stage] for run in runs if stage in run["stages"]]
+        labels = set().union(*(e["peak_mb"] for e in entries))
+        workers = [
+            {
+                "pid": worker["pid"],
+                "peak_mb": statistics.median(e["workers"][i]["peak_mb"] for e in entries),
+            }
+            for i, worker in enumerate(entry["workers"][: min(len(e["workers"]) for e in entries)])
+        ]
+        stages[stage] = {
+            "seconds": statistics.median(e["seconds"] for e in entries),
+            "peak_mb": {
+                label: statistics.median(
+                    e["peak_mb"][label] for e in entries if label in e["peak_mb"]
+                )
+                for label in sorted(labels)
+            },
+            "workers": workers,
+        }
+    return {
+        **first,
+        "seconds": statistics.median(run["seconds"] for run in runs),
+        "stages": stages,
+        "runs": len(runs),
+    }
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Runs both sizes; prints the tables and the verdict; returns the result (module doc)."""
     from trainer.beam.layout import DEFAULT_BLOCK_ROWS
@@ -284,6 +323,12 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run, at most")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each size, alternating S and 8S; every figure is the median (default 1)",
+    )
+    parser.add_argument(
         "--work_dir", help="inputs and runs (default: a temporary directory, removed after)"
     )
     parser.add_argument("--output", help="also write the figures here, as JSON")
@@ -293,6 +338,8 @@ def run(argv: list[str] | None = None) -> dict:
         parser.error("--sessions, --visitors and --items must be >= 1")
     if args.interval <= 0 or args.timeout <= 0:
         parser.error("--interval and --timeout must be > 0")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     try:
         import psutil  # noqa: F401
     except ImportError:
@@ -300,14 +347,16 @@ def run(argv: list[str] | None = None) -> dict:
     temporary = args.work_dir is None
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="scale_benchmark-")
     try:
-        sizes = []
-        for label, factor in (("S", 1), (f"{FACTOR}S", FACTOR)):
-            counts = {
-                "sessions": args.sessions * factor,
-                "visitors": visitors * factor,
-                "items": args.items * factor,
-            }
-            sizes.append(run_size(label, counts, args))
+        runs: dict[str, list[dict]] = {"S": [], f"{FACTOR}S": []}
+        for _ in range(args.repeats):
+            for label, factor in (("S", 1), (f"{FACTOR}S", FACTOR)):
+                counts = {
+                    "sessions": args.sessions * factor,
+                    "visitors": visitors * factor,
+                    "items": args.items * factor,
+                }
+                runs[label].append(run_size(label, counts, args))
+        sizes = [median_size(label_runs) for label_runs in runs.values()]
     finally:
         if temporary:
             shutil.rmtree(args.work_dir, ignore_errors=True)

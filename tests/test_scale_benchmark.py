@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from benchmarks import scale_report, worker_bounds
+from benchmarks import scale, scale_report, worker_bounds
 from benchmarks.process_memory import (
     STARTUP,
     WHOLE_RUN,
@@ -28,7 +28,7 @@ from benchmarks.process_memory import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 2**20
-BEAM_STAGES = {"preprocess": 1, "train": 3, "predict": 1}
+BEAM_STAGES = {"preprocess": 1, "train": 3, "gate": 1, "predict": 1}
 
 
 def test_a_time_belongs_to_the_last_stage_started_at_or_before_it():
@@ -323,6 +323,21 @@ def test_the_verdict_pairs_each_job_with_its_worker_and_judges_the_launchers_gro
 
 
 @pytest.mark.slow
+def test_repeated_runs_of_a_size_give_the_median_of_every_figure():
+    runs = [
+        _size("S", SMALL, launcher, {"train": [800 + d, 850 + d, 860 + d]})
+        for launcher, d in ((800.0, 0), (790.0, 40), (830.0, 10))
+    ]
+    runs[1]["stages"]["train"]["workers"].pop()  # a run that started one worker fewer
+    merged = scale.median_size(runs)
+    assert merged["runs"] == 3 and merged["shape"] == SMALL
+    train = merged["stages"]["train"]
+    assert train["peak_mb"]["launcher"] == 800.0  # median of 800, 790, 830
+    assert [w["peak_mb"] for w in train["workers"]] == [810, 860]  # the workers all runs have
+    assert merged["stages"][WHOLE_RUN]["peak_mb"]["launcher"] == 810.0
+    assert scale.median_size(runs[:1])["runs"] == 1
+
+
 def test_the_benchmark_runs_pipeline_run_at_two_sizes_and_attributes_every_stage(tmp_path):
     pytest.importorskip("psutil")
     out = tmp_path / "scale.json"
@@ -356,7 +371,7 @@ def test_the_benchmark_runs_pipeline_run_at_two_sizes_and_attributes_every_stage
         for label, grew in growth.items():
             want = big["stages"][stage]["peak_mb"][label] - small["stages"][stage]["peak_mb"][label]
             assert grew == pytest.approx(want)
-    assert len(result["workers"]["checks"]) == 5
+    assert len(result["workers"]["checks"]) == 6
     assert "launcher: the whole run's peak grows by" in completed.stdout
     assert "train: S " in completed.stdout and "worker (evaluate)" in completed.stdout
 
