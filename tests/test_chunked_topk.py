@@ -4,10 +4,9 @@ the chunk, not the catalogue; the metrics it feeds equal the unchunked ones."""
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
+from memory import peak_bytes
 
 from trainer.core import chunked_topk, metrics, topk
 from trainer.core.chunked_topk import BlockScores, ConstantScores, FactorScores, chunked_top_k
@@ -164,15 +163,6 @@ def test_scores_formed_in_slabs_of_rows_are_the_same_bits():
         assert topk.score(x, y, product_bytes).tobytes() == whole.tobytes(), product_bytes
 
 
-def _peak_bytes(run) -> int:
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_memory_is_bounded_by_the_chunk_not_the_catalogue():
     """NumPy reports its buffers to tracemalloc: the chunked peak stays near the chunk's
     b · chunk · (4 + 8) bytes of scores, while the whole matrix's is b · n_items · 12 bytes."""
@@ -189,7 +179,7 @@ def test_memory_is_bounded_by_the_chunk_not_the_catalogue():
     def whole():
         result["whole"] = topk.top_k_excluding(topk.score(x, y), seen, k)
 
-    chunked_peak, whole_peak = _peak_bytes(chunked), _peak_bytes(whole)
+    chunked_peak, whole_peak = peak_bytes(chunked), peak_bytes(whole)
     assert result["chunked"][0].tobytes() == result["whole"][0].tobytes()
     assert whole_peak > b * n_items * 12
     assert chunked_peak < 4 * b * chunk * 12 + 16 * seen.nnz + 64 * b * k, chunked_peak
@@ -242,6 +232,6 @@ def test_tie_heavy_rows_do_not_multiply_the_chunks_memory(monkeypatch):
     row = (rng.random(n_items) < 0.1).astype(np.float32)
     seen = as_csr(rng.random((b, n_items)) < 0.001)
     monkeypatch.setattr(topk, "_PARTITION_BYTES", 1 << 20)
-    peak = _peak_bytes(lambda: chunked_top_k(BroadcastRow(row, b), seen, k, chunk))
+    peak = peak_bytes(lambda: chunked_top_k(BroadcastRow(row, b), seen, k, chunk))
     scores_bytes = b * chunk * 4  # 16 MiB
     assert peak < 3.5 * scores_bytes, peak / 2**20

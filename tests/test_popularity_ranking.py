@@ -7,10 +7,9 @@ indices) pair with duplicates; one ranking shared by blocks and kept per worker;
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
+from memory import peak_bytes
 
 from trainer.beam.evaluate import EvalBlock, _PopularityBlock
 from trainer.core import chunked_topk, metrics, topk
@@ -208,15 +207,6 @@ def test_the_beam_block_ranks_once_per_worker_and_counts(monkeypatch):
     assert len(sorts) == 1
 
 
-def _peak_bytes(run) -> int:
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_memory_is_the_ranking_and_the_lists_not_the_block():
     """b = 4,096 rows, 200,000 items: a [b, n_items] float32 array would be 3.3 GB; the call
     (ranking included) holds the ranking (n_items · 8 bytes) and some int64 arrays of the
@@ -231,7 +221,7 @@ def test_memory_is_the_ranking_and_the_lists_not_the_block():
     def run():
         result["lists"] = chunked_top_k(ConstantScores(row, b), (indptr, indices), k)
 
-    peak = _peak_bytes(run)
+    peak = peak_bytes(run)
     walked = b * k + indices.size
     assert peak < 16 * n_items + 12 * 8 * walked, peak / 2**20
     assert peak < b * n_items * 4 / 100
