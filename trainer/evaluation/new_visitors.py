@@ -186,22 +186,30 @@ def visitor_block(visitor_id: str, n_blocks: int) -> int:
     return int.from_bytes(digest[:8], "big") % n_blocks
 
 
-def _keyed_part(record: bytes, part: str):
-    visitor, indices, values, raw = parse_heldout_example(record)
-    return visitor, (part, (indices, values, raw))
+def _keyed_record(record: bytes, part: str, n_blocks: int) -> tuple[int, tuple[str, bytes]]:
+    """A held-out part's Example -> (its visitor's block, (part, the Example as it is)): both
+    parts of a visitor go to one block, and the shuffle moves the compact serialized record."""
+    visitor = parse_heldout_example(record)[0]
+    return visitor_block(visitor, n_blocks), (part, record)
 
 
-def _visitor_row(element, n_blocks: int):
-    """(visitor, [(part, cells)...]) -> (block, (visitor, foldin, target)) when both exist."""
-    visitor, parts = element
-    by_part = dict(parts)
-    if features.FOLDIN in by_part and features.TARGET in by_part:
-        row = (visitor, by_part[features.FOLDIN], by_part[features.TARGET])
-        yield visitor_block(visitor, n_blocks), row
+def _visitor_rows(records) -> list[tuple[str, tuple, tuple]]:
+    """A block's (part, Example) records -> (visitor, fold-in cells, target cells) of each
+    visitor with both parts (cells: (indices, ratings, raw))."""
+    parts: dict[str, dict] = {}
+    for part, record in records:
+        visitor, indices, values, raw = parse_heldout_example(record)
+        parts.setdefault(visitor, {})[part] = (indices, values, raw)
+    return [
+        (visitor, by_part[features.FOLDIN], by_part[features.TARGET])
+        for visitor, by_part in parts.items()
+        if features.FOLDIN in by_part and features.TARGET in by_part
+    ]
 
 
 class _BlockSums(beam.DoFn):
-    """(block, rows) -> (wals RankingSums, popularity RankingSums) of the block."""
+    """(block, [(part, held-out Example)]) -> (wals RankingSums, popularity RankingSums) of the
+    block's visitors with both parts."""
 
     def __init__(self, config: WALSConfig, ks: tuple[int, ...], item_chunk: int = 0):
         self._config, self._ks, self._item_chunk = config, ks, item_chunk
@@ -211,8 +219,8 @@ class _BlockSums(beam.DoFn):
         worker_threads.apply_in_worker()  # before this worker's TensorFlow runtime starts (fold-in)
 
     def process(self, element, item_factors: np.ndarray, item_counts: np.ndarray):
-        _, rows = element
-        _, foldin, target, _ = assemble(list(rows), item_factors.shape[0])
+        _, records = element
+        _, foldin, target, _ = assemble(_visitor_rows(records), item_factors.shape[0])
         config, ks = self._config, self._ks
         order = self._rankings.order(item_counts)
         yield block_sums(
@@ -284,13 +292,11 @@ class EvaluateNewVisitors(beam.PTransform):
                 root
                 | f"Read{part.title()}"
                 >> beam.io.ReadFromTFRecord(pattern, compression_type=CompressionTypes.GZIP)
-                | f"Parse{part.title()}" >> beam.Map(_keyed_part, part)
+                | f"KeyByBlock{part.title()}" >> beam.Map(_keyed_record, part, self._n_blocks)
             )
         return (
             parts
             | "FlattenParts" >> beam.Flatten()
-            | "GroupByVisitor" >> beam.GroupByKey()
-            | "KeyByBlock" >> beam.FlatMap(_visitor_row, self._n_blocks)
             | "GroupByBlock" >> beam.GroupByKey()
             | "FoldInAndScore"
             >> beam.ParDo(
