@@ -4,10 +4,13 @@
          ─ EvaluateBlocks / EvaluatePopularity (`trainer.beam.evaluate`) ─> metrics dicts
 
 `ReadEvalBlocks` groups the dataset's `train/` and `eval/` items_for_user rows by contiguous
-block of `block_rows` users and assembles each block with its slice of the model's user factors
-(read from user_factors.npy by the worker, sliced from a model in memory, or [b, 0] for fold-in:
-`trainer.evaluation.published_foldin`). `evaluate_model_distributed` runs it with the per-block
-sums of `trainer.beam.evaluate` and returns trainer.task's "wals" and "popularity" metrics.
+block of `block_rows` users (packed within each bundle before the shuffle,
+`trainer.beam.row_groups`), counts the training users of each item from the packed train rows
+for the popularity baseline (`count_items`), and assembles each block with its slice of the
+model's user factors (read from user_factors.npy by the worker, sliced from a model in memory,
+or [b, 0] for fold-in: `trainer.evaluation.published_foldin`). `evaluate_model_distributed`
+runs it with the per-block sums of `trainer.beam.evaluate` and returns trainer.task's "wals"
+and "popularity" metrics.
 """
 
 from __future__ import annotations
