@@ -27,6 +27,7 @@ from common import locations, staging, worker_threads
 from common.worker_json import WriteJson, read_json
 from trainer.beam import layout as blocks_lib
 from trainer.beam import row_groups
+from trainer.beam.combiners import CountsCombineFn
 from trainer.beam.evaluate import EvalBlock, EvaluateBlocks, EvaluatePopularity
 from trainer.beam.model_blocks import read_npy_rows
 from trainer.core import metrics
@@ -67,24 +68,12 @@ def _rows_pattern(dataset_dir: str, split: str) -> str:
     return f"{dataset_dir}/{split}/{features.ITEMS_FOR_USER}-*{features.TFRECORD_SUFFIX}"
 
 
-class _CountPackedItems(beam.CombineFn):
+class _CountPackedItems(CountsCombineFn):
     """(block_id, packed rows) -> c_i, int64 [n_items]: the rows holding each item."""
-
-    def __init__(self, n_items: int):
-        self._n_items = n_items
-
-    def create_accumulator(self):
-        return np.zeros(self._n_items, dtype=np.int64)
 
     def add_input(self, counts, element):
         items, users = np.unique(row_groups.unpack_arrays(element[1])[2], return_counts=True)
         counts[items] += users  # a row holds an item at most once
-        return counts
-
-    def merge_accumulators(self, accumulators):
-        return sum(accumulators, np.zeros(self._n_items, dtype=np.int64))
-
-    def extract_output(self, counts):
         return counts
 
 

@@ -18,6 +18,7 @@ from apache_beam.io.filesystem import CompressionTypes
 
 from trainer.beam import checkpoint_files as files
 from trainer.beam import layout as blocks_lib
+from trainer.beam.combiners import CountsCombineFn
 from trainer.beam.layout import RowBlock
 from trainer.beam.row_groups import GroupRowsByBlock, PackRows
 from trainer.beam.spec import JOIN, TrainSpec
@@ -63,27 +64,11 @@ class ReadRowBlocks(beam.PTransform):
         )
 
 
-class _CountItemsFn(beam.CombineFn):
+class _CountItemsFn(CountsCombineFn):
     """Item blocks -> c_i, int64 [n_items]: the observed cells of each item (column)."""
-
-    def __init__(self, n_items: int):
-        self._n_items = n_items
-
-    def create_accumulator(self):
-        return np.zeros(self._n_items, dtype=np.int64)
 
     def add_input(self, counts, block: RowBlock):
         counts[block.row_ids] += block.rows.row_counts()
-        return counts
-
-    def merge_accumulators(self, accumulators):
-        accumulators = list(accumulators)
-        total = accumulators[0]
-        for other in accumulators[1:]:
-            total = total + other
-        return total
-
-    def extract_output(self, counts):
         return counts
 
 
