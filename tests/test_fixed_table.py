@@ -12,7 +12,8 @@ from trainer.beam import checkpoint_files, exchange
 from trainer.beam.side_state import SideState
 from trainer.beam.spec import TrainSpec
 from trainer.core import problem, solver
-from trainer.core.fixed_table import FixedTable, aligned_zeros
+from trainer.core.fixed_table import FixedTable
+from trainer.core.host_arrays import aligned_zeros
 from trainer.core.objective import WALSConfig
 from trainer.core.sides import Side
 from trainer.core.sparse import CsrMatrix

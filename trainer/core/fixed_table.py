@@ -24,21 +24,14 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-_ALIGNMENT = 64  # bytes: Eigen's (and so TensorFlow's CPU kernels') alignment
+from trainer.core.host_arrays import aligned_zeros, is_aligned
 
 
-def aligned_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    """A C-ordered array of zeros whose data starts on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.zeros(size + _ALIGNMENT, dtype=np.uint8)
-    offset = -raw.ctypes.data % _ALIGNMENT
-    return raw[offset : offset + size].view(dtype).reshape(shape)
-
-
-def _alias(array: np.ndarray) -> tf.Tensor:
-    """A CPU tensor over `array`'s memory (no copy), or a copy when it cannot alias it."""
-    if array.flags.c_contiguous and array.ctypes.data % _ALIGNMENT == 0 and array.size:
+def host_tensor(array: np.ndarray) -> tf.Tensor:
+    """A CPU tensor over `array`'s memory (no copy) when TensorFlow can read it in place
+    (`host_arrays.is_aligned`), else a copy. The tensor keeps the array alive; neither may be
+    written afterwards."""
+    if is_aligned(array):
         return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
     return tf.convert_to_tensor(array)
 
@@ -63,8 +56,8 @@ class FixedTable:
         if np.any(buffer[-1]):
             raise ValueError("the last row of a fixed table's buffer must be zero")
         self.array = buffer[:-1]
-        self.factors = _alias(self.array)
-        extended = _alias(buffer)
+        self.factors = host_tensor(self.array)
+        extended = host_tensor(buffer)
         gpus = tf.config.list_logical_devices("GPU")
         if gpus:  # one copy on the device, read by every solve
             with tf.device(gpus[0].name):

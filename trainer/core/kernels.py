@@ -42,7 +42,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from trainer.core.fixed_table import FixedTable
+from trainer.core.fixed_table import FixedTable, host_tensor
 from trainer.core.plans import RowPlan, Tile
 from trainer.core.tiling import CG, CHOLESKY, validate_solver
 
@@ -77,11 +77,12 @@ def gramian(factors: FloatArray, dtype: tf.DType = tf.float32) -> tf.Tensor:
 
 
 def _tensors(tile: Tile) -> dict[str, tf.Tensor]:
-    """A tile's arrays as tensors, converted on first use and kept with the tile."""
+    """A tile's arrays as tensors, made on first use and kept with the tile. They read the
+    arrays in place (`fixed_table.host_tensor`: `plan_rows` allocates them aligned), so keeping
+    them costs no second copy of a cached plan; an array that is not aligned (the offsets of a
+    flattened tile's `line_rows`) is copied."""
     names = ("rows", *_TILE_ARRAYS)
-    return tile.memo(
-        "tensors", lambda: {name: tf.convert_to_tensor(getattr(tile, name)) for name in names}
-    )
+    return tile.memo("tensors", lambda: {name: host_tensor(getattr(tile, name)) for name in names})
 
 
 def _observed_product(

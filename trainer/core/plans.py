@@ -3,7 +3,8 @@
 NumPy only, so that a plan pickles (a Beam worker can build or receive one) and building one
 costs no TensorFlow. The layout (which rows go into which tile, and the tiles' shapes) is
 `trainer.core.tiling.tile_specs`; this module fills it with a block's entries. The kernels
-(`trainer.core.kernels`) turn a tile's arrays into tensors the first time they solve it.
+(`trainer.core.kernels`) turn a tile's arrays into tensors the first time they solve it,
+without a copy: the arrays are allocated 64-byte aligned (`trainer.core.host_arrays`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from trainer.core.host_arrays import aligned_full, aligned_zeros
 from trainer.core.sparse import CsrMatrix
 from trainer.core.tiling import (
     CHOLESKY,
@@ -30,7 +32,9 @@ class Tile:
     """T sub-tiles of one shape, each B lines of width W holding the entries of R rows.
 
     Sub-tiles `count` to T - 1 are padding: no rows, skipped by the CG kernel. The kernels keep
-    what they derive from a tile (its tensors) with `memo`; that is not pickled.
+    what they derive from a tile (its tensors) with `memo`; that is not pickled. `plan_rows`
+    allocates the arrays aligned (`trainer.core.host_arrays`), so those tensors read them in
+    place: a kept plan is held once, not once more as tensors.
 
     Attributes:
         rows: int32 [T, R], the block row of each sub-tile row; n_rows for padding rows.
@@ -265,18 +269,18 @@ def _build_tile(
     mask = position < stop[:, None]
     position = np.where(mask, position, 0)
 
-    cols = np.full((n_tiles, size, width), n_other, dtype=np.int32)
+    cols = aligned_full((n_tiles, size, width), n_other, np.int32)
     cols[part_of_line, line_in_part] = np.where(mask, rows.indices[position], n_other)
-    tile_f = np.zeros((n_tiles, size, width), dtype=f.dtype)
+    tile_f = aligned_zeros((n_tiles, size, width), f.dtype)
     tile_f[part_of_line, line_in_part] = np.where(mask, f[position], 0)
-    tile_c = np.zeros((n_tiles, size, width), dtype=c.dtype)
+    tile_c = aligned_zeros((n_tiles, size, width), c.dtype)
     tile_c[part_of_line, line_in_part] = np.where(mask, c[position], 0)
     # Padding lines hold no entries, so they may point at any sub-tile row: use row 0.
-    line_rows = np.zeros((n_tiles, size), dtype=np.int32)
+    line_rows = aligned_zeros((n_tiles, size), np.int32)
     line_rows[part_of_line, line_in_part] = row_in_part[line_row]
-    tile_rows = np.full((n_tiles, n_tile_rows), n_rows, dtype=np.int32)
+    tile_rows = aligned_full((n_tiles, n_tile_rows), n_rows, np.int32)
     tile_rows[part_of_row, row_in_part] = members
-    tile_reg = np.ones((n_tiles, n_tile_rows), dtype=reg.dtype)
+    tile_reg = aligned_full((n_tiles, n_tile_rows), 1, reg.dtype)
     tile_reg[part_of_row, row_in_part] = reg[members]
     return Tile(
         rows=tile_rows,
