@@ -24,6 +24,8 @@ latent factors) are, per job:
                  row packs          PARSED_CELL_BYTES · min(C + ROW_WEIGHT · rows, MAX_PACKED_CELLS)
                                     (a bundle's parsed rows before `row_groups.PackRows` packs
                                     them; rows = U or I, whichever side is read)
+                 seen part          SEEN_CELL_BYTES · min(C, PART_BYTES / 8) (one part of the
+                                    model's seen items, `model_parts.seen_part`, from its rows)
     evaluate,    scores             SCORE_COPIES · min(min(B, rows) · I · 4, S): a block × a
                                     chunk of items, S = `chunked_topk.DEFAULT_SCORE_BYTES`
     new visitors item table         I · k · 4
@@ -71,6 +73,10 @@ VOCAB_ENTRY_BYTES = 200  # a Python str and its count in an analyzer's accumulat
 SLOT_BYTES = 16
 PAD = 3.2
 PARSED_CELL_BYTES = 12  # trainer.beam.row_groups: a parsed cell (a row weighs ROW_WEIGHT cells)
+# A seen part's cell while `model_parts.seen_part` builds it: its unpacked rows (24 bytes a cell
+# with their framing) and the part's items and ratings (8), plus one row's sort: 38 bytes a cell
+# (tracemalloc, the 8S sample of `benchmarks.scale`, one part of 801,087 cells).
+SEEN_CELL_BYTES = 38
 SCORE_COPIES = 3  # a block's float32 scores, the seen items masked, the top-k partition
 # The Beam jobs of each stage, in the order they run (one SDK worker each on the portable runner).
 # The gate runs the candidate's evaluation on the runner; with a published model (not in the
@@ -97,6 +103,7 @@ def job_terms(job: str, shape: dict, flags: dict) -> dict[str, float]:
     from pipeline.matrix_io import MAX_BUFFERED_CELLS
     from trainer.beam.block_problems import PLAN_CACHE_SLOTS
     from trainer.beam.exchange import TABLES_KEPT
+    from trainer.beam.model_parts import PART_BYTES
     from trainer.beam.row_groups import MAX_PACKED_CELLS, ROW_WEIGHT
     from trainer.core.chunked_topk import DEFAULT_SCORE_BYTES
 
@@ -123,7 +130,8 @@ def job_terms(job: str, shape: dict, flags: dict) -> dict[str, float]:
             exchange = {"broadcast tables": TABLES_KEPT * max(users, items) * k * 4 / mb}
         cache = SLOT_BYTES * min(PLAN_CACHE_SLOTS, PAD * 2 * cells) / mb
         packs = row_packs(cells, max(users, items))
-        return {**exchange, "cached problems": cache, "row packs": packs}
+        seen = SEEN_CELL_BYTES * min(cells, PART_BYTES / 8) / mb
+        return {**exchange, "cached problems": cache, "row packs": packs, "seen part": seen}
     rows = {"evaluate": users, "new visitors": shape.get("heldout_visitors", 0), "predict": users}
     if job not in rows:
         raise ValueError(f"unknown job {job!r}")

@@ -155,33 +155,43 @@ def seen_part(
                 f"items_for_user: user {user} has different numbers of indices and values"
             )
     lengths = np.array([len(indices) for _, indices, _ in records], dtype=np.int64)
-    rows = np.repeat(users - start, lengths)
-    empty_i, empty_v = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    cols = np.concatenate([np.asarray(i, np.int64) for _, i, _ in records] or [empty_i])
-    values = np.concatenate([np.asarray(v, np.float32) for _, _, v in records] or [empty_v])
-    if cols.size and (cols.min() < 0 or cols.max() >= n_items):
-        raise DatasetError(
-            f"items_for_user: index {cols.max()} outside the vocabulary of size {n_items}"
-        )
-    if not np.all(np.isfinite(values)):
-        raise DatasetError(
-            f"items_for_user: {int(np.sum(~np.isfinite(values)))} non-finite ratings"
-        )
-    # Row-major order, columns ascending within a row: one sort of (row, column) keys.
-    keys = rows * max(n_items, 1) + cols
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
-    if keys.size > 1 and np.any(keys[1:] == keys[:-1]):
-        raise DatasetError("items_for_user: a cell appears twice")
-    counts = np.bincount(rows, minlength=stop - start).astype(np.int64)
-    return counts, cols[order].astype(np.int32), values[order]
+    counts = np.zeros(stop - start, dtype=np.int64)
+    counts[users - start] = lengths
+    # Row after row in user order, each row's items sorted on its own, into the two outputs:
+    # a part takes its records plus 8 bytes a cell, not the 70 of one sort over every cell.
+    items = np.empty(int(lengths.sum()), dtype=np.int32)
+    ratings = np.empty(items.size, dtype=np.float32)
+    offset, non_finite = 0, 0
+    for position in np.argsort(users, kind="stable").tolist():
+        _, indices, values = records[position]
+        indices = np.asarray(indices, np.int64)
+        if not indices.size:
+            continue
+        if indices.min() < 0 or indices.max() >= n_items:
+            bad = indices.max() if indices.max() >= n_items else indices.min()
+            raise DatasetError(
+                f"items_for_user: index {bad} outside the vocabulary of size {n_items}"
+            )
+        order = np.argsort(indices, kind="stable")
+        indices = indices[order]
+        if np.any(indices[1:] == indices[:-1]):
+            raise DatasetError("items_for_user: a cell appears twice")
+        end = offset + indices.size
+        items[offset:end] = indices
+        ratings[offset:end] = np.asarray(values, np.float32)[order]
+        non_finite += int(np.count_nonzero(~np.isfinite(ratings[offset:end])))
+        offset = end
+    if non_finite:
+        raise DatasetError(f"items_for_user: {non_finite} non-finite ratings")
+    return counts, items, ratings
 
 
 def item_count_pieces(items: np.ndarray, part_rows: int):
     """A part of the train matrix's items (int [cells]) -> (item part, (items int64 [m],
     counts int64 [m])) for each item part they touch: the part's terms of c_i, the train
     users of item i."""
-    unique, counts = np.unique(np.asarray(items, np.int64), return_counts=True)
+    unique, counts = np.unique(np.asarray(items), return_counts=True)  # no int64 copy of all
+    unique = unique.astype(np.int64)
     for part, positions in split_rows(unique, part_rows):
         yield part, (unique[positions], counts[positions].astype(np.int64))
 
