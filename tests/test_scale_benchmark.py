@@ -291,7 +291,7 @@ def test_the_verdict_pairs_each_job_with_its_worker_and_judges_the_launchers_gro
     train = scale_report.stage_table(result, "train").splitlines()
     assert train[0] == "train: S 2.0 s, 8S 2.0 s"
     assert train[2].split() == ["launcher", "800", "1000", "+200", "<", "+64:", "FAIL"]
-    assert train[4].split() == ["worker", "(train)", "800", "900", "+100", "<=", "+83:", "FAIL"]
+    assert train[4].split() == ["worker", "(train)", "800", "900", "+100", "<=", "+88:", "FAIL"]
     assert train[7].split() == ["workers", "started", "3", "3"]
     # Another number of workers than jobs: the stage's largest peaks against the most allowed.
     big["stages"]["train"]["workers"].append({"pid": 99, "peak_mb": 500.0})
