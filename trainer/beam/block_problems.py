@@ -27,7 +27,8 @@ from trainer.core.tiling import padded_fixed_length
 
 _PLAN_CACHE: collections.OrderedDict = collections.OrderedDict()
 _PLAN_CACHE_LOCK = threading.Lock()
-# About 2 GB of problems per worker process: ~16 bytes a slot (`benchmarks.worker_bounds`).
+# About 2 GB of problems per worker process: ~16 bytes a slot (`benchmarks.worker_bounds`); the
+# tensors the kernels keep of a cached plan's tiles read its arrays in place (no second copy).
 PLAN_CACHE_SLOTS = 1 << 27
 
 
