@@ -74,7 +74,7 @@ SLOT_BYTES = 16
 PAD = 3.2
 PARSED_CELL_BYTES = 12  # trainer.beam.row_groups: a parsed cell (a row weighs ROW_WEIGHT cells)
 # A seen part's cell while `model_parts.seen_part` builds it: its unpacked rows (24 bytes a cell
-# with their framing) and the part's items and ratings (8), plus one row's sort: 38 bytes a cell
+# with their framing), the part's items and ratings (8) and a chunk's work arrays: 38 bytes a cell
 # (tracemalloc, the 8S sample of `benchmarks.scale`, one part of 801,087 cells).
 SEEN_CELL_BYTES = 38
 SCORE_COPIES = 3  # a block's float32 scores, the seen items masked, the top-k partition

@@ -227,13 +227,20 @@ def _random_records(rng, n_users: int, n_items: int, start: int = 0):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_seen_part_is_the_csr_rows_of_its_users(seed):
+@pytest.mark.parametrize("ascending", [False, True])
+@pytest.mark.parametrize("chunk_cells", [7, 1 << 16])
+def test_a_seen_part_is_the_csr_rows_of_its_users(seed, ascending, chunk_cells, monkeypatch):
     """`seen_part` against `CsrMatrix.from_triples` of the same cells (the oracle the local
-    model's seen items come from): counts, items ascending within each user, ratings."""
+    model's seen items come from): counts, items ascending within each user, ratings; whether
+    the records' items come ascending (as preprocessing writes them) or not, copied in chunks
+    of a few cells (rows spanning chunks) or all at once."""
+    monkeypatch.setattr(model_parts, "_SEEN_CHUNK_CELLS", chunk_cells)
     rng = np.random.default_rng(seed)
     n_users, n_items, part_rows, part = 300, 97, 120, 1
     start = part * part_rows
     records = _random_records(rng, part_rows, n_items, start)
+    if ascending:
+        records = [(u, np.sort(i), v) for u, i, v in records]
     rows = np.concatenate([np.full(len(i), u - start) for u, i, _ in records])
     cols = np.concatenate([i for _, i, _ in records])
     values = np.concatenate([v for _, _, v in records])
@@ -245,17 +252,24 @@ def test_a_seen_part_is_the_csr_rows_of_its_users(seed):
     assert items.dtype == np.int32 and ratings.dtype == np.float32 and counts.dtype == np.int64
 
 
+_ONE_CELL = (np.array([1]), np.array([1.0], np.float32))
+
+
+def _first_row(indices, values):
+    """A change to records: the first record's user gets these cells instead."""
+    cells = np.array(indices), np.array(values, np.float32)
+    return lambda records: records.__setitem__(0, (records[0][0], *cells))
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda r: r.append((r[0][0], np.array([1]), np.array([1.0], np.float32))), "more than one"),
-        (lambda r: r.__setitem__(0, (r[0][0], np.array([2, 2]), np.ones(2, np.float32))), "twice"),
-        (lambda r: r.__setitem__(0, (r[0][0], np.array([97]), np.ones(1, np.float32))), "97"),
-        (lambda r: r.__setitem__(0, (r[0][0], np.array([-1]), np.ones(1, np.float32))), "-1"),
-        (lambda r: r.__setitem__(0, (r[0][0], np.array([3]), np.array([np.nan], np.float32))),
-         "1 non-finite"),  # fmt: skip
-        (lambda r: r.__setitem__(0, (r[0][0], np.array([3, 4]), np.ones(1, np.float32))),
-         "different numbers"),  # fmt: skip
+        (lambda records: records.append((records[0][0], *_ONE_CELL)), "more than one"),
+        (_first_row([2, 2], [1.0, 1.0]), "twice"),
+        (_first_row([97], [1.0]), "97"),
+        (_first_row([-1], [1.0]), "-1"),
+        (_first_row([3], [np.nan]), "1 non-finite"),
+        (_first_row([3, 4], [1.0]), "different numbers"),
     ],
 )
 def test_a_bad_seen_part_is_refused_with_its_reason(change, message):

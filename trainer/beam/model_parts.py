@@ -32,6 +32,8 @@ from transforms.dataset_info import DatasetError
 
 # The target size of a part: a worker holds about one part of one array at a time.
 PART_BYTES = 32 << 20
+# Cells of a seen part copied at a time (`seen_part`): about 13 bytes a cell of work arrays.
+_SEEN_CHUNK_CELLS = 1 << 16
 
 USER_FACTORS = "user_factors"
 ITEM_FACTORS = "item_factors"
@@ -157,33 +159,60 @@ def seen_part(
     lengths = np.array([len(indices) for _, indices, _ in records], dtype=np.int64)
     counts = np.zeros(stop - start, dtype=np.int64)
     counts[users - start] = lengths
-    # Row after row in user order, each row's items sorted on its own, into the two outputs:
-    # a part takes its records plus 8 bytes a cell, not the 70 of one sort over every cell.
-    items = np.empty(int(lengths.sum()), dtype=np.int32)
+    # The rows in user order, a chunk of rows at a time, into the part's two outputs: a part
+    # takes its records plus 8 bytes a cell and one chunk's work arrays (not the 70 bytes a cell
+    # of one sort over every cell's keys). Rows come with their items ascending
+    # (`transforms.examples.sparse_example`); a row that does not is sorted on its own.
+    order = np.argsort(users, kind="stable")
+    bounds = np.zeros(order.size + 1, dtype=np.int64)
+    np.cumsum(lengths[order], out=bounds[1:])
+    items = np.empty(int(bounds[-1]), dtype=np.int32)
     ratings = np.empty(items.size, dtype=np.float32)
-    offset, non_finite = 0, 0
-    for position in np.argsort(users, kind="stable").tolist():
-        _, indices, values = records[position]
-        indices = np.asarray(indices, np.int64)
-        if not indices.size:
+    non_finite, first = 0, 0
+    while first < order.size:
+        last = int(np.searchsorted(bounds, bounds[first] + _SEEN_CHUNK_CELLS, side="right")) - 1
+        last = min(max(last, first + 1), order.size)
+        positions, low, high = order[first:last].tolist(), bounds[first], bounds[last]
+        starts = bounds[first:last] - low
+        first = last
+        if high == low:
             continue
-        if indices.min() < 0 or indices.max() >= n_items:
-            bad = indices.max() if indices.max() >= n_items else indices.min()
+        cols = np.concatenate([np.asarray(records[p][1], np.int64) for p in positions])
+        values = np.concatenate([np.asarray(records[p][2], np.float32) for p in positions])
+        if cols.min() < 0 or cols.max() >= n_items:
+            bad = cols.max() if cols.max() >= n_items else cols.min()
             raise DatasetError(
                 f"items_for_user: index {bad} outside the vocabulary of size {n_items}"
             )
-        order = np.argsort(indices, kind="stable")
-        indices = indices[order]
-        if np.any(indices[1:] == indices[:-1]):
-            raise DatasetError("items_for_user: a cell appears twice")
-        end = offset + indices.size
-        items[offset:end] = indices
-        ratings[offset:end] = np.asarray(values, np.float32)[order]
-        non_finite += int(np.count_nonzero(~np.isfinite(ratings[offset:end])))
-        offset = end
+        _sort_rows(cols, values, starts)
+        items[low:high] = cols
+        ratings[low:high] = values
+        non_finite += int(np.count_nonzero(~np.isfinite(values)))
     if non_finite:
         raise DatasetError(f"items_for_user: {non_finite} non-finite ratings")
     return counts, items, ratings
+
+
+def _sort_rows(cols: np.ndarray, values: np.ndarray, starts: np.ndarray) -> None:
+    """Sorts, in place, the items (and their ratings) of each row that are not strictly
+    ascending; rows start at `starts` (ascending, equal for empty rows).
+
+    Raises:
+        DatasetError: a row holds an item twice.
+    """
+    ascending = np.ones(cols.size, dtype=bool)
+    np.greater(cols[1:], cols[:-1], out=ascending[1:])
+    ascending[starts[starts < cols.size]] = True  # a row's first item follows no item of its own
+    if ascending.all():
+        return
+    ends = np.append(starts[1:], cols.size)
+    for row in np.unique(np.searchsorted(starts, np.flatnonzero(~ascending), "right") - 1):
+        begin, end = starts[row], ends[row]
+        row_order = np.argsort(cols[begin:end], kind="stable")
+        cols[begin:end] = cols[begin:end][row_order]
+        values[begin:end] = values[begin:end][row_order]
+        if np.any(cols[begin + 1 : end] == cols[begin : end - 1]):
+            raise DatasetError("items_for_user: a cell appears twice")
 
 
 def item_count_pieces(items: np.ndarray, part_rows: int):
