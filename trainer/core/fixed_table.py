@@ -18,6 +18,7 @@ one device copy, made once. Threads may share a table.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 
@@ -34,6 +35,21 @@ def host_tensor(array: np.ndarray) -> tf.Tensor:
     if is_aligned(array):
         return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
     return tf.convert_to_tensor(array)
+
+
+@functools.cache
+def _gpus() -> tuple:
+    return tuple(tf.config.list_logical_devices("GPU"))
+
+
+def kept_tensor(array: np.ndarray) -> tf.Tensor:
+    """A tensor of `array` that is kept and read by many solves: on a CPU the array's own memory
+    (`host_tensor`), with a GPU one copy on the first GPU, made once."""
+    tensor = host_tensor(array)
+    if _gpus():
+        with tf.device(_gpus()[0].name):
+            tensor = tf.identity(tensor)
+    return tensor
 
 
 class FixedTable:
@@ -57,12 +73,7 @@ class FixedTable:
             raise ValueError("the last row of a fixed table's buffer must be zero")
         self.array = buffer[:-1]
         self.factors = host_tensor(self.array)
-        extended = host_tensor(buffer)
-        gpus = tf.config.list_logical_devices("GPU")
-        if gpus:  # one copy on the device, read by every solve
-            with tf.device(gpus[0].name):
-                extended = tf.identity(extended)
-        self.extended = extended
+        self.extended = kept_tensor(buffer)  # read by every solve
         self._memo: tuple[object, object] | None = None
         self._memo_lock = threading.Lock()
 

@@ -42,7 +42,7 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from trainer.core.fixed_table import FixedTable, host_tensor
+from trainer.core.fixed_table import FixedTable, kept_tensor
 from trainer.core.plans import RowPlan, Tile
 from trainer.core.tiling import CG, CHOLESKY, validate_solver
 
@@ -76,20 +76,14 @@ def gramian(factors: FloatArray, dtype: tf.DType = tf.float32) -> tf.Tensor:
     return tf.matmul(factors, factors, transpose_a=True)
 
 
-@functools.cache
-def _on_gpu() -> bool:
-    return bool(tf.config.list_logical_devices("GPU"))
-
-
 def _tensors(tile: Tile) -> dict[str, tf.Tensor]:
-    """A tile's arrays as tensors, made on first use and kept with the tile. On a CPU they read
-    the arrays in place (`fixed_table.host_tensor`: `plan_rows` allocates them aligned), so
-    keeping them costs no second copy of a cached plan; an array that is not aligned (the
-    offsets of a flattened tile's `line_rows`) is copied. With a GPU they are made by
-    `tf.convert_to_tensor` on the default device, once per tile rather than on every solve."""
+    """A tile's arrays as tensors, made on first use and kept with the tile
+    (`fixed_table.kept_tensor`). On a CPU they read the arrays in place (`plan_rows` allocates
+    them aligned), so keeping them costs no second copy of a cached plan; an array that is not
+    aligned (the offsets of a flattened tile's `line_rows`) is copied. With a GPU they are
+    device copies, made once per tile rather than on every solve."""
     names = ("rows", *_TILE_ARRAYS)
-    convert = tf.convert_to_tensor if _on_gpu() else host_tensor
-    return tile.memo("tensors", lambda: {name: convert(getattr(tile, name)) for name in names})
+    return tile.memo("tensors", lambda: {name: kept_tensor(getattr(tile, name)) for name in names})
 
 
 def _observed_product(
