@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
+from memory import peak_bytes
 
 from trainer.beam import checkpoint_files, model_parts
 from trainer.beam.layout import BlockLayout
@@ -280,20 +281,11 @@ def test_a_bad_seen_part_is_refused_with_its_reason(change, message):
 
 
 def test_a_seen_part_holds_little_more_than_its_records():
-    """A seen part's peak above its records: 8 bytes a cell of output and one row's sort; one
+    """A seen part's peak above its records: 8 bytes a cell of output and a chunk's work arrays; one
     sort of every cell's (user, item) keys took about 47 bytes a cell more (measured with
     tracemalloc on the 8S sample of `benchmarks.scale`)."""
-    import tracemalloc
-
     rng = np.random.default_rng(7)
     records = _random_records(rng, 20000, 5000)
     cells = sum(len(i) for _, i, _ in records)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        model_parts.seen_part(0, records, 20000, (20000, 5000))
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+    peak = peak_bytes(lambda: model_parts.seen_part(0, records, 20000, (20000, 5000)))
     assert peak < 16 * cells, f"{peak / cells:.1f} bytes a cell"

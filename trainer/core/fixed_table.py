@@ -45,9 +45,9 @@ def _gpus() -> tuple:
 def kept_tensor(array: np.ndarray) -> tf.Tensor:
     """A tensor of `array` that is kept and read by many solves: on a CPU the array's own memory
     (`host_tensor`), with a GPU one copy on the first GPU, made once."""
-    tensor = host_tensor(array)
-    if _gpus():
-        with tf.device(_gpus()[0].name):
+    tensor, gpus = host_tensor(array), _gpus()
+    if gpus:
+        with tf.device(gpus[0].name):
             tensor = tf.identity(tensor)
     return tensor
 
